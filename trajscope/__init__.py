@@ -1,0 +1,51 @@
+"""trajscope: do the assumptions of optimization theory hold along the path your optimizer took?
+
+Record with :class:`Recorder` inside any PyTorch training loop, then :func:`analyze` the run
+offline (or ``trajscope analyze RUN_DIR``) and read the metrics with :func:`open_metrics`.
+
+Imports are lazy: ``import trajscope.recorders`` (or ``trajscope.Recorder``) never pulls in dask or
+xarray, so a training job does not pay for the analyzer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Recorder": "trajscope.recorders",
+    "Objective": "trajscope.objective",
+    "open_run": "trajscope.run",
+    "Run": "trajscope.run",
+    "Snapshot": "trajscope.run",
+    "analyze": "trajscope.analysis",
+    "open_metrics": "trajscope.analysis",
+    "MetricSpec": "trajscope.registry",
+    "get_metrics": "trajscope.registry",
+    "TrajscopeError": "trajscope.errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+if TYPE_CHECKING:
+    from trajscope.analysis import analyze, open_metrics
+    from trajscope.errors import TrajscopeError
+    from trajscope.objective import Objective
+    from trajscope.recorders import Recorder
+    from trajscope.registry import MetricSpec, get_metrics
+    from trajscope.run import Run, Snapshot, open_run
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'trajscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

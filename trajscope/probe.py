@@ -1,0 +1,402 @@
+"""The line probe: the expensive part of the analysis, one model re-evaluation task per pair.
+
+For the pair (t, t+1) it evaluates, on the *same* minibatch z_t,
+
+* ℓ(α) = f(x_t + αΔ_t; z_t) and ℓ'(α) = ⟨∇f(x_t + αΔ_t; z_t), Δ_t⟩ on the α grid, by forward-mode
+  AD (``torch.func.jvp``: value and directional derivative in one pass), the grid points batched
+  with ``torch.func.vmap`` in chunks;
+* G0 = ∇f(x_t; z_t) and G1 = ∇f(x_{t+1}; z_t) by reverse-mode autograd;
+
+and reduces everything the metrics need to small float64 numbers: the line arrays and, per
+parameter tensor ("layer"), the inner products of a fixed set of vectors (:data:`TERMS`). Metrics
+(:mod:`trajscope.metrics`) are pure functions of these, so no full-size vector leaves this task.
+
+Parameters and buffers are swapped in with ``torch.func.functional_call`` on a wrapper module
+whose ``forward`` calls the user's ``loss(model, batch)``: the swap is in force for the whole call,
+so it holds for any method the loss uses (``training_step``, an HF model's loss), not only
+``forward``. The recorded tensors are never mutated: each evaluation gets its own buffer copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import functional_call, jvp, vmap
+
+from trajscope.errors import AnalysisError, ObjectiveError
+from trajscope.objective import Objective
+from trajscope.run import Snapshot
+
+__all__ = ["ProbeSettings", "PairStats", "TERMS", "VECTORS", "alpha_grid", "probe_pair"]
+
+VECTORS: dict[str, str] = {
+    "delta": "Δ_t = x_{t+1} − x_t",
+    "G0": "∇f(x_t; z_t), replayed",
+    "G1": "∇f(x_{t+1}; z_t), replayed",
+    "dG": "G1 − G0",
+    "g": "g_t, the recorded gradient the optimizer consumed",
+    "g_next": "g_{t+1}, the next step's recorded gradient (fresh batch)",
+    "dg": "g_{t+1} − g_t",
+    "G0_err": "G0 − g_t (replay error)",
+    "x": "x_t",
+    "x_dist": "x_t − x_0",
+    "g_prev": "g_{t−1}",
+    "delta_prev": "Δ_{t−1} = x_t − x_{t−1}",
+}
+"""The vectors a pair task can form (each per parameter tensor), by name."""
+
+TERMS: tuple[tuple[str, str], ...] = (
+    ("delta", "delta"),
+    ("G0", "G0"),
+    ("G1", "G1"),
+    ("dG", "dG"),
+    ("G0", "delta"),
+    ("G1", "delta"),
+    ("g", "g"),
+    ("g", "delta"),
+    ("g_next", "delta"),
+    ("g_next", "g_next"),
+    ("dg", "dg"),
+    ("G0_err", "G0_err"),
+    ("x", "x"),
+    ("x_dist", "x_dist"),
+    ("g", "g_prev"),
+    ("g_prev", "g_prev"),
+    ("delta", "delta_prev"),
+    ("delta_prev", "delta_prev"),
+)
+"""Inner products ⟨a, b⟩ computed per parameter tensor, in float64. A term whose vectors are not
+available for a pair (e.g. g_next when step t+1 is the final state) is NaN."""
+
+
+def alpha_grid(points: int = 9, margin: float = 0.5) -> np.ndarray:
+    """The α grid: ``points`` equally spaced points on [0, 1] extended by ``margin`` on each side.
+
+    The spacing is h = 1/(points−1); the margin is rounded to whole steps, so 0 and 1 are always
+    exact grid points. The default (9, 0.5) gives 17 points on [−0.5, 1.5].
+    """
+    if not isinstance(points, int) or points < 2:
+        raise AnalysisError(f"points={points!r}: expected an int >= 2 (the grid needs α=0 and α=1)")
+    if not margin >= 0:
+        raise AnalysisError(f"margin={margin!r}: expected a number >= 0")
+    n = int(round(margin * (points - 1)))
+    return np.arange(-n, points + n, dtype=np.float64) / (points - 1)
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How a pair is probed. Part of the analysis' provenance (stored in the Dataset attrs)."""
+
+    alphas: tuple[float, ...] = tuple(alpha_grid())
+    device: str = "cpu"
+    dtype: str = "float32"
+    chunk_size: int | None = None  # α points per vmap call; None: all at once
+    batched: bool = True  # False: evaluate α points one by one (debugging, exotic modules)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"float32": torch.float32, "float64": torch.float64}[self.dtype]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "alphas": list(self.alphas),
+            "dtype": self.dtype,
+            "batched": self.batched,
+            "chunk_size": self.chunk_size,
+        }
+
+
+@dataclass
+class PairStats:
+    """Everything the metrics of pair (t, t+1) are computed from (float64 numpy).
+
+    Attributes:
+        step: t.
+        alpha, loss_line, dloss_line: the α grid, ℓ(α) and ℓ'(α).
+        terms: ``"a.b"`` → per-layer ⟨a, b⟩ (shape ``[n_layer]``), NaN where unavailable.
+        layers: parameter names, the order of the per-layer arrays.
+        loss_recorded: f(x_t; z_t) as logged in training (NaN if not given).
+        lr: learning rate of each param group at step t.
+    """
+
+    step: int
+    alpha: np.ndarray
+    loss_line: np.ndarray
+    dloss_line: np.ndarray
+    terms: dict[str, np.ndarray]
+    layers: tuple[str, ...]
+    loss_recorded: float
+    lr: np.ndarray
+
+    def to_tensors(self) -> dict[str, np.ndarray]:
+        """Flat name → array mapping, for the per-pair partial results on disk."""
+        out = {
+            "alpha": self.alpha,
+            "loss_line": self.loss_line,
+            "dloss_line": self.dloss_line,
+            "loss_recorded": np.array([self.loss_recorded]),
+            "lr": self.lr,
+        }
+        out.update({f"term/{k}": v for k, v in self.terms.items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, step: int, layers: tuple[str, ...], t: Mapping[str, np.ndarray]) -> PairStats:
+        return cls(
+            step=step,
+            alpha=t["alpha"],
+            loss_line=t["loss_line"],
+            dloss_line=t["dloss_line"],
+            terms={k[5:]: v for k, v in t.items() if k.startswith("term/")},
+            layers=layers,
+            loss_recorded=float(t["loss_recorded"][0]),
+            lr=t["lr"],
+        )
+
+
+class _Bound(torch.nn.Module):
+    """``forward(batch) = loss(model, batch)``: lets functional_call cover any method the loss uses."""
+
+    def __init__(self, model: torch.nn.Module, loss: Any) -> None:
+        super().__init__()
+        self.model = model
+        self._loss = loss
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self._loss(self.model, batch)
+
+
+def check_objective(objective: Objective, params: Mapping[str, torch.Tensor],
+                    buffers: Mapping[str, torch.Tensor]) -> None:
+    """Raise ObjectiveError unless every recorded tensor has a same-shaped slot in the model."""
+    slots = dict(objective.model.named_parameters())
+    for name, t in params.items():
+        if name not in slots:
+            raise ObjectiveError(
+                f"parameter {name!r} is recorded but the objective's model has no such parameter "
+                f"(model has {len(slots)}: {', '.join(list(slots)[:5])}{', …' if len(slots) > 5 else ''})"
+            )
+        if tuple(slots[name].shape) != tuple(t.shape):
+            raise ObjectiveError(
+                f"parameter {name!r}: recorded shape {tuple(t.shape)}, objective's model has "
+                f"{tuple(slots[name].shape)}"
+            )
+    bslots = dict(objective.model.named_buffers())
+    for name, t in buffers.items():
+        if name in bslots and tuple(bslots[name].shape) != tuple(t.shape):
+            raise ObjectiveError(
+                f"buffer {name!r}: recorded shape {tuple(t.shape)}, objective's model has "
+                f"{tuple(bslots[name].shape)}"
+            )
+
+
+def _to(t: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+
+def _map_batch(batch: Any, device: str, dtype: torch.dtype) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return _to(batch, device, dtype)
+    if isinstance(batch, tuple):
+        return tuple(_map_batch(b, device, dtype) for b in batch)
+    if isinstance(batch, list):
+        return [_map_batch(b, device, dtype) for b in batch]
+    if isinstance(batch, dict):
+        return {k: _map_batch(v, device, dtype) for k, v in batch.items()}
+    return batch
+
+
+@contextlib.contextmanager
+def _replayed_rng(rng: Mapping[str, torch.Tensor], enabled: bool) -> Iterator[None]:
+    """Run the block with the RNG state captured at the step's forward pass, then restore."""
+    if not enabled or "cpu" not in rng:
+        yield
+        return
+    saved = torch.get_rng_state()
+    cuda_saved = {}
+    try:
+        torch.set_rng_state(rng["cpu"])
+        for key, state in rng.items():
+            if key.startswith("cuda") and torch.cuda.is_available():
+                i = int(key[4:])
+                if i < torch.cuda.device_count():
+                    cuda_saved[i] = torch.cuda.get_rng_state(i)
+                    torch.cuda.set_rng_state(state, i)
+        yield
+    finally:
+        torch.set_rng_state(saved)
+        for i, state in cuda_saved.items():
+            torch.cuda.set_rng_state(state, i)
+
+
+def _layer_dot(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    if a is None or b is None:
+        return float("nan")
+    return float(torch.sum(a.double() * b.double()))
+
+
+def probe_pair(
+    objective: Objective,
+    snap: Snapshot,
+    nxt: Snapshot,
+    settings: ProbeSettings,
+    *,
+    prev: Snapshot | None = None,
+    init: Snapshot | None = None,
+    trainable: list[str] | None = None,
+) -> PairStats:
+    """Probe the pair (snap.step, nxt.step) and reduce it to :class:`PairStats`.
+
+    Args:
+        objective: the model skeleton and loss.
+        snap, nxt: snapshots of x_t (with g_t and z_t) and x_{t+1}.
+        settings: α grid, device, evaluation dtype, batching.
+        prev: snapshot of x_{t−1}, for the "previous step" cosines (optional).
+        init: snapshot of x_0, for the distance from initialisation (optional).
+        trainable: names of the coordinates of x (default: every parameter with a gradient).
+    """
+    if snap.batch is None:
+        raise AnalysisError(f"step {snap.step}: snapshot holds no minibatch; cannot probe the pair")
+    if nxt.step != snap.step + 1:
+        raise AnalysisError(f"pair ({snap.step}, {nxt.step}): steps are not consecutive")
+    dev, dt = settings.device, settings.torch_dtype
+    names = list(trainable) if trainable is not None else [n for n in snap.params if n in snap.grads]
+    check_objective(objective, snap.params, snap.buffers)
+    missing = [n for n in names if n not in nxt.params]
+    if missing:
+        raise AnalysisError(f"step {nxt.step}: snapshot lacks parameter {missing[0]!r}")
+
+    model = objective.model
+    model.to(device=dev)
+    if snap.training is not None:
+        model.train(snap.training)
+    bound = _Bound(model, objective.loss)
+    x0 = {n: _to(snap.params[n], dev, dt) for n in names}
+    x1 = {n: _to(nxt.params[n], dev, dt) for n in names}
+    delta = {n: x1[n] - x0[n] for n in names}
+    fixed = {f"model.{n}": _to(t, dev, dt) for n, t in snap.params.items() if n not in x0}
+    buffers = {f"model.{n}": _to(t, dev, dt) for n, t in snap.buffers.items()}
+    batch = _map_batch(snap.batch, dev, dt)
+    replay = bool(snap.training) and bool(snap.rng)
+
+    def f(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Fresh buffer copies per call: a train-mode BatchNorm writes its running statistics in
+        # place, and those writes must never reach the recorded state or the next evaluation.
+        state = {**fixed, **{k: v.clone() for k, v in buffers.items()}}
+        state.update({f"model.{n}": p for n, p in params.items()})
+        out = functional_call(bound, state, (batch,))
+        if not isinstance(out, torch.Tensor) or out.numel() != 1:
+            raise ObjectiveError(
+                f"objective loss returned {type(out).__name__}"
+                f"{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}; expected a scalar tensor"
+            )
+        return out.reshape(())
+
+    alphas = torch.tensor(settings.alphas, dtype=dt, device=dev)
+    loss_line, dloss_line = _line(f, x0, delta, alphas, settings, snap.rng, replay)
+    with _replayed_rng(snap.rng, replay):
+        G0 = _grad(f, x0)
+    with _replayed_rng(snap.rng, replay):
+        G1 = _grad(f, x1)
+
+    vec: dict[str, dict[str, torch.Tensor | None]] = {k: {} for k in VECTORS}
+    for n in names:
+        g = snap.grads.get(n)
+        g = _to(g, dev, dt) if g is not None else torch.zeros_like(x0[n])  # None grad: unused param
+        vec["delta"][n] = delta[n]
+        vec["G0"][n] = G0[n]
+        vec["G1"][n] = G1[n]
+        vec["dG"][n] = G1[n] - G0[n]
+        vec["g"][n] = g
+        vec["G0_err"][n] = G0[n] - g
+        vec["x"][n] = x0[n]
+        if nxt.has_grad:
+            gn = nxt.grads.get(n)
+            gn = _to(gn, dev, dt) if gn is not None else torch.zeros_like(x0[n])
+            vec["g_next"][n] = gn
+            vec["dg"][n] = gn - g
+        else:
+            vec["g_next"][n] = vec["dg"][n] = None
+        if init is not None:
+            vec["x_dist"][n] = x0[n] - _to(init.params[n], dev, dt)
+        else:
+            vec["x_dist"][n] = None
+        if prev is not None and prev.step == snap.step - 1 and prev.has_grad:
+            gp = prev.grads.get(n)
+            vec["g_prev"][n] = _to(gp, dev, dt) if gp is not None else torch.zeros_like(x0[n])
+            vec["delta_prev"][n] = x0[n] - _to(prev.params[n], dev, dt)
+        else:
+            vec["g_prev"][n] = vec["delta_prev"][n] = None
+    terms = {
+        f"{a}.{b}": np.array([_layer_dot(vec[a][n], vec[b][n]) for n in names], dtype=np.float64)
+        for a, b in TERMS
+    }
+    return PairStats(
+        step=snap.step,
+        alpha=np.asarray(settings.alphas, dtype=np.float64),
+        loss_line=loss_line,
+        dloss_line=dloss_line,
+        terms=terms,
+        layers=tuple(names),
+        loss_recorded=snap.loss if snap.loss is not None else float("nan"),
+        lr=np.asarray(snap.lr, dtype=np.float64),
+    )
+
+
+def _grad(f: Any, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """∇f(x) by plain reverse-mode autograd (works with any module, in-place buffers included)."""
+    leaves = {n: t.detach().requires_grad_(True) for n, t in x.items()}
+    with torch.enable_grad():
+        loss = f(leaves)
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return {
+        n: (g.detach() if g is not None else torch.zeros_like(x[n]))
+        for n, g in zip(leaves, grads)
+    }
+
+
+def _line(f: Any, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+          alphas: torch.Tensor, settings: ProbeSettings, rng: Mapping[str, torch.Tensor],
+          replay: bool) -> tuple[np.ndarray, np.ndarray]:
+    """ℓ(α) and ℓ'(α) at every grid point, batched over α when the model allows it."""
+
+    def point(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = {n: x0[n] + a * delta[n] for n in x0}
+        return jvp(f, (p,), (delta,))
+
+    with torch.no_grad():
+        if settings.batched:
+            try:
+                return _line_batched(point, alphas, settings.chunk_size, rng, replay)
+            except ObjectiveError:
+                raise
+            except Exception:  # noqa: BLE001 - modules vmap cannot batch: fall back, same result
+                pass
+        vals, ders = [], []
+        for a in alphas:
+            with _replayed_rng(rng, replay):
+                v, d = point(a)
+            vals.append(float(v))
+            ders.append(float(d))
+    return np.array(vals, dtype=np.float64), np.array(ders, dtype=np.float64)
+
+
+def _line_batched(point: Any, alphas: torch.Tensor, chunk: int | None,
+                  rng: Mapping[str, torch.Tensor], replay: bool) -> tuple[np.ndarray, np.ndarray]:
+    # randomness="same": one dropout mask for all α, drawn from the replayed state, which is the
+    # mask the unbatched evaluation at that state would draw (tested against the point loop).
+    batched = vmap(point, randomness="same" if replay else "error")
+    n = len(alphas)
+    size = n if not chunk else max(1, chunk)
+    vals, ders = [], []
+    for i in range(0, n, size):
+        with _replayed_rng(rng, replay):
+            v, d = batched(alphas[i : i + size])
+        vals.append(v.double().cpu().numpy())
+        ders.append(d.double().cpu().numpy())
+    return np.concatenate(vals), np.concatenate(ders)
