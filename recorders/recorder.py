@@ -294,7 +294,7 @@ class Recorder:
         if self._pending is None or self._pending[1] is None:
             return None
         loss = self._pending[1]
-        return float(loss.detach().float().item()) if isinstance(loss, torch.Tensor) else float(loss)
+        return float(loss.detach().item()) if isinstance(loss, torch.Tensor) else float(loss)
 
     def _write_scalars(self, *, skipped: bool) -> None:
         line = {

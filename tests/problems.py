@@ -1,0 +1,149 @@
+"""Small test problems with objective factories importable by name (``problems:make_quadratic``).
+
+pytest puts ``tests/`` on ``sys.path`` (rootdir conftest, no package), so the analyzer can import
+these factories in worker processes too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trajscope import Objective, Recorder
+
+# --- stochastic quadratic f(x; b) = ½xᵀAx − bᵀx, float64 --------------------------------------
+
+DIM = 6
+_rng = np.random.default_rng(1234)
+_Q, _ = np.linalg.qr(_rng.standard_normal((DIM, DIM)))
+EIGS = np.array([0.2, 0.5, 1.0, 2.0, 3.5, 5.0])
+A = torch.tensor(_Q @ np.diag(EIGS) @ _Q.T, dtype=torch.float64)
+B_MEAN = torch.tensor(_rng.standard_normal(DIM), dtype=torch.float64)
+
+
+class QuadModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.x = nn.Parameter(torch.zeros(DIM, dtype=torch.float64))
+
+
+def quad_loss(model: QuadModel, b: torch.Tensor) -> torch.Tensor:
+    x = model.x
+    return 0.5 * x @ (A @ x) - b @ x
+
+
+def make_quadratic() -> Objective:
+    return Objective(model=QuadModel(), loss=quad_loss)
+
+
+def train_quadratic(run_dir: Path, steps: int = 12, lr: float = 0.15, momentum: float = 0.9,
+                    **rec_kw: Any) -> list[torch.Tensor]:
+    """SGD+momentum on the stochastic quadratic; returns the minibatches b_t used."""
+    gen = torch.Generator().manual_seed(7)
+    model = QuadModel()
+    with torch.no_grad():
+        model.x.copy_(torch.randn(DIM, generator=gen, dtype=torch.float64) * 2)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    bs = []
+    with Recorder(run_dir, model, opt, objective="problems:make_quadratic", **rec_kw) as rec:
+        for _ in range(steps):
+            b = B_MEAN + 0.3 * torch.randn(DIM, generator=gen, dtype=torch.float64)
+            bs.append(b)
+            opt.zero_grad()
+            loss = quad_loss(model, b)
+            loss.backward()
+            rec.batch(b, loss=loss)
+            opt.step()
+    return bs
+
+
+# --- a small MLP classifier (float32), deterministic -------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 10, hidden: int = 24, d_out: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc1(x))
+        h = self.drop(torch.tanh(self.fc2(h)))
+        return self.out(h)
+
+
+def ce_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def make_mlp() -> Objective:
+    return Objective(model=MLP(), loss=ce_loss)
+
+
+def make_mlp_dropout() -> Objective:
+    return Objective(model=MLP(dropout=0.3), loss=ce_loss)
+
+
+def classification_data(n: int = 256, d_in: int = 10, d_out: int = 4, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d_in, generator=gen)
+    W = torch.randn(d_in, d_out, generator=gen)
+    Y = (X @ W + 0.5 * torch.randn(n, d_out, generator=gen)).argmax(1)
+    return X, Y
+
+
+def train_classifier(run_dir: Path | None, factory: Callable[[], Objective], *, steps: int = 15,
+                     batch_size: int = 32, opt: str = "sgd", lr: float = 0.1, seed: int = 0,
+                     objective: str | None = None, **rec_kw: Any) -> nn.Module:
+    """Train ``factory().model`` on synthetic data; record into ``run_dir`` unless it is None."""
+    torch.manual_seed(seed)
+    obj = factory()
+    model = obj.model
+    if opt == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    X, Y = classification_data()
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def loop(rec: Recorder | None) -> None:
+        for _ in range(steps):
+            idx = torch.randint(0, len(X), (batch_size,), generator=gen)
+            batch = (X[idx], Y[idx])
+            optimizer.zero_grad()
+            loss = obj.loss(model, batch)
+            loss.backward()
+            if rec is not None:
+                rec.batch(batch, loss=loss)
+            optimizer.step()
+
+    if run_dir is None:
+        loop(None)
+    else:
+        with Recorder(run_dir, model, optimizer, objective=objective, **rec_kw) as rec:
+            loop(rec)
+    return model
+
+
+# --- softmax regression on the digits (convex) --------------------------------------------------
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X = torch.tensor(d.data / 16.0, dtype=torch.float32)
+    return X, torch.tensor(d.target)
+
+
+def make_softmax() -> Objective:
+    return Objective(model=nn.Linear(64, 10), loss=ce_loss)
