@@ -1,26 +1,39 @@
 """``trajscope.analyze``: build the dask graph, run it, assemble and write the xarray Dataset.
 
-The graph (same functions under every scheduler; only ``scheduler=`` changes):
+The graph (the same functions and keys under every scheduler; only ``scheduler=`` changes):
 
-    load-<t>  (one per snapshot, shared by the pairs that need it: deterministic keys)
-       └─ pair-<t>  (probe on the same minibatch z_t, reduce to PairStats, persist to disk)
-             └─ metrics-<t>  (pure metric functions of PairStats)
+    load-<run>-<t>   one per snapshot, shared by the (up to three) pairs that read it
+    init-<run>-<t0>  the parameters of x_0 only, shared by every pair (distance from init)
+       └─ pair-<digest>-<t>  probe on the same minibatch z_t, reduce to PairStats, persist to disk
+             └─ metrics  pure functions of PairStats, evaluated here for all pairs at once
                    └─ one Dataset, series metrics (cumulative ones) added over ``step``
 
-Finished pairs are persisted under ``analysis/pairs/`` as they complete, so an interrupted analysis
-resumes where it stopped and new recorded steps only cost their new pairs.
+Keys are deterministic (run and settings digests, step numbers), so a load shared by adjacent pairs
+is read once, and two analyses on one cluster never mix their tasks. Metric functions run in this
+process: each takes microseconds, less than shipping it, and resumed pairs need them too.
+
+Memory does not grow with the run: pairs go to the scheduler in windows of a few per worker, at
+most two windows in flight, and a window's snapshots are released when its pairs are done. Each
+finished pair is persisted under ``analysis/pairs/`` by the task itself, so an interrupted analysis
+(even SIGKILL) resumes where it stopped, and new recorded steps only cost their new pairs. The
+Dataset is written to a temporary file and renamed: it is never seen half-written. A lock file
+keeps two analyses from writing the same run's ``analysis/`` at once.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import os
+import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,10 +41,19 @@ from typing import Any
 import dask
 import numpy as np
 import xarray as xr
-from dask.callbacks import Callback
 
 from trajscope import format as fmt
 from trajscope.errors import AnalysisError, RunFormatError
+from trajscope.execution import (
+    LOCAL_SCHEDULERS,
+    Backend,
+    Placement,
+    check_device,
+    check_scheduler,
+    open_backend,
+    resolve_device,
+    ship,
+)
 from trajscope.metrics import PairView
 from trajscope.objective import Objective, resolve_objective
 from trajscope.probe import PairStats, ProbeSettings, alpha_grid, probe_pair
@@ -43,6 +65,12 @@ __all__ = ["analyze", "open_metrics", "compute_pair_metrics", "build_dataset"]
 __version__ = "0.1.0"
 METRICS_FILE = "metrics.nc"
 PAIRS_DIR = "pairs"
+LOCK_FILE = ".lock"
+
+PAIRS_PER_WORKER = 2
+"""Pairs per worker in one window; two windows are in flight, so each worker holds a handful of
+snapshots (its pairs' x_{t−1}, x_t, x_{t+1}, shared between neighbours) whatever the run length."""
+MIN_WINDOW = 4
 
 ObjectiveSource = str | Callable[[], Objective] | Objective | None
 
@@ -50,33 +78,129 @@ ObjectiveSource = str | Callable[[], Objective] | Objective | None
 # --- tasks ---------------------------------------------------------------------------------------
 
 _local = threading.local()
+_OBJECTIVES_PER_THREAD = 4
 
 
-def _objective_for(source: ObjectiveSource, recorded: str | None) -> Objective:
+def _objective_for(source: ObjectiveSource, recorded: str | None, key: str | None = None) -> Objective:
     """One Objective per (thread, source): a module's parameters are swapped during a call, so
-    concurrent threads must never share a model."""
+    concurrent threads must never share a model.
+
+    ``key`` names the source stably: a function or Objective shipped to a worker process arrives as
+    a new object with every task, so its ``id`` cannot be the key (the cache would grow by one
+    model per pair). A few entries per thread: enough for the analyses a process runs in turn.
+    """
     cache = getattr(_local, "objectives", None)
     if cache is None:
-        cache = _local.objectives = {}
-    key = source if isinstance(source, str) else (recorded if source is None else id(source))
-    if key not in cache:
-        if isinstance(source, Objective):
-            # never touch the caller's instance: the probe moves it and sets its train mode
-            cache[key] = Objective(model=copy.deepcopy(source.model), loss=source.loss)
-        else:
-            cache[key] = resolve_objective(source, recorded)
-    return cache[key]
+        cache = _local.objectives = collections.OrderedDict()
+    if key is None:
+        key = source if isinstance(source, str) else (recorded if source is None else str(id(source)))
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    if isinstance(source, Objective):
+        # never touch the caller's instance: the probe moves it and sets its train mode
+        obj = Objective(model=copy.deepcopy(source.model), loss=source.loss)
+    else:
+        obj = resolve_objective(source, recorded)
+    cache[key] = obj
+    while len(cache) > _OBJECTIVES_PER_THREAD:
+        cache.popitem(last=False)
+    return obj
 
 
-def _load_task(path: str) -> Snapshot:
-    return read_snapshot(Path(path))
+# Recently loaded snapshots, per process: a window's boundary snapshots are the next window's
+# first ones, and on one worker they are then not read twice. Keyed by (path, mtime, size) so a
+# rewritten file is never served stale; tiny, so memory stays bounded.
+_recent: collections.OrderedDict[tuple[str, int, int], Snapshot] = collections.OrderedDict()
+_recent_lock = threading.Lock()
+_RECENT_SNAPSHOTS = 4
+
+
+def _load_task(path: str, pin: bool = False) -> Snapshot:
+    """Read one snapshot (CPU tensors; page-locked when it will be copied to a GPU)."""
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    with _recent_lock:
+        snap = _recent.get(key)
+        if snap is not None:
+            _recent.move_to_end(key)
+            return snap
+    snap = read_snapshot(Path(path))
+    if pin:
+        snap = _pinned(snap)
+    snap = ship(snap)  # pickles as plain arrays when a scheduler moves it between processes
+    with _recent_lock:
+        _recent[key] = snap
+        while len(_recent) > _RECENT_SNAPSHOTS:
+            _recent.popitem(last=False)
+    return snap
+
+
+def _load_params_task(path: str) -> Snapshot:
+    """x_0 for the distance from initialisation: its parameters only, read as such."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as fh:
+        params = {k[len(fmt.PARAM):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(fmt.PARAM)}
+        meta = json.loads((fh.metadata() or {}).get("trajscope", "{}"))
+    return ship(Snapshot(step=int(meta.get("step", 0)), kind=str(meta.get("kind", fmt.KIND_STEP)),
+                         params=params))
+
+
+def _pinned(snap: Snapshot) -> Snapshot:
+    import torch
+
+    def pin(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.pin_memory()
+        if isinstance(x, dict):
+            return {k: pin(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(pin(v) for v in x)
+        return x
+
+    return dataclasses.replace(snap, params=pin(snap.params), grads=pin(snap.grads),
+                               buffers=pin(snap.buffers), batch=pin(snap.batch))
+
+
+def _on_device(snap: Snapshot | None, device: str) -> Snapshot | None:
+    """The snapshot's tensors on ``device`` (asynchronous from page-locked memory); RNG states stay
+    on the CPU, where torch's RNG API wants them."""
+    if snap is None or device == "cpu":
+        return snap
+    import torch
+
+    def move(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.to(device, non_blocking=x.is_pinned())
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(move(v) for v in x)
+        return x
+
+    return dataclasses.replace(snap, params=move(snap.params), grads=move(snap.grads),
+                               buffers=move(snap.buffers), batch=move(snap.batch))
+
+
+_PROBE_LOCK = threading.Lock()
 
 
 def _pair_task(snap: Snapshot, nxt: Snapshot, prev: Snapshot | None, init: Snapshot | None,
                source: ObjectiveSource, recorded: str | None, settings: ProbeSettings,
-               trainable: list[str], out: str | None, digest: str) -> PairStats:
-    objective = _objective_for(source, recorded)
-    stats = probe_pair(objective, snap, nxt, settings, prev=prev, init=init, trainable=trainable)
+               trainable: list[str], out: str | None, digest: str,
+               placement: Placement | None = None, objective_key: str | None = None) -> PairStats:
+    if placement is not None:
+        device = placement.apply()  # this worker's torch threads and GPU
+        if device != settings.device:
+            settings = dataclasses.replace(settings, device=device)
+        snap, nxt, prev, init = (_on_device(s, device) for s in (snap, nxt, prev, init))
+    objective = _objective_for(source, recorded, objective_key)
+    # One probe at a time per process: torch's forward-mode AD level (jvp) and the RNG state that
+    # dropout replay sets are process-global, so two threads probing at once corrupt each other.
+    # Threads still overlap loading and persisting with the probe; processes probe in parallel.
+    with _PROBE_LOCK:
+        stats = probe_pair(objective, snap, nxt, settings, prev=prev, init=init, trainable=trainable)
     if out is not None:
         _save_pair(Path(out), stats, digest)
     return stats
@@ -107,6 +231,10 @@ def compute_pair_metrics(stats: PairStats, specs: Sequence[MetricSpec]) -> dict[
 # --- persistence of per-pair partial results -----------------------------------------------------
 
 
+def _pair_path(pairs_dir: Path, step: int) -> Path:
+    return pairs_dir / f"pair_{step:08d}.safetensors"
+
+
 def _save_pair(path: Path, stats: PairStats, digest: str) -> None:
     import safetensors.numpy
 
@@ -115,6 +243,8 @@ def _save_pair(path: Path, stats: PairStats, digest: str) -> None:
         {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in stats.to_tensors().items()},
         metadata=meta,
     )
+    # Temp file + rename: a kill at any moment leaves the old state or the whole new file. No
+    # fsync: after a power cut a torn file fails to parse and the pair is simply recomputed.
     fmt.atomic_write_bytes(path, data)
 
 
@@ -141,23 +271,99 @@ def _settings_digest(settings: ProbeSettings, objective_id: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# --- one analysis at a time per run --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _analysis_lock(analysis_dir: Path) -> Iterator[None]:
+    """Hold ``analysis/.lock`` for the whole analysis, or fail at once naming the holder.
+
+    An OS lock (flock), not a marker file: the kernel releases it when its holder dies, even by
+    SIGKILL, so a killed analysis never blocks the next one. (On network filesystems without
+    flock support the lock is advisory at best; the per-file writes are atomic regardless.)
+    """
+    analysis_dir.mkdir(parents=True, exist_ok=True)
+    path = analysis_dir / LOCK_FILE
+    fh = open(path, "a+", encoding="utf-8")
+    try:
+        if not _try_lock(fh):
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown process"
+            raise AnalysisError(
+                f"{analysis_dir}: another analysis of this run is writing here ({holder}); wait "
+                "for it to finish, or pass write=False to analyze without writing"
+            )
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
+            _unlock(fh)
+    finally:
+        fh.close()
+
+
+def _try_lock(fh: Any) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            fh.seek(0)
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _unlock(fh: Any) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        fh.seek(0)
+        msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
+        return
+    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_stale_temporaries(analysis_dir: Path) -> None:
+    """Temp files left by a killed analysis (the lock is ours, so none is being written now)."""
+    for d in (analysis_dir, analysis_dir / PAIRS_DIR):
+        if d.is_dir():
+            for f in d.glob(".*.tmp-*"):
+                with contextlib.suppress(OSError):
+                    f.unlink()
+
+
 # --- progress ------------------------------------------------------------------------------------
 
 
-class _PairProgress(Callback):
-    """tqdm bar over finished pair tasks (local schedulers run callbacks in this process)."""
+class _Progress:
+    """Pairs done / total, rate and ETA on stderr (tqdm); silent when disabled."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        super().__init__()
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
         self.bar = None
         if enabled and total:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, unit="pair", desc="analyze", file=sys.stderr)
+            self.bar = tqdm(total=total, initial=done, unit="pair", desc="analyze", file=sys.stderr,
+                            dynamic_ncols=True)
 
-    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-        name = key[0] if isinstance(key, tuple) else key
-        if self.bar is not None and isinstance(name, str) and name.startswith("pair-"):
+    def pair_done(self) -> None:
+        if self.bar is not None:
             self.bar.update(1)
 
     def close(self) -> None:
@@ -166,20 +372,6 @@ class _PairProgress(Callback):
 
 
 # --- the public entry points ---------------------------------------------------------------------
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise AnalysisError(f"device={device!r}: CUDA is not available on this machine; use cpu or auto")
-        return device
-    raise AnalysisError(f"device={device!r}: expected cpu, cuda, cuda:N or auto")
 
 
 def _objective_id(source: ObjectiveSource, recorded: str | None) -> str:
@@ -207,7 +399,9 @@ def _select_steps(pairs: list[int], steps: str | slice | Iterable[int] | None) -
     if isinstance(steps, slice):
         start = steps.start or 0
         stop = steps.stop if steps.stop is not None else float("inf")
-        stride = steps.step or 1
+        stride = 1 if steps.step is None else steps.step
+        if stride < 1:
+            raise AnalysisError(f"steps={steps!r}: the stride must be >= 1")
         return [t for t in pairs if start <= t < stop and (t - start) % stride == 0]
     wanted = set(steps)
     return [t for t in pairs if t in wanted]
@@ -221,7 +415,7 @@ def analyze(
     margin: float = 0.5,
     device: str = "auto",
     dtype: str = "float32",
-    scheduler: str = "synchronous",
+    scheduler: Any = "synchronous",
     workers: int | None = None,
     steps: str | slice | Iterable[int] | None = None,
     metrics: Iterable[str] | None = None,
@@ -238,23 +432,37 @@ def analyze(
         objective: ``"module:function"``, a factory function, or an :class:`Objective`; default:
             the name recorded in the manifest.
         points, margin: α grid (``points`` on [0, 1], extended by ``margin`` on both sides).
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available). With several
+            GPUs, ``cuda``/``auto`` gives each worker its own GPU (set ``workers`` to the count).
         dtype: evaluation dtype, ``float32`` or ``float64`` (independent of the training dtype).
-        scheduler: dask scheduler: ``synchronous``, ``threads`` or ``processes``.
-        workers: worker count for ``threads``/``processes``.
+        scheduler: ``synchronous`` (this thread), ``threads``, ``processes``, a dask.distributed
+            scheduler address (``tcp://host:8786``) or a ``distributed.Client``. The results
+            are the same under every scheduler. A cluster's workers must see the run directory
+            at the same path and be able to import the objective.
+        workers: worker count for ``threads``/``processes`` (default: one per core). Torch
+            intra-op threads are split between them.
         steps: which pairs, by start step: ``"START:STOP[:STRIDE]"``, a slice, or step numbers.
         metrics: metric names (default: every registered metric).
-        batched, chunk_size: evaluate the α points together with ``vmap`` (in chunks).
+        batched, chunk_size: evaluate the α points together with ``vmap``, at most
+            ``chunk_size`` at a time (default: all; halved automatically when out of memory).
         force: recompute pairs already persisted under ``analysis/pairs``.
-        write: write ``analysis/metrics.nc`` (and the per-pair partial results).
+        write: write ``analysis/metrics.nc`` and the per-pair results (and reuse those already
+            there); False computes everything in memory and writes nothing.
         progress: show a progress bar (default: when stderr is a terminal).
     """
     r = run if isinstance(run, Run) else open_run(run)
     if dtype not in ("float32", "float64"):
         raise AnalysisError(f"dtype={dtype!r}: expected float32 or float64")
+    scheduler = check_scheduler(scheduler)
+    check_device(device)
+    local = isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise AnalysisError(f"chunk_size={chunk_size!r}: expected an int >= 1 or None")
     settings = ProbeSettings(
         alphas=tuple(float(a) for a in alpha_grid(points, margin)),
-        device=_resolve_device(device),
+        # Local: resolved here, so a missing GPU fails before any work. A cluster's workers
+        # resolve the spec themselves (this machine may have no GPU at all).
+        device=resolve_device(device) if local else device,
         dtype=dtype,
         chunk_size=chunk_size,
         batched=batched,
@@ -268,53 +476,91 @@ def analyze(
         )
     # Resolve once here so import errors surface before any work is scheduled.
     _objective_for(objective, r.objective)
-    digest = _settings_digest(settings, _objective_id(objective, r.objective))
-    pairs_dir = r.path / fmt.ANALYSIS_DIR / PAIRS_DIR
-    if write:
-        pairs_dir.mkdir(parents=True, exist_ok=True)
+    objective_id = _objective_id(objective, r.objective)
+    digest = _settings_digest(settings, objective_id)
+    analysis_dir = r.path / fmt.ANALYSIS_DIR
+    pairs_dir = analysis_dir / PAIRS_DIR
 
-    done: dict[int, PairStats] = {}
-    if write and not force:
-        for t in pairs:
-            s = _load_pair(pairs_dir / f"pair_{t:08d}.safetensors", digest)
-            if s is not None:
-                done[t] = s
-    todo = [t for t in pairs if t not in done]
+    with _analysis_lock(analysis_dir) if write else contextlib.nullcontext():
+        done: dict[int, PairStats] = {}
+        if write:
+            pairs_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(analysis_dir)
+            if not force:
+                for t in pairs:
+                    s = _load_pair(_pair_path(pairs_dir, t), digest)
+                    if s is not None:
+                        done[t] = s
+        todo = [t for t in pairs if t not in done]
+        bar = _Progress(len(pairs), len(done), sys.stderr.isatty() if progress is None else progress)
+        try:
+            if todo:
+                with open_backend(scheduler, workers) as backend:
+                    _run_pairs(backend, r, todo, done, objective, settings, device, digest,
+                               pairs_dir if write else None, bar.pair_done)
+        finally:
+            bar.close()
+        ordered = [done[t] for t in pairs]
+        values = [compute_pair_metrics(s, list(specs.values())) for s in ordered]
+        ds = build_dataset(ordered, values, specs, r, settings, objective_id)
+        if write:
+            _write_dataset(ds, analysis_dir / METRICS_FILE)
+    return ds
 
+
+def _run_pairs(backend: Backend, r: Run, todo: list[int], done: dict[int, PairStats],
+               objective: ObjectiveSource, settings: ProbeSettings, device: str, digest: str,
+               pairs_dir: Path | None, on_pair: Callable[[], None]) -> None:
+    """Probe the ``todo`` pairs on ``backend`` in windows; two windows in flight at a time."""
+    # A shipped function or Objective has no stable identity in a worker; name it once here.
+    objective_key = (objective if isinstance(objective, str)
+                     else r.objective if objective is None
+                     else f"{_objective_id(objective, r.objective)}#{uuid.uuid4().hex}")
+    placement = backend.placement(device, pin=settings.device.startswith("cuda"))
+    run_token = hashlib.sha256(str(r.path.resolve()).encode()).hexdigest()[:10]
     have = set(r.steps)
     init_step = r.steps[0] if r.steps and r.steps[0] == 0 else None
+    size = max(MIN_WINDOW, PAIRS_PER_WORKER * backend.workers)
+    in_flight: collections.deque[Callable[[], list[Any]]] = collections.deque()
+    for i in range(0, len(todo), size):
+        tasks = _window_graph(r, todo[i : i + size], have, init_step, run_token, objective,
+                              objective_key, settings, placement, digest, pairs_dir)
+        in_flight.append(backend.submit(tasks, on_pair))
+        if len(in_flight) == 2:
+            for s in in_flight.popleft()():
+                done[s.step] = s
+    while in_flight:
+        for s in in_flight.popleft()():
+            done[s.step] = s
+
+
+def _window_graph(r: Run, window: list[int], have: set[int], init_step: int | None, run_token: str,
+                  objective: ObjectiveSource, objective_key: str, settings: ProbeSettings,
+                  placement: Placement, digest: str, pairs_dir: Path | None) -> list[Any]:
+    """The delayed pair tasks of one window, over load tasks shared by adjacent pairs."""
     loads: dict[int, Any] = {}
 
     def load(step: int) -> Any:
         if step not in loads:
             loads[step] = dask.delayed(_load_task, pure=True)(
-                str(r.step_path(step)), dask_key_name=f"load-{step}"
+                str(r.step_path(step)), placement.pin, dask_key_name=(f"load-{run_token}", step)
             )
         return loads[step]
 
+    init = None
+    if init_step is not None:
+        init = dask.delayed(_load_params_task, pure=True)(
+            str(r.step_path(init_step)), dask_key_name=(f"init-{run_token}", init_step)
+        )
     tasks = []
-    for t in todo:
+    for t in window:
         prev = load(t - 1) if (t - 1) in have and r.kind(t - 1) == fmt.KIND_STEP else None
-        init = load(init_step) if init_step is not None else None
-        out = str(pairs_dir / f"pair_{t:08d}.safetensors") if write else None
+        out = str(_pair_path(pairs_dir, t)) if pairs_dir is not None else None
         tasks.append(dask.delayed(_pair_task, pure=True)(
             load(t), load(t + 1), prev, init, objective, r.objective, settings, r.trainable, out,
-            digest, dask_key_name=f"pair-{t}",
+            digest, placement, objective_key, dask_key_name=(f"pair-{digest}-{run_token}", t),
         ))
-    cb = _PairProgress(len(tasks), sys.stderr.isatty() if progress is None else progress)
-    try:
-        with cb, _torch_threads(scheduler, workers):
-            computed = dask.compute(*tasks, **_scheduler_kwargs(scheduler, workers)) if tasks else ()
-    finally:
-        cb.close()
-    for s in computed:
-        done[s.step] = s
-    ordered = [done[t] for t in pairs]
-    values = [compute_pair_metrics(s, list(specs.values())) for s in ordered]
-    ds = build_dataset(ordered, values, specs, r, settings, _objective_id(objective, r.objective))
-    if write:
-        _write_dataset(ds, r.path / fmt.ANALYSIS_DIR / METRICS_FILE)
-    return ds
+    return tasks
 
 
 def _with_requirements(selected: dict[str, MetricSpec], everything: dict[str, MetricSpec]) -> dict[str, MetricSpec]:
@@ -326,34 +572,6 @@ def _with_requirements(selected: dict[str, MetricSpec], everything: dict[str, Me
             out.setdefault(req, everything[req])
     # pair metrics first (registration order), then series
     return dict(sorted(out.items(), key=lambda kv: kv[1].kind != "pair"))
-
-
-def _scheduler_kwargs(scheduler: str, workers: int | None) -> dict[str, Any]:
-    if scheduler in ("synchronous", "sync"):
-        return {"scheduler": "synchronous"}
-    if scheduler in ("threads", "processes"):
-        kw: dict[str, Any] = {"scheduler": scheduler}
-        if workers:
-            kw["num_workers"] = workers
-        return kw
-    raise AnalysisError(f"scheduler={scheduler!r}: expected synchronous, threads or processes")
-
-
-@contextlib.contextmanager
-def _torch_threads(scheduler: str, workers: int | None) -> Iterator[None]:
-    """Split the cores between thread workers so they do not oversubscribe the machine."""
-    import torch
-
-    if scheduler != "threads":
-        yield
-        return
-    before = torch.get_num_threads()
-    n = workers or os.cpu_count() or 1
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndarray]],
@@ -402,9 +620,16 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
 
 
 def _write_dataset(ds: xr.Dataset, path: Path) -> None:
+    """Write to a temp file, fsync, rename: readers see the old Dataset or the new one, whole."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    ds.to_netcdf(tmp, engine="h5netcdf")
-    os.replace(tmp, path)
+    try:
+        ds.to_netcdf(tmp, engine="h5netcdf")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def open_metrics(run: str | Path | Sequence[str | Path]) -> xr.Dataset:
