@@ -164,3 +164,33 @@ def test_snapshots_ship_as_arrays_and_back() -> None:
     assert torch.equal(back.batch["x"][0], snap.batch["x"][0]) and back.batch["x"][1] == [1, "a", None]
     assert back.batch["y"].item() == 2.5 and back.batch["y"].dim() == 0
     assert (back.step, back.kind, back.loss, back.lr, back.training) == (3, "step", 0.5, [0.1], True)
+
+
+def test_cli_scheduler_address_and_usage_errors(run_dir: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    distributed = pytest.importorskip("distributed")
+    from trajscope.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  protocol="tcp", dashboard_address=None) as cluster:
+        main(["analyze", str(run), "--scheduler", cluster.scheduler_address, "--steps", "0:3",
+              "--quiet"])  # returns normally on success
+    assert len(trajscope.open_metrics(run).step) == 3
+    for args, message in [(["--scheduler", "bogus"], "expected synchronous, threads, processes"),
+                          (["--device", "gpu"], "expected cpu, cuda, cuda:N or auto"),
+                          (["--workers", "0"], "--workers")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["analyze", str(run), *args])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_progress_counts_pairs_and_is_quiet_off_a_terminal(run_dir: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    trajscope.analyze(run_dir, make_mlp, write=False, progress=None)  # stderr is not a terminal
+    assert capsys.readouterr().err == ""
+    trajscope.analyze(run_dir, make_mlp, write=False, progress=True, scheduler="threads", workers=2)
+    err = capsys.readouterr().err
+    assert f"{STEPS}/{STEPS}" in err and "pair/s" in err
