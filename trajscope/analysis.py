@@ -267,6 +267,11 @@ def analyze(
     sharpness = sharpness or (metrics is not None and any("sharpness" in s.needs for s in selected.values()))
     provided = {"sharpness"} if sharpness else set()
     selected = {n: s for n, s in selected.items() if set(s.needs) <= provided}
+    # An optional probe's results come with its diagnostics (e.g. sharpness with its iteration
+    # count and convergence flag): every metric reading only what is provided is free by now.
+    for n, s in get_metrics().items():
+        if s.needs and set(s.needs) <= provided:
+            selected.setdefault(n, s)
     ref_step = _reference_step(r, reference)
     settings = ProbeSettings(
         alphas=tuple(float(a) for a in alpha_grid(points, margin)),
