@@ -34,6 +34,11 @@ def _to64(batch: Any) -> Any:
     return batch
 
 
+def div(a: float, b: float) -> float:
+    """a / b, NaN when b = 0 (a ratio with an empty denominator is undefined, not infinite)."""
+    return a / b if b != 0 else float("nan")
+
+
 def simpson(y: list[float], h: float) -> float:
     n = len(y) - 1
     if n % 2:  # odd number of intervals: trapezoid
@@ -150,7 +155,7 @@ class Reference:
         def cos(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
             if a is None or b is None:
                 return nan
-            return float(a @ b / (a.norm() * b.norm()))
+            return div(float(a @ b), float(a.norm() * b.norm()))
 
         def by_layer(fn: Callable[..., float], *vs: torch.Tensor | None) -> np.ndarray:
             if any(v is None for v in vs):
@@ -196,14 +201,14 @@ class Reference:
             "grad_replay_cos": cos(G0, g),
             "grad_norm_by_layer": by_layer(lambda a: float(a.norm()), g),
             "update_norm_by_layer": by_layer(lambda a: float(a.norm()), d),
-            "inst_smoothness_by_layer": by_layer(lambda a, b: float(a.norm() / b.norm()), G1 - G0, d),
+            "inst_smoothness_by_layer": by_layer(lambda a, b: div(float(a.norm()), float(b.norm())), G1 - G0, d),
             "param_norm_by_layer": by_layer(lambda a: float(a.norm()), x0),
             "dist_from_init_by_layer": by_layer(
                 lambda a: float(a.norm()), x0 - x_init if x_init is not None else None),
             "grad_cos_prev_by_layer": by_layer(cos, g, g_prev),
             "update_cos_prev_by_layer": by_layer(cos, d, d_prev),
             "update_grad_cos_by_layer": by_layer(lambda a, b: cos(a, -b), d, g),
-            "effective_lr_by_layer": by_layer(lambda a, b: float(a.norm() / b.norm()), d, g),
+            "effective_lr_by_layer": by_layer(lambda a, b: div(float(a.norm()), float(b.norm())), d, g),
             "replay_grad_norm_by_layer": by_layer(lambda a: float(a.norm()), G0),
         }
         if sharpness:
