@@ -142,10 +142,9 @@ class Reference:
         # neighbours: x_{t−1} (a recorded step, not the final state), x_0, the reference x*
         prev = run.snapshot(t - 1) if (t - 1) in run.steps and t - 1 != run.final_step else None
         x_init = self.flat(run.snapshot(0).params) if 0 in run.steps else None
-        ref_step = reference if reference is not None else (
-            run.final_step if run.final_step is not None else run.steps[-1])
-        x_ref = self.flat(run.snapshot(ref_step).params)
-        loss_ref, _ = self.loss_grad(x_ref, snap)
+        ref_step = reference if reference is not None else run.final_step  # no final: no x*
+        x_ref = self.flat(run.snapshot(ref_step).params) if ref_step is not None else None
+        loss_ref = self.loss_grad(x_ref, snap)[0] if x_ref is not None else nan
         g_prev = self.flat(prev.grads) if prev is not None else None
         d_prev = x0 - self.flat(prev.params) if prev is not None else None
 
@@ -177,7 +176,7 @@ class Reference:
             "inst_gap_fwd": ell[i0] + dell[i0] - ell[i1],
             "convexity_num": dell[i1],
             "convexity_den": ell[i1] - ell[i0],
-            "convexity_ref_num": float(G0 @ (x0 - x_ref)),
+            "convexity_ref_num": float(G0 @ (x0 - x_ref)) if x_ref is not None else nan,
             "convexity_ref_den": ell[i0] - loss_ref,
             "weak_convexity": max(0.0, 2 * gap / sq),
             "directional_curvature": 2 * (ell[i1] - ell[i0] - dell[i0]) / sq,

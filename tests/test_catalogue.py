@@ -162,3 +162,32 @@ def test_docs_name_every_catalogue_variable() -> None:
     text = (DOCS / "metrics.md").read_text(encoding="utf-8")
     for name in CATALOGUE:
         assert f"`{name}`" in text, name
+
+
+def test_reference_point_of_a_crashed_run(tmp_path) -> None:
+    # A crashed run has no final state, hence no default x*: NaN, unless a step is named.
+    from problems import QuadModel
+
+    run_dir = tmp_path / "crashed"
+    model = QuadModel()
+    with torch.no_grad():
+        model.x.fill_(1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    b = torch.ones(6, dtype=torch.float64)
+    with pytest.raises(KeyboardInterrupt):
+        with trajscope.Recorder(run_dir, model, opt) as rec:
+            for t in range(4):
+                opt.zero_grad()
+                loss = quad_loss(model, b)
+                loss.backward()
+                rec.batch(b, loss=loss)
+                opt.step()
+            raise KeyboardInterrupt
+    run = trajscope.open_run(run_dir)
+    assert run.status == "crashed" and run.final_step is None
+    ds = trajscope.analyze(run_dir, make_quadratic, dtype="float64", points=3, write=False,
+                           progress=False)
+    assert np.all(np.isnan(ds.convexity_ratio_ref.values))
+    ds = trajscope.analyze(run_dir, make_quadratic, dtype="float64", points=3, reference=3,
+                           write=False, progress=False)
+    assert np.all(np.isfinite(ds.convexity_ref_num.values))

@@ -254,7 +254,7 @@ def analyze(
             ``sharpness_max_iter`` Hessian-vector products); implied when ``metrics`` names a
             metric that needs it.
         reference: step of the reference point x* of ``convexity_ratio_ref`` (default: the final
-            recorded state, else the last recorded step).
+            recorded state; a run without one gets NaN unless a step is given).
         force: recompute pairs already persisted under ``analysis/pairs``.
         write: write ``analysis/metrics.nc`` (and the per-pair partial results).
         progress: show a progress bar (default: when stderr is a terminal).
@@ -360,11 +360,14 @@ def _with_requirements(selected: dict[str, MetricSpec], everything: dict[str, Me
 
 
 def _reference_step(run: Run, reference: int | None) -> int | None:
-    """x* of convexity_ratio_ref: the given step, else the final state, else the last snapshot."""
+    """x* of convexity_ratio_ref: the given step, else the final state.
+
+    A run without a final state (still recording, or crashed) has no default: its last snapshot
+    moves as the run grows, and a moving x* would invalidate every persisted pair on each resume.
+    convexity_ratio_ref is then NaN unless ``reference`` names a step.
+    """
     if reference is None:
-        if run.final_step is not None:
-            return run.final_step
-        return run.steps[-1] if run.steps else None
+        return run.final_step
     if reference not in run.steps:
         raise AnalysisError(
             f"reference={reference}: step {reference} is not recorded; choose a recorded step "
