@@ -10,7 +10,7 @@ import xarray as xr
 from click.testing import CliRunner
 
 import trajscope
-from problems import make_quadratic, train_quadratic
+from problems import train_quadratic
 from trajscope.cli import cli
 from trajscope.errors import AnalysisError
 from trajscope.summary import (
@@ -98,7 +98,12 @@ def test_summary_cli_and_python_twin(tmp_path) -> None:
     train_quadratic(run_dir, steps=8)
     res = CliRunner().invoke(cli, ["summary", str(run_dir)])
     assert res.exit_code != 0  # not analyzed yet
-    trajscope.analyze(run_dir, make_quadratic, dtype="float64", points=3, progress=False)
+    res = CliRunner().invoke(cli, ["analyze", str(run_dir), "--dtype", "float64", "--points", "3",
+                                   "--sharpness", "--reference", "4", "-q"])
+    assert res.exit_code == 0, res.output
+    ds = trajscope.open_metrics(run_dir)
+    assert '"reference_step": 4' in ds.attrs["probe"]
+    np.testing.assert_allclose(ds.sharpness.values, 5.0, rtol=1e-6)  # λ_max(A)
     s = trajscope.summarize(run_dir, steps_per_epoch=4)
     assert s["pairs"] == 8
     assert s["holds"]["inst_gap"] == 1.0  # convex quadratic
@@ -106,6 +111,7 @@ def test_summary_cli_and_python_twin(tmp_path) -> None:
     assert set(s["convexity_ratio"]["by_epoch"]) == {0, 1}
     assert s["l0l1"]["L_plain"] == pytest.approx(s["max_inst_smoothness"])
     assert "median_stability_ratio_last_half" in s
+    assert s["median_sharpness"] == pytest.approx(5.0, rel=1e-6)
     res = CliRunner().invoke(cli, ["summary", str(run_dir), "--steps-per-epoch", "4"])
     assert res.exit_code == 0, res.output
     assert "where the theory holds" in res.output and "(L0, L1)-smoothness fit" in res.output

@@ -115,7 +115,7 @@ class ProbeSettings:
     batched: bool = True  # False: evaluate α points one by one (debugging, exotic modules)
     sharpness: bool = False  # λ_max(∇²f(x_t; z_t)) by Lanczos (one double-backward per iteration)
     sharpness_max_iter: int = 100  # Lanczos iterations (Hessian-vector products) at most
-    sharpness_tol: float | None = None  # Ritz residual / |λ|; None: 1e-5 (float32), 1e-8 (float64)
+    sharpness_tol: float | None = None  # Ritz residual / max|Ritz value|; None: 1e-5 f32, 1e-8 f64
     reference_step: int | None = None  # x* of convexity_ratio_ref (the snapshot passed as ``ref``)
 
     @property
@@ -386,9 +386,17 @@ def probe_pair(
             # The Hessian graph is built by one forward pass under the replayed RNG state: every
             # Hessian-vector product then differentiates through the same dropout mask and the
             # same batch statistics as ℓ and G0.
-            with _replayed_rng(snap.rng, replay):
-                res = hessian_max_eig(f, x0, max_iter=settings.sharpness_max_iter,
-                                      tol=settings.lanczos_tol, seed=snap.step)
+            try:
+                with _replayed_rng(snap.rng, replay):
+                    res = hessian_max_eig(f, x0, max_iter=settings.sharpness_max_iter,
+                                          tol=settings.lanczos_tol, seed=snap.step)
+            except (ObjectiveError, AnalysisError):
+                raise
+            except RuntimeError as exc:
+                raise AnalysisError(
+                    f"step {snap.step}: sharpness needs Hessian-vector products (double backward) "
+                    f"through the objective, which failed: {exc}; analyze without --sharpness"
+                ) from exc
             extras["sharpness"] = res.value
             extras["sharpness_iterations"] = float(res.iterations)
             extras["sharpness_converged"] = float(res.converged)
