@@ -179,3 +179,16 @@ def test_broken_plugins_warn_and_good_ones_register(monkeypatch: pytest.MonkeyPa
 def test_spec_repr_is_one_line() -> None:
     r = repr(get_metrics()["inst_gap"])
     assert "\n" not in r and "inst_gap" in r and "holds_if='<= 0'" in r
+
+
+def test_directly_registered_metric_survives_refresh() -> None:
+    @metric("notebook_metric", long_name="n", units="1", description="‖Δ_t‖")
+    def notebook_metric(p) -> float:
+        return p.norm("delta")
+
+    try:
+        assert get_metrics()["notebook_metric"].source == "test_registry"  # its module
+        refresh_plugins()
+        assert "notebook_metric" in get_metrics()
+    finally:
+        registry._REGISTRY.pop("notebook_metric", None)

@@ -108,6 +108,7 @@ class MetricSpec:
 
 _REGISTRY: dict[str, MetricSpec] = {}
 _PLUGINS_LOADED = False
+_FROM_PLUGINS: set[str] = set()  # names registered while loading entry points
 
 
 def _check(spec: MetricSpec) -> None:
@@ -166,6 +167,8 @@ def register(spec: MetricSpec) -> MetricSpec:
     """Check ``spec`` against the contract and add it to the registry."""
     _check(spec)
     _REGISTRY[spec.name] = spec
+    if _loading:
+        _FROM_PLUGINS.add(spec.name)
     return spec
 
 
@@ -249,12 +252,11 @@ def _load_plugins() -> None:
         try:
             # The decorators of a module imported here register as this distribution.
             with _loading_from(dist):
-                specs = _specs_in(ep.load())
-            for spec in specs:
-                # Already registered by the import just done (decorators), or by an earlier load
-                # of the same module: nothing to add.
-                if _REGISTRY.get(spec.name) is not spec:
-                    register(spec)
+                for spec in _specs_in(ep.load()):
+                    # Already registered by the import just done (decorators): nothing to add.
+                    # A module imported before (or by an earlier load) registers again here.
+                    if _REGISTRY.get(spec.name) is not spec:
+                        register(spec)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the tool
             warnings.warn(
                 f"trajscope metric plugin {ep.name!r} ({ep.value}, from {dist}) failed to load: {exc}",
@@ -281,10 +283,14 @@ def get_metrics(names: Iterable[str] | None = None) -> dict[str, MetricSpec]:
 
 
 def refresh_plugins() -> None:
-    """Forget loaded plugins so that the next :func:`get_metrics` reads entry points again."""
+    """Forget loaded plugins so that the next :func:`get_metrics` reads entry points again.
+
+    Metrics registered directly (a decorator run in a notebook or script) are kept.
+    """
     global _PLUGINS_LOADED
-    for name in [n for n, s in _REGISTRY.items() if s.source != "trajscope"]:
-        del _REGISTRY[name]
+    for name in _FROM_PLUGINS:
+        _REGISTRY.pop(name, None)
+    _FROM_PLUGINS.clear()
     _PLUGINS_LOADED = False
 
 
