@@ -179,3 +179,36 @@ def test_grad_scaler_gradients_are_recorded_unscaled(tmp_path) -> None:
     ds = trajscope.analyze(run_dir, make_mlp, points=3, write=False, progress=False)
     # a gradient recorded before unscaling would be off by the scale factor 2¹⁰
     assert np.all(ds.grad_replay_error.values <= 1e-5)
+
+
+def make_bf16_mlp() -> trajscope.Objective:
+    from problems import MLP, ce_loss
+
+    return trajscope.Objective(model=MLP().to(torch.bfloat16), loss=ce_loss)
+
+
+def test_evaluation_dtype_is_independent_of_the_training_dtype(tmp_path) -> None:
+    # Trained in bfloat16, replayed in float32 and float64: the replay evaluates the function that
+    # bf16 training approximated, so the replay errors are bf16 rounding (2⁻⁸ ≈ 4e-3 relative),
+    # the direction agrees, and the two evaluation dtypes agree with each other.
+    run_dir = tmp_path / "bf16"
+    torch.manual_seed(0)
+    obj = make_bf16_mlp()
+    opt = torch.optim.SGD(obj.model.parameters(), lr=0.1)
+    X, Y = classification_data()
+    with Recorder(run_dir, obj.model, opt) as rec:
+        for t in range(3):
+            batch = (X[32 * t : 32 * t + 32].to(torch.bfloat16), Y[32 * t : 32 * t + 32])
+            opt.zero_grad()
+            loss = obj.loss(obj.model, batch)
+            loss.backward()
+            rec.batch(batch, loss=loss)
+            opt.step()
+    out = {dt: trajscope.analyze(run_dir, make_bf16_mlp, dtype=dt, points=3, write=False,
+                                 progress=False) for dt in ("float32", "float64")}
+    for ds in out.values():
+        assert np.all(ds.loss_replay_error.values < 2e-2)
+        assert np.all(ds.grad_replay_error.values < 5e-2)
+        assert np.all(ds.grad_replay_cos.values > 0.999)
+    np.testing.assert_allclose(out["float32"].loss_line.values, out["float64"].loss_line.values,
+                               rtol=1e-5)
