@@ -32,6 +32,7 @@ Faithful replay of training conditions (see ``docs/metrics.md``, "Replay fidelit
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +139,9 @@ class ProbeSettings:
             "chunk_size": self.chunk_size,
             "reference_step": self.reference_step,
             "sharpness": self.sharpness,
+            # What a persisted pair holds: a pair saved before a term was added must not be
+            # reused (the settings digest covers this JSON), or a metric would miss its term.
+            "terms": hashlib.sha256(" ".join(f"{a}.{b}" for a, b in TERMS).encode()).hexdigest()[:12],
         }
         if self.sharpness:
             out["sharpness_max_iter"] = self.sharpness_max_iter
