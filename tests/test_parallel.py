@@ -97,7 +97,7 @@ def test_graph_keys_are_deterministic_and_shared(run_dir: Path) -> None:
     loads = sorted(s for name, s in k if name == "load-tok")
     assert loads == [1, 2, 3, 4, 5]  # five snapshots for three pairs: one load each
     assert {s for name, s in k if name == "pair-dig-tok"} == {2, 3, 4}
-    assert ("init-tok", 0) in k
+    assert ("params-tok", 0) in k
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -2,8 +2,9 @@
 
 The graph (the same functions and keys under every scheduler; only ``scheduler=`` changes):
 
-    load-<run>-<t>   one per snapshot, shared by the (up to three) pairs that read it
-    init-<run>-<t0>  the parameters of x_0 only, shared by every pair (distance from init)
+    load-<run>-<t>     one per snapshot, shared by the (up to three) pairs that read it
+    params-<run>-<s>   the parameters alone of x_0 (distance from init) and of the reference
+                       point x*, shared by every pair
        └─ pair-<digest>-<t>  probe on the same minibatch z_t, reduce to PairStats, persist to disk
              └─ metrics  pure functions of PairStats, evaluated here for all pairs at once
                    └─ one Dataset, series metrics (cumulative ones) added over ``step``
@@ -189,18 +190,20 @@ _PROBE_LOCK = threading.Lock()
 def _pair_task(snap: Snapshot, nxt: Snapshot, prev: Snapshot | None, init: Snapshot | None,
                source: ObjectiveSource, recorded: str | None, settings: ProbeSettings,
                trainable: list[str], out: str | None, digest: str,
-               placement: Placement | None = None, objective_key: str | None = None) -> PairStats:
+               ref: Snapshot | None = None, placement: Placement | None = None,
+               objective_key: str | None = None) -> PairStats:
     if placement is not None:
         device = placement.apply()  # this worker's torch threads and GPU
         if device != settings.device:
             settings = dataclasses.replace(settings, device=device)
-        snap, nxt, prev, init = (_on_device(s, device) for s in (snap, nxt, prev, init))
+        snap, nxt, prev, init, ref = (_on_device(s, device) for s in (snap, nxt, prev, init, ref))
     objective = _objective_for(source, recorded, objective_key)
     # One probe at a time per process: torch's forward-mode AD level (jvp) and the RNG state that
     # dropout replay sets are process-global, so two threads probing at once corrupt each other.
     # Threads still overlap loading and persisting with the probe; processes probe in parallel.
     with _PROBE_LOCK:
-        stats = probe_pair(objective, snap, nxt, settings, prev=prev, init=init, trainable=trainable)
+        stats = probe_pair(objective, snap, nxt, settings, prev=prev, init=init, ref=ref,
+                           trainable=trainable)
     if out is not None:
         _save_pair(Path(out), stats, digest)
     return stats
@@ -421,6 +424,9 @@ def analyze(
     metrics: Iterable[str] | None = None,
     batched: bool = True,
     chunk_size: int | None = None,
+    sharpness: bool = False,
+    sharpness_max_iter: int = 100,
+    reference: int | None = None,
     force: bool = False,
     write: bool = True,
     progress: bool | None = None,
@@ -445,6 +451,11 @@ def analyze(
         metrics: metric names (default: every registered metric).
         batched, chunk_size: evaluate the α points together with ``vmap``, at most
             ``chunk_size`` at a time (default: all; halved automatically when out of memory).
+        sharpness: also compute λ_max(∇²f(x_t; z_t)) per pair by Lanczos (at most
+            ``sharpness_max_iter`` Hessian-vector products); implied when ``metrics`` names a
+            metric that needs it.
+        reference: step of the reference point x* of ``convexity_ratio_ref`` (default: the final
+            recorded state; a run without one gets NaN unless a step is given).
         force: recompute pairs already persisted under ``analysis/pairs``.
         write: write ``analysis/metrics.nc`` and the per-pair results (and reuse those already
             there); False computes everything in memory and writes nothing.
@@ -458,6 +469,17 @@ def analyze(
     local = isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise AnalysisError(f"chunk_size={chunk_size!r}: expected an int >= 1 or None")
+    selected = get_metrics(metrics)
+    # Naming an opt-in metric asks for its probe; otherwise opt-in metrics follow the flags.
+    sharpness = sharpness or (metrics is not None and any("sharpness" in s.needs for s in selected.values()))
+    provided = {"sharpness"} if sharpness else set()
+    selected = {n: s for n, s in selected.items() if set(s.needs) <= provided}
+    # An optional probe's results come with its diagnostics (e.g. sharpness with its iteration
+    # count and convergence flag): every metric reading only what is provided is free by now.
+    for n, s in get_metrics().items():
+        if s.needs and set(s.needs) <= provided:
+            selected.setdefault(n, s)
+    ref_step = _reference_step(r, reference)
     settings = ProbeSettings(
         alphas=tuple(float(a) for a in alpha_grid(points, margin)),
         # Local: resolved here, so a missing GPU fails before any work. A cluster's workers
@@ -466,8 +488,11 @@ def analyze(
         dtype=dtype,
         chunk_size=chunk_size,
         batched=batched,
+        sharpness=sharpness,
+        sharpness_max_iter=sharpness_max_iter,
+        reference_step=ref_step,
     )
-    specs = _with_requirements(get_metrics(metrics), get_metrics())
+    specs = _with_requirements(selected, get_metrics())
     pairs = _select_steps(r.pairs, steps)
     if not pairs:
         raise AnalysisError(
@@ -547,31 +572,59 @@ def _window_graph(r: Run, window: list[int], have: set[int], init_step: int | No
             )
         return loads[step]
 
-    init = None
-    if init_step is not None:
-        init = dask.delayed(_load_params_task, pure=True)(
-            str(r.step_path(init_step)), dask_key_name=(f"init-{run_token}", init_step)
+    def params_of(step: int | None) -> Any:
+        # x_0 and x* enter every pair, through their parameters alone: a small shared task
+        if step is None:
+            return None
+        return dask.delayed(_load_params_task, pure=True)(
+            str(r.step_path(step)), dask_key_name=(f"params-{run_token}", step)
         )
+
+    init = params_of(init_step)
+    ref = params_of(settings.reference_step)
     tasks = []
     for t in window:
         prev = load(t - 1) if (t - 1) in have and r.kind(t - 1) == fmt.KIND_STEP else None
         out = str(_pair_path(pairs_dir, t)) if pairs_dir is not None else None
         tasks.append(dask.delayed(_pair_task, pure=True)(
             load(t), load(t + 1), prev, init, objective, r.objective, settings, r.trainable, out,
-            digest, placement, objective_key, dask_key_name=(f"pair-{digest}-{run_token}", t),
+            digest, ref, placement, objective_key, dask_key_name=(f"pair-{digest}-{run_token}", t),
         ))
     return tasks
 
 
 def _with_requirements(selected: dict[str, MetricSpec], everything: dict[str, MetricSpec]) -> dict[str, MetricSpec]:
     out = dict(selected)
-    for spec in selected.values():
+    todo = list(selected.values())
+    while todo:  # transitively: a series may read another series
+        spec = todo.pop()
         for req in spec.requires:
             if req not in everything:
                 raise AnalysisError(f"metric {spec.name!r} requires unknown metric {req!r}")
-            out.setdefault(req, everything[req])
-    # pair metrics first (registration order), then series
-    return dict(sorted(out.items(), key=lambda kv: kv[1].kind != "pair"))
+            if req not in out:
+                out[req] = everything[req]
+                todo.append(everything[req])
+    # pair metrics first, then series; each group in registration order, so a series registered
+    # after the series it reads is computed after it
+    order = {n: i for i, n in enumerate(everything)}
+    return dict(sorted(out.items(), key=lambda kv: (kv[1].kind != "pair", order.get(kv[0], 0))))
+
+
+def _reference_step(run: Run, reference: int | None) -> int | None:
+    """x* of convexity_ratio_ref: the given step, else the final state.
+
+    A run without a final state (still recording, or crashed) has no default: its last snapshot
+    moves as the run grows, and a moving x* would invalidate every persisted pair on each resume.
+    convexity_ratio_ref is then NaN unless ``reference`` names a step.
+    """
+    if reference is None:
+        return run.final_step
+    if reference not in run.steps:
+        raise AnalysisError(
+            f"reference={reference}: step {reference} is not recorded; choose a recorded step "
+            f"(first {run.steps[:1]}, last {run.steps[-1:]}) or omit it for the final state"
+        )
+    return int(reference)
 
 
 def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndarray]],
