@@ -114,17 +114,30 @@ def timed(fn: Callable[[], Any]) -> float:
     return clock() - t
 
 
-def interleaved(cases: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Run every case ``repeats`` times, interleaved (A B C A B C …) so drifting load hits all."""
+Case = Callable[[], Any] | tuple[Callable[[], Any], Callable[[], Any]]
+
+
+def interleaved(cases: dict[str, Case], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Run every case ``repeats`` times, interleaved (A B C A B C …) so drifting load hits all.
+
+    A case is a function, or ``(setup, function)`` where only the function is timed.
+    """
+    def parts(case: Case) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        return case if isinstance(case, tuple) else ((lambda: None), case)
+
     for _ in range(warmup):
-        for fn in cases.values():
+        for case in cases.values():
+            setup, fn = parts(case)
+            setup()
             fn()
     times: dict[str, list[float]] = {k: [] for k in cases}
     for i in range(repeats):
         order = list(cases.items())
         if i % 2:  # alternate the order too, so no case always runs right after another
             order.reverse()
-        for name, fn in order:
+        for name, case in order:
+            setup, fn = parts(case)
+            setup()
             times[name].append(timed(fn))
     return times
 

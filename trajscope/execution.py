@@ -105,6 +105,16 @@ def resolve_device(spec: str, slot: int = 0) -> str:
 
 # --- per-worker placement ------------------------------------------------------------------------
 
+
+def usable_cores() -> int:
+    """Cores this process may run on (CPU affinity, e.g. ``taskset`` or a batch job's
+    allocation), not every core of the machine: the number to split between workers."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 _slot_local = threading.local()
 _slot_counter = itertools.count()
 _slot_lock = threading.Lock()
@@ -318,7 +328,7 @@ class LocalBackend(Backend):
 
     def __init__(self, kind: str, workers: int | None) -> None:
         self.name = kind
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         self.workers = 1 if kind == "synchronous" else (workers or cores)
         # Torch threads per worker: the cores split between the processes that probe at once, so
         # they do not oversubscribe the machine. Thread workers probe one at a time (see
@@ -398,7 +408,7 @@ class DistributedBackend(Backend):
         self.workers = sum(int(w.get("nthreads", 1)) for w in info.values())
         # Per host: the cores split between its worker processes (each probes one pair at a
         # time, whatever its thread count), and each worker's index there (its GPU).
-        cores = self.client.run(os.cpu_count)
+        cores = self.client.run(usable_cores)
         pids = self.client.run(os.getpid)
         by_host: dict[str, list[str]] = {}
         for addr, w in sorted(info.items()):
