@@ -194,3 +194,22 @@ def test_progress_counts_pairs_and_is_quiet_off_a_terminal(run_dir: Path,
     trajscope.analyze(run_dir, make_mlp, write=False, progress=True, scheduler="threads", workers=2)
     err = capsys.readouterr().err
     assert f"{STEPS}/{STEPS}" in err and "pair/s" in err
+
+
+def test_process_pools_pass_snapshots_by_path(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    import torch
+
+    monkeypatch.setattr(analysis, "_recent", type(analysis._recent)())
+    path = str(trajscope.open_run(run_dir).step_path(3))
+    snap = analysis._load_task(path, by_path=True)
+    blob = pickle.dumps(snap)
+    assert len(blob) < 1000  # a reference, not the tensors
+    ref = pickle.loads(blob)
+    assert isinstance(ref, analysis._SnapshotFile)  # the driver never reads the file
+    monkeypatch.setattr(analysis, "_recent", type(analysis._recent)())  # another process
+    back = analysis._resolved(ref)
+    assert back.step == 3 and all(torch.equal(back.params[k], snap.params[k]) for k in snap.params)
+    params = pickle.loads(pickle.dumps(analysis._load_params_task(path, by_path=True))).resolve()
+    assert set(params.params) == set(snap.params) and not params.grads and params.batch is None

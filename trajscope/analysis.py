@@ -111,26 +111,70 @@ def _objective_for(source: ObjectiveSource, recorded: str | None, key: str | Non
 
 
 # Recently loaded snapshots, per process: a window's boundary snapshots are the next window's
-# first ones, and on one worker they are then not read twice. Keyed by (path, mtime, size) so a
-# rewritten file is never served stale; tiny, so memory stays bounded.
-_recent: collections.OrderedDict[tuple[str, int, int], Snapshot] = collections.OrderedDict()
+# first ones, and a snapshot passed by path (below) is read once per process that uses it. Keyed
+# by (path, mtime, size, params only) so a rewritten file is never served stale; a handful, so
+# memory stays bounded whatever the run length.
+_SnapshotKey = tuple[str, int, int, bool]
+_recent: collections.OrderedDict[_SnapshotKey, Snapshot] = collections.OrderedDict()
 _recent_lock = threading.Lock()
 _RECENT_SNAPSHOTS = 4
 
 
-def _load_task(path: str, pin: bool = False) -> Snapshot:
-    """Read one snapshot (CPU tensors; page-locked when it will be copied to a GPU)."""
+class _ByPath(Snapshot):
+    """A snapshot read from a file, pickled as a reference to that file (:class:`_SnapshotFile`).
+
+    Process pools use this: dask's multiprocessing scheduler routes every task input through the
+    driver process, and shipping the tensors that way (3.4 MB per pair of the reference MLP)
+    cost more than the worker reading them again from the OS page cache. The driver never reads
+    a snapshot: a reference stays a reference until a pair task needs the tensors.
+    """
+
+    _key: _SnapshotKey
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_SnapshotFile, (self._key,))
+
+
+class _SnapshotFile:
+    """Where a snapshot is: (path, mtime, size, parameters only). Resolved by the pair task."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: _SnapshotKey) -> None:
+        self.key = key
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_SnapshotFile, (self.key,))
+
+    def resolve(self) -> Snapshot:
+        snap = _read_cached(self.key[0], params_only=self.key[3], by_path=True)
+        if getattr(snap, "_key", self.key)[:3] != self.key[:3]:
+            raise AnalysisError(f"{self.key[0]}: the snapshot file changed during the analysis; re-run it")
+        return snap
+
+
+def _resolved(snap: Any) -> Any:
+    return snap.resolve() if isinstance(snap, _SnapshotFile) else snap
+
+
+def _read_cached(path: str, *, params_only: bool = False, pin: bool = False,
+                 by_path: bool = False) -> Snapshot:
     st = os.stat(path)
-    key = (path, st.st_mtime_ns, st.st_size)
+    key = (path, st.st_mtime_ns, st.st_size, params_only)
     with _recent_lock:
         snap = _recent.get(key)
         if snap is not None:
             _recent.move_to_end(key)
             return snap
-    snap = read_snapshot(Path(path))
+    snap = _read_params(path) if params_only else read_snapshot(Path(path))
     if pin:
         snap = _pinned(snap)
-    snap = ship(snap)  # pickles as plain arrays when a scheduler moves it between processes
+    fields = {f.name: getattr(snap, f.name) for f in dataclasses.fields(snap)}
+    if by_path:
+        snap = _ByPath(**fields)
+        object.__setattr__(snap, "_key", key)
+    else:
+        snap = ship(snap)  # pickles as plain arrays when a cluster moves it between workers
     with _recent_lock:
         _recent[key] = snap
         while len(_recent) > _RECENT_SNAPSHOTS:
@@ -138,15 +182,25 @@ def _load_task(path: str, pin: bool = False) -> Snapshot:
     return snap
 
 
-def _load_params_task(path: str) -> Snapshot:
-    """x_0 for the distance from initialisation: its parameters only, read as such."""
+def _read_params(path: str) -> Snapshot:
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as fh:
         params = {k[len(fmt.PARAM):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(fmt.PARAM)}
         meta = json.loads((fh.metadata() or {}).get("trajscope", "{}"))
-    return ship(Snapshot(step=int(meta.get("step", 0)), kind=str(meta.get("kind", fmt.KIND_STEP)),
-                         params=params))
+    return Snapshot(step=int(meta.get("step", 0)), kind=str(meta.get("kind", fmt.KIND_STEP)),
+                    params=params)
+
+
+def _load_task(path: str, pin: bool = False, by_path: bool = False) -> Snapshot:
+    """Read one snapshot: CPU tensors, page-locked when they will be copied to a GPU, pickled by
+    path when the scheduler is a local process pool."""
+    return _read_cached(path, pin=pin, by_path=by_path)
+
+
+def _load_params_task(path: str, by_path: bool = False) -> Snapshot:
+    """x_0 (distance from initialisation) or x* (reference point): its parameters only."""
+    return _read_cached(path, params_only=True, by_path=by_path)
 
 
 def _pinned(snap: Snapshot) -> Snapshot:
@@ -193,6 +247,7 @@ def _pair_task(snap: Snapshot, nxt: Snapshot, prev: Snapshot | None, init: Snaps
                trainable: list[str], out: str | None, digest: str,
                ref: Snapshot | None = None, placement: Placement | None = None,
                objective_key: str | None = None) -> PairStats:
+    snap, nxt, prev, init, ref = (_resolved(s) for s in (snap, nxt, prev, init, ref))
     if placement is not None:
         device = placement.apply()  # this worker's torch threads and GPU
         if device != settings.device:
@@ -619,7 +674,8 @@ def _window_graph(r: Run, window: list[int], have: set[int], init_step: int | No
     def load(step: int) -> Any:
         if step not in loads:
             loads[step] = dask.delayed(_load_task, pure=True)(
-                str(r.step_path(step)), placement.pin, dask_key_name=(f"load-{run_token}", step)
+                str(r.step_path(step)), placement.pin, placement.by_path,
+                dask_key_name=(f"load-{run_token}", step),
             )
         return loads[step]
 
@@ -628,7 +684,7 @@ def _window_graph(r: Run, window: list[int], have: set[int], init_step: int | No
         if step is None:
             return None
         return dask.delayed(_load_params_task, pure=True)(
-            str(r.step_path(step)), dask_key_name=(f"params-{run_token}", step)
+            str(r.step_path(step)), placement.by_path, dask_key_name=(f"params-{run_token}", step)
         )
 
     init = params_of(init_step)
