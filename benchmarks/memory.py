@@ -37,7 +37,9 @@ print(json.dumps({"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
 
 def measure(run_dir: Path, pairs: int, scheduler: str) -> dict[str, float]:
     shutil.rmtree(run_dir / "analysis", ignore_errors=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    # after any PYTHONPATH given: an installed trajscope there wins over the source tree
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p]))
     out = subprocess.run([sys.executable, "-c", CHILD, str(run_dir), str(pairs), scheduler],
                          capture_output=True, text=True, env=env, check=False)
     if out.returncode:

@@ -3,8 +3,9 @@
 Times ``trajscope.analyze(..., scheduler="processes", workers=W)`` end to end (worker start-up
 included: a fresh pool per analysis) on the reference MLP, interleaving the worker counts, and also
 the steady-state rate (pairs per second between the first and the last finished pair, which leaves
-out the start-up). Torch threads per worker are trajscope's default split: cores // workers, so one
-worker uses every core through intra-op parallelism and W workers one core's share each.
+out the start-up). Torch threads per worker are trajscope's default split
+(``trajscope.execution.split_cores``: the cores less one for the driver, divided between the
+workers; one each when there are as many workers as cores), or ``--threads-per-worker``.
 The synchronous analyzer with 1 and with all intra-op threads is shown for reference.
 
     python -m benchmarks.workers [--workers 1,2] [--pairs 60] [--repeats 3]
@@ -46,8 +47,10 @@ def one(run_dir: Path, pairs: int, points: int, threads_per_worker: int | None =
 
     real = execution.usable_cores
     if threads_per_worker and kw.get("workers"):
-        # trajscope gives each of W workers usable_cores() // W threads: present W·T cores
-        execution.usable_cores = lambda: int(kw["workers"]) * threads_per_worker  # type: ignore
+        # present the cores for which trajscope's split gives each worker T threads
+        w = int(kw["workers"])  # type: ignore[call-overload]
+        cores = w if threads_per_worker == 1 else w * threads_per_worker + 1
+        execution.usable_cores = lambda: cores  # type: ignore[assignment]
     try:
         return _one(run_dir, pairs, points, **kw)
     finally:
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--no-sync", action="store_true", help="skip the synchronous references")
     ap.add_argument("--threads-per-worker", type=int, default=None,
-                    help="override trajscope's split (cores // workers), e.g. 1 to measure process "
+                    help="override trajscope's split (split_cores), e.g. 1 to measure process "
                          "scaling alone")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
@@ -82,11 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     analysis._Progress = _Timestamps  # type: ignore[misc]
 
     counts = [int(w) for w in args.workers.split(",")]
-    from trajscope.execution import usable_cores
+    from trajscope import execution
 
-    cores = usable_cores()
+    cores = execution.usable_cores()
     split = (f"{args.threads_per_worker} torch thread(s) per worker" if args.threads_per_worker
-             else "torch threads per worker = cores // workers")
+             else "trajscope's thread split: " + ", ".join(
+                 f"{w} worker(s) x {execution.split_cores(cores, w)} thread(s)" for w in counts))
     print(f"# process workers: mlp model, batch {args.batch_size}, {args.pairs} pairs, "
           f"K = {2 * args.points - 1}, {cores} usable cores, {split}")
     print(f"# {machine()}")

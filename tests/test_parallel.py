@@ -213,3 +213,15 @@ def test_process_pools_pass_snapshots_by_path(run_dir: Path, monkeypatch: pytest
     assert back.step == 3 and all(torch.equal(back.params[k], snap.params[k]) for k in snap.params)
     params = pickle.loads(pickle.dumps(analysis._load_params_task(path, by_path=True))).resolve()
     assert set(params.params) == set(snap.params) and not params.grads and params.batch is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheduler", ["synchronous", "threads"])
+def test_cuda_under_local_schedulers_matches_cpu(run_dir: Path, reference: xr.Dataset,
+                                                 scheduler: str) -> None:
+    # page-locked snapshots, asynchronous copies, one probe at a time on the GPU
+    ds = trajscope.analyze(run_dir, dtype="float64", device="cuda", scheduler=scheduler,
+                           workers=2 if scheduler == "threads" else None, write=False, progress=False)
+    assert ds.attrs["device"] == "cuda"
+    assert_agree(ds, reference, rtol=1e-6)

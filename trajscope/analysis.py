@@ -70,9 +70,14 @@ PAIRS_DIR = "pairs"
 LOCK_FILE = ".lock"
 
 PAIRS_PER_WORKER = 2
-"""Pairs per worker in one window; two windows are in flight, so each worker holds a handful of
-snapshots (its pairs' x_{t−1}, x_t, x_{t+1}, shared between neighbours) whatever the run length."""
 MIN_WINDOW = 8
+"""A window holds max(MIN_WINDOW, PAIRS_PER_WORKER × workers) pairs and two windows are in flight,
+so each worker holds a handful of snapshots (its pairs' x_{t−1}, x_t, x_{t+1}, shared between
+neighbours) whatever the run length. (Larger windows cost no memory in serial runs, where dask
+releases a snapshot as soon as its last pair is done, and save a little per-window overhead.)"""
+PIN_MEMORY = True
+"""Page-lock snapshots loaded for a GPU (in-process schedulers), so that host→device copies are
+DMA transfers issued without blocking the host. A switch for benchmarks/gpu.py."""
 
 ObjectiveSource = str | Callable[[], Objective] | Objective | None
 
@@ -647,7 +652,7 @@ def _run_pairs(backend: Backend, r: Run, todo: list[int], done: _PairTable,
     objective_key = (objective if isinstance(objective, str)
                      else r.objective if objective is None
                      else f"{_objective_id(objective, r.objective)}#{uuid.uuid4().hex}")
-    placement = backend.placement(device, pin=settings.device.startswith("cuda"))
+    placement = backend.placement(device, pin=PIN_MEMORY and settings.device.startswith("cuda"))
     run_token = hashlib.sha256(str(r.path.resolve()).encode()).hexdigest()[:10]
     have = set(r.steps)
     init_step = r.steps[0] if r.steps and r.steps[0] == 0 else None

@@ -139,6 +139,19 @@ def _worker_slot(slots: dict[str, int]) -> int:
     return slot
 
 
+def split_cores(cores: int, procs: int) -> int:
+    """Torch intra-op threads for each of ``procs`` processes probing at once on ``cores`` cores.
+
+    One core is left to the driver (dask's scheduler loop, results, loading) whenever a worker
+    would get several threads: a team of intra-op threads spin-waits at every parallel region,
+    and one member preempted by the driver stalls the rest. On 2 cores, one worker with 2
+    threads ran 5 pairs/s against 34 with 1 thread (benchmarks/workers.py).
+    """
+    if procs >= cores:
+        return 1
+    return max(1, (cores - 1) // procs)
+
+
 @dataclass(frozen=True)
 class Placement:
     """How a task sets up its worker: torch threads and device. Applied inside each task.
@@ -353,8 +366,9 @@ class LocalBackend(Backend):
         self.workers = 1 if kind == "synchronous" else (workers or cores)
         # Torch threads per worker: the cores split between the processes that probe at once, so
         # they do not oversubscribe the machine. Thread workers probe one at a time (see
-        # analysis._PROBE_LOCK), so each may use every core; synchronous keeps the caller's setting.
-        self.threads = {"synchronous": None, "threads": cores}.get(kind, max(1, cores // self.workers))
+        # analysis._PROBE_LOCK), so each may use the cores; synchronous keeps the caller's setting.
+        self.threads = None if kind == "synchronous" else split_cores(
+            cores, 1 if kind == "threads" else self.workers)
         self.pool: Executor | None = None
         self._driver: ThreadPoolExecutor | None = None
         if kind == "threads":
@@ -441,7 +455,7 @@ class DistributedBackend(Backend):
         for addrs in by_host.values():
             procs = len({pids.get(a, a) for a in addrs})  # in-process workers share one process
             for i, a in enumerate(addrs):
-                self.threads_by_worker[a] = max(1, int(cores.get(a) or 1) // procs)
+                self.threads_by_worker[a] = split_cores(int(cores.get(a) or 1), procs)
                 self.slots[a] = i
 
     def placement(self, device: str, pin: bool) -> Placement:
