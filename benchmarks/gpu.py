@@ -44,8 +44,14 @@ class _Tee(io.TextIOBase):
         return len(s)
 
 
+DEADLINE = float("inf")
+
+
 def section(title: str, fn: Callable[[], None]) -> None:
     print(f"\n## {title}", flush=True)
+    if time.perf_counter() > DEADLINE:
+        print("(skipped: --budget spent)")
+        return
     t = time.perf_counter()
     try:
         fn()
@@ -79,7 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="also write the log to OUT/gpu_bench.txt")
     ap.add_argument("--quick", action="store_true", help="fewer repeats and pairs")
     ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds; sections not started by then are skipped")
     args = ap.parse_args(argv)
+    global DEADLINE
+    if args.budget:
+        DEADLINE = time.perf_counter() + args.budget
     log = None
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -112,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                     lambda: cpu_subprocess("0", "benchmarks.analyze_throughput", [
                         "--pairs", "100", "--repeats", str(reps), "--threads", "1",
                         "--workdir", str(work)]))
+            section("CPU: peak memory, 50 vs 500 pairs", lambda: cpu_subprocess(
+                "0,1", "benchmarks.memory", ["--workdir", str(work)]))
         shutil.rmtree(work, ignore_errors=True)
     if log:
         log.close()
