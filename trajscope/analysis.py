@@ -405,7 +405,7 @@ def _analysis_lock(analysis_dir: Path) -> Iterator[None]:
             holder = fh.read().strip() or "unknown process"
             raise AnalysisError(
                 f"{analysis_dir}: another analysis of this run is writing here ({holder}); wait "
-                "for it to finish, or pass write=False to analyze without writing"
+                "for it to finish (analyze(..., write=False) computes without writing)"
             )
         fh.seek(0)
         fh.truncate()
