@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
+import unicodedata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from trajscope.errors import RecorderError, RunFormatError
+from trajscope.errors import RecorderError, RunFormatError, one_line
 
 FORMAT_VERSION = 1
 """Version of the run-directory format written by this code (``format_version`` in the manifest)."""
@@ -39,6 +41,9 @@ KIND_FINAL = "final"
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap on the JSON header
 MAX_MANIFEST_BYTES = 64_000_000
+MAX_SCALARS_LINE_BYTES = 1_000_000  # one scalars.jsonl line is ~100 bytes
+MAX_NAME_CHARS = 1024  # parameter/buffer names, tensor keys
+MAX_BATCH_DEPTH = 64  # nesting of a stored batch tree
 
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.safetensors$")
 
@@ -61,7 +66,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     prefix; and a file that another process has memory-mapped is never overwritten in place.
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    # O_EXCL | O_NOFOLLOW: a file or symlink already sitting at the temp name (a leftover, or one
+    # planted in a shared run directory) is removed, never written through.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except FileExistsError:
+        os.unlink(tmp)
+        fd = os.open(tmp, flags, 0o644)
+    with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
     os.replace(tmp, path)
@@ -114,14 +127,17 @@ def flatten_batch(batch: Any) -> tuple[Any, list[Any]]:
     return walk(batch, ""), leaves
 
 
-def unflatten_batch(tree: Any, leaves: list[Any], *, where: str = "batch") -> Any:
+def unflatten_batch(tree: Any, leaves: list[Any], *, where: str = "batch", _depth: int = 0) -> Any:
     """Inverse of :func:`flatten_batch`.
 
     Raises:
-        RunFormatError: when the tree description is malformed or names a missing leaf.
+        RunFormatError: when the tree description is malformed, nested deeper than
+            :data:`MAX_BATCH_DEPTH`, or names a missing leaf.
     """
+    if _depth > MAX_BATCH_DEPTH:
+        raise RunFormatError(f"{where}: batch tree nested deeper than {MAX_BATCH_DEPTH} levels")
     if not isinstance(tree, dict) or len(tree) != 1:
-        raise RunFormatError(f"{where}: malformed batch tree node {str(tree)[:80]!r}")
+        raise RunFormatError(f"{where}: malformed batch tree node {one_line(str(tree)[:80])!r}")
     (kind, val), = tree.items()
     if kind == "t":
         if not isinstance(val, int) or not 0 <= val < len(leaves):
@@ -130,16 +146,18 @@ def unflatten_batch(tree: Any, leaves: list[Any], *, where: str = "batch") -> An
     if kind == "v":
         return val
     if kind in ("tuple", "list") and isinstance(val, list):
-        items = [unflatten_batch(v, leaves, where=f"{where}[{i}]") for i, v in enumerate(val)]
+        items = [unflatten_batch(v, leaves, where=f"{where}[{i}]", _depth=_depth + 1)
+                 for i, v in enumerate(val)]
         return tuple(items) if kind == "tuple" else items
     if kind == "dict" and isinstance(val, list):
         out = {}
         for item in val:
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
                 raise RunFormatError(f"{where}: malformed dict entry in batch tree")
-            out[item[0]] = unflatten_batch(item[1], leaves, where=f"{where}[{item[0]!r}]")
+            out[item[0]] = unflatten_batch(item[1], leaves, where=f"{where}[{item[0]!r}]",
+                                           _depth=_depth + 1)
         return out
-    raise RunFormatError(f"{where}: unknown batch tree node kind {kind!r}")
+    raise RunFormatError(f"{where}: unknown batch tree node kind {one_line(kind)!r}")
 
 
 # --- safetensors headers -------------------------------------------------------------------------
@@ -148,11 +166,16 @@ def unflatten_batch(tree: Any, leaves: list[Any], *, where: str = "batch") -> An
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     """Read and bound-check the JSON header of a safetensors file without touching the tensors.
 
+    The header length is checked against :data:`MAX_HEADER_BYTES` and the file size before it is
+    read, and every tensor entry's byte range is checked against the data section, so a truncated
+    file is reported here (naming the first tensor that does not fit) rather than by safetensors.
+
     Raises:
-        RunFormatError: if the file is truncated, its header is oversized or not valid JSON.
+        RunFormatError: if the file is not a readable regular file, is truncated, or its header is
+            oversized, not valid JSON, or not a safetensors header.
     """
-    try:
-        with open(path, "rb") as fh:
+    with open_regular(path, "safetensors file") as fh:
+        try:
             head = fh.read(8)
             if len(head) < 8:
                 raise RunFormatError(f"{path}: truncated safetensors file ({len(head)} bytes)")
@@ -164,12 +187,173 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
                     f"(limit {MAX_HEADER_BYTES}); the file is truncated or corrupt"
                 )
             raw = fh.read(n)
-    except OSError as exc:
-        raise RunFormatError(f"{path}: cannot read ({exc.strerror})") from exc
+        except OSError as exc:
+            raise RunFormatError(f"{path}: cannot read ({exc.strerror})") from exc
+    if len(raw) != n:
+        raise RunFormatError(f"{path}: file shrank while being read (truncated)")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunFormatError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise RunFormatError(f"{path}: safetensors header is nested too deeply") from None
     if not isinstance(header, dict):
         raise RunFormatError(f"{path}: safetensors header is not a JSON object")
+    check_safetensors_header(header, size - 8 - n, path)
     return header
+
+
+def check_safetensors_header(header: dict[str, Any], data_len: int, path: Path) -> None:
+    """Check the structure of a parsed safetensors header against a data section of ``data_len``
+    bytes: string metadata, and for each tensor a dtype, a shape of non-negative ints and a byte
+    range inside the data section.
+
+    Raises:
+        RunFormatError: naming the first entry that breaks the format.
+    """
+    for key, entry in header.items():
+        if key == "__metadata__":
+            if not isinstance(entry, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in entry.items()
+            ):
+                raise RunFormatError(f"{path}: safetensors '__metadata__' must map strings to strings")
+            continue
+        what = f"{path}: tensor {one_line(key[:200])!r}"
+        if not isinstance(entry, dict):
+            raise RunFormatError(f"{what}: header entry is not an object")
+        shape = entry.get("shape")
+        offsets = entry.get("data_offsets")
+        if not isinstance(entry.get("dtype"), str):
+            raise RunFormatError(f"{what}: header entry lacks a string 'dtype'")
+        if not isinstance(shape, list) or not all(_is_nonneg_int(d) for d in shape):
+            raise RunFormatError(f"{what}: 'shape' must be a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(_is_nonneg_int(o) for o in offsets) or offsets[0] > offsets[1]):
+            raise RunFormatError(f"{what}: 'data_offsets' must be [begin, end] with 0 <= begin <= end")
+        if offsets[1] > data_len:
+            raise RunFormatError(
+                f"{what} needs bytes {offsets[0]}..{offsets[1]} of the data section, which has "
+                f"only {data_len}: the file is truncated"
+            )
+
+
+def _is_nonneg_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+# --- reading untrusted files ---------------------------------------------------------------------
+# Everything under a run directory may have been copied from elsewhere, damaged, or planted. These
+# helpers refuse anything but regular files (a FIFO or device would block or never end), bound
+# sizes before reading, and keep names from being anything but plain labels.
+
+
+def open_regular(path: Path, what: str = "file") -> IO[bytes]:
+    """Open ``path`` for binary reading if it is a regular file (symlinks to one are followed).
+
+    Opening never blocks: a FIFO planted under a run directory is refused, not waited on.
+
+    Raises:
+        RunFormatError: if ``path`` cannot be opened or is not a regular file.
+    """
+    flags = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+             | getattr(os, "O_BINARY", 0))
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise RunFormatError(f"{path}: cannot read {what} ({exc.strerror})") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
+            raise RunFormatError(f"{path}: expected a regular file ({what}), found a {kind}")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bounded(path: Path, limit: int, what: str = "file") -> bytes:
+    """All bytes of regular file ``path``, refusing (before reading) a file larger than ``limit``.
+
+    Raises:
+        RunFormatError: if the file is not a readable regular file or exceeds ``limit`` bytes.
+    """
+    with open_regular(path, what) as fh:
+        try:
+            size = os.fstat(fh.fileno()).st_size
+            if size > limit:
+                raise RunFormatError(f"{path}: {what} is {size} bytes, larger than the limit {limit}")
+            data = fh.read(limit + 1)
+        except OSError as exc:
+            raise RunFormatError(f"{path}: cannot read {what} ({exc.strerror})") from exc
+    if len(data) > limit:
+        raise RunFormatError(f"{path}: {what} grew past the limit {limit} bytes while being read")
+    return data
+
+
+def read_file_bytes(path: Path, what: str = "file") -> bytes:
+    """All bytes of regular file ``path`` (step files: their size is their data).
+
+    Raises:
+        RunFormatError: if the file is not a readable regular file.
+    """
+    with open_regular(path, what) as fh:
+        try:
+            return fh.read()
+        except OSError as exc:
+            raise RunFormatError(f"{path}: cannot read {what} ({exc.strerror})") from exc
+
+
+def check_name(name: Any, where: str) -> str:
+    """Return ``name`` if it is usable as a parameter/buffer name, else raise.
+
+    Names from a run directory are only ever dict keys and coordinate labels, never paths, so
+    ``..``, ``/`` and absolute-looking names are harmless and allowed (PyTorch allows ``/`` in
+    module names). What is refused is what breaks storage or display: an empty or very long name,
+    control characters (NUL, newlines, ANSI escapes), format characters (bidi overrides,
+    zero-width), surrogates, private-use and unassigned code points.
+
+    Raises:
+        RunFormatError: naming ``where`` and the offending character.
+    """
+    if not isinstance(name, str):
+        raise RunFormatError(f"{where}: expected a string name, got {type(name).__name__}")
+    if not name:
+        raise RunFormatError(f"{where}: empty name")
+    if len(name) > MAX_NAME_CHARS:
+        raise RunFormatError(f"{where}: name of {len(name)} characters (limit {MAX_NAME_CHARS})")
+    for i, ch in enumerate(name):
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            raise RunFormatError(
+                f"{where}: name {one_line(name[:80])!r} contains character U+{ord(ch):04X} "
+                f"(category {cat}) at position {i}; names must be printable text"
+            )
+    return name
+
+
+def safe_output_dir(root: Path, *parts: str) -> Path:
+    """Create (if needed) and return ``root/parts...``, refusing any component that is a symlink
+    or not a directory, so that what trajscope writes under a run directory stays inside it even
+    when the directory came from someone else.
+
+    Raises:
+        RunFormatError: if a component is a symlink or a non-directory.
+    """
+    path = Path(root)
+    for part in parts:
+        if part in ("", ".", "..") or "/" in part or os.sep in part:
+            raise RunFormatError(f"{path}: refusing output directory component {part!r}")
+        path = path / part
+        if path.is_symlink():
+            raise RunFormatError(
+                f"{path}: is a symlink; trajscope writes only inside the run directory and will "
+                "not follow it (remove the link)"
+            )
+        if path.exists() and not path.is_dir():
+            raise RunFormatError(f"{path}: expected a directory, found a file")
+        try:
+            path.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise RunFormatError(f"{path}: cannot create directory ({exc.strerror})") from exc
+    return path
