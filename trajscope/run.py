@@ -94,25 +94,18 @@ class Run:
 
     @cached_property
     def scalars(self) -> list[dict[str, Any]]:
-        """The lines of ``scalars.jsonl`` (every optimizer step, recorded or not)."""
+        """The lines of ``scalars.jsonl`` (every optimizer step, recorded or not).
+
+        A crash mid-write leaves at most the last line torn; that line is dropped. Any other line
+        that is not a JSON object with an integer ``step`` raises.
+
+        Raises:
+            RunFormatError: naming the file and line.
+        """
         path = self.path / fmt.SCALARS
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             return []
-        out = []
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                if i == len(lines) - 1:  # a crash mid-write leaves at most the last line torn
-                    break
-                raise RunFormatError(f"{path}:{i + 1}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-                raise RunFormatError(f"{path}:{i + 1}: expected an object with an integer 'step'")
-            out.append(rec)
-        return out
+        return _read_scalars(path)
 
     def kind(self, step: int) -> str:
         return fmt.KIND_FINAL if step == self.final_step else fmt.KIND_STEP
@@ -148,7 +141,7 @@ class Run:
             f"{k}={v}" for k, v in (groups[0].items() if groups else []) if k != "params"
         )
         sched = m.get("schedule", {})
-        n_disk = sum(self.step_path(s).stat().st_size for s in self.steps)
+        n_disk = sum(_size(self.step_path(s)) for s in self.steps)
         lines = [
             f"run        {self.path}",
             f"status     {self.status}  (format_version {m.get('format_version')}, "
@@ -171,19 +164,20 @@ class Run:
 
 
 def read_snapshot(path: Path) -> Snapshot:
-    """Read one snapshot file, checking its header before handing the bytes to safetensors."""
+    """Read one snapshot file, checking its header before handing the bytes to safetensors.
+
+    Raises:
+        RunFormatError: if the file is damaged, its metadata malformed, a tensor name unusable, or
+            the step it holds differs from the step in its file name.
+    """
     import safetensors.torch
 
     header = fmt.read_safetensors_header(path)
-    raw_meta = header.get("__metadata__", {})
+    meta = _snapshot_meta(header, path)
     try:
-        meta = json.loads(raw_meta.get("trajscope", "{}")) if isinstance(raw_meta, dict) else {}
-    except json.JSONDecodeError as exc:
-        raise RunFormatError(f"{path}: snapshot metadata is not valid JSON ({exc.msg})") from exc
-    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
-        raise RunFormatError(f"{path}: snapshot metadata lacks an integer 'step'")
-    try:
-        tensors = safetensors.torch.load(path.read_bytes())
+        tensors = safetensors.torch.load(fmt.read_file_bytes(path, "snapshot"))
+    except RunFormatError:
+        raise
     except Exception as exc:  # safetensors raises its own error types for damaged buffers
         raise RunFormatError(f"{path}: damaged safetensors file ({exc})") from exc
     params: dict[str, torch.Tensor] = {}
@@ -193,6 +187,8 @@ def read_snapshot(path: Path) -> Snapshot:
     leaves: dict[int, torch.Tensor] = {}
     for key, t in tensors.items():
         prefix, _, name = key.partition("/")
+        if prefix in ("param", "grad", "buffer", "rng"):
+            fmt.check_name(name, f"{path}: tensor key {prefix}/…")
         if prefix == "param":
             params[name] = t
         elif prefix == "grad":
@@ -201,7 +197,7 @@ def read_snapshot(path: Path) -> Snapshot:
             buffers[name] = t
         elif prefix == "rng":
             rng[name] = t
-        elif prefix == "batch" and name.isdigit():
+        elif prefix == "batch" and name.isascii() and name.isdigit():
             leaves[int(name)] = t
     batch = None
     if "batch_tree" in meta:
@@ -213,7 +209,7 @@ def read_snapshot(path: Path) -> Snapshot:
     loss = meta.get("loss")
     return Snapshot(
         step=meta["step"],
-        kind=str(meta.get("kind", fmt.KIND_STEP)),
+        kind=meta.get("kind", fmt.KIND_STEP),
         params=params,
         grads=grads,
         buffers=buffers,
@@ -223,6 +219,86 @@ def read_snapshot(path: Path) -> Snapshot:
         lr=[float(x) for x in meta.get("lr", [])],
         training=meta.get("training"),
     )
+
+
+def _snapshot_meta(header: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``trajscope`` metadata of a snapshot header, type-checked field by field."""
+    raw = header.get("__metadata__", {}).get("trajscope")
+    if raw is None:
+        raise RunFormatError(f"{path}: not a trajscope snapshot (no 'trajscope' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RunFormatError(f"{path}: snapshot metadata is not valid JSON ({exc.msg})") from exc
+    except RecursionError:
+        raise RunFormatError(f"{path}: snapshot metadata is nested too deeply") from None
+    if not isinstance(meta, dict):
+        raise RunFormatError(f"{path}: snapshot metadata is not a JSON object")
+    step = meta.get("step")
+    if not _is_nonneg_int(step):
+        raise RunFormatError(f"{path}: snapshot metadata lacks an integer 'step' (got {step!r:.40})")
+    named = fmt.parse_step_filename(path.name)
+    if named is not None and named != step:
+        raise RunFormatError(
+            f"{path}: file is named for step {named} but holds step {step}; refusing to mix up steps"
+        )
+    if meta.get("kind", fmt.KIND_STEP) not in (fmt.KIND_STEP, fmt.KIND_FINAL):
+        raise RunFormatError(f"{path}: snapshot 'kind' must be 'step' or 'final'")
+    lr = meta.get("lr", [])
+    if not isinstance(lr, list) or not all(_is_number(x) for x in lr):
+        raise RunFormatError(f"{path}: snapshot 'lr' must be a list of numbers")
+    if not (meta.get("loss") is None or _is_number(meta["loss"])):
+        raise RunFormatError(f"{path}: snapshot 'loss' must be a number or null")
+    if not (meta.get("training") is None or isinstance(meta["training"], bool)):
+        raise RunFormatError(f"{path}: snapshot 'training' must be true, false or null")
+    return meta
+
+
+def _is_nonneg_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_scalars(path: Path) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    limit = fmt.MAX_SCALARS_LINE_BYTES
+    with fmt.open_regular(path, "scalars") as fh:
+        try:
+            nxt = fh.readline(limit + 1)
+            i = 0
+            while nxt:
+                raw, nxt = nxt, fh.readline(limit + 1)
+                i += 1
+                torn = not nxt  # only the last line can be torn by a crash mid-write
+                if len(raw) > limit and not raw.endswith(b"\n"):
+                    raise RunFormatError(f"{path}:{i}: line longer than {limit} bytes")
+                if not raw.strip():
+                    continue
+                try:
+                    rec = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                    if torn:
+                        break
+                    why = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+                    raise RunFormatError(f"{path}:{i}: invalid JSON ({why})") from None
+                if not isinstance(rec, dict) or not _is_nonneg_int(rec.get("step")):
+                    if torn:
+                        break
+                    raise RunFormatError(f"{path}:{i}: expected an object with an integer 'step'")
+                out.append(rec)
+        except OSError as exc:
+            raise RunFormatError(f"{path}: cannot read ({exc.strerror})") from exc
+    return out
 
 
 def open_run(path: str | Path) -> Run:
@@ -237,35 +313,81 @@ def open_run(path: str | Path) -> Run:
     if not p.is_dir():
         raise RunFormatError(f"{p}: not a directory (expected a trajscope run directory)")
     mpath = p / fmt.MANIFEST
-    if not mpath.exists():
+    if not mpath.exists() and not mpath.is_symlink():
         raise RunFormatError(f"{p}: not a trajscope run ({fmt.MANIFEST} is missing)")
-    if mpath.stat().st_size > fmt.MAX_MANIFEST_BYTES:
-        raise RunFormatError(f"{mpath}: manifest larger than {fmt.MAX_MANIFEST_BYTES} bytes")
+    raw = fmt.read_bounded(mpath, fmt.MAX_MANIFEST_BYTES, "manifest")
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunFormatError(f"{mpath}: invalid JSON ({exc})") from exc
+    except RecursionError:
+        raise RunFormatError(f"{mpath}: invalid JSON (nested too deeply)") from None
+    validate_manifest(manifest, mpath)
+    steps_dir = p / fmt.STEPS_DIR
+    try:
+        steps = sorted(
+            s for s in (fmt.parse_step_filename(f.name) for f in steps_dir.iterdir()) if s is not None
+        ) if steps_dir.is_dir() else []
+    except OSError as exc:
+        raise RunFormatError(f"{steps_dir}: cannot list snapshots ({exc.strerror})") from exc
+    return Run(p, manifest, steps)
+
+
+_STATUSES = (fmt.STATUS_RECORDING, fmt.STATUS_COMPLETE, fmt.STATUS_CRASHED)
+
+
+def validate_manifest(manifest: Any, mpath: Path) -> None:
+    """Check the structure and types of a parsed manifest, so nothing downstream trips on it.
+
+    Raises:
+        RunFormatError: naming the manifest and the first field that is missing or malformed.
+    """
     if not isinstance(manifest, dict):
         raise RunFormatError(f"{mpath}: expected a JSON object")
     version = manifest.get("format_version")
-    if not isinstance(version, int):
-        raise RunFormatError(f"{mpath}: 'format_version' missing or not an integer")
+    if not _is_nonneg_int(version) or version < 1:
+        raise RunFormatError(f"{mpath}: 'format_version' missing or not a positive integer")
     if version > fmt.FORMAT_VERSION:
         raise RunFormatError(
             f"{mpath}: format_version {version} is newer than this trajscope understands "
             f"({fmt.FORMAT_VERSION}); upgrade trajscope"
         )
-    params = manifest.get("params")
-    if not isinstance(params, list) or not all(
-        isinstance(q, dict) and isinstance(q.get("name"), str) and isinstance(q.get("shape"), list)
-        for q in params
-    ):
-        raise RunFormatError(f"{mpath}: 'params' must be a list of {{name, shape, dtype}} objects")
-    steps_dir = p / fmt.STEPS_DIR
-    steps = sorted(
-        s for s in (fmt.parse_step_filename(f.name) for f in steps_dir.iterdir()) if s is not None
-    ) if steps_dir.is_dir() else []
-    return Run(p, manifest, steps)
+    for key in ("params", "buffers"):
+        entries = manifest.get(key, [] if key == "buffers" else None)
+        if not isinstance(entries, list):
+            raise RunFormatError(f"{mpath}: '{key}' must be a list of {{name, shape, dtype}} objects")
+        seen: set[str] = set()
+        for i, q in enumerate(entries):
+            where = f"{mpath}: {key}[{i}]"
+            if not isinstance(q, dict):
+                raise RunFormatError(f"{where}: expected a {{name, shape, dtype}} object")
+            name = fmt.check_name(q.get("name"), f"{where}.name")
+            if name in seen:
+                raise RunFormatError(f"{where}: duplicate name {name!r}")
+            seen.add(name)
+            shape = q.get("shape")
+            if not isinstance(shape, list) or not all(_is_nonneg_int(d) for d in shape):
+                raise RunFormatError(f"{where} ({name!r}): 'shape' must be a list of non-negative integers")
+            if not isinstance(q.get("dtype", ""), str):
+                raise RunFormatError(f"{where} ({name!r}): 'dtype' must be a string")
+            if not isinstance(q.get("trainable", True), bool):
+                raise RunFormatError(f"{where} ({name!r}): 'trainable' must be true or false")
+    if manifest.get("status") not in _STATUSES:
+        raise RunFormatError(f"{mpath}: 'status' must be one of {', '.join(_STATUSES)}")
+    for key in ("final_step", "num_steps"):
+        v = manifest.get(key)
+        if not (v is None or _is_nonneg_int(v)):
+            raise RunFormatError(f"{mpath}: '{key}' must be a non-negative integer or null")
+    for key in ("objective", "trajscope_version", "storage", "created"):
+        v = manifest.get(key)
+        if not (v is None or isinstance(v, str)):
+            raise RunFormatError(f"{mpath}: '{key}' must be a string or null")
+    for key in ("libraries", "schedule", "optimizer"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise RunFormatError(f"{mpath}: '{key}' must be an object")
+    groups = manifest.get("optimizer", {}).get("param_groups", [])
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise RunFormatError(f"{mpath}: 'optimizer.param_groups' must be a list of objects")
 
 
 def _ranges(steps: list[int]) -> str:
