@@ -31,9 +31,10 @@ import xarray as xr
 from dask.callbacks import Callback
 
 from trajscope import format as fmt
-from trajscope.errors import AnalysisError, RunFormatError
+from trajscope import health
+from trajscope.errors import AnalysisError, ObjectiveError, RunFormatError, TrajscopeError, one_line
 from trajscope.metrics import PairView
-from trajscope.objective import Objective, resolve_objective
+from trajscope.objective import Objective, check_run_objective, resolve_objective
 from trajscope.probe import PairStats, ProbeSettings, alpha_grid, probe_pair
 from trajscope.registry import MetricSpec, get_metrics
 from trajscope.run import Run, Snapshot, open_run, read_snapshot
@@ -68,15 +69,34 @@ def _objective_for(source: ObjectiveSource, recorded: str | None) -> Objective:
     return cache[key]
 
 
-def _load_task(path: str) -> Snapshot:
-    return read_snapshot(Path(path))
+def _load_task(path: str) -> Snapshot | health.BadSnapshot:
+    # issue 7 (damage is local): a damaged snapshot is returned as its error, not raised, so only
+    # the pairs that need it are skipped (see trajscope.health).
+    return health.load_snapshot(path)
 
 
-def _pair_task(snap: Snapshot, nxt: Snapshot, prev: Snapshot | None, init: Snapshot | None,
+def _pair_task(snap: Snapshot | health.BadSnapshot, nxt: Snapshot | health.BadSnapshot,
+               prev: Snapshot | health.BadSnapshot | None, init: Snapshot | health.BadSnapshot | None,
                source: ObjectiveSource, recorded: str | None, settings: ProbeSettings,
-               trainable: list[str], out: str | None, digest: str) -> PairStats:
+               trainable: list[str], out: str | None, digest: str) -> PairStats | health.SkippedPair:
+    # --- issue 7 (damage is local): a damaged/incomplete snapshot skips this pair only ---------
+    skip = health.skip_reason(snap, nxt, trainable)
+    if skip is not None:
+        return skip
+    prev = prev if isinstance(prev, Snapshot) else None  # damaged neighbours only cost their terms
+    init = init if isinstance(init, Snapshot) else None
+    assert isinstance(snap, Snapshot) and isinstance(nxt, Snapshot)
+    # --- end issue 7 ---------------------------------------------------------------------------
     objective = _objective_for(source, recorded)
-    stats = probe_pair(objective, snap, nxt, settings, prev=prev, init=init, trainable=trainable)
+    try:
+        stats = probe_pair(objective, snap, nxt, settings, prev=prev, init=init, trainable=trainable)
+    except TrajscopeError:
+        raise
+    except Exception as exc:  # issue 7: the user's loss failed; say where, one line
+        raise ObjectiveError(
+            f"step {snap.step}: evaluating the objective's loss failed: {type(exc).__name__}: "
+            f"{one_line(exc, 500)}"
+        ) from exc
     if out is not None:
         _save_pair(Path(out), stats, digest)
     return stats
@@ -261,17 +281,22 @@ def analyze(
     )
     specs = _with_requirements(get_metrics(metrics), get_metrics())
     pairs = _select_steps(r.pairs, steps)
+    lost_all = health.lost_pairs(r)  # issue 7: pairs whose snapshot file went missing
+    lost = {t: lost_all[t] for t in _select_steps(list(lost_all), steps)}
+    if not pairs and lost:
+        first = min(lost)
+        raise RunFormatError(f"{r.path}: every selected pair is lost; first: pair {first}: {lost[first]}")
     if not pairs:
         raise AnalysisError(
             f"{r.path}: no analyzable pairs (recorded steps: {len(r.steps)}; a pair needs "
             "snapshots of two consecutive steps; check the schedule's window >= 2 or --steps)"
         )
-    # Resolve once here so import errors surface before any work is scheduled.
-    _objective_for(objective, r.objective)
+    # Resolve once here so import errors and name/shape mismatches surface before any work.
+    check_run_objective(_objective_for(objective, r.objective), r.manifest["params"])
     digest = _settings_digest(settings, _objective_id(objective, r.objective))
     pairs_dir = r.path / fmt.ANALYSIS_DIR / PAIRS_DIR
     if write:
-        pairs_dir.mkdir(parents=True, exist_ok=True)
+        fmt.safe_output_dir(r.path, fmt.ANALYSIS_DIR, PAIRS_DIR)  # issue 7: no symlinked way out
 
     done: dict[int, PairStats] = {}
     if write and not force:
@@ -307,11 +332,22 @@ def analyze(
             computed = dask.compute(*tasks, **_scheduler_kwargs(scheduler, workers)) if tasks else ()
     finally:
         cb.close()
+    skipped = dict(lost)  # issue 7: damaged/missing snapshots cost only their pairs
     for s in computed:
+        if isinstance(s, health.SkippedPair):
+            skipped[s.step] = s.reason
+            continue
         done[s.step] = s
-    ordered = [done[t] for t in pairs]
+    ordered = [done[t] for t in pairs if t in done]
+    if not ordered:
+        first = min(skipped)
+        raise RunFormatError(
+            f"{r.path}: all {len(skipped)} pair(s) were skipped as damaged or missing; "
+            f"first: pair {first}: {skipped[first]}"
+        )
     values = [compute_pair_metrics(s, list(specs.values())) for s in ordered]
     ds = build_dataset(ordered, values, specs, r, settings, _objective_id(objective, r.objective))
+    health.record_skipped(ds, skipped, len(pairs) + len(lost))
     if write:
         _write_dataset(ds, r.path / fmt.ANALYSIS_DIR / METRICS_FILE)
     return ds
@@ -360,6 +396,7 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
                   specs: dict[str, MetricSpec], run: Run, settings: ProbeSettings,
                   objective_id: str) -> xr.Dataset:
     """Stack per-pair metric values along ``step`` and add the series metrics. Pure."""
+    values = health.sanitize_values(stats, values)  # issue 7: affected metrics NaN, never ±Inf
     steps = np.array([s.step for s in stats], dtype=np.int64)
     layers = list(stats[0].layers) if stats else []
     data_vars: dict[str, Any] = {}
@@ -398,11 +435,12 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
         "eval_dtype": settings.dtype,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    return ds
+    return health.add_flags(ds, stats, run)  # issue 7: pair_flags (non-finite, zero update)
 
 
 def _write_dataset(ds: xr.Dataset, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # issue 7: never write through a symlink planted at the temp name
     ds.to_netcdf(tmp, engine="h5netcdf")
     os.replace(tmp, path)
 
