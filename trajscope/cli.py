@@ -1,15 +1,25 @@
 """The ``trajscope`` command line. Exit 0 on success, 1 on a trajscope error (one line, no
-traceback unless ``--debug``), 2 on a usage error."""
+traceback unless ``--debug``), 2 on a usage error.
+
+Every failure is printed as one line, ``trajscope: error: <message>``, where the message names the
+file, step or argument at fault and what was expected; strings that come from a run directory are
+printed with control characters escaped. ``--debug`` (anywhere on the command line) adds the
+traceback. Warnings (e.g. pairs skipped because a snapshot is damaged) print as
+``trajscope: warning: <message>``.
+"""
 
 from __future__ import annotations
 
 import sys
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import click
 
-from trajscope.errors import TrajscopeError
+from trajscope.errors import TrajscopeError, one_line
 
 _RUN_DIR = click.Path(file_okay=True, dir_okay=True, path_type=str)
 
@@ -67,7 +77,7 @@ def info(run_dir: str) -> None:
     """Summarise a recorded run: status, objective, optimizer, steps and pairs."""
     from trajscope.run import open_run
 
-    click.echo(open_run(run_dir).describe())
+    click.echo("\n".join(one_line(line) for line in open_run(run_dir).describe().splitlines()))
 
 
 @cli.command(name="metrics")
@@ -86,40 +96,75 @@ def list_metrics() -> None:
 
 @cli.command()
 @click.argument("run_dir", type=_RUN_DIR)
-def validate(run_dir: str) -> None:
-    """Check a run directory; list every problem found (exit 1 if there is one)."""
+@click.option("--objective", metavar="MODULE:FUNCTION",
+              help="Also check this objective's parameters against the run (imports it).")
+@click.option("--quick", is_flag=True, help="Check snapshot headers and sizes only (fast).")
+def validate(run_dir: str, objective: str | None, quick: bool) -> None:
+    """Check a run directory; list every problem found (exit 1 if there is one).
+
+    Reads files only; nothing is imported unless --objective is given.
+    """
     from trajscope.validate import validate_run
 
-    problems, notes = validate_run(run_dir)
-    for n in notes:
-        click.echo(n)
-    for p in problems:
-        click.echo(f"problem: {p}")
-    if problems:
+    report = validate_run(run_dir, objective=objective, quick=quick)
+    for line in report.lines():
+        click.echo(line)
+    if not report.ok:
         raise SystemExit(1)
-    click.echo("ok")
+
+
+def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    click.echo(f"trajscope: warning: {one_line(message)}", err=True)
+
+
+@contextmanager
+def _cli_warnings() -> Iterator[None]:
+    """Print warnings as one ``trajscope: warning:`` line each, without source locations."""
+    saved = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning = saved
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``trajscope`` command (exit 0, 1 on an error, 2 on a usage error)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
+
+    def fail(message: str, code: int = 1) -> None:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"trajscope: {message}", err=True)
+        sys.exit(code)
+
     try:
-        cli.main(args=args, prog_name="trajscope", standalone_mode=False)
+        with _cli_warnings():
+            cli.main(args=args, prog_name="trajscope", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("trajscope: aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
+        fail("aborted", 130)
+    except click.ClickException as exc:  # usage errors: exit 2, click's own one-line message
+        if debug:
+            traceback.print_exc()
         exc.show()
         sys.exit(exc.exit_code)
     except TrajscopeError as exc:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"trajscope: error: {exc}", err=True)
-        sys.exit(1)
+        fail(f"error: {one_line(exc)}")
     except KeyboardInterrupt:
-        click.echo("trajscope: interrupted (finished pairs are kept; re-run to resume)", err=True)
-        sys.exit(130)
+        fail("interrupted (finished pairs are kept; re-run to resume)", 130)
+    except MemoryError:
+        fail("error: out of memory (try fewer --workers, a smaller --steps range, or --device cpu)")
+    except OSError as exc:  # the environment, not the run: disk full, permissions, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        fail(f"error: {one_line(where)}{one_line(exc.strerror or exc)}")
+    except Exception as exc:  # noqa: BLE001 - a bug in trajscope: still one line, exit 1
+        fail(
+            f"internal error: {type(exc).__name__}: {one_line(exc, 500)} (this is a bug in "
+            "trajscope; re-run with --debug and report the traceback)"
+        )
 
 
 if __name__ == "__main__":
