@@ -396,7 +396,7 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
                   specs: dict[str, MetricSpec], run: Run, settings: ProbeSettings,
                   objective_id: str) -> xr.Dataset:
     """Stack per-pair metric values along ``step`` and add the series metrics. Pure."""
-    values = health.sanitize_values(stats, values)  # issue 7: affected metrics NaN, never ±Inf
+    values = health.sanitize_values(stats, values, run)  # issue 7: affected metrics NaN, never ±Inf
     steps = np.array([s.step for s in stats], dtype=np.int64)
     layers = list(stats[0].layers) if stats else []
     data_vars: dict[str, Any] = {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ __all__ = [
     "missing_steps",
     "lost_pairs",
     "pair_flags",
+    "flags_for",
     "losses_given",
     "sanitize_values",
     "add_flags",
@@ -50,10 +51,11 @@ FLAGS: dict[str, tuple[int, str]] = {
     "nonfinite_replay_grad": (16, "a replayed gradient G0 or G1 holds NaN/Inf"),
     "zero_update": (32, "Δ_t = 0: x_{t+1} = x_t, so ratios over ‖Δ_t‖ are NaN"),
     "zero_update_layer": (64, "some (not all) parameter tensors have a zero update"),
+    "nonfinite_next_grad": (128, "the next step's recorded gradient g_{t+1} holds NaN/Inf"),
 }
 """``pair_flags`` bits: name → (mask, meaning)."""
 
-NONFINITE = 1 | 2 | 4 | 8 | 16
+NONFINITE = 1 | 2 | 4 | 8 | 16 | 128
 
 
 # --- damage is local -----------------------------------------------------------------------------
@@ -161,13 +163,15 @@ def _finite(a: Any) -> bool:
     return bool(np.all(np.isfinite(np.asarray(a, dtype=np.float64))))
 
 
-def pair_flags(stats: Any, loss_given: bool = False) -> int:
+def pair_flags(stats: Any, loss_given: bool = False, next_has_grad: bool = False) -> int:
     """The ``pair_flags`` bits of one pair's :class:`~trajscope.probe.PairStats`.
 
     Inner products of non-finite vectors are non-finite, so the per-layer terms tell which inputs
     were affected without touching the tensors again. (A squared norm that overflows float64 is
     flagged too: its ratios would be meaningless.) PairStats stores "no loss recorded" as NaN, so a
-    NaN recorded loss is flagged only when ``loss_given`` says training logged one.
+    NaN recorded loss is flagged only when ``loss_given`` says training logged one; likewise the
+    g_{t+1} terms are NaN by design when step t+1 is the final state, so they are checked only when
+    ``next_has_grad``.
     """
     t = stats.terms
     flags = 0
@@ -181,6 +185,8 @@ def pair_flags(stats: Any, loss_given: bool = False) -> int:
         flags |= 8
     if not (_finite(t.get("G0.G0", 0.0)) and _finite(t.get("G1.G1", 0.0))):
         flags |= 16
+    if next_has_grad and not _finite(t.get("g_next.g_next", 0.0)):
+        flags |= 128
     dd = np.asarray(t.get("delta.delta", np.array([np.nan])), dtype=np.float64)
     if dd.size and np.all(np.isfinite(dd)):
         if float(np.sum(dd)) == 0.0:
@@ -199,22 +205,32 @@ def losses_given(run: Any) -> set[int]:
         return set()
 
 
-def sanitize_values(stats: Sequence[Any], values: Sequence[dict[str, np.ndarray]]
+def flags_for(stats: Sequence[Any], run: Any = None) -> np.ndarray:
+    """``pair_flags`` of each pair, using the run (when given) to tell a NaN that means "not
+    recorded" from a NaN in the data."""
+    given = losses_given(run) if run is not None else set()
+    out = []
+    for s in stats:
+        next_has_grad = run is not None and (s.step + 1) in run.steps and run.kind(s.step + 1) == fmt.KIND_STEP
+        out.append(pair_flags(s, s.step in given, next_has_grad))
+    return np.array(out, dtype=np.int16)
+
+
+def sanitize_values(stats: Sequence[Any], values: Sequence[dict[str, np.ndarray]], run: Any = None
                     ) -> list[dict[str, np.ndarray]]:
     """Metric values with ±Inf replaced by NaN in every pair that has a non-finite flag, so an
     affected metric is NaN (undefined), never an infinity that would poison cumulative series."""
     out = []
-    for s, v in zip(stats, values):
-        if pair_flags(s) & NONFINITE:
+    for f, v in zip(flags_for(stats, run), values):
+        if int(f) & NONFINITE:
             v = {k: np.where(np.isinf(a), np.nan, a) for k, a in v.items()}
         out.append(v)
     return out
 
 
-def add_flags(ds: Any, stats: Iterable[Any], run: Any = None) -> Any:
+def add_flags(ds: Any, stats: Sequence[Any], run: Any = None) -> Any:
     """Add the ``pair_flags`` coordinate (dim ``step``, CF flag attributes) to ``ds``."""
-    given = losses_given(run) if run is not None else set()
-    flags = np.array([pair_flags(s, s.step in given) for s in stats], dtype=np.int16)
+    flags = flags_for(list(stats), run)
     names = list(FLAGS)
     # A coordinate, not a data variable: it travels with every metric DataArray selected from the
     # Dataset (``ds.inst_smoothness.where(ds.pair_flags == 0)``) and is not mistaken for a metric.
