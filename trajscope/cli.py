@@ -77,7 +77,7 @@ def info(run_dir: str) -> None:
     """Summarise a recorded run: status, objective, optimizer, steps and pairs."""
     from trajscope.run import open_run
 
-    click.echo("\n".join(one_line(line) for line in open_run(run_dir).describe().splitlines()))
+    click.echo(open_run(run_dir).describe())
 
 
 @cli.command(name="metrics")

@@ -16,7 +16,7 @@ import unicodedata
 from pathlib import Path
 from typing import IO, Any
 
-from trajscope.errors import RecorderError, RunFormatError, one_line
+from trajscope.errors import RecorderError, RunFormatError
 
 FORMAT_VERSION = 1
 """Version of the run-directory format written by this code (``format_version`` in the manifest)."""
@@ -137,7 +137,7 @@ def unflatten_batch(tree: Any, leaves: list[Any], *, where: str = "batch", _dept
     if _depth > MAX_BATCH_DEPTH:
         raise RunFormatError(f"{where}: batch tree nested deeper than {MAX_BATCH_DEPTH} levels")
     if not isinstance(tree, dict) or len(tree) != 1:
-        raise RunFormatError(f"{where}: malformed batch tree node {one_line(str(tree)[:80])!r}")
+        raise RunFormatError(f"{where}: malformed batch tree node {str(tree)[:80]!r}")
     (kind, val), = tree.items()
     if kind == "t":
         if not isinstance(val, int) or not 0 <= val < len(leaves):
@@ -157,7 +157,7 @@ def unflatten_batch(tree: Any, leaves: list[Any], *, where: str = "batch", _dept
             out[item[0]] = unflatten_batch(item[1], leaves, where=f"{where}[{item[0]!r}]",
                                            _depth=_depth + 1)
         return out
-    raise RunFormatError(f"{where}: unknown batch tree node kind {one_line(kind)!r}")
+    raise RunFormatError(f"{where}: unknown batch tree node kind {kind!r}")
 
 
 # --- safetensors headers -------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def check_safetensors_header(header: dict[str, Any], data_len: int, path: Path) 
             ):
                 raise RunFormatError(f"{path}: safetensors '__metadata__' must map strings to strings")
             continue
-        what = f"{path}: tensor {one_line(key[:200])!r}"
+        what = f"{path}: tensor {key[:200]!r}"
         if not isinstance(entry, dict):
             raise RunFormatError(f"{what}: header entry is not an object")
         shape = entry.get("shape")
@@ -326,7 +326,7 @@ def check_name(name: Any, where: str) -> str:
         cat = unicodedata.category(ch)
         if cat in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
             raise RunFormatError(
-                f"{where}: name {one_line(name[:80])!r} contains character U+{ord(ch):04X} "
+                f"{where}: name {name[:80]!r} contains character U+{ord(ch):04X} "
                 f"(category {cat}) at position {i}; names must be printable text"
             )
     return name

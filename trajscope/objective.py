@@ -73,7 +73,7 @@ def load_objective(spec: str) -> Objective:
     mod_name, sep, fn_name = spec.partition(":")
     if not sep or not _dotted(mod_name) or not _dotted(fn_name):
         raise ObjectiveError(
-            f"objective {one_line(spec[:200])!r}: expected 'module:function' made of dotted Python "
+            f"objective {spec[:200]!r}: expected 'module:function' made of dotted Python "
             "identifiers (e.g. 'train:make_objective'); file paths and relative imports are refused"
         )
     cwd = os.getcwd()
@@ -180,12 +180,12 @@ def check_run_objective(objective: Objective, params: list[dict[str, Any]]) -> O
     for name, shape in recorded.items():
         if name not in slots:
             raise ObjectiveError(
-                f"parameter {one_line(name)!r} is recorded but the objective's model has no such "
+                f"parameter {name!r} is recorded but the objective's model has no such "
                 f"parameter (model has {len(slots)}: {_preview(slots)})"
             )
         if slots[name] != shape:
             raise ObjectiveError(
-                f"parameter {one_line(name)!r}: recorded shape {shape}, objective's model has {slots[name]}"
+                f"parameter {name!r}: recorded shape {shape}, objective's model has {slots[name]}"
             )
     extra = [n for n in slots if n not in recorded]
     if extra:

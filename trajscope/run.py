@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from trajscope import format as fmt
-from trajscope.errors import RunFormatError
+from trajscope.errors import RunFormatError, one_line
 
 __all__ = ["Run", "Snapshot", "open_run"]
 
@@ -160,7 +160,7 @@ class Run:
             lines.append(f"skipped    {skipped} step(s) skipped by the optimizer (AMP)")
         if (self.path / fmt.ANALYSIS_DIR / "metrics.nc").exists():
             lines.append(f"analysis   {self.path / fmt.ANALYSIS_DIR / 'metrics.nc'}")
-        return "\n".join(lines)
+        return "\n".join(one_line(line) for line in lines)  # values from the run: no escapes
 
 
 def read_snapshot(path: Path) -> Snapshot:
