@@ -79,15 +79,15 @@ def _pair_task(snap: Snapshot | health.BadSnapshot, nxt: Snapshot | health.BadSn
                prev: Snapshot | health.BadSnapshot | None, init: Snapshot | health.BadSnapshot | None,
                source: ObjectiveSource, recorded: str | None, settings: ProbeSettings,
                trainable: list[str], out: str | None, digest: str) -> PairStats | health.SkippedPair:
+    objective = _objective_for(source, recorded)
     # --- issue 7 (damage is local): a damaged/incomplete snapshot skips this pair only ---------
-    skip = health.skip_reason(snap, nxt, trainable)
+    skip = health.skip_reason(snap, nxt, objective.model)
     if skip is not None:
         return skip
-    prev = prev if isinstance(prev, Snapshot) else None  # damaged neighbours only cost their terms
-    init = init if isinstance(init, Snapshot) else None
+    prev = health.usable(prev, objective.model)  # a damaged neighbour only costs its terms
+    init = health.usable(init, objective.model)
     assert isinstance(snap, Snapshot) and isinstance(nxt, Snapshot)
     # --- end issue 7 ---------------------------------------------------------------------------
-    objective = _objective_for(source, recorded)
     try:
         stats = probe_pair(objective, snap, nxt, settings, prev=prev, init=init, trainable=trainable)
     except TrajscopeError:

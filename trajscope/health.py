@@ -32,7 +32,9 @@ __all__ = [
     "SkippedPair",
     "BadSnapshot",
     "load_snapshot",
+    "snapshot_problem",
     "skip_reason",
+    "usable",
     "missing_steps",
     "lost_pairs",
     "pair_flags",
@@ -89,40 +91,93 @@ def load_snapshot(path: str | Path) -> Any:
         return BadSnapshot(-1 if step is None else step, str(exc))
 
 
-def skip_reason(snap: Any, nxt: Any, trainable: Sequence[str]) -> SkippedPair | None:
-    """Why the pair of these loaded snapshots cannot be probed (None: it can).
+def snapshot_problem(snap: Any, model: Any) -> str | None:
+    """Why a loaded snapshot cannot be used with ``model`` (None: it can).
 
-    Catches what would otherwise abort the whole analysis: a snapshot that failed to load, one
-    lacking a parameter the run trains, a step snapshot without its minibatch.
+    ``model`` is the objective's model, already checked against the run's manifest, so a snapshot
+    that disagrees with it is damaged: one that failed to load, lacks a parameter, holds one the
+    run does not have, or has a parameter or buffer of another shape.
     """
-    step = snap.step if not isinstance(snap, BadSnapshot) else nxt.step - 1
+    if isinstance(snap, BadSnapshot):
+        return snap.reason
+    slots = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for name, shape in slots.items():
+        t = snap.params.get(name)
+        if t is None:
+            return f"step {snap.step}: snapshot lacks parameter {name!r}"
+        if tuple(t.shape) != shape:
+            return (f"step {snap.step}: parameter {name!r} has shape {tuple(t.shape)}, the run's "
+                    f"parameter has {shape}")
+    for name in snap.params:
+        if name not in slots:
+            return f"step {snap.step}: snapshot holds parameter {name!r}, which the run does not have"
+    for name, b in model.named_buffers():
+        t = snap.buffers.get(name)
+        if t is not None and tuple(t.shape) != tuple(b.shape):
+            return (f"step {snap.step}: buffer {name!r} has shape {tuple(t.shape)}, the model's has "
+                    f"{tuple(b.shape)}")
+    return None
+
+
+def skip_reason(snap: Any, nxt: Any, model: Any) -> SkippedPair | None:
+    """Why the pair of these loaded snapshots cannot be probed with ``model`` (None: it can).
+
+    Catches what would otherwise abort the whole analysis: a snapshot that failed to load or
+    disagrees with the run (:func:`snapshot_problem`), a step snapshot without its minibatch.
+    """
+    step = nxt.step - 1 if isinstance(snap, BadSnapshot) else snap.step
     for s in (snap, nxt):
-        if isinstance(s, BadSnapshot):
-            return SkippedPair(step, s.reason)
-    for s in (snap, nxt):
-        missing = [n for n in trainable if n not in s.params]
-        if missing:
-            return SkippedPair(step, f"step {s.step}: snapshot lacks parameter {missing[0]!r}")
+        why = snapshot_problem(s, model)
+        if why is not None:
+            return SkippedPair(step, why)
     if snap.batch is None:
         return SkippedPair(step, f"step {step}: snapshot holds no minibatch")
     return None
 
 
-def missing_steps(run: Any) -> list[int]:
-    """Steps that ``scalars.jsonl`` marks as recorded (and the final step of a complete run) whose
-    snapshot file is not on disk. Empty when ``scalars.jsonl`` is unreadable (reported elsewhere).
+def usable(snap: Any, model: Any) -> Any:
+    """``snap`` if it can serve as a neighbour (x_{t-1}, x_0) of a pair, else None: a damaged
+    neighbour costs only the terms that need it (they are NaN), not the pair."""
+    return None if snap is None or snapshot_problem(snap, model) is not None else snap
 
-    The recorder writes a step's snapshot before its ``scalars.jsonl`` line, so a recorded line
-    without its file means the file was lost afterwards, never that a crash interrupted it.
+
+def missing_steps(run: Any) -> list[int]:
+    """Steps the run recorded (and the final step of a complete run) whose snapshot file is not on
+    disk.
+
+    ``scalars.jsonl`` marks every recorded step; the recorder writes a step's snapshot before its
+    line, so a recorded line without its file means the file was lost afterwards, never that a
+    crash interrupted it. If ``scalars.jsonl`` is unreadable, the manifest's schedule is used
+    instead, for the neighbours of the snapshots on disk (what a lost pair needs).
     """
+    have = set(run.steps)
     try:
         expected = {int(r["step"]) for r in run.scalars if r.get("recorded") is True}
     except TrajscopeError:
-        expected = set()
+        expected = _scheduled_neighbours(run, have)
     fs = run.manifest.get("final_step")
     if run.status == fmt.STATUS_COMPLETE and isinstance(fs, int):
         expected.add(fs)
-    return sorted(expected - set(run.steps))
+        expected = {s for s in expected if s <= fs}
+    return sorted(expected - have)
+
+
+def _scheduled_neighbours(run: Any, have: set[int]) -> set[int]:
+    sched = run.manifest.get("schedule", {})
+    every, window = sched.get("every"), sched.get("window")
+    if sched.get("kind") != "every" or not (isinstance(every, int) and isinstance(window, int)
+                                              and every >= 1 and window >= 2):
+        return set()
+    top = max(have) if have else -1
+    fs = run.manifest.get("final_step")
+    if run.status == fmt.STATUS_COMPLETE and isinstance(fs, int):
+        top = fs
+    out = set()
+    for s in have:
+        for n in (s - 1, s + 1):
+            if 0 <= n < top and n % every < window:
+                out.add(n)
+    return out
 
 
 def lost_pairs(run: Any) -> dict[int, str]:
