@@ -95,7 +95,7 @@ def _pair_task(snap: Snapshot | health.BadSnapshot, nxt: Snapshot | health.BadSn
     except Exception as exc:  # issue 7: the user's loss failed; say where, one line
         raise ObjectiveError(
             f"step {snap.step}: evaluating the objective's loss failed: {type(exc).__name__}: "
-            f"{one_line(exc, 500)}"
+            f"{one_line(exc, 500)} (--debug shows where)"
         ) from exc
     if out is not None:
         _save_pair(Path(out), stats, digest)
