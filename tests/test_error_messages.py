@@ -502,3 +502,22 @@ def test_every_trajscope_error_is_a_subclass() -> None:
                 trajscope.errors.MetricRegistrationError):
         assert issubclass(cls, TrajscopeError)
     assert trajscope.TrajscopeError is TrajscopeError
+
+
+class _QuadBN(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.x = nn.Parameter(torch.zeros(6, dtype=torch.float64))
+        self.register_buffer("stat", torch.zeros(n))
+
+
+def test_buffer_shape_differs(run_dir: Path) -> None:
+    edit_manifest(run_dir, lambda m: m.update(buffers=[{"name": "stat", "shape": [4], "dtype": "float32"}]))
+    obj = Objective(model=_QuadBN(5), loss=quad_loss)
+    with raises(ObjectiveError, "buffer 'stat': recorded shape (4,), objective's model has (5,)"):
+        trajscope.analyze(run_dir, obj, dtype="float64", write=False, progress=False)
+
+
+def test_path_with_nul_byte() -> None:
+    with raises(RunFormatError, "no such directory"):
+        open_run("run\x00dir")

@@ -292,7 +292,7 @@ def analyze(
             "snapshots of two consecutive steps; check the schedule's window >= 2 or --steps)"
         )
     # Resolve once here so import errors and name/shape mismatches surface before any work.
-    check_run_objective(_objective_for(objective, r.objective), r.manifest["params"])
+    check_run_objective(_objective_for(objective, r.objective), r.manifest)
     digest = _settings_digest(settings, _objective_id(objective, r.objective))
     pairs_dir = r.path / fmt.ANALYSIS_DIR / PAIRS_DIR
     if write:

@@ -165,18 +165,19 @@ def _call_factory(factory: Any, what: str) -> Objective:
     return result
 
 
-def check_run_objective(objective: Objective, params: list[dict[str, Any]]) -> Objective:
-    """Check that ``objective``'s model has exactly the run's parameters, with the same shapes.
+def check_run_objective(objective: Objective, manifest: dict[str, Any]) -> Objective:
+    """Check that ``objective``'s model has exactly the run's parameters, with the same shapes,
+    and buffers of the recorded shapes.
 
-    ``params`` are the manifest's ``{name, shape}`` specs. A recorded parameter the model lacks, a
-    model parameter the run did not record (it would silently keep its initial value during the
-    replay) and a shape mismatch are all errors.
+    ``manifest`` is the run's (validated) manifest. A recorded parameter the model lacks, a model
+    parameter the run did not record (it would silently keep its initial value during the replay)
+    and a shape mismatch are all errors.
 
     Raises:
-        ObjectiveError: naming the first parameter that differs.
+        ObjectiveError: naming the first parameter or buffer that differs.
     """
     slots = {n: tuple(p.shape) for n, p in objective.model.named_parameters()}
-    recorded = {str(q["name"]): tuple(int(d) for d in q["shape"]) for q in params}
+    recorded = {str(q["name"]): tuple(int(d) for d in q["shape"]) for q in manifest["params"]}
     for name, shape in recorded.items():
         if name not in slots:
             raise ObjectiveError(
@@ -193,6 +194,13 @@ def check_run_objective(objective: Objective, params: list[dict[str, Any]]) -> O
             f"parameter {extra[0]!r} of the objective's model was not recorded in the run "
             f"(run has {len(recorded)}: {_preview(recorded)}); is this the model that was trained?"
         )
+    bslots = {n: tuple(b.shape) for n, b in objective.model.named_buffers()}
+    for q in manifest.get("buffers", []):
+        name, shape = str(q["name"]), tuple(int(d) for d in q["shape"])
+        if name in bslots and bslots[name] != shape:
+            raise ObjectiveError(
+                f"buffer {name!r}: recorded shape {shape}, objective's model has {bslots[name]}"
+            )
     return objective
 
 
