@@ -251,3 +251,47 @@ def test_crashed_run_analyzes_up_to_last_snapshot(run_dir: Path) -> None:
     assert list(ds.step.values) == list(range(7))
     assert skipped(ds) == {}
     shutil.rmtree(run_dir)
+
+
+KILLED = """
+import os, signal, sys, torch
+sys.path.insert(0, {tests!r})
+from problems import B_MEAN, DIM, QuadModel, quad_loss
+from trajscope.recorders import Recorder
+model = QuadModel()
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+gen = torch.Generator().manual_seed(0)
+with Recorder({run!r}, model, opt, objective="problems:make_quadratic") as rec:
+    for t in range(100):
+        b = B_MEAN + 0.3 * torch.randn(DIM, generator=gen, dtype=torch.float64)
+        opt.zero_grad()
+        loss = quad_loss(model, b)
+        loss.backward()
+        rec.batch(b, loss=loss)
+        opt.step()
+        if t == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_sigkilled_recorder_leaves_a_readable_run(tmp_path: Path, capsys) -> None:
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    script = KILLED.format(tests=str(Path(__file__).parent), run=str(run_dir))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    # what a kill in the middle of a write would leave behind as well
+    (run_dir / "steps" / ".step_00000006.safetensors.tmp-99999").write_bytes(b"\x10\x00")
+    with open(run_dir / "scalars.jsonl", "ab") as fh:
+        fh.write(b'{"step": 6, "lo')
+    run = trajscope.open_run(run_dir)
+    assert run.status == "recording" and run.steps == [0, 1, 2, 3, 4, 5] and run.final_step is None
+    assert [r["step"] for r in run.scalars] == [0, 1, 2, 3, 4, 5]
+    report = validate_run(run_dir)
+    assert report.ok, report.problems
+    assert any("status is 'recording'" in w for w in report.warnings)
+    assert any("leftover temporary file" in w for w in report.warnings)
+    ds = trajscope.analyze(run_dir, make_quadratic, dtype="float64", write=False, progress=False)
+    assert list(ds.step.values) == [0, 1, 2, 3, 4] and skipped(ds) == {}
