@@ -329,7 +329,8 @@ def test_objective_fields_checked() -> None:
         Objective(model=nn.Linear(1, 1), loss=3)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("spec", ["noseparator", "../evil:make", "/tmp/evil:make", "evil/x:make", "C:\\\\evil:make",
+@pytest.mark.parametrize("spec", ["noseparator", "../evil:make", "/tmp/evil:make", "evil/x:make",
+                                  "C:\\evil:make",
                                   ".relative:make", "mod:", ":fn", "a b:make", "mod:fn()"])
 def test_objective_spec_must_be_dotted_identifiers(spec: str) -> None:
     with raises(ObjectiveError, "expected 'module:function' made of dotted Python identifiers"):
@@ -433,7 +434,9 @@ def test_cli_error_is_one_line_exit_1(run_dir: Path, case: str, capsys) -> None:
         needle = "trajscope.json: invalid JSON"
     else:
         needle = "objective 'no_such_mod_q:make': cannot import module 'no_such_mod_q'"
-    args = ["analyze", str(target), "-q"] + (["--objective", "no_such_mod_q:make"] if case == "objective" else [])
+    args = ["analyze", str(target), "-q"]
+    if case == "objective":
+        args += ["--objective", "no_such_mod_q:make"]
     code, out, err = cli(args, capsys)
     assert code == 1
     lines = err.strip().splitlines()
@@ -471,7 +474,8 @@ def test_cli_internal_error_is_one_line(run_dir: Path, capsys, monkeypatch: pyte
     code, out, err = cli(["info", str(run_dir)], capsys)
     assert code == 1
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("trajscope: internal error: TypeError: unexpected\\nmultiline")
+    assert len(lines) == 1
+    assert lines[0].startswith("trajscope: internal error: TypeError: unexpected\\nmultiline")
     assert "--debug" in lines[0]
 
 

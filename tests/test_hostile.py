@@ -5,7 +5,6 @@ and fail with a TrajscopeError naming the culprit."""
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import sys
@@ -199,7 +198,8 @@ def test_fifo_step_file_fails_fast(run_dir: Path) -> None:
     f.unlink()
     os.mkfifo(f)
     with no_hang(10):
-        with pytest.raises(RunFormatError, match=r"step_00000001.safetensors: expected a regular file .* found a FIFO"):
+        with pytest.raises(RunFormatError,
+                           match=r"step_00000001.safetensors: expected a regular file .* found a FIFO"):
             read_snapshot(f)
         report = validate_run(run_dir)
         assert any("found a FIFO" in p for p in report.problems)
@@ -332,7 +332,8 @@ def test_unprintable_names_are_refused(run_dir: Path, bad: str, cat: str | None)
         assert f"(category {cat})" in str(e.value)
     assert str(e.value).isprintable()
     if cat != "Cs":
-        with pytest.raises(RunFormatError, match=r"step_00000001.safetensors: tensor key (param|grad)/…") as e:
+        key = r"step_00000001.safetensors: tensor key (param|grad)/…"
+        with pytest.raises(RunFormatError, match=key) as e:
             read_snapshot(step_file(run_dir, 1))
         assert str(e.value).isprintable()
 
@@ -363,7 +364,8 @@ def test_oversized_manifest_is_refused_unread(run_dir: Path, monkeypatch: pytest
     manifest = run_dir / "trajscope.json"
     with open(manifest, "r+b") as fh:  # sparse: no real disk use
         fh.truncate(fmt.MAX_MANIFEST_BYTES + 1)
-    with no_hang(5), pytest.raises(RunFormatError, match=rf"manifest is {fmt.MAX_MANIFEST_BYTES + 1} bytes, larger than the limit"):
+    expected = rf"manifest is {fmt.MAX_MANIFEST_BYTES + 1} bytes, larger than the limit"
+    with no_hang(5), pytest.raises(RunFormatError, match=expected):
         open_run(run_dir)
 
 

@@ -184,7 +184,8 @@ def header_edits(draw: st.DrawFn, data: bytes) -> bytes:
         if op == "delete" and isinstance(parent, dict):
             del parent[path[-1]]
         elif op == "add" and isinstance(parent, dict):
-            parent[draw(st.text(max_size=6) | st.sampled_from(["__metadata__", "param/y", "step"]))] = draw(json_values)
+            key = draw(st.text(max_size=6) | st.sampled_from(["__metadata__", "param/y", "step"]))
+            parent[key] = draw(json_values)
         else:
             parent[path[-1]] = draw(json_values)
     meta = header.get("__metadata__")
@@ -399,7 +400,8 @@ def test_recorder_round_trip(tmp_path_factory: pytest.TempPathFactory) -> None:
             dtype = data.draw(st.sampled_from(FLOATS if trainable else FLOATS + OTHERS))
             specs.append((dtype, data.draw(shapes), trainable))
         model = build_model(paths, specs)
-        model.register_buffer("stat", make_tensor(data.draw(shapes), data.draw(st.sampled_from(FLOATS + OTHERS)), 9, False))
+        stat_dtype = data.draw(st.sampled_from(FLOATS + OTHERS))
+        model.register_buffer("stat", make_tensor(data.draw(shapes), stat_dtype, 9, False))
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(trainable, lr=0.5)
         run_dir = root / uuid.uuid4().hex
@@ -413,21 +415,22 @@ def test_recorder_round_trip(tmp_path_factory: pytest.TempPathFactory) -> None:
             rec.batch({"x": torch.arange(3), "names": [".".join(p) for p in paths]}, loss=1.5)
             opt.step()
         x1 = {n: p.detach().clone() for n, p in model.named_parameters()}
-        if True:  # the runs stay under pytest's tmp dir (deleting costs more than writing them)
-            run = open_run(run_dir)
-            assert [(q["name"], tuple(q["shape"]), q["dtype"], q["trainable"]) for q in run.manifest["params"]] == [
-                (n, tuple(p.shape), str(p.dtype).removeprefix("torch."), p.requires_grad)
-                for n, p in model.named_parameters()]
-            assert run.steps == [0, 1] and run.pairs == [0]
-            s0, s1 = run.snapshot(0), run.snapshot(1)
-            for n in x0:
-                assert same_tensor(s0.params[n], x0[n]), n
-                assert same_tensor(s1.params[n], x1[n]), n
-            assert grads.keys() == s0.grads.keys()
-            assert all(same_tensor(s0.grads[n], g) for n, g in grads.items())
-            assert same_tensor(s0.buffers["stat"], model.stat)
-            assert s0.batch["names"] == [".".join(p) for p in paths] and s0.loss == 1.5
-            assert torch.equal(s0.batch["x"], torch.arange(3))
-            assert validate_run(run_dir).ok
+        # the runs stay under pytest's tmp dir (deleting them costs more than writing them)
+        run = open_run(run_dir)
+        recorded = [(q["name"], tuple(q["shape"]), q["dtype"], q["trainable"])
+                    for q in run.manifest["params"]]
+        assert recorded == [(n, tuple(p.shape), str(p.dtype).removeprefix("torch."), p.requires_grad)
+                            for n, p in model.named_parameters()]
+        assert run.steps == [0, 1] and run.pairs == [0]
+        s0, s1 = run.snapshot(0), run.snapshot(1)
+        for n in x0:
+            assert same_tensor(s0.params[n], x0[n]), n
+            assert same_tensor(s1.params[n], x1[n]), n
+        assert grads.keys() == s0.grads.keys()
+        assert all(same_tensor(s0.grads[n], g) for n, g in grads.items())
+        assert same_tensor(s0.buffers["stat"], model.stat)
+        assert s0.batch["names"] == [".".join(p) for p in paths] and s0.loss == 1.5
+        assert torch.equal(s0.batch["x"], torch.arange(3))
+        assert validate_run(run_dir).ok
 
     assert run_target(target) >= PROPERTY_EXAMPLES

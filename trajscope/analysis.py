@@ -37,7 +37,7 @@ from trajscope.metrics import PairView
 from trajscope.objective import Objective, check_run_objective, resolve_objective
 from trajscope.probe import PairStats, ProbeSettings, alpha_grid, probe_pair
 from trajscope.registry import MetricSpec, get_metrics
-from trajscope.run import Run, Snapshot, open_run, read_snapshot
+from trajscope.run import Run, Snapshot, open_run
 
 __all__ = ["analyze", "open_metrics", "compute_pair_metrics", "build_dataset"]
 

@@ -15,7 +15,7 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
 
-    def fail(message: str, code: int = 1) -> None:
+    def fail(message: str, code: int = 1) -> NoReturn:
         if debug:
             traceback.print_exc()
         click.echo(f"trajscope: {message}", err=True)

@@ -20,12 +20,19 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from trajscope import format as fmt
 from trajscope.errors import DamagedRunWarning, RunFormatError, TrajscopeError
+
+if TYPE_CHECKING:
+    import torch
+    import xarray as xr
+
+    from trajscope.probe import PairStats
+    from trajscope.run import Run, Snapshot
 
 __all__ = [
     "FLAGS",
@@ -79,7 +86,7 @@ class BadSnapshot:
     reason: str
 
 
-def load_snapshot(path: str | Path) -> Any:
+def load_snapshot(path: str | Path) -> Snapshot | BadSnapshot:
     """:func:`trajscope.run.read_snapshot`, returning a damaged file as a :class:`BadSnapshot`
     value instead of raising, so that only the pairs needing this snapshot are skipped."""
     from trajscope.run import read_snapshot
@@ -91,7 +98,7 @@ def load_snapshot(path: str | Path) -> Any:
         return BadSnapshot(-1 if step is None else step, str(exc))
 
 
-def snapshot_problem(snap: Any, model: Any) -> str | None:
+def snapshot_problem(snap: Snapshot | BadSnapshot, model: torch.nn.Module) -> str | None:
     """Why a loaded snapshot cannot be used with ``model`` (None: it can).
 
     ``model`` is the objective's model, already checked against the run's manifest, so a snapshot
@@ -119,7 +126,8 @@ def snapshot_problem(snap: Any, model: Any) -> str | None:
     return None
 
 
-def skip_reason(snap: Any, nxt: Any, model: Any) -> SkippedPair | None:
+def skip_reason(snap: Snapshot | BadSnapshot, nxt: Snapshot | BadSnapshot,
+                model: torch.nn.Module) -> SkippedPair | None:
     """Why the pair of these loaded snapshots cannot be probed with ``model`` (None: it can).
 
     Catches what would otherwise abort the whole analysis: a snapshot that failed to load or
@@ -135,13 +143,13 @@ def skip_reason(snap: Any, nxt: Any, model: Any) -> SkippedPair | None:
     return None
 
 
-def usable(snap: Any, model: Any) -> Any:
+def usable(snap: Snapshot | BadSnapshot | None, model: torch.nn.Module) -> Snapshot | None:
     """``snap`` if it can serve as a neighbour (x_{t-1}, x_0) of a pair, else None: a damaged
     neighbour costs only the terms that need it (they are NaN), not the pair."""
     return None if snap is None or snapshot_problem(snap, model) is not None else snap
 
 
-def missing_steps(run: Any) -> list[int]:
+def missing_steps(run: Run) -> list[int]:
     """Steps the run recorded (and the final step of a complete run) whose snapshot file is not on
     disk.
 
@@ -162,7 +170,7 @@ def missing_steps(run: Any) -> list[int]:
     return sorted(expected - have)
 
 
-def _scheduled_neighbours(run: Any, have: set[int]) -> set[int]:
+def _scheduled_neighbours(run: Run, have: set[int]) -> set[int]:
     sched = run.manifest.get("schedule", {})
     every, window = sched.get("every"), sched.get("window")
     if sched.get("kind") != "every" or not (isinstance(every, int) and isinstance(window, int)
@@ -180,7 +188,7 @@ def _scheduled_neighbours(run: Any, have: set[int]) -> set[int]:
     return out
 
 
-def lost_pairs(run: Any) -> dict[int, str]:
+def lost_pairs(run: Run) -> dict[int, str]:
     """Pairs (by start step) that the recording schedule produced but a missing snapshot lost."""
     gone = missing_steps(run)
     if not gone:
@@ -195,7 +203,7 @@ def lost_pairs(run: Any) -> dict[int, str]:
     return dict(sorted(out.items()))
 
 
-def record_skipped(ds: Any, skipped: Mapping[int, str], total: int) -> Any:
+def record_skipped(ds: xr.Dataset, skipped: Mapping[int, str], total: int) -> xr.Dataset:
     """Warn about skipped pairs and list them in ``ds.attrs['skipped_pairs']`` (JSON)."""
     items = [{"step": int(t), "reason": r} for t, r in sorted(skipped.items())]
     ds.attrs["skipped_pairs"] = json.dumps(items)
@@ -218,7 +226,7 @@ def _finite(a: Any) -> bool:
     return bool(np.all(np.isfinite(np.asarray(a, dtype=np.float64))))
 
 
-def pair_flags(stats: Any, loss_given: bool = False, next_has_grad: bool = False) -> int:
+def pair_flags(stats: PairStats, loss_given: bool = False, next_has_grad: bool = False) -> int:
     """The ``pair_flags`` bits of one pair's :class:`~trajscope.probe.PairStats`.
 
     Inner products of non-finite vectors are non-finite, so the per-layer terms tell which inputs
@@ -251,7 +259,7 @@ def pair_flags(stats: Any, loss_given: bool = False, next_has_grad: bool = False
     return flags
 
 
-def losses_given(run: Any) -> set[int]:
+def losses_given(run: Run) -> set[int]:
     """Steps for which ``scalars.jsonl`` holds a logged loss (NaN included); empty if unreadable."""
     try:
         return {int(r["step"]) for r in run.scalars
@@ -260,19 +268,20 @@ def losses_given(run: Any) -> set[int]:
         return set()
 
 
-def flags_for(stats: Sequence[Any], run: Any = None) -> np.ndarray:
+def flags_for(stats: Sequence[PairStats], run: Run | None = None) -> np.ndarray:
     """``pair_flags`` of each pair, using the run (when given) to tell a NaN that means "not
     recorded" from a NaN in the data."""
     given = losses_given(run) if run is not None else set()
     out = []
     for s in stats:
-        next_has_grad = run is not None and (s.step + 1) in run.steps and run.kind(s.step + 1) == fmt.KIND_STEP
+        nxt = s.step + 1
+        next_has_grad = run is not None and nxt in run.steps and run.kind(nxt) == fmt.KIND_STEP
         out.append(pair_flags(s, s.step in given, next_has_grad))
     return np.array(out, dtype=np.int16)
 
 
-def sanitize_values(stats: Sequence[Any], values: Sequence[dict[str, np.ndarray]], run: Any = None
-                    ) -> list[dict[str, np.ndarray]]:
+def sanitize_values(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndarray]],
+                    run: Run | None = None) -> list[dict[str, np.ndarray]]:
     """Metric values with ±Inf replaced by NaN in every pair that has a non-finite flag, so an
     affected metric is NaN (undefined), never an infinity that would poison cumulative series."""
     out = []
@@ -283,7 +292,7 @@ def sanitize_values(stats: Sequence[Any], values: Sequence[dict[str, np.ndarray]
     return out
 
 
-def add_flags(ds: Any, stats: Sequence[Any], run: Any = None) -> Any:
+def add_flags(ds: xr.Dataset, stats: Sequence[PairStats], run: Run | None = None) -> xr.Dataset:
     """Add the ``pair_flags`` coordinate (dim ``step``, CF flag attributes) to ``ds``."""
     flags = flags_for(list(stats), run)
     names = list(FLAGS)
