@@ -103,7 +103,8 @@ def classification_data(n: int = 256, d_in: int = 10, d_out: int = 4, seed: int 
 
 def train_classifier(run_dir: Path | None, factory: Callable[[], Objective], *, steps: int = 15,
                      batch_size: int = 32, opt: str = "sgd", lr: float = 0.1, seed: int = 0,
-                     objective: str | None = None, **rec_kw: Any) -> nn.Module:
+                     objective: str | None = None, crash_after: int | None = None,
+                     **rec_kw: Any) -> nn.Module:
     """Train ``factory().model`` on synthetic data; record into ``run_dir`` unless it is None."""
     torch.manual_seed(seed)
     obj = factory()
@@ -116,7 +117,9 @@ def train_classifier(run_dir: Path | None, factory: Callable[[], Objective], *, 
     gen = torch.Generator().manual_seed(seed + 1)
 
     def loop(rec: Recorder | None) -> None:
-        for _ in range(steps):
+        for i in range(steps):
+            if crash_after is not None and i == crash_after:
+                raise ZeroDivisionError("simulated crash in the training loop")
             idx = torch.randint(0, len(X), (batch_size,), generator=gen)
             batch = (X[idx], Y[idx])
             optimizer.zero_grad()

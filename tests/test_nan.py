@@ -174,7 +174,8 @@ def test_zero_length_update(tmp_path: Path) -> None:
     assert ds.update_norm.sel(step=2) == 0
     assert np.isnan(ds.inst_smoothness.sel(step=2))  # ‖ΔG‖/‖Δ‖ = 0/0
     assert np.isnan(ds.inst_smoothness_by_layer.sel(step=2)).all()
-    assert ds.loss_change.sel(step=2) == 0 and ds.inst_gap.sel(step=2) == 0
+    # ℓ is evaluated at α = 0 and 1 on the same point; batched evaluation may round differently
+    assert abs(ds.loss_change.sel(step=2)) < 1e-12 and abs(ds.inst_gap.sel(step=2)) < 1e-12
     assert np.isfinite(ds.grad_replay_error.sel(step=2))
     assert np.isfinite(ds.inst_smoothness.sel(step=[0, 1, 3, 4, 5])).all()
 

@@ -23,6 +23,7 @@ _LAZY = {
     "open_metrics": "trajscope.analysis",
     "MetricSpec": "trajscope.registry",
     "get_metrics": "trajscope.registry",
+    "summarize": "trajscope.summary",
     "TrajscopeError": "trajscope.errors",
 }
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from trajscope.recorders import Recorder
     from trajscope.registry import MetricSpec, get_metrics
     from trajscope.run import Run, Snapshot, open_run
+    from trajscope.summary import summarize
 
 
 def __getattr__(name: str) -> Any:

@@ -78,7 +78,8 @@ def _load_task(path: str) -> Snapshot | health.BadSnapshot:
 def _pair_task(snap: Snapshot | health.BadSnapshot, nxt: Snapshot | health.BadSnapshot,
                prev: Snapshot | health.BadSnapshot | None, init: Snapshot | health.BadSnapshot | None,
                source: ObjectiveSource, recorded: str | None, settings: ProbeSettings,
-               trainable: list[str], out: str | None, digest: str) -> PairStats | health.SkippedPair:
+               trainable: list[str], out: str | None, digest: str,
+               ref: Snapshot | health.BadSnapshot | None = None) -> PairStats | health.SkippedPair:
     objective = _objective_for(source, recorded)
     # --- issue 7 (damage is local): a damaged/incomplete snapshot skips this pair only ---------
     skip = health.skip_reason(snap, nxt, objective.model)
@@ -86,10 +87,12 @@ def _pair_task(snap: Snapshot | health.BadSnapshot, nxt: Snapshot | health.BadSn
         return skip
     prev = health.usable(prev, objective.model)  # a damaged neighbour only costs its terms
     init = health.usable(init, objective.model)
+    ref = health.usable(ref, objective.model)
     assert isinstance(snap, Snapshot) and isinstance(nxt, Snapshot)
     # --- end issue 7 ---------------------------------------------------------------------------
     try:
-        stats = probe_pair(objective, snap, nxt, settings, prev=prev, init=init, trainable=trainable)
+        stats = probe_pair(objective, snap, nxt, settings, prev=prev, init=init, ref=ref,
+                           trainable=trainable)
     except TrajscopeError:
         raise
     except Exception as exc:  # issue 7: the user's loss failed; say where, one line
@@ -247,6 +250,9 @@ def analyze(
     metrics: Iterable[str] | None = None,
     batched: bool = True,
     chunk_size: int | None = None,
+    sharpness: bool = False,
+    sharpness_max_iter: int = 100,
+    reference: int | None = None,
     force: bool = False,
     write: bool = True,
     progress: bool | None = None,
@@ -265,6 +271,11 @@ def analyze(
         steps: which pairs, by start step: ``"START:STOP[:STRIDE]"``, a slice, or step numbers.
         metrics: metric names (default: every registered metric).
         batched, chunk_size: evaluate the α points together with ``vmap`` (in chunks).
+        sharpness: also compute λ_max(∇²f(x_t; z_t)) per pair by Lanczos (at most
+            ``sharpness_max_iter`` Hessian-vector products); implied when ``metrics`` names a
+            metric that needs it.
+        reference: step of the reference point x* of ``convexity_ratio_ref`` (default: the final
+            recorded state; a run without one gets NaN unless a step is given).
         force: recompute pairs already persisted under ``analysis/pairs``.
         write: write ``analysis/metrics.nc`` (and the per-pair partial results).
         progress: show a progress bar (default: when stderr is a terminal).
@@ -272,14 +283,28 @@ def analyze(
     r = run if isinstance(run, Run) else open_run(run)
     if dtype not in ("float32", "float64"):
         raise AnalysisError(f"dtype={dtype!r}: expected float32 or float64")
+    selected = get_metrics(metrics)
+    # Naming an opt-in metric asks for its probe; otherwise opt-in metrics follow the flags.
+    sharpness = sharpness or (metrics is not None and any("sharpness" in s.needs for s in selected.values()))
+    provided = {"sharpness"} if sharpness else set()
+    selected = {n: s for n, s in selected.items() if set(s.needs) <= provided}
+    # An optional probe's results come with its diagnostics (e.g. sharpness with its iteration
+    # count and convergence flag): every metric reading only what is provided is free by now.
+    for n, s in get_metrics().items():
+        if s.needs and set(s.needs) <= provided:
+            selected.setdefault(n, s)
+    ref_step = _reference_step(r, reference)
     settings = ProbeSettings(
         alphas=tuple(float(a) for a in alpha_grid(points, margin)),
         device=_resolve_device(device),
         dtype=dtype,
         chunk_size=chunk_size,
         batched=batched,
+        sharpness=sharpness,
+        sharpness_max_iter=sharpness_max_iter,
+        reference_step=ref_step,
     )
-    specs = _with_requirements(get_metrics(metrics), get_metrics())
+    specs = _with_requirements(selected, get_metrics())
     pairs = _select_steps(r.pairs, steps)
     lost_all = health.lost_pairs(r)  # issue 7: pairs whose snapshot file went missing
     lost = {t: lost_all[t] for t in _select_steps(list(lost_all), steps)}
@@ -322,9 +347,10 @@ def analyze(
         prev = load(t - 1) if (t - 1) in have and r.kind(t - 1) == fmt.KIND_STEP else None
         init = load(init_step) if init_step is not None else None
         out = str(pairs_dir / f"pair_{t:08d}.safetensors") if write else None
+        ref = load(ref_step) if ref_step is not None else None
         tasks.append(dask.delayed(_pair_task, pure=True)(
             load(t), load(t + 1), prev, init, objective, r.objective, settings, r.trainable, out,
-            digest, dask_key_name=f"pair-{t}",
+            digest, ref, dask_key_name=f"pair-{t}",
         ))
     cb = _PairProgress(len(tasks), sys.stderr.isatty() if progress is None else progress)
     try:
@@ -355,13 +381,36 @@ def analyze(
 
 def _with_requirements(selected: dict[str, MetricSpec], everything: dict[str, MetricSpec]) -> dict[str, MetricSpec]:
     out = dict(selected)
-    for spec in selected.values():
+    todo = list(selected.values())
+    while todo:  # transitively: a series may read another series
+        spec = todo.pop()
         for req in spec.requires:
             if req not in everything:
                 raise AnalysisError(f"metric {spec.name!r} requires unknown metric {req!r}")
-            out.setdefault(req, everything[req])
-    # pair metrics first (registration order), then series
-    return dict(sorted(out.items(), key=lambda kv: kv[1].kind != "pair"))
+            if req not in out:
+                out[req] = everything[req]
+                todo.append(everything[req])
+    # pair metrics first, then series; each group in registration order, so a series registered
+    # after the series it reads is computed after it
+    order = {n: i for i, n in enumerate(everything)}
+    return dict(sorted(out.items(), key=lambda kv: (kv[1].kind != "pair", order.get(kv[0], 0))))
+
+
+def _reference_step(run: Run, reference: int | None) -> int | None:
+    """x* of convexity_ratio_ref: the given step, else the final state.
+
+    A run without a final state (still recording, or crashed) has no default: its last snapshot
+    moves as the run grows, and a moving x* would invalidate every persisted pair on each resume.
+    convexity_ratio_ref is then NaN unless ``reference`` names a step.
+    """
+    if reference is None:
+        return run.final_step
+    if reference not in run.steps:
+        raise AnalysisError(
+            f"reference={reference}: step {reference} is not recorded; choose a recorded step "
+            f"(first {run.steps[:1]}, last {run.steps[-1:]}) or omit it for the final state"
+        )
+    return int(reference)
 
 
 def _scheduler_kwargs(scheduler: str, workers: int | None) -> dict[str, Any]:

@@ -50,11 +50,16 @@ def cli() -> None:
 @click.option("--steps", metavar="START:STOP[:STRIDE]", help="Analyze only these pair start steps.")
 @click.option("--metrics", "metric_names", metavar="NAMES",
               help="Comma-separated metric names (default: all).")
+@click.option("--sharpness", is_flag=True,
+              help="Also compute λ_max of the minibatch Hessian at x_t (Lanczos; opt-in, costly).")
+@click.option("--reference", "reference", type=int, metavar="STEP",
+              help="Reference point x* of convexity_ratio_ref (default: the final recorded state).")
 @click.option("--force", is_flag=True, help="Recompute pairs already analyzed.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def analyze(run_dir: str, objective: str | None, points: int, margin: float, device: str,
             dtype: str, scheduler: str, workers: int | None, steps: str | None,
-            metric_names: str | None, force: bool, quiet: bool) -> None:
+            metric_names: str | None, sharpness: bool, reference: int | None, force: bool,
+            quiet: bool) -> None:
     """Re-evaluate the loss along each recorded step and compute every metric.
 
     Writes RUN_DIR/analysis/metrics.nc; open it with trajscope.open_metrics(RUN_DIR).
@@ -65,7 +70,8 @@ def analyze(run_dir: str, objective: str | None, points: int, margin: float, dev
     names = [n.strip() for n in metric_names.split(",") if n.strip()] if metric_names else None
     ds = run_analysis(run_dir, objective, points=points, margin=margin, device=device, dtype=dtype,
                       scheduler=scheduler, workers=workers, steps=steps, metrics=names,
-                      force=force, progress=None if not quiet else False)
+                      sharpness=sharpness, reference=reference, force=force,
+                      progress=None if not quiet else False)
     if not quiet:
         click.echo(f"wrote {run_dir.rstrip('/')}/analysis/metrics.nc")
         click.echo(format_headline(headline(ds)))
@@ -81,17 +87,42 @@ def info(run_dir: str) -> None:
 
 
 @cli.command(name="metrics")
-def list_metrics() -> None:
+@click.option("--markdown", is_flag=True, help="Print the table of docs/metrics.md instead.")
+def list_metrics(markdown: bool) -> None:
     """List every registered metric: name, dims, what the theory needs, formula."""
-    from trajscope.registry import get_metrics
+    from trajscope.registry import get_metrics, markdown_table
 
     specs = get_metrics()
+    if markdown:
+        click.echo(markdown_table(specs.values()), nl=False)
+        return
     width = max(len(n) for n in specs) + 2
     for name, spec in specs.items():
-        dims = ",".join(("step",) + spec.dims) + (" (+layer)" if spec.per_layer else "")
         holds = spec.holds_if or "-"
         src = "" if spec.source == "trajscope" else f"  [{spec.source}]"
-        click.echo(f"{name:<{width}} {dims:<20} holds if {holds:<10} {spec.description}{src}")
+        opt = "  (opt-in: --" + ", --".join(spec.needs) + ")" if spec.needs else ""
+        click.echo(f"{name:<{width}} {spec.dims_label:<20} holds if {holds:<10} "
+                   f"{spec.description}{opt}{src}")
+
+
+@cli.command()
+@click.argument("run_dir", type=_RUN_DIR)
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), metavar="N",
+              help="Also aggregate the convexity ratio per epoch (epoch = step // N).")
+@click.option("--window", default=10, show_default=True, type=click.IntRange(min=1),
+              help="k of the last-k convexity ratio.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def summary(run_dir: str, steps_per_epoch: int | None, window: int, as_json: bool) -> None:
+    """Summarise an analysis: where the theory holds, convexity ratios, the (L0, L1) fit.
+
+    Reads RUN_DIR/analysis/metrics.nc (run `trajscope analyze RUN_DIR` first).
+    """
+    import json
+
+    from trajscope.summary import format_summary, summarize
+
+    s = summarize(run_dir, steps_per_epoch=steps_per_epoch, window=window)
+    click.echo(json.dumps(s, indent=2, allow_nan=True) if as_json else format_summary(s))
 
 
 @cli.command()

@@ -7,7 +7,9 @@ array over α). What it can read:
   grid point; ``p.integral_dell()`` = ∫₀¹ ℓ'(α) dα by quadrature;
 * ``p.dot("a", "b")``, ``p.sq("a")``, ``p.norm("a")`` for the vectors of
   :data:`trajscope.probe.VECTORS` (Δ = ``delta``, G0, G1, dG = G1 − G0, g = g_t, g_next, …);
-* ``p.loss_recorded`` (f(x_t; z_t) as logged), ``p.lr`` (learning rate of param group 0).
+* ``p.loss_recorded`` (f(x_t; z_t) as logged), ``p.lr`` (learning rate of param group 0);
+* ``p.extra("loss_ref")`` (f(x*; z_t)) and, for metrics declaring ``needs=("sharpness",)``,
+  ``p.extra("sharpness")`` and its solver diagnostics (NaN when the probe did not compute them).
 
 Norms are global Euclidean norms over all parameters (sums of per-layer squares, then a root);
 everything is float64. A metric registered with ``per_layer=True`` must use only ``dot``/``sq``/
@@ -42,6 +44,10 @@ class PairView:
         self.loss_recorded = stats.loss_recorded
         self.lr = float(stats.lr[0]) if len(stats.lr) else float("nan")
         self.step = stats.step
+
+    def extra(self, name: str) -> float:
+        """A scalar probe result beyond the line (see :class:`PairStats`); NaN when absent."""
+        return float(self._s.extras.get(name, float("nan")))
 
     def dot(self, a: str, b: str) -> float:
         """⟨a, b⟩ over all parameters (or this view's layer), float64."""
@@ -95,6 +101,21 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den != 0 else float("nan")
 
 
+def _cos(p: PairView, a: str, b: str) -> float:
+    return _ratio(p.dot(a, b), float(np.sqrt(p.sq(a) * p.sq(b))))
+
+
+def _cumsum(ds: Any, name: str) -> np.ndarray:
+    # NaN pairs (e.g. update_corr where t+1 has no recorded gradient) add nothing to the sum
+    return np.nancumsum(np.asarray(ds[name].values, dtype=np.float64))
+
+
+def _cum_ratio(ds: Any, num: str, den: str) -> np.ndarray:
+    n, d = _cumsum(ds, num), _cumsum(ds, den)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(d != 0, n / d, np.nan)
+
+
 # --- line probe --------------------------------------------------------------------------------
 
 
@@ -120,6 +141,15 @@ def loss_change(p: PairView) -> float:
         description="ℓ(1) − ℓ(0) − ∫₀¹ ℓ'(α) dα (Simpson/trapezoid on the grid); ≈ 0 validates the probe")
 def line_integral_residual(p: PairView) -> float:
     return p.ell(1) - p.ell(0) - p.integral_dell()
+
+
+@metric("line_argmin", long_name="argmin of the loss along the step", units="1",
+        description="argmin over the α grid of ℓ(α) (margin points included; the first one on a "
+                    "tie); < 1: the step overshot the minimum along its own direction")
+def line_argmin(p: PairView) -> float:
+    if not np.any(np.isfinite(p.loss_line)):
+        return float("nan")
+    return float(p.alpha[int(np.nanargmin(p.loss_line))])
 
 
 # --- convexity ---------------------------------------------------------------------------------
@@ -155,10 +185,46 @@ def convexity_den(p: PairView) -> float:
         description="Σ_{s≤t} ℓ'_s(1) / Σ_{s≤t} (ℓ_s(1) − ℓ_s(0)), cumulative from the first "
                     "analyzed pair")
 def convexity_ratio(ds: Any) -> np.ndarray:
-    num = np.nancumsum(ds["convexity_num"].values)
-    den = np.nancumsum(ds["convexity_den"].values)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den != 0, num / den, np.nan)
+    return _cum_ratio(ds, "convexity_num", "convexity_den")
+
+
+@metric("convexity_ref_num", long_name="reference convexity ratio numerator", units="loss",
+        description="⟨G0, x_t − x*⟩ with G0 = ∇f(x_t; z_t), x* the reference point (default: the "
+                    "final recorded state); NaN without a reference point")
+def convexity_ref_num(p: PairView) -> float:
+    return p.dot("G0", "x_ref")
+
+
+@metric("convexity_ref_den", long_name="reference convexity ratio denominator", units="loss",
+        description="ℓ(0) − f(x*; z_t) = f(x_t; z_t) − f(x*; z_t), x* the reference point; NaN "
+                    "without a reference point")
+def convexity_ref_den(p: PairView) -> float:
+    return p.ell(0) - p.extra("loss_ref")
+
+
+@series("convexity_ratio_ref", requires=("convexity_ref_num", "convexity_ref_den"),
+        long_name="cumulative reference-point convexity ratio", units="1", holds_if=">= 1",
+        description="Σ_{s≤t} ⟨G0_s, x_s − x*⟩ / Σ_{s≤t} (f(x_s; z_s) − f(x*; z_s)), cumulative from "
+                    "the first analyzed pair; ≥ 1 under convexity")
+def convexity_ratio_ref(ds: Any) -> np.ndarray:
+    return _cum_ratio(ds, "convexity_ref_num", "convexity_ref_den")
+
+
+@metric("weak_convexity", long_name="weak-convexity constant along the step", units="loss/param^2",
+        holds_if="bounded",
+        description="max(0, 2·inst_gap / ‖Δ_t‖²): the smallest ρ ≥ 0 for which f + (ρ/2)‖·‖² "
+                    "passes the convexity inequality along the step")
+def weak_convexity(p: PairView) -> float:
+    gap = p.ell(1) - p.ell(0) - p.dell(1)
+    rho = _ratio(2 * gap, p.sq("delta"))
+    return max(0.0, rho) if np.isfinite(rho) else rho
+
+
+@metric("directional_curvature", long_name="directional curvature of the step", units="loss/param^2",
+        description="2(ℓ(1) − ℓ(0) − ℓ'(0)) / ‖Δ_t‖² (signed; |·| is Mishkin's point-wise "
+                    "directional smoothness)")
+def directional_curvature(p: PairView) -> float:
+    return _ratio(2 * (p.ell(1) - p.ell(0) - p.dell(0)), p.sq("delta"))
 
 
 # --- smoothness --------------------------------------------------------------------------------
@@ -169,6 +235,67 @@ def convexity_ratio(ds: Any) -> np.ndarray:
         description="‖G1 − G0‖ / ‖Δ_t‖ with G0 = ∇f(x_t; z_t), G1 = ∇f(x_{t+1}; z_t) (same batch)")
 def inst_smoothness(p: PairView) -> float:
     return _ratio(p.norm("dG"), p.norm("delta"))
+
+
+@metric("inst_smoothness_xbatch", long_name="instantaneous smoothness (cross-batch)",
+        units="loss/param^2",
+        description="‖g_{t+1} − g_t‖ / ‖Δ_t‖ from the recorded gradients (different batches: "
+                    "inflated by minibatch noise); NaN when step t+1 has no recorded gradient")
+def inst_smoothness_xbatch(p: PairView) -> float:
+    return _ratio(p.norm("dg"), p.norm("delta"))
+
+
+@metric("pathwise_smoothness", long_name="path-wise smoothness", units="loss/param^2",
+        description="max over grid points 0 < α ≤ 1 of (ℓ'(α) − ℓ'(0)) / (α‖Δ_t‖²) (Mishkin's "
+                    "path-wise A on the segment x_t → x_{t+1})")
+def pathwise_smoothness(p: PairView) -> float:
+    sq = p.sq("delta")
+    on = (p.alpha > 1e-12) & (p.alpha <= 1 + 1e-12)
+    if sq == 0 or not np.any(on):
+        return float("nan")
+    vals = (p.dloss_line[on] - p.dell(0)) / (p.alpha[on] * sq)
+    return float(np.nanmax(vals)) if np.any(np.isfinite(vals)) else float("nan")
+
+
+@metric("stability_ratio", long_name="stability ratio", units="1", holds_if="< 1",
+        description="inst_smoothness · lr_t / 2 with lr_t the learning rate of param group 0 "
+                    "(≈ 1 at the edge of stability of gradient descent)")
+def stability_ratio(p: PairView) -> float:
+    return _ratio(p.norm("dG"), p.norm("delta")) * p.lr / 2
+
+
+@metric("sharpness", long_name="sharpness", units="loss/param^2", needs=("sharpness",),
+        description="λ_max(∇²f(x_t; z_t)), the largest algebraic Hessian eigenvalue, by Lanczos "
+                    "on Hessian-vector products (opt-in: --sharpness)")
+def sharpness(p: PairView) -> float:
+    return p.extra("sharpness")
+
+
+@metric("sharpness_iterations", long_name="sharpness: Lanczos iterations", units="1",
+        needs=("sharpness",),
+        description="Hessian-vector products the Lanczos run for sharpness used")
+def sharpness_iterations(p: PairView) -> float:
+    return p.extra("sharpness_iterations")
+
+
+@metric("sharpness_converged", long_name="sharpness: converged", units="1", holds_if="== 1",
+        needs=("sharpness",),
+        description="1 if the Lanczos residual ‖Hy − θy‖ ≤ tol·max|Ritz value| was reached "
+                    "(or the Krylov space became invariant), else 0")
+def sharpness_converged(p: PairView) -> float:
+    return p.extra("sharpness_converged")
+
+
+@series("descent_lemma_gap", requires=("loss_change", "dloss_line", "update_norm", "inst_smoothness"),
+        long_name="descent-lemma gap", units="loss", holds_if="<= 0",
+        description="ℓ(1) − ℓ(0) − ℓ'(0) − (L_t/2)‖Δ_t‖² with L_t = max_{s≤t} inst_smoothness_s "
+                    "over the analyzed pairs; > 0: the smoothness bound failed to predict the step")
+def descent_lemma_gap(ds: Any) -> np.ndarray:
+    # fmax ignores NaN, so a pair with an undefined inst_smoothness does not reset the maximum
+    L = np.fmax.accumulate(np.asarray(ds["inst_smoothness"].values, dtype=np.float64))
+    d0 = np.asarray(ds["dloss_line"].sel(alpha=0.0, method="nearest").values, dtype=np.float64)
+    sq = np.asarray(ds["update_norm"].values, dtype=np.float64) ** 2
+    return np.asarray(ds["loss_change"].values, dtype=np.float64) - d0 - L / 2 * sq
 
 
 # --- update correlation ------------------------------------------------------------------------
@@ -187,6 +314,20 @@ def update_corr_same_batch(p: PairView) -> float:
     return p.dell(1)
 
 
+@series("update_corr_cumsum", requires=("update_corr",), long_name="cumulative update correlation",
+        units="loss",
+        description="Σ_{s≤t} update_corr_s over the analyzed pairs (NaN pairs count 0); compare "
+                    "loss_change_cumsum (O2NC: the loss change is the sum of such linear terms)")
+def update_corr_cumsum(ds: Any) -> np.ndarray:
+    return _cumsum(ds, "update_corr")
+
+
+@series("loss_change_cumsum", requires=("loss_change",), long_name="cumulative same-batch loss change",
+        units="loss", description="Σ_{s≤t} loss_change_s over the analyzed pairs")
+def loss_change_cumsum(ds: Any) -> np.ndarray:
+    return _cumsum(ds, "loss_change")
+
+
 # --- trajectory statistics ---------------------------------------------------------------------
 
 
@@ -200,6 +341,52 @@ def grad_norm(p: PairView) -> float:
         description="‖Δ_t‖ = ‖x_{t+1} − x_t‖")
 def update_norm(p: PairView) -> float:
     return p.norm("delta")
+
+
+@metric("param_norm", long_name="parameter norm", units="param", per_layer=True,
+        description="‖x_t‖")
+def param_norm(p: PairView) -> float:
+    return p.norm("x")
+
+
+@metric("dist_from_init", long_name="distance from initialisation", units="param", per_layer=True,
+        description="‖x_t − x_0‖; NaN when step 0 is not recorded")
+def dist_from_init(p: PairView) -> float:
+    return p.norm("x_dist")
+
+
+@metric("grad_cos_prev", long_name="cosine of consecutive gradients", units="1", per_layer=True,
+        description="cos(g_t, g_{t−1}) = ⟨g_t, g_{t−1}⟩ / (‖g_t‖‖g_{t−1}‖) of the recorded "
+                    "gradients; NaN when step t−1 is not recorded")
+def grad_cos_prev(p: PairView) -> float:
+    return _cos(p, "g", "g_prev")
+
+
+@metric("update_cos_prev", long_name="cosine of consecutive updates", units="1", per_layer=True,
+        description="cos(Δ_t, Δ_{t−1}) = ⟨Δ_t, Δ_{t−1}⟩ / (‖Δ_t‖‖Δ_{t−1}‖); NaN when step t−1 is "
+                    "not recorded")
+def update_cos_prev(p: PairView) -> float:
+    return _cos(p, "delta", "delta_prev")
+
+
+@metric("update_grad_cos", long_name="cosine of update and negative gradient", units="1",
+        per_layer=True,
+        description="cos(Δ_t, −g_t) = −⟨Δ_t, g_t⟩ / (‖Δ_t‖‖g_t‖) (1 for plain SGD)")
+def update_grad_cos(p: PairView) -> float:
+    return -_cos(p, "delta", "g")
+
+
+@metric("effective_lr", long_name="effective learning rate", units="param^2/loss", per_layer=True,
+        description="‖Δ_t‖ / ‖g_t‖ (lr_t for plain SGD)")
+def effective_lr(p: PairView) -> float:
+    return _ratio(p.norm("delta"), p.norm("g"))
+
+
+@metric("replay_grad_norm", long_name="replayed gradient norm", units="loss/param", per_layer=True,
+        description="‖G0‖ = ‖∇f(x_t; z_t)‖ as replayed by the analyzer (the gradient norm of the "
+                    "(L0, L1)-smoothness fit)")
+def replay_grad_norm(p: PairView) -> float:
+    return p.norm("G0")
 
 
 # --- replay fidelity ---------------------------------------------------------------------------
@@ -217,3 +404,11 @@ def loss_replay_error(p: PairView) -> float:
                     "differ between training and replay)")
 def grad_replay_error(p: PairView) -> float:
     return _ratio(p.norm("G0_err"), p.norm("g"))
+
+
+@metric("grad_replay_cos", long_name="gradient replay cosine", units="1", holds_if=">= 0.9999",
+        description="cos(G0, g_t) = ⟨G0, g_t⟩ / (‖G0‖‖g_t‖): ≈ 1 with a large grad_replay_error "
+                    "means a rescaling (norm clipping, an un-unscaled AMP gradient), not a different "
+                    "function")
+def grad_replay_cos(p: PairView) -> float:
+    return _cos(p, "G0", "g")

@@ -15,18 +15,32 @@ Parameters and buffers are swapped in with ``torch.func.functional_call`` on a w
 whose ``forward`` calls the user's ``loss(model, batch)``: the swap is in force for the whole call,
 so it holds for any method the loss uses (``training_step``, an HF model's loss), not only
 ``forward``. The recorded tensors are never mutated: each evaluation gets its own buffer copies.
+
+Faithful replay of training conditions (see ``docs/metrics.md``, "Replay fidelity"):
+
+* the model is put in the mode training used (``Snapshot.training``, captured at the step's first
+  forward pass);
+* a train-mode BatchNorm normalises with the *batch* statistics, so its running statistics do not
+  enter ℓ; during the probe such modules have ``track_running_stats`` switched off
+  (:func:`_batchnorm_replay`), so nothing writes into a buffer and ``vmap`` can batch the α points;
+  eval-mode BatchNorm reads the recorded running statistics, which nothing writes either;
+* every evaluation (each α chunk, G0, G1, f(x*), the sharpness graph) runs with the RNG state
+  captured at the step's forward pass, so dropout draws the mask training drew, and the same mask
+  along the whole line (``vmap(randomness="same")`` draws like the unbatched call: tested).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch.func import functional_call, jvp, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from trajscope.errors import AnalysisError, ObjectiveError
 from trajscope.objective import Objective
@@ -47,6 +61,7 @@ VECTORS: dict[str, str] = {
     "x_dist": "x_t − x_0",
     "g_prev": "g_{t−1}",
     "delta_prev": "Δ_{t−1} = x_t − x_{t−1}",
+    "x_ref": "x_t − x*, x* the reference point (default: the final recorded state)",
 }
 """The vectors a pair task can form (each per parameter tensor), by name."""
 
@@ -69,6 +84,8 @@ TERMS: tuple[tuple[str, str], ...] = (
     ("g_prev", "g_prev"),
     ("delta", "delta_prev"),
     ("delta_prev", "delta_prev"),
+    ("G0", "g"),
+    ("G0", "x_ref"),
 )
 """Inner products ⟨a, b⟩ computed per parameter tensor, in float64. A term whose vectors are not
 available for a pair (e.g. g_next when step t+1 is the final state) is NaN."""
@@ -97,18 +114,39 @@ class ProbeSettings:
     dtype: str = "float32"
     chunk_size: int | None = None  # α points per vmap call; None: all at once
     batched: bool = True  # False: evaluate α points one by one (debugging, exotic modules)
+    sharpness: bool = False  # λ_max(∇²f(x_t; z_t)) by Lanczos (one double-backward per iteration)
+    sharpness_max_iter: int = 100  # Lanczos iterations (Hessian-vector products) at most
+    sharpness_tol: float | None = None  # Ritz residual / max|Ritz value|; None: 1e-5 f32, 1e-8 f64
+    reference_step: int | None = None  # x* of convexity_ratio_ref (the snapshot passed as ``ref``)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return {"float32": torch.float32, "float64": torch.float64}[self.dtype]
 
+    @property
+    def lanczos_tol(self) -> float:
+        # A float32 Hessian-vector product carries ~1e-7 relative noise, so a float32 residual
+        # cannot shrink much below 1e-6·‖H‖: a tighter default would never report convergence.
+        if self.sharpness_tol is not None:
+            return self.sharpness_tol
+        return 1e-8 if self.dtype == "float64" else 1e-5
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "alphas": list(self.alphas),
             "dtype": self.dtype,
             "batched": self.batched,
             "chunk_size": self.chunk_size,
+            "reference_step": self.reference_step,
+            "sharpness": self.sharpness,
+            # What a persisted pair holds: a pair saved before a term was added must not be
+            # reused (the settings digest covers this JSON), or a metric would miss its term.
+            "terms": hashlib.sha256(" ".join(f"{a}.{b}" for a, b in TERMS).encode()).hexdigest()[:12],
         }
+        if self.sharpness:
+            out["sharpness_max_iter"] = self.sharpness_max_iter
+            out["sharpness_tol"] = self.lanczos_tol
+        return out
 
 
 @dataclass
@@ -122,6 +160,9 @@ class PairStats:
         layers: parameter names, the order of the per-layer arrays.
         loss_recorded: f(x_t; z_t) as logged in training (NaN if not given).
         lr: learning rate of each param group at step t.
+        extras: scalar probe results beyond the line: ``loss_ref`` (f(x*; z_t), when a reference
+            point was given) and ``sharpness``, ``sharpness_iterations``, ``sharpness_converged``
+            (when asked for). Absent keys read as NaN.
     """
 
     step: int
@@ -132,6 +173,7 @@ class PairStats:
     layers: tuple[str, ...]
     loss_recorded: float
     lr: np.ndarray
+    extras: dict[str, float] = field(default_factory=dict)
 
     def to_tensors(self) -> dict[str, np.ndarray]:
         """Flat name → array mapping, for the per-pair partial results on disk."""
@@ -143,6 +185,7 @@ class PairStats:
             "lr": self.lr,
         }
         out.update({f"term/{k}": v for k, v in self.terms.items()})
+        out.update({f"extra/{k}": np.array([v], dtype=np.float64) for k, v in self.extras.items()})
         return out
 
     @classmethod
@@ -156,6 +199,7 @@ class PairStats:
             layers=layers,
             loss_recorded=float(t["loss_recorded"][0]),
             lr=t["lr"],
+            extras={k[6:]: float(v[0]) for k, v in t.items() if k.startswith("extra/")},
         )
 
 
@@ -240,6 +284,30 @@ def _layer_dot(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
     return float(torch.sum(a.double() * b.double()))
 
 
+@contextlib.contextmanager
+def _batchnorm_replay(model: torch.nn.Module) -> Iterator[None]:
+    """Evaluate train-mode BatchNorm as training computed the loss, without its side effect.
+
+    In train mode ``_BatchNorm.forward`` normalises with the batch statistics whatever
+    ``track_running_stats`` says; the flag only decides whether it also updates the running
+    statistics in place (and ``num_batches_tracked``). Switching it off for the probe therefore
+    leaves ℓ unchanged, writes into no buffer (the recorded ones stay as recorded) and lets
+    ``vmap`` batch the α points, which an in-place write of a batched mean into an unbatched
+    buffer forbids. Eval-mode modules are left alone: they read the recorded running statistics.
+    """
+    patched = [
+        m for m in model.modules()
+        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+    ]
+    for m in patched:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in patched:
+            m.track_running_stats = True
+
+
 def probe_pair(
     objective: Objective,
     snap: Snapshot,
@@ -248,6 +316,7 @@ def probe_pair(
     *,
     prev: Snapshot | None = None,
     init: Snapshot | None = None,
+    ref: Snapshot | None = None,
     trainable: list[str] | None = None,
 ) -> PairStats:
     """Probe the pair (snap.step, nxt.step) and reduce it to :class:`PairStats`.
@@ -255,9 +324,10 @@ def probe_pair(
     Args:
         objective: the model skeleton and loss.
         snap, nxt: snapshots of x_t (with g_t and z_t) and x_{t+1}.
-        settings: α grid, device, evaluation dtype, batching.
+        settings: α grid, device, evaluation dtype, batching, sharpness.
         prev: snapshot of x_{t−1}, for the "previous step" cosines (optional).
         init: snapshot of x_0, for the distance from initialisation (optional).
+        ref: snapshot of the reference point x* of ``convexity_ratio_ref`` (optional).
         trainable: names of the coordinates of x (default: every parameter with a gradient).
     """
     if snap.batch is None:
@@ -267,9 +337,12 @@ def probe_pair(
     dev, dt = settings.device, settings.torch_dtype
     names = list(trainable) if trainable is not None else [n for n in snap.params if n in snap.grads]
     check_objective(objective, snap.params, snap.buffers)
-    missing = [n for n in names if n not in nxt.params]
-    if missing:
-        raise AnalysisError(f"step {nxt.step}: snapshot lacks parameter {missing[0]!r}")
+    for other in (nxt, ref):
+        if other is None:
+            continue
+        missing = [n for n in names if n not in other.params]
+        if missing:
+            raise AnalysisError(f"step {other.step}: snapshot lacks parameter {missing[0]!r}")
 
     model = objective.model
     model.to(device=dev)
@@ -285,8 +358,9 @@ def probe_pair(
     replay = bool(snap.training) and bool(snap.rng)
 
     def f(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        # Fresh buffer copies per call: a train-mode BatchNorm writes its running statistics in
-        # place, and those writes must never reach the recorded state or the next evaluation.
+        # Fresh buffer copies per call: a module may write a buffer in place (train-mode BatchNorm
+        # is patched not to, others may), and such writes must never reach the recorded state or
+        # the next evaluation.
         state = {**fixed, **{k: v.clone() for k, v in buffers.items()}}
         state.update({f"model.{n}": p for n, p in params.items()})
         out = functional_call(bound, state, (batch,))
@@ -297,12 +371,39 @@ def probe_pair(
             )
         return out.reshape(())
 
+    extras: dict[str, float] = {}
     alphas = torch.tensor(settings.alphas, dtype=dt, device=dev)
-    loss_line, dloss_line = _line(f, x0, delta, alphas, settings, snap.rng, replay)
-    with _replayed_rng(snap.rng, replay):
-        G0 = _grad(f, x0)
-    with _replayed_rng(snap.rng, replay):
-        G1 = _grad(f, x1)
+    with _batchnorm_replay(model):
+        loss_line, dloss_line = _line(f, x0, delta, alphas, settings, snap.rng, replay)
+        with _replayed_rng(snap.rng, replay):
+            G0 = _grad(f, x0)
+        with _replayed_rng(snap.rng, replay):
+            G1 = _grad(f, x1)
+        xref: dict[str, torch.Tensor] | None = None
+        if ref is not None:
+            xref = {n: _to(ref.params[n], dev, dt) for n in names}
+            with torch.no_grad(), _replayed_rng(snap.rng, replay):
+                extras["loss_ref"] = float(f(xref))
+        if settings.sharpness:
+            from trajscope.sharpness import hessian_max_eig
+
+            # The Hessian graph is built by one forward pass under the replayed RNG state: every
+            # Hessian-vector product then differentiates through the same dropout mask and the
+            # same batch statistics as ℓ and G0.
+            try:
+                with _replayed_rng(snap.rng, replay):
+                    res = hessian_max_eig(f, x0, max_iter=settings.sharpness_max_iter,
+                                          tol=settings.lanczos_tol, seed=snap.step)
+            except (ObjectiveError, AnalysisError):
+                raise
+            except RuntimeError as exc:
+                raise AnalysisError(
+                    f"step {snap.step}: sharpness needs Hessian-vector products (double backward) "
+                    f"through the objective, which failed: {exc}; analyze without --sharpness"
+                ) from exc
+            extras["sharpness"] = res.value
+            extras["sharpness_iterations"] = float(res.iterations)
+            extras["sharpness_converged"] = float(res.converged)
 
     vec: dict[str, dict[str, torch.Tensor | None]] = {k: {} for k in VECTORS}
     for n in names:
@@ -315,6 +416,7 @@ def probe_pair(
         vec["g"][n] = g
         vec["G0_err"][n] = G0[n] - g
         vec["x"][n] = x0[n]
+        vec["x_ref"][n] = x0[n] - xref[n] if xref is not None else None
         if nxt.has_grad:
             gn = nxt.grads.get(n)
             gn = _to(gn, dev, dt) if gn is not None else torch.zeros_like(x0[n])
@@ -345,6 +447,7 @@ def probe_pair(
         layers=tuple(names),
         loss_recorded=snap.loss if snap.loss is not None else float("nan"),
         lr=np.asarray(snap.lr, dtype=np.float64),
+        extras=extras,
     )
 
 

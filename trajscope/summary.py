@@ -1,16 +1,40 @@
-"""Headline numbers of an analysis: the first things people ask of a run."""
+"""Aggregations and summaries of an analysis: functions over the metrics Dataset.
+
+* :func:`headline`: the few numbers ``trajscope analyze`` prints.
+* :func:`holds_fraction`: per metric with a ``holds_if`` comparison, the fraction of analyzed pairs
+  where the theory's condition holds.
+* Convexity-ratio aggregations beside the cumulative ``convexity_ratio`` variable:
+  :func:`convexity_ratio_window` (last k pairs), :func:`convexity_ratio_ema` (EMA(β), the
+  authors' β = 0.99 / 0.9999), :func:`convexity_ratio_by_epoch`, :func:`convexity_ratio_cumulative`.
+  Each one is a ratio of aggregated sums, Σ num / Σ den, and never a mean of per-step ratios (a
+  step with a tiny loss change would dominate that). ``reference=True`` uses the
+  reference-point terms (``convexity_ref_num``/``convexity_ref_den``) instead.
+* :func:`l0l1_fit`: the (L0, L1)-smoothness fit of ``inst_smoothness`` against ‖G0‖.
+* :func:`summarize` / :func:`format_summary`: ``trajscope summary RUN_DIR`` and its Python twin.
+
+Everything runs over the *analyzed pairs* in step order. With a sparse recording schedule, a
+"window of k" or an EMA therefore spans k analyzed pairs, not k optimizer steps.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
-__all__ = ["headline", "format_headline"]
+from trajscope.errors import AnalysisError
+
+__all__ = [
+    "headline", "format_headline", "holds_fraction", "convexity_ratio_window",
+    "convexity_ratio_ema", "convexity_ratio_by_epoch", "convexity_ratio_cumulative", "l0l1_fit",
+    "summarize", "format_summary",
+]
 
 
-def _frac(da: xr.DataArray, pred: Any) -> float:
+def _frac(da: xr.DataArray, pred: Callable[[np.ndarray], np.ndarray]) -> float:
     v = np.asarray(da.values, dtype=np.float64)
     v = v[np.isfinite(v)]
     return float(np.mean(pred(v))) if v.size else float("nan")
@@ -30,11 +54,16 @@ def headline(ds: xr.Dataset) -> dict[str, float]:
     if "convexity_ratio" in ds and ds.sizes.get("step", 0):
         out["final_convexity_ratio"] = float(ds["convexity_ratio"].values[-1])
     if "inst_smoothness" in ds:
-        out["median_inst_smoothness"] = float(np.nanmedian(ds["inst_smoothness"].values))
+        out["median_inst_smoothness"] = _nanstat(np.nanmedian, ds["inst_smoothness"].values)
     for name in ("loss_replay_error", "grad_replay_error"):
         if name in ds:
-            out[f"max_{name}"] = float(np.nanmax(ds[name].values))
+            out[f"max_{name}"] = _nanstat(np.nanmax, ds[name].values)
     return out
+
+
+def _nanstat(fn: Callable[[np.ndarray], Any], v: Any) -> float:
+    v = np.asarray(v, dtype=np.float64)
+    return float(fn(v)) if np.any(np.isfinite(v)) else float("nan")
 
 
 _LABELS = {
@@ -59,4 +88,260 @@ def format_headline(h: dict[str, float]) -> str:
             lines.append(f"  {label:<52} {v:.1%}")
         else:
             lines.append(f"  {label:<52} {v:.4g}")
+    return "\n".join(lines)
+
+
+# --- where the theory holds ----------------------------------------------------------------------
+
+
+def holds_fraction(ds: xr.Dataset) -> dict[str, float]:
+    """For every step-only variable whose ``holds_if`` is a comparison (``"<= 0"``, ``"> 0"``, …):
+    the fraction of pairs, among those where it is defined (finite), that satisfy it. NaN when it
+    is nowhere defined. ``bounded`` and empty conditions are not fractions and are skipped."""
+    from trajscope.registry import holds
+
+    out: dict[str, float] = {}
+    for name, da in ds.data_vars.items():
+        if da.dims != ("step",):
+            continue
+        ok = holds(str(da.attrs.get("holds_if", "")), da.values)
+        if ok is None:
+            continue
+        finite = np.isfinite(np.asarray(da.values, dtype=np.float64))
+        out[str(name)] = float(np.mean(ok[finite])) if finite.any() else float("nan")
+    return out
+
+
+# --- convexity-ratio aggregations ----------------------------------------------------------------
+
+
+def _terms(ds: xr.Dataset, reference: bool) -> tuple[np.ndarray, np.ndarray]:
+    num, den = ("convexity_ref_num", "convexity_ref_den") if reference else ("convexity_num", "convexity_den")
+    for n in (num, den):
+        if n not in ds:
+            raise AnalysisError(f"the Dataset has no {n!r}; analyze with that metric (or all metrics)")
+    # a pair where a term is undefined contributes nothing, as in the cumulative series variables
+    return (np.nan_to_num(np.asarray(ds[num].values, dtype=np.float64), nan=0.0),
+            np.nan_to_num(np.asarray(ds[den].values, dtype=np.float64), nan=0.0))
+
+
+def _ratio_da(ds: xr.Dataset, num: np.ndarray, den: np.ndarray, name: str, what: str) -> xr.DataArray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(den != 0, num / den, np.nan)
+    return xr.DataArray(r, dims=("step",), coords={"step": ds["step"].values}, name=name,
+                        attrs={"long_name": what, "units": "1"})
+
+
+def convexity_ratio_cumulative(ds: xr.Dataset, *, reference: bool = False) -> xr.DataArray:
+    """Σ_{s≤t} num_s / Σ_{s≤t} den_s (the ``convexity_ratio`` / ``convexity_ratio_ref`` variable)."""
+    num, den = _terms(ds, reference)
+    return _ratio_da(ds, np.cumsum(num), np.cumsum(den), "convexity_ratio_cumulative",
+                     "cumulative convexity ratio")
+
+
+def convexity_ratio_window(ds: xr.Dataset, k: int, *, reference: bool = False) -> xr.DataArray:
+    """Σ num / Σ den over the last ``k`` analyzed pairs up to and including t (fewer at the start)."""
+    if not isinstance(k, int) or k < 1:
+        raise AnalysisError(f"k={k!r}: expected a window of at least 1 pair")
+    num, den = _terms(ds, reference)
+    cn, cd = np.concatenate([[0.0], np.cumsum(num)]), np.concatenate([[0.0], np.cumsum(den)])
+    idx = np.arange(1, len(num) + 1)
+    lo = np.maximum(idx - k, 0)
+    return _ratio_da(ds, cn[idx] - cn[lo], cd[idx] - cd[lo], f"convexity_ratio_last{k}",
+                     f"convexity ratio over the last {k} pairs")
+
+
+def convexity_ratio_ema(ds: xr.Dataset, beta: float = 0.99, *, reference: bool = False) -> xr.DataArray:
+    """EMA_β(num) / EMA_β(den), m_t = β·m_{t−1} + (1 − β)·v_t from m = 0.
+
+    Both averages share β, so the bias correction 1/(1 − β^t) cancels in the ratio.
+    """
+    if not 0 <= beta < 1:
+        raise AnalysisError(f"beta={beta!r}: expected 0 <= beta < 1")
+    num, den = _terms(ds, reference)
+    mn, md = np.empty_like(num), np.empty_like(den)
+    a = b = 0.0
+    for i, (x, y) in enumerate(zip(num, den)):
+        a = beta * a + (1 - beta) * x
+        b = beta * b + (1 - beta) * y
+        mn[i], md[i] = a, b
+    return _ratio_da(ds, mn, md, f"convexity_ratio_ema{beta:g}", f"EMA({beta:g}) convexity ratio")
+
+
+def _epochs(ds: xr.Dataset, steps_per_epoch: int | None) -> np.ndarray:
+    if steps_per_epoch is not None:
+        if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+            raise AnalysisError(f"steps_per_epoch={steps_per_epoch!r}: expected a positive int")
+        return np.asarray(ds["step"].values) // steps_per_epoch
+    if "epoch" in ds.coords:
+        return np.asarray(ds["epoch"].values)
+    raise AnalysisError(
+        "per-epoch aggregation needs epochs: the Dataset has no 'epoch' coordinate; pass "
+        "steps_per_epoch=N (--steps-per-epoch N)"
+    )
+
+
+def convexity_ratio_by_epoch(ds: xr.Dataset, steps_per_epoch: int | None = None, *,
+                             reference: bool = False) -> xr.DataArray:
+    """Σ num / Σ den over the analyzed pairs of each epoch (dim ``epoch``).
+
+    Epochs come from ``steps_per_epoch`` (epoch = step // steps_per_epoch) or from an ``epoch``
+    coordinate of the Dataset.
+    """
+    num, den = _terms(ds, reference)
+    ep = _epochs(ds, steps_per_epoch)
+    keys = np.unique(ep)
+    sn = np.array([num[ep == e].sum() for e in keys])
+    sd = np.array([den[ep == e].sum() for e in keys])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(sd != 0, sn / sd, np.nan)
+    return xr.DataArray(r, dims=("epoch",), coords={"epoch": keys}, name="convexity_ratio_by_epoch",
+                        attrs={"long_name": "per-epoch convexity ratio", "units": "1"})
+
+
+# --- (L0, L1)-smoothness -------------------------------------------------------------------------
+
+
+def l0l1_fit(ds: xr.Dataset, l1: float | np.ndarray | None = None, *, points: int = 33) -> xr.Dataset:
+    """Fit inst_smoothness_t ≤ L0 + L1·‖G0_t‖ over the analyzed pairs.
+
+    For each L1 the smallest valid L0 is ``max(0, max_t(inst_smoothness_t − L1·‖G0_t‖))``. With
+    ``l1=None`` the frontier is evaluated on ``points`` values from 0 (plain L-smoothness,
+    L0 = max inst_smoothness) to the L1 where L0 reaches 0 (max_t inst_smoothness_t / ‖G0_t‖).
+    How loose the bound is: ``looseness_median`` / ``looseness_max`` are the median and maximum of
+    (L0 + L1‖G0_t‖) / inst_smoothness_t, 1 where the bound is tight.
+
+    Returns a Dataset over dim ``l1`` with ``l0``, ``looseness_median``, ``looseness_max``.
+    ‖G0‖ is the ``replay_grad_norm`` variable.
+    """
+    for n in ("inst_smoothness", "replay_grad_norm"):
+        if n not in ds:
+            raise AnalysisError(f"the (L0, L1) fit needs {n!r} in the Dataset")
+    s = np.asarray(ds["inst_smoothness"].values, dtype=np.float64)
+    g = np.asarray(ds["replay_grad_norm"].values, dtype=np.float64)
+    ok = np.isfinite(s) & np.isfinite(g)
+    s, g = s[ok], g[ok]
+    if l1 is None:
+        top = float(np.max(s[g > 0] / g[g > 0])) if np.any(g > 0) else 0.0
+        grid = np.linspace(0.0, top, points)
+    else:
+        grid = np.atleast_1d(np.asarray(l1, dtype=np.float64))
+    if s.size == 0:
+        nan = np.full(grid.shape, np.nan)
+        l0, med, mx = nan, nan, nan
+    else:
+        l0 = np.maximum(0.0, np.max(s[None, :] - grid[:, None] * g[None, :], axis=1))
+        bound = l0[:, None] + grid[:, None] * g[None, :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            loose = np.where(s[None, :] > 0, bound / s[None, :], np.nan)
+        med = np.array([_nanstat(np.nanmedian, row) for row in loose])
+        mx = np.array([_nanstat(np.nanmax, row) for row in loose])
+    return xr.Dataset(
+        {
+            "l0": ("l1", l0, {"long_name": "smallest L0", "units": "loss/param^2",
+                              "description": "max(0, max_t(inst_smoothness_t − L1·‖G0_t‖))"}),
+            "looseness_median": ("l1", med, {"long_name": "median looseness", "units": "1",
+                                             "description": "median_t (L0 + L1‖G0_t‖) / inst_smoothness_t"}),
+            "looseness_max": ("l1", mx, {"long_name": "max looseness", "units": "1",
+                                         "description": "max_t (L0 + L1‖G0_t‖) / inst_smoothness_t"}),
+        },
+        coords={"l1": ("l1", grid, {"long_name": "L1", "units": "1/param"})},
+        attrs={"pairs": int(s.size)},
+    )
+
+
+# --- summary -------------------------------------------------------------------------------------
+
+
+def summarize(run_or_ds: str | Path | xr.Dataset, *, steps_per_epoch: int | None = None,
+              window: int = 10, betas: tuple[float, ...] = (0.99, 0.9999)) -> dict[str, Any]:
+    """Everything ``trajscope summary`` prints, as a dict (its Python twin).
+
+    Args:
+        run_or_ds: a run directory (its ``analysis/metrics.nc``) or a metrics Dataset.
+        steps_per_epoch: also aggregate the convexity ratio per epoch (or use an ``epoch`` coord).
+        window: k of the last-k convexity ratio.
+        betas: EMA factors of the EMA convexity ratio.
+    """
+    if isinstance(run_or_ds, xr.Dataset):
+        ds = run_or_ds
+    else:
+        from trajscope.analysis import open_metrics
+
+        ds = open_metrics(run_or_ds)
+    n = int(ds.sizes.get("step", 0))
+    out: dict[str, Any] = {"pairs": n, "headline": headline(ds), "holds": holds_fraction(ds)}
+    conv: dict[str, float] = {}
+    if n and "convexity_num" in ds and "convexity_den" in ds:
+        cum = convexity_ratio_cumulative(ds).values
+        conv["final_cumulative"] = float(cum[-1])
+        conv["frac_steps_cumulative_gt_0"] = _frac(xr.DataArray(cum), lambda v: v > 0)
+        conv[f"final_last{window}"] = float(convexity_ratio_window(ds, window).values[-1])
+        for b in betas:
+            conv[f"final_ema{b:g}"] = float(convexity_ratio_ema(ds, b).values[-1])
+        if steps_per_epoch is not None or "epoch" in ds.coords:
+            by = convexity_ratio_by_epoch(ds, steps_per_epoch)
+            conv["by_epoch"] = {int(e): float(v) for e, v in zip(by["epoch"].values, by.values)}
+    if n and "convexity_ref_num" in ds and "convexity_ref_den" in ds:
+        conv["final_cumulative_ref"] = float(convexity_ratio_cumulative(ds, reference=True).values[-1])
+    out["convexity_ratio"] = conv
+    if n and "stability_ratio" in ds:
+        late = ds["stability_ratio"].values[n // 2:]
+        out["median_stability_ratio_last_half"] = _nanstat(np.nanmedian, late)
+    if "inst_smoothness" in ds:
+        out["max_inst_smoothness"] = _nanstat(np.nanmax, ds["inst_smoothness"].values)
+    if "sharpness" in ds:
+        out["median_sharpness"] = _nanstat(np.nanmedian, ds["sharpness"].values)
+    if n and "inst_smoothness" in ds and "replay_grad_norm" in ds:
+        fit = l0l1_fit(ds)
+        i = int(np.nanargmin(fit["looseness_median"].values)) if np.any(
+            np.isfinite(fit["looseness_median"].values)) else 0
+        out["l0l1"] = {
+            "L_plain": float(fit["l0"].values[0]),
+            "looseness_median_plain": float(fit["looseness_median"].values[0]),
+            "best_l1": float(fit["l1"].values[i]),
+            "best_l0": float(fit["l0"].values[i]),
+            "looseness_median_best": float(fit["looseness_median"].values[i]),
+        }
+    return out
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The text of ``trajscope summary``."""
+    lines = [f"pairs analyzed: {s['pairs']}", "", "where the theory holds (fraction of pairs):"]
+    from trajscope.registry import get_metrics
+
+    specs = get_metrics()
+    for name, frac in s["holds"].items():
+        cond = specs[name].holds_if if name in specs else ""
+        lines.append(f"  {name:<28} {cond:<10} {frac:7.1%}" if np.isfinite(frac)
+                     else f"  {name:<28} {cond:<10}     n/a")
+    conv = s.get("convexity_ratio", {})
+    if conv:
+        lines += ["", "convexity ratio (Σ num / Σ den):"]
+        for k, v in conv.items():
+            if k == "by_epoch":
+                lines.append("  per epoch: " + ", ".join(f"{e}: {r:.4g}" for e, r in v.items()))
+            elif k.startswith("frac_"):
+                lines.append(f"  {k:<28} {v:.1%}")
+            else:
+                lines.append(f"  {k:<28} {v:.4g}")
+    scal = [(k, s[k]) for k in ("median_stability_ratio_last_half", "max_inst_smoothness",
+                                "median_sharpness") if k in s]
+    if scal:
+        lines += ["", "smoothness:"] + [f"  {k:<34} {v:.4g}" for k, v in scal]
+    if "l0l1" in s:
+        f = s["l0l1"]
+        lines += [
+            "",
+            "(L0, L1)-smoothness fit, inst_smoothness <= L0 + L1·‖G0‖ for every pair:",
+            f"  L1 = 0 (plain L-smoothness): L = {f['L_plain']:.4g}, median looseness "
+            f"{f['looseness_median_plain']:.3g}x",
+            f"  tightest median: L1 = {f['best_l1']:.4g}, L0 = {f['best_l0']:.4g}, median "
+            f"looseness {f['looseness_median_best']:.3g}x",
+        ]
+    h = s.get("headline", {})
+    rep = [(k, h[k]) for k in ("max_loss_replay_error", "max_grad_replay_error") if k in h]
+    if rep:
+        lines += ["", "replay fidelity:"] + [f"  {k:<34} {v:.3g}" for k, v in rep]
     return "\n".join(lines)
