@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xarray as xr
 from torch import nn
 
 import trajscope
@@ -195,7 +196,7 @@ def train(run_dir: Path, cfg: Config, data: torch.Tensor) -> list[float]:
     return losses
 
 
-def findings(ds: Any, losses: list[float]) -> dict[str, float]:
+def findings(ds: xr.Dataset, losses: list[float]) -> dict[str, float]:
     gap, uc = ds["inst_gap"].values, ds["update_corr"].values
     ratio = ds["inst_smoothness"].values * ds["lr"].values / 2  # metrics.md: stability_ratio
     k = max(1, len(losses) // 10)

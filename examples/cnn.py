@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xarray as xr
 from torch import nn
 
 import trajscope
@@ -146,7 +147,7 @@ def train(run_dir: Path, optimizer: str, cfg: Config, data: tuple[torch.Tensor, 
                 "test_accuracy": float((model(xte).argmax(1) == yte).float().mean())}
 
 
-def findings(ds: Any) -> dict[str, float]:
+def findings(ds: xr.Dataset) -> dict[str, float]:
     gap, uc = ds["inst_gap"].values, ds["update_corr"].values
     ratio = ds["inst_smoothness"].values * ds["lr"].values / 2  # metrics.md: stability_ratio
     return {

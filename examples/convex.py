@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xarray as xr
 from torch import nn
 
 import trajscope
@@ -100,7 +101,7 @@ def train(run_dir: Path, optimizer: str, cfg: Config, x: torch.Tensor, y: torch.
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def findings(ds: Any) -> dict[str, float]:
+def findings(ds: xr.Dataset) -> dict[str, float]:
     """The numbers this example is about, from the analysis Dataset."""
     gap, gap_fwd = ds["inst_gap"].values, ds["inst_gap_fwd"].values
     return {

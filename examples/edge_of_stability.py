@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xarray as xr
 from torch import nn
 
 import trajscope
@@ -102,7 +103,7 @@ def train(run_dir: Path, lr: float, cfg: Config) -> list[float]:
     return losses
 
 
-def findings(ds: Any, losses: list[float], lr: float) -> dict[str, float]:
+def findings(ds: xr.Dataset, losses: list[float], lr: float) -> dict[str, float]:
     """Where the stability ratio sits late in training, and whether the loss kept falling."""
     ratio = ds["inst_smoothness"].values * ds["lr"].values / 2  # metrics.md: stability_ratio
     late = ratio[len(ratio) // 2:]

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xarray as xr
 from torch import nn
 
 import trajscope
@@ -111,7 +112,7 @@ def train(run_dir: Path, scaled: bool, cfg: Config, x: torch.Tensor, y: torch.Te
     return scales, final
 
 
-def o2nc_check(ds: Any, scales: list[float]) -> dict[str, float]:
+def o2nc_check(ds: xr.Dataset, scales: list[float]) -> dict[str, float]:
     """Test E[loss_change − ℓ'(1)/s] = 0 over the steps: mean, standard error and z-score."""
     steps = ds["step"].values
     s = np.asarray(scales)[steps]
@@ -122,7 +123,7 @@ def o2nc_check(ds: Any, scales: list[float]) -> dict[str, float]:
             "z_identity_residual": float(np.mean(d) / se) if se > 0 else float("nan")}
 
 
-def findings(ds: Any, scales: list[float], final_loss: float) -> dict[str, float]:
+def findings(ds: xr.Dataset, scales: list[float], final_loss: float) -> dict[str, float]:
     lc, uc = ds["loss_change"].values, ds["update_corr"].values
     s = np.asarray(scales)[ds["step"].values]
     return {

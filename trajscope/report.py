@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xarray as xr
@@ -428,16 +428,19 @@ FIGURES: tuple[FigureSpec, ...] = (
                ("window",)),
     FigureSpec("smoothness", "Smoothness and the edge of stability", ("inst_smoothness",), fig_smoothness,
                "Left: inst_smoothness = ‖G1 − G0‖ / ‖Δ_t‖ (same batch) against 2/lr, the largest "
-               "smoothness constant for which the descent lemma guarantees progress (and the sharpness "
-               "λ_max when analyzed). Right: stability ratio inst_smoothness·lr/2; above 1 the "
-               "smoothness-based analysis cannot explain the step."),
+               "smoothness constant for which the descent lemma guarantees progress of a plain "
+               "gradient step (and the sharpness λ_max when analyzed). Right: stability ratio "
+               "inst_smoothness·lr/2; above 1 the smoothness-based analysis cannot explain the step. "
+               "For momentum and adaptive optimizers the step is not −lr·g, so 2/lr is a reference "
+               "scale there, not a threshold."),
     FigureSpec("update_corr", "Update correlation", ("update_corr", "loss_change"), fig_update_corr,
                "Left: update_corr = ⟨g_{t+1}, Δ_t⟩ with the next step's stochastic gradient; negative "
                "on average means monotone descent in expectation. Right: its running sum beside the "
                "running sum of the same-batch loss change ℓ(1) − ℓ(0)."),
     FigureSpec("replay", "Replay fidelity", ("loss_replay_error",), fig_replay,
                "Relative error of the analyzer's re-evaluation of the loss and gradient at x_t against "
-               "what training recorded (dotted lines: the tolerances in the variables' holds_if). "
+               "what training recorded (grey lines: the tolerances in the variables' holds_if, solid for "
+               "the loss, dashed for the gradient). "
                "Large values mean dropout, BatchNorm, clipping or AMP differ between training and "
                "replay, and the other figures describe a slightly different function."),
 )
