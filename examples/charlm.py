@@ -258,9 +258,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"parameters, AdamW, {len(data):,} characters of stdlib source")
     print(f"  loss {r['loss_first_tenth']:.3f} -> {r['loss_last_tenth']:.3f} nats/char over {cfg.steps} steps; "
           f"{r['pairs']} pairs analyzed")
-    print(f"  inst_gap<=0: {r['frac_inst_gap_le_0']:.0%}  convexity_ratio final={r['final_convexity_ratio']:.3f} "
-          f"(min {r['min_convexity_ratio']:.3f})  update_corr>0: {r['frac_update_corr_gt_0']:.0%}  "
-          f"loss_change<0: {r['frac_loss_change_lt_0']:.0%}")
+    print(f"  inst_gap<=0: {r['frac_inst_gap_le_0']:.1%}  convexity_ratio final={r['final_convexity_ratio']:.3f} "
+          f"(min {r['min_convexity_ratio']:.3f})  update_corr>0: {r['frac_update_corr_gt_0']:.1%}  "
+          f"loss_change<0: {r['frac_loss_change_lt_0']:.1%}")
     print(f"  median inst_smoothness={r['median_inst_smoothness']:.3g} (max/min over the run "
           f"{r['max_over_min_inst_smoothness']:.3g})  median inst_smoothness·lr/2="
           f"{r['median_stability_ratio']:.3g}  replay err loss/grad={r['max_loss_replay_error']:.1e}/"

@@ -207,10 +207,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("sgd", "adamw"):
         r = results[name]
         print(f"  {name:5s} pairs={r['pairs']}  test acc={r['test_accuracy']:.3f}  inst_gap<=0: "
-              f"{r['frac_inst_gap_le_0']:.0%}  convexity_ratio final={r['final_convexity_ratio']:.3f} "
-              f"(min {r['min_convexity_ratio']:.3f})  update_corr>0: {r['frac_update_corr_gt_0']:.0%}  "
+              f"{r['frac_inst_gap_le_0']:.1%}  convexity_ratio final={r['final_convexity_ratio']:.3f} "
+              f"(min {r['min_convexity_ratio']:.3f})  update_corr>0: {r['frac_update_corr_gt_0']:.1%}  "
               f"stability ratio median={r['median_stability_ratio']:.3g} (>1 on "
-              f"{r['frac_stability_ratio_gt_1']:.0%})  replay err loss/grad="
+              f"{r['frac_stability_ratio_gt_1']:.1%})  replay err loss/grad="
               f"{r['max_loss_replay_error']:.1e}/{r['max_grad_replay_error']:.1e}")
     if "report" in results:
         print(f"  report: {results['report']}")

@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{r['median_inst_smoothness_last_half']:.3g}  median stability ratio (last half)="
               f"{r['median_stability_ratio_last_half']:.3f}  first ratio>0.9 at step "
               f"{r['first_step_ratio_above_0.9']}  loss {r['initial_loss']:.3f} -> {r['final_loss']:.3f} "
-              f"(rises on {r['frac_loss_increases']:.0%} of steps)")
+              f"(rises on {r['frac_loss_increases']:.1%} of steps)")
     print("  finding: inst_smoothness settles at 2/lr (stability ratio ~1, beyond what the "
           "descent lemma allows) while the loss keeps falling")
     if "report" in results:

@@ -121,7 +121,7 @@ comparison = xr.Dataset({
     "median_inst_smoothness": both["inst_smoothness"].median("step"),
     "frac_update_corr_gt_0": (both["update_corr"] > 0).sum("step") / both["update_corr"].notnull().sum("step"),
     "total_loss_change": both["loss_change"].sum("step"),
-})
+}).reset_coords(drop=True)  # drop the scalar step/lr left by isel(step=-1)
 print(comparison.to_dataframe().T)
 
 # %% [markdown]

@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {name:6s} pairs={r['pairs']}  final loss={r['final_train_loss']:.4f}  "
               f"Σloss_change={r['sum_loss_change']:.3f}  Σupdate_corr={r['sum_update_corr']:.3f}  "
               f"Σupdate_corr/s={r['sum_update_corr_over_s']:.3f}  "
-              f"update_corr>0: {r['frac_update_corr_gt_0']:.0%}  inst_gap<=0: {r['frac_inst_gap_le_0']:.0%}")
+              f"update_corr>0: {r['frac_update_corr_gt_0']:.1%}  inst_gap<=0: {r['frac_inst_gap_le_0']:.1%}")
         print(f"         E[loss_change − ℓ'(1)/s] = {r['mean_identity_residual']:.2e} "
               f"± {r['se_identity_residual']:.1e}  (z = {r['z_identity_residual']:.1f})")
     print("  finding: with random scaling the linear term ℓ'(1)/s is an unbiased estimate of the "

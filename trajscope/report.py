@@ -98,11 +98,9 @@ def windowed_ratio(num: np.ndarray, den: np.ndarray, window: int) -> np.ndarray:
         raise AnalysisError(f"window={window!r}: expected an int >= 1")
     n = np.nan_to_num(np.asarray(num, dtype=np.float64), nan=0.0)
     d = np.nan_to_num(np.asarray(den, dtype=np.float64), nan=0.0)
-    cn = np.concatenate([[0.0], np.cumsum(n)])
-    cd = np.concatenate([[0.0], np.cumsum(d)])
-    idx = np.arange(len(n)) + 1
-    lo = np.maximum(idx - window, 0)
-    sn, sd = cn[idx] - cn[lo], cd[idx] - cd[lo]
+    # direct window sums (not differences of running sums, which cancel badly on long runs)
+    sn = np.convolve(n, np.ones(window))[: len(n)]
+    sd = np.convolve(d, np.ones(window))[: len(d)]
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(sd != 0, sn / sd, np.nan)
 
