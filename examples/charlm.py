@@ -108,6 +108,8 @@ def get_batch(data: torch.Tensor, cfg: Config, gen: torch.Generator) -> tuple[to
 # --- model: a minimal GPT ---------------------------------------------------------------------
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which position t only sees positions ≤ t."""
+
     def __init__(self, c: GPTConfig) -> None:
         super().__init__()
         self.n_head = c.n_head
@@ -128,6 +130,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
     def __init__(self, c: GPTConfig) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(c.n_embd)
@@ -141,6 +145,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """Token and position embeddings, the blocks, a final LayerNorm and the logits head."""
+
     def __init__(self, c: GPTConfig) -> None:
         super().__init__()
         self.tok = nn.Embedding(c.vocab_size, c.n_embd)

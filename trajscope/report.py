@@ -62,6 +62,7 @@ __all__ = [
     "fig_update_corr",
     "fig_replay",
     "summary_rows",
+    "loss_line_shape",
 ]
 
 REPORT_DIR = "report"
@@ -498,10 +499,10 @@ def summary_rows(ds: xr.Dataset) -> dict[str, float]:
         rows["median_stability_ratio_last_half"] = float(np.median(half)) if half.size else float("nan")
         fin = sr[np.isfinite(sr)]
         rows["frac_stability_ratio_gt_1"] = float(np.mean(fin > 1)) if fin.size else float("nan")
-    if "loss_change" in ds.variables:
-        rows["sum_loss_change"] = float(np.nansum(_vals(ds, "loss_change")))
-    if "update_corr" in ds.variables:
-        rows["sum_update_corr"] = float(np.nansum(_vals(ds, "update_corr")))
+    for name in ("loss_change", "update_corr"):
+        if name in ds.variables:
+            v = _vals(ds, name)
+            rows[f"sum_{name}"] = float(np.nansum(v)) if np.isfinite(v).any() else float("nan")
     return rows
 
 
