@@ -222,6 +222,14 @@ def test_duplicate_directory_names_get_distinct_labels(tmp_path: Path) -> None:
     assert list(labels.values()) == ["a/run", "b/run", "c"]
 
 
+def test_run_dimension_with_duplicate_labels_keeps_both(datasets: dict[str, xr.Dataset]) -> None:
+    """open_metrics labels runs by directory name only, so two `sgd` directories collide."""
+    both = xr.concat([datasets["slow"], datasets["fast"]], dim=xr.DataArray(["sgd", "sgd"], dims="run"))
+    runs = rp.load_runs(both)
+    assert list(runs) == ["sgd", "sgd (1)"]
+    close(runs["sgd (1)"]["inst_gap"].values, datasets["fast"]["inst_gap"].values)
+
+
 def test_windowed_ratio_and_ema_helpers() -> None:
     num, den = np.array([1.0, np.nan, 3.0, -1.0]), np.array([2.0, 1.0, 0.0, -1.0])
     close(rp.windowed_ratio(num, den, 2), ref_windowed(num, den, 2))

@@ -540,10 +540,14 @@ def load_runs(runs: str | Path | xr.Dataset | Sequence[str | Path | xr.Dataset] 
         for i, item in enumerate(items):
             if isinstance(item, xr.Dataset):
                 if "run" in item.dims:
-                    for r in item["run"].values:
-                        part = item.sel(run=r).drop_vars("run")
+                    names = [str(r) for r in item["run"].values] if "run" in item.coords else []
+                    for j in range(item.sizes["run"]):
+                        part = item.isel(run=j, drop=True)
                         keep = np.isfinite(part["loss_line"]).any("alpha") if "loss_line" in part else None
-                        out[str(r)] = part.isel(step=np.flatnonzero(keep.values)) if keep is not None else part
+                        label = names[j] if names else f"run{j}"
+                        if label in out:  # open_metrics labels by directory name only
+                            label = f"{label} ({j})"
+                        out[label] = part.isel(step=np.flatnonzero(keep.values)) if keep is not None else part
                 else:
                     out[str(item.attrs.get("title", f"run{i}")).removeprefix("trajscope metrics of ")] = item
             else:
