@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -231,8 +232,9 @@ def test_explore_notebook_cells_run_and_agree_with_numpy(convex_run: tuple[Path,
 def test_example_runs_as_a_script_and_reanalyzes_from_the_cli(tmp_path: Path) -> None:
     """Run convex.py as a script; the manifest names ``convex:make_objective``, and
     ``trajscope analyze`` run from ``examples/`` re-imports it and reproduces the Dataset."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: threads only contend
     proc = subprocess.run([sys.executable, str(EXAMPLES / "convex.py"), "--small", "--no-report",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "finding: the convexity inequality holds on every step for both optimizers (yes)" in proc.stdout
     run = trajscope.open_run(tmp_path / "sgd")
@@ -240,7 +242,7 @@ def test_example_runs_as_a_script_and_reanalyzes_from_the_cli(tmp_path: Path) ->
     before = trajscope.open_metrics(tmp_path / "sgd")
     proc = subprocess.run([sys.executable, "-m", "trajscope.cli", "analyze", str(tmp_path / "sgd"),
                            "--force", "--quiet", "--dtype", "float64", "--points", "5", "--margin", "0.25"],
-                          cwd=EXAMPLES, capture_output=True, text=True, timeout=300)
+                          cwd=EXAMPLES, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     after = trajscope.open_metrics(tmp_path / "sgd")
     np.testing.assert_allclose(after["inst_gap"].values, before["inst_gap"].values, rtol=1e-10)

@@ -53,11 +53,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two analyzed runs (different learning rates) in directories named ``slow`` and ``fast``."""
     root = tmp_path_factory.mktemp("report_runs")
     out = {}
-    for name, lr in (("slow", 0.05), ("fast", 0.5)):
-        _record(root / name, lr)
-        trajscope.analyze(root / name, make_objective, points=5, margin=0.25, dtype="float64",
-                          progress=False)
-        out[name] = root / name
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 12-unit MLP: extra threads only contend on a busy machine
+    try:
+        for name, lr in (("slow", 0.05), ("fast", 0.5)):
+            _record(root / name, lr)
+            trajscope.analyze(root / name, make_objective, points=5, margin=0.25, dtype="float64",
+                              progress=False)
+            out[name] = root / name
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
