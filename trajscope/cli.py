@@ -160,6 +160,28 @@ def _cli_warnings() -> Iterator[None]:
         warnings.showwarning = saved
 
 
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=_RUN_DIR)
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=str),
+              help="Report directory (default: RUN_DIR/report of the first run).")
+@click.option("--ema-beta", default=0.9, show_default=True,
+              type=click.FloatRange(0, 1, max_open=True),
+              help="EMA weight on the past for the inst_gap figure.")
+@click.option("--window", type=click.IntRange(min=1),
+              help="Pairs in the windowed convexity ratio (default: a tenth of the run, at least 2).")
+def report(run_dirs: tuple[str, ...], out: str | None, ema_beta: float, window: int | None) -> None:
+    """Paper-style figures (PNG) and an index.html with the summary table.
+
+    Several analyzed RUN_DIRs overlay in one report. Run `trajscope analyze` on each first.
+    """
+    from trajscope.report import write_report
+
+    rep = write_report(list(run_dirs), out, beta=ema_beta, window=window)
+    click.echo(f"wrote {rep.index} ({len(rep.figures)} figures)")
+    for name, why in rep.skipped.items():
+        click.echo(f"skipped {name}: {why}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``trajscope`` command (exit 0, 1 on an error, 2 on a usage error)."""
     args = list(sys.argv[1:] if argv is None else argv)
