@@ -475,7 +475,8 @@ class Recorder:
         self._check_writer()
         if self._failed or not self.schedule(self.step):
             return None
-        closure = kwargs.get("closure") if "closure" in kwargs else (args[0] if args else None)
+        # torch passes step()'s own args, `self` included: step(closure) arrives as (opt, closure).
+        closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if len(args) > 1 else None)
         if not callable(closure):
             self._capture_step()
             return None
@@ -492,7 +493,7 @@ class Recorder:
 
         if "closure" in kwargs:
             return args, {**kwargs, "closure": recorded_closure}
-        return (recorded_closure, *args[1:]), kwargs
+        return (args[0], recorded_closure, *args[2:]), kwargs
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.is_writer and not self._failed:

@@ -116,11 +116,13 @@ class At:
 
     def __init__(self, steps: Iterable[int], window: int = 2) -> None:
         try:
-            listed = sorted(set(steps))
+            items = list(steps)
         except TypeError:
             raise RecorderError(f"steps={steps!r}: expected an iterable of ints >= 0") from None
-        for s in listed:
-            _check_int("steps[...]", s, 0)
+        for s in items:
+            if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+                raise RecorderError(f"steps={items!r}: expected ints >= 0, got {s!r}")
+        listed = sorted(set(items))
         _check_int("window", window, 1)
         object.__setattr__(self, "steps", tuple(listed))
         object.__setattr__(self, "window", window)

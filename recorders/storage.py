@@ -240,8 +240,9 @@ class SafetensorsWriter:
     else through an ordinary buffered write.
     """
 
-    def __init__(self, run_dir: Path, *, direct_io: bool | None = None) -> None:
-        self.dir = run_dir / fmt.STEPS_DIR
+    def __init__(self, run_dir: Path, *, direct_io: bool | None = None,
+                 steps_dir: Path | None = None) -> None:
+        self.dir = steps_dir if steps_dir is not None else run_dir / fmt.STEPS_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
         # None: try O_DIRECT and fall back silently; False: never; True: try, fall back too (some
         # filesystems, tmpfs among them, reject it), but the attempt is what the user asked for.

@@ -308,7 +308,8 @@ def _h5_tensor(arr: np.ndarray, dtype: str, where: str) -> torch.Tensor:
     view = _H5_INT_VIEW.get(dtype)
     if view is not None:
         arr = arr.view(view)
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    # (np.ascontiguousarray would turn a 0-d array into shape (1,))
+    t = torch.from_numpy(arr if arr.flags.c_contiguous else arr.copy(order="C"))
     return t.view(getattr(torch, dtype)) if t.dtype != getattr(torch, dtype) else t
 
 
