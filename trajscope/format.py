@@ -236,8 +236,9 @@ def safetensors_layout(specs: list[tuple[str, str, tuple[int, ...]]]) -> tuple[l
 
     Returns:
         ``(key, dtype, shape, begin, end)`` per tensor (offsets relative to the data section),
-        sorted by element size, largest first (stable), so each tensor's offset is a multiple of
-        its element size; and the data section's total size. safetensors forbids holes, so there
+        sorted by element size, largest first, then by key, so each tensor's offset is a multiple
+        of its element size and the same tensors always give the same file; and the data
+        section's total size. safetensors forbids holes, so there
         is no padding between tensors.
 
     Raises:
@@ -257,11 +258,11 @@ def safetensors_layout(specs: list[tuple[str, str, tuple[int, ...]]]) -> tuple[l
         n = size
         for d in shape:
             n *= int(d)
-        sized.append((-size, i, key, dtype, tuple(int(d) for d in shape), n))
-    sized.sort()
+        sized.append((-size, key, i, dtype, tuple(int(d) for d in shape), n))
+    sized.sort()  # canonical order: the same tensors always give the same bytes
     out = []
     offset = 0
-    for _, _, key, dtype, shape, n in sized:
+    for _, key, _, dtype, shape, n in sized:
         out.append((key, dtype, shape, offset, offset + n))
         offset += n
     return out, offset
