@@ -257,8 +257,11 @@ class SafetensorsWriter:
         data = image.view()
         try:
             if not (self._direct and self._write_direct(tmp, data)):
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    _write_all(fd, data)
+                finally:
+                    os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             with _suppress_oserror():
@@ -292,15 +295,18 @@ class SafetensorsWriter:
                 # The tail is shorter than a block: finish it with a buffered write.
                 flags = fcntl.fcntl(fd, fcntl.F_GETFL)
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
-                tail = data[n_aligned:]
-                while tail:
-                    tail = tail[os.write(fd, tail):]
+                _write_all(fd, data[n_aligned:])
         finally:
             os.close(fd)
         return True
 
     def close(self) -> None:
         pass
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data):]
 
 
 class _suppress_oserror:
