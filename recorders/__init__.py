@@ -6,7 +6,7 @@ submodules that are imported only when asked for: ``trajscope.recorders.lightnin
 ``trajscope.recorders.hf``. See ``docs/recording.md``.
 """
 
-from trajscope.recorders.recorder import Recorder, RecorderWarning
+from trajscope.recorders.recorder import Recorder, RecorderStats, RecorderWarning
 from trajscope.recorders.schedule import At, Every, Log
 
-__all__ = ["Recorder", "RecorderWarning", "Every", "Log", "At"]
+__all__ = ["Recorder", "RecorderStats", "RecorderWarning", "Every", "Log", "At"]

@@ -28,6 +28,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,30 @@ from trajscope.recorders.storage import (
     dtype_name,
 )
 
-__all__ = ["Recorder", "RecorderWarning", "objective_name"]
+__all__ = ["Recorder", "RecorderStats", "RecorderWarning", "objective_name"]
 
 _VERSION = "0.1.0"
 _DEFER_LIMIT = 64  # scalars lines kept while GPU losses are copied back without blocking
+
+
+@dataclass
+class RecorderStats:
+    """What recording has cost so far (``Recorder.stats``), for tuning ``every``/``max_pending``.
+
+    Attributes:
+        snapshots: snapshots copied (recorded steps, plus the final state once closed).
+        bytes: bytes of those snapshots (file sizes in the safetensors format).
+        copy_seconds: training-thread time spent copying snapshots (the unavoidable part).
+        wait_seconds: training-thread time spent waiting for a free buffer because the disk was
+            behind (back-pressure); grows when ``every`` is too small for the disk.
+        write_seconds: time the writer spent writing (on the background thread when async).
+    """
+
+    snapshots: int = 0
+    bytes: int = 0
+    copy_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    write_seconds: float = 0.0
 
 
 class RecorderWarning(UserWarning):
@@ -266,10 +287,28 @@ class Recorder:
         self._writer: AsyncWriter | None = None
         self._store: SafetensorsWriter | HDF5Writer | None = None
         self._status = fmt.STATUS_RECORDING
+        self._stats = RecorderStats()
         self._failed = False  # recording stopped after an error (on_error="warn")
         self._error: str | None = None
         self._open = False
         self._closed = False
+
+    @property
+    def stats(self) -> RecorderStats:
+        """Counters of what recording has cost so far (see :class:`RecorderStats`)."""
+        if self._writer is not None:
+            self._stats.write_seconds = self._writer.write_seconds
+        return self._stats
+
+    def flush(self) -> None:
+        """Block until every snapshot taken so far is written (e.g. before analyzing a live run).
+
+        Raises:
+            RecorderError: a write failed and ``on_error="raise"``.
+        """
+        if self._writer is not None:
+            self._writer.flush()
+        self._check_writer()
 
     @property
     def is_writer(self) -> bool:
@@ -570,12 +609,19 @@ class Recorder:
         for name, b in self.model.named_buffers():
             if fmt.BUFFER + name not in keys:
                 tensors.append((fmt.BUFFER + name, b))
+        t0 = time.perf_counter()
         slot = self._writer.pool.acquire()  # blocks while max_pending snapshots wait: back-pressure
+        t1 = time.perf_counter()
         try:
             image = build_image(slot, step, kind, meta, tensors)
         except BaseException:
             self._writer.pool.release(slot)
             raise
+        st = self._stats
+        st.wait_seconds += t1 - t0
+        st.copy_seconds += time.perf_counter() - t1
+        st.snapshots += 1
+        st.bytes += image.size
         self._writer.submit(image)
 
     def _optimizer_state(self, meta: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:

@@ -26,6 +26,7 @@ import json
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -463,6 +464,8 @@ class AsyncWriter:
     threaded: bool = True
     error: WriteError | None = None
     written: int = 0
+    bytes_written: int = 0
+    write_seconds: float = 0.0  # time spent writing (on the writer thread when threaded)
     _q: queue.Queue[StepImage | None] = field(default_factory=queue.Queue)
     _thread: threading.Thread | None = None
 
@@ -480,9 +483,12 @@ class AsyncWriter:
     def _write_one(self, image: StepImage) -> None:
         try:
             if self.error is None:
+                t0 = time.perf_counter()
                 image.wait()
                 self.write(image)
+                self.write_seconds += time.perf_counter() - t0
                 self.written += 1
+                self.bytes_written += image.size
         except BaseException as exc:  # noqa: BLE001 - kept and raised on the training thread
             self.error = WriteError(image.step, self.where(image.step), exc)
         finally:
