@@ -7,12 +7,15 @@ shuffled order, round after round, in one process, so machine noise hits every c
 alike. A block's time includes waiting for the writer to finish the block's snapshots
 (``Recorder.flush``): asynchronous work is not hidden past the end of the timed region.
 
-Reported per configuration (medians over rounds):
+Reported per configuration:
 
-* ``ratio``: block time / the plain block of the same round;
-* ``added ms/recorded step``: (time − plain time) per recorded step;
-* ``copy ms`` / ``wait ms`` / ``write ms`` per snapshot (``Recorder.stats``): training-thread copy,
-  training-thread wait for a free buffer (back-pressure), background write;
+* wall ratio: block time / the plain block run right before or after it, median over rounds;
+* quiet-machine ratio: the 10th percentile of the configuration's 10-step cycle times over the
+  plain one's (on a shared machine contention only adds time; the low tail is the machine alone);
+* CPU-time ratio: process CPU time of the block over the adjacent plain block's;
+* ``Recorder.stats`` per recorded step: time the training thread spent in the recorder (wall and
+  CPU; copies included), of which copying and waiting for a free buffer (back-pressure), and the
+  background writer's wall and CPU time;
 * bytes per recorded step;
 
 and the physical floor: one plain in-memory copy (``numpy.copyto`` into a preallocated buffer) of
@@ -42,7 +45,8 @@ from torch import nn
 
 from trajscope.recorders import At, Recorder
 
-WARMUP = 2
+WARMUP = 10  # untimed steps first: buffers allocated, and timing starts at a recorded step
+CYCLE = 10  # every=10 repeats every 10 steps: blocks are timed in 10-step cycles
 NEVER = At([10**12])  # attached, rec.batch called every step, nothing ever recorded
 
 COPY_FLOOR = {"copy floor": True}  # marker: no recorder, just the floor's copy at every step
@@ -67,8 +71,14 @@ def make_model() -> nn.Module:
 
 def run_block(cfg: dict[str, Any] | None, model: nn.Module, opt: torch.optim.Optimizer,
               data: tuple[torch.Tensor, torch.Tensor], steps: int, workdir: Path
-              ) -> tuple[float, dict[str, float], int]:
-    """Train WARMUP + ``steps`` steps; return (timed seconds, recorder stats, recorded steps)."""
+              ) -> tuple[float, dict[str, float], int, list[float]]:
+    """Train WARMUP + ``steps`` steps; return (timed seconds, recorder stats, recorded steps,
+    seconds of each 10-step cycle).
+
+    Timing starts at step WARMUP = 10, a recorded step of every=10/window=2, so each cycle holds
+    its recorded steps first and the background writes they cause; the last cycle includes the
+    final flush.
+    """
     x, y = data
     rec = None
     hook = None
@@ -82,12 +92,19 @@ def run_block(cfg: dict[str, Any] | None, model: nn.Module, opt: torch.optim.Opt
         rec.start()
     recorded_before = 0
     t0 = 0.0
+    marks: list[float] = []
     for i in range(WARMUP + steps):
+        if i > WARMUP and (i - WARMUP) % CYCLE == 0:
+            marks.append(time.perf_counter())
         if i == WARMUP:
+            if hook is not None:
+                copier.started = True
             if rec is not None:
                 rec.flush()
                 recorded_before = rec.stats.snapshots
-                base = (rec.stats.copy_seconds, rec.stats.wait_seconds, rec.stats.write_seconds)
+                st0 = rec.stats
+                base = (st0.copy_seconds, st0.wait_seconds, st0.write_seconds, st0.hook_seconds,
+                        st0.hook_cpu_seconds, st0.write_cpu_seconds)
             t0 = time.perf_counter()
             c0 = time.process_time()
         opt.zero_grad(set_to_none=True)
@@ -98,8 +115,11 @@ def run_block(cfg: dict[str, Any] | None, model: nn.Module, opt: torch.optim.Opt
         opt.step()
     if rec is not None:
         rec.flush()
-    elapsed = time.perf_counter() - t0
+    t_end = time.perf_counter()
+    elapsed = t_end - t0
     cpu = time.process_time() - c0
+    edges = [t0, *marks, t_end]
+    cycles = [b - a for a, b in zip(edges, edges[1:])]
     if hook is not None:
         hook.remove()
     stats: dict[str, float] = {"cpu_s": cpu}
@@ -111,6 +131,9 @@ def run_block(cfg: dict[str, Any] | None, model: nn.Module, opt: torch.optim.Opt
             "copy_s": s.copy_seconds - base[0],
             "wait_s": s.wait_seconds - base[1],
             "write_s": s.write_seconds - base[2],
+            "hook_s": s.hook_seconds - base[3],
+            "hook_cpu_s": s.hook_cpu_seconds - base[4],
+            "write_cpu_s": s.write_cpu_seconds - base[5],
             "bytes_per_snapshot": s.bytes / max(s.snapshots, 1),
         }
         rec.close()
@@ -118,7 +141,8 @@ def run_block(cfg: dict[str, Any] | None, model: nn.Module, opt: torch.optim.Opt
         os.sync()  # let the kernel settle buffered writes outside any timed region
     elif cfg is COPY_FLOOR:
         recorded = steps
-    return elapsed, stats, recorded
+        stats |= {"hook_s": copier.seconds, "hook_cpu_s": copier.cpu_seconds}
+    return elapsed, stats, recorded, cycles
 
 
 class _FloorCopy:
@@ -132,13 +156,29 @@ class _FloorCopy:
         self.buf = np.empty(total, dtype=np.uint8)
         self.buf[:] = 0  # touch the pages once, as the recorder's reused buffers are
 
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
+        self.started = False
+
     def copy(self) -> None:
+        t0, c0 = time.perf_counter(), time.thread_time()
         srcs = [p.detach() for p in self.params] + [p.grad for p in self.params] + list(self.data)
         off = 0
         for t in srcs:
             a = t.numpy()
             np.copyto(self.buf[off : off + a.nbytes].view(a.dtype).reshape(a.shape), a)
             off += a.nbytes
+        if self.started:  # the warm-up steps are not counted, as for the recorder
+            self.seconds += time.perf_counter() - t0
+            self.cpu_seconds += time.thread_time() - c0
+
+
+def _p10(values: list[float]) -> float:
+    """10th percentile: the machine is shared, and contention only ever adds time, so the low
+    tail of many short, interleaved cycles estimates what each configuration costs on a quiet
+    machine (the median mixes in whoever else was running)."""
+    v = sorted(values)
+    return v[min(len(v) - 1, int(0.1 * (len(v) - 1) + 0.5))]
 
 
 def physical_floor(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
@@ -199,70 +239,85 @@ def main() -> None:
           f"{floor_s * 1e3:.2f} ms (per tensor), {flat_s * 1e3:.2f} ms (one flat memcpy)")
 
     rng = random.Random(args.seed)
+    others = [n for n in names if n != "plain"]
     blocks: dict[str, list[float]] = {n: [] for n in names}
     extra: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     recorded: dict[str, int] = {}
-    ratios: dict[str, list[float]] = {n: [] for n in names}
+    pairs: dict[str, list[tuple[float, float, dict[str, float], dict[str, float]]]] = {
+        n: [] for n in others}
+    cycles: dict[str, list[float]] = {n: [] for n in names}
     # one untimed block per configuration first: first-touch costs (file creation, page cache)
     for n in names:
-        run_block(CONFIGS[n], model, opt, data, 10, workdir)
+        run_block(CONFIGS[n], model, opt, data, CYCLE, workdir)
     for r in range(args.rounds):
-        order = names[:]
+        order = others[:]
         rng.shuffle(order)
-        this_round = {}
+        line = []
         for n in order:
-            t, stats, rec_steps = run_block(CONFIGS[n], model, opt, data, args.steps, workdir)
-            blocks[n].append(t)
-            extra[n].append(stats)
-            recorded[n] = rec_steps
-            this_round[n] = t
-        for n in names:
-            ratios[n].append(this_round[n] / this_round["plain"])
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{n} {this_round[n] / args.steps * 1e3:.0f} ms/step" for n in names))
+            # A plain block right next to every configuration's block (in random order): the load
+            # of this shared machine drifts over seconds, so only adjacent blocks compare.
+            pair = ["plain", n]
+            rng.shuffle(pair)
+            got = {}
+            for m in pair:
+                t, stats, k, cyc = run_block(CONFIGS[m], model, opt, data, args.steps, workdir)
+                got[m] = (t, stats)
+                cycles[m].extend(cyc)
+                blocks[m].append(t)
+                extra[m].append(stats)
+                if m != "plain":
+                    recorded[m] = k
+            pairs[n].append((got[n][0], got["plain"][0], got[n][1], got["plain"][1]))
+            line.append(f"{n} {got[n][0] / got['plain'][0]:.3f}")
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(line), flush=True)
     shutil.rmtree(workdir, ignore_errors=True)
 
-    plain = statistics.median(blocks["plain"])
+    plain_ms = statistics.median(blocks["plain"]) / args.steps * 1e3
     print()
-    print(f"plain: {plain / args.steps * 1e3:.1f} ms/step (median of {args.rounds} blocks of "
-          f"{args.steps} steps)")
+    print(f"plain: median {plain_ms:.1f} ms/step, p10 of cycles "
+          f"{_p10(cycles['plain']) / CYCLE * 1e3:.1f} ms/step ({len(blocks['plain'])} blocks "
+          f"of {args.steps} steps)")
     print()
-    print("| configuration | wall ratio (median) | wall ratio range | best-block ratio | "
-          "CPU ratio | added ms / recorded step | copy ms | wait ms | write ms | "
-          "MB / recorded step |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| configuration | wall ratio, median of adjacent pairs (range) | quiet-machine ratio "
+          "(p10 of 10-step cycles) | CPU-time ratio | recorder on the training thread, ms per "
+          "recorded step (wall / CPU) | of which copy / wait, ms | writer, ms per recorded step "
+          "(wall / CPU) | MB per recorded step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     summary = {}
-    for n in names:
-        if n == "plain":
-            continue
-        med = statistics.median(ratios[n])
+    for n in others:
+        ratios = [c / p for c, p, _, _ in pairs[n]]
+        cpu_ratios = [cs["cpu_s"] / ps["cpu_s"] for _, _, cs, ps in pairs[n]]
         k = recorded.get(n, 0)
-        added = (statistics.median(blocks[n]) - plain) / k * 1e3 if k else float("nan")
-        per = {key: statistics.median(e.get(key, 0.0) for e in extra[n]) for key in
-               ("cpu_s", "copy_s", "wait_s", "write_s", "bytes_per_snapshot")}
-        rec_k = k if n != "copy floor" else 0
-        copy_ms = per["copy_s"] / rec_k * 1e3 if rec_k else 0.0
-        wait_ms = per["wait_s"] / rec_k * 1e3 if rec_k else 0.0
-        write_ms = per["write_s"] / rec_k * 1e3 if rec_k else 0.0
-        mb = per["bytes_per_snapshot"] / 1e6 if rec_k else 0.0
-        cpu_ratio = statistics.median(
-            e["cpu_s"] / p["cpu_s"] for e, p in zip(extra[n], extra["plain"]))
-        best = min(blocks[n]) / min(blocks["plain"])
-        summary[n] = {"ratio": med, "ratios": ratios[n], "best_block_ratio": best,
-                      "cpu_ratio": cpu_ratio, "added_ms_per_recorded_step": added,
-                      "recorded_steps_per_block": k, "copy_ms": copy_ms, "wait_ms": wait_ms,
-                      "write_ms": write_ms, "mb_per_recorded_step": mb}
-        print(f"| {n} | {med:.3f} | {min(ratios[n]):.3f}–{max(ratios[n]):.3f} | {best:.3f} | "
-              f"{cpu_ratio:.3f} | " + (f"{added:.1f}" if k else "–") + f" | {copy_ms:.2f} | "
-              f"{wait_ms:.2f} | {write_ms:.2f} | " + (f"{mb:.2f}" if rec_k else "–") + " |")
+        denom = k if k else args.steps  # idle: per step
+        med = {key: statistics.median(e.get(key, 0.0) for e in extra[n]) for key in
+               ("hook_s", "hook_cpu_s", "copy_s", "wait_s", "write_s", "write_cpu_s",
+                "bytes_per_snapshot")}
+        per = {key: v / denom * 1e3 for key, v in med.items() if key != "bytes_per_snapshot"}
+        mb = med["bytes_per_snapshot"] / 1e6 if k and n != "copy floor" else 0.0
+        quiet = _p10(cycles[n]) / _p10(cycles["plain"])
+        summary[n] = {
+            "wall_ratio_median": statistics.median(ratios), "wall_ratios": ratios,
+            "quiet_ratio_p10_cycles": quiet, "min_cycle_ratio": min(cycles[n]) / min(cycles["plain"]),
+            "cpu_ratio_median": statistics.median(cpu_ratios),
+            "recorded_steps_per_block": k, "per_recorded_step_ms": per,
+            "mb_per_recorded_step": mb,
+        }
+        unit = "" if k else " (per step)"
+        print(f"| {n} | {statistics.median(ratios):.3f} ({min(ratios):.2f}–{max(ratios):.2f}) | "
+              f"{quiet:.3f} | {statistics.median(cpu_ratios):.3f} | "
+              f"{per['hook_s']:.2f} / {per['hook_cpu_s']:.2f}{unit} | "
+              f"{per['copy_s']:.2f} / {per['wait_s']:.2f} | "
+              f"{per['write_s']:.2f} / {per['write_cpu_s']:.2f} | "
+              + (f"{mb:.2f}" if mb else "–") + " |")
     print()
-    print(f"floor: {floor_s * 1e3:.2f} ms per recorded step; 2x floor = {2 * floor_s * 1e3:.2f} ms")
+    print(f"physical floor (isolated): {floor_s * 1e3:.2f} ms per recorded step "
+          f"({floor_bytes / 1e6:.2f} MB); 2x floor = {2 * floor_s * 1e3:.2f} ms")
     if args.json:
         args.json.write_text(json.dumps({
             "threads": torch.get_num_threads(), "steps_per_block": args.steps,
-            "rounds": args.rounds, "plain_ms_per_step": plain / args.steps * 1e3,
+            "rounds": args.rounds, "plain_ms_per_step_median": plain_ms,
             "floor_ms": floor_s * 1e3, "flat_copy_ms": flat_s * 1e3, "floor_bytes": floor_bytes,
-            "blocks_s": blocks, "summary": summary,
+            "blocks_s": blocks, "cycles_s": cycles, "summary": summary,
         }, indent=2))
 
 

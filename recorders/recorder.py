@@ -66,6 +66,11 @@ class RecorderStats:
         wait_seconds: training-thread time spent waiting for a free buffer because the disk was
             behind (back-pressure); grows when ``every`` is too small for the disk.
         write_seconds: time the writer spent writing (on the background thread when async).
+        hook_seconds, hook_cpu_seconds: wall and CPU time of the training thread inside the
+            recorder (every hook and ``batch`` call, copies included): all recording adds to the
+            training thread.
+        write_cpu_seconds: CPU time of the writer (what it can take from training on a machine
+            with no idle core).
     """
 
     snapshots: int = 0
@@ -73,6 +78,9 @@ class RecorderStats:
     copy_seconds: float = 0.0
     wait_seconds: float = 0.0
     write_seconds: float = 0.0
+    hook_seconds: float = 0.0
+    hook_cpu_seconds: float = 0.0
+    write_cpu_seconds: float = 0.0
 
 
 class RecorderWarning(UserWarning):
@@ -298,7 +306,12 @@ class Recorder:
         """Counters of what recording has cost so far (see :class:`RecorderStats`)."""
         if self._writer is not None:
             self._stats.write_seconds = self._writer.write_seconds
+            self._stats.write_cpu_seconds = self._writer.write_cpu_seconds
         return self._stats
+
+    def _timed(self, t0: float, c0: float) -> None:
+        self._stats.hook_seconds += time.perf_counter() - t0
+        self._stats.hook_cpu_seconds += time.thread_time() - c0
 
     def flush(self) -> None:
         """Block until every snapshot taken so far is written (e.g. before analyzing a live run).
@@ -456,6 +469,13 @@ class Recorder:
         """
         if not self._open:
             raise RecorderError("Recorder.batch() called outside the recorder's `with` block")
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            self._batch(batch, loss, weight)
+        finally:
+            self._timed(t0, c0)
+
+    def _batch(self, batch: Any, loss: torch.Tensor | float | None, weight: float | None) -> None:
         self._check_writer()
         if len(self._micro) >= self.accumulation:
             # No optimizer step consumed the previous micro-batches: GradScaler skipped it
@@ -507,10 +527,19 @@ class Recorder:
         # and running statistics produced the coming micro-batch's loss; evaluation passes under
         # no_grad are ignored.
         if self._fwd is None and torch.is_grad_enabled() and self.schedule(self.step):
+            t0, c0 = time.perf_counter(), time.thread_time()
             self._fwd = self._forward_state(module)
             self._fwd_training = module.training
+            self._timed(t0, c0)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            return self._pre_step_inner(args, kwargs)
+        finally:
+            self._timed(t0, c0)
+
+    def _pre_step_inner(self, args: Any, kwargs: Any) -> Any:
         self._check_writer()
         if self._failed or not self.schedule(self.step):
             return None
@@ -527,7 +556,11 @@ class Recorder:
             result = closure()
             if not done[0]:
                 done[0] = True
-                self._capture_step()
+                t0, c0 = time.perf_counter(), time.thread_time()
+                try:
+                    self._capture_step()
+                finally:
+                    self._timed(t0, c0)
             return result
 
         if "closure" in kwargs:
@@ -535,12 +568,16 @@ class Recorder:
         return (args[0], recorded_closure, *args[2:]), kwargs
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.is_writer and not self._failed:
-            self._write_scalars(skipped=False)
-        self._micro = []
-        self.step += 1
-        self._fwd = self._step_fwd = None
-        self._check_writer()
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            if self.is_writer and not self._failed:
+                self._write_scalars(skipped=False)
+            self._micro = []
+            self.step += 1
+            self._fwd = self._step_fwd = None
+            self._check_writer()
+        finally:
+            self._timed(t0, c0)
 
     # --- capturing --------------------------------------------------------------------------------
 

@@ -466,6 +466,7 @@ class AsyncWriter:
     written: int = 0
     bytes_written: int = 0
     write_seconds: float = 0.0  # time spent writing (on the writer thread when threaded)
+    write_cpu_seconds: float = 0.0  # CPU time of that thread spent writing
     _q: queue.Queue[StepImage | None] = field(default_factory=queue.Queue)
     _thread: threading.Thread | None = None
 
@@ -483,10 +484,11 @@ class AsyncWriter:
     def _write_one(self, image: StepImage) -> None:
         try:
             if self.error is None:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 image.wait()
                 self.write(image)
                 self.write_seconds += time.perf_counter() - t0
+                self.write_cpu_seconds += time.thread_time() - c0
                 self.written += 1
                 self.bytes_written += image.size
         except BaseException as exc:  # noqa: BLE001 - kept and raised on the training thread
