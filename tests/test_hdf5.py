@@ -51,8 +51,9 @@ def _raw_equal(a: Path, b: Path) -> None:
         assert ta.keys() == tb.keys()
         for k in ta:
             assert ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape, k
-            assert torch.equal(ta[k].view(torch.uint8) if ta[k].numel() else ta[k],
-                               tb[k].view(torch.uint8) if tb[k].numel() else tb[k]), k
+            # bit patterns, not values (NaN != NaN)
+            assert torch.equal(ta[k].reshape(-1).view(torch.uint8),
+                               tb[k].reshape(-1).view(torch.uint8)), k
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -148,3 +149,33 @@ def test_convert_round_trip_is_bit_exact_and_analyzes_the_same(tmp_path: Path,
         main(["convert", str(tmp_path / "st"), "--to", "hdf5", "--out", str(tmp_path / "h5")])
     assert exc.value.code == 1
     assert "already exists and is not an empty directory" in capsys.readouterr().err
+
+
+def test_scalar_parameter_and_buffers_round_trip(tmp_path: Path) -> None:
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+            self.temperature = torch.nn.Parameter(torch.tensor(2.0))
+            self.bn = torch.nn.BatchNorm1d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.lin(x)) / self.temperature
+
+    for fmt_name in ("hdf5", "safetensors"):
+        torch.manual_seed(0)
+        model = Scaled()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with Recorder(tmp_path / fmt_name, model, opt, format=fmt_name) as rec:
+            for _ in range(2):
+                opt.zero_grad()
+                model(torch.randn(4, 3)).pow(2).mean().backward()
+                rec.batch(torch.zeros(1))
+                opt.step()
+    _raw_equal(tmp_path / "hdf5", tmp_path / "safetensors")
+    snap = open_run(tmp_path / "hdf5").snapshot(1)
+    assert snap.params["temperature"].shape == () and snap.grads["temperature"].shape == ()
+    assert snap.buffers["bn.num_batches_tracked"].dtype == torch.int64
+    with h5py.File(tmp_path / "hdf5" / fmt.HDF5_FILE, "r", swmr=True) as f:
+        assert f["param/temperature"].shape == (3,)
+        assert f["buffer/bn.running_mean"].shape == (3, 2)

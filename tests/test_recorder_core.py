@@ -337,3 +337,23 @@ def test_lbfgs_closure_is_recorded_after_its_first_evaluation(tmp_path: Path) ->
             assert torch.equal(snap.grads[n], g)
     ds = trajscope.analyze(tmp_path / "run", make_mlp, progress=False, points=3, margin=0.0)
     assert float(ds.grad_replay_error.max()) < 1e-6
+
+
+def test_stats_account_for_every_snapshot(tmp_path: Path) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = dataset()
+    with Recorder(tmp_path / "run", model, opt, every=4, window=2) as rec:
+        for idx in batches(8):
+            opt.zero_grad()
+            xent(model, (x[idx], y[idx])).backward()
+            rec.batch((x[idx], y[idx]))
+            opt.step()
+        rec.flush()
+        stats = rec.stats
+        assert stats.snapshots == 4  # steps 0, 1, 4, 5
+        files = sorted((tmp_path / "run" / "steps").iterdir())
+        assert stats.bytes == sum(f.stat().st_size for f in files)
+        assert 0 < stats.copy_seconds <= stats.hook_seconds
+        assert stats.write_seconds > 0 and stats.wait_seconds >= 0
+    assert rec.stats.snapshots == 5  # + the final state at close
