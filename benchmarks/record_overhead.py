@@ -173,6 +173,25 @@ class _FloorCopy:
             self.cpu_seconds += time.thread_time() - c0
 
 
+def wait_for_quiet(threshold: float, timeout: float = 900.0) -> float:
+    """On a shared Linux machine, wait until other processes use less than ``threshold`` of the
+    CPUs (sampled over 1 s from /proc/stat while this process is idle); return the seconds waited."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            vals = [int(v) for v in fh.readline().split()[1:9]]
+        return sum(vals), vals[3] + vals[4]
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        total0, idle0 = sample()
+        time.sleep(1.0)
+        total1, idle1 = sample()
+        busy = 1 - (idle1 - idle0) / max(total1 - total0, 1)
+        if busy < threshold:
+            break
+    return time.perf_counter() - t0
+
+
 def _p10(values: list[float]) -> float:
     """10th percentile: the machine is shared, and contention only ever adds time, so the low
     tail of many short, interleaved cycles estimates what each configuration costs on a quiet
@@ -220,6 +239,9 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
     ap.add_argument("--json", type=Path, default=None, help="write every measurement here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quiet", type=float, default=None, metavar="FRACTION",
+                    help="shared machine: before each pair of blocks, wait until other processes "
+                         "use less than this fraction of the CPUs (Linux)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -249,6 +271,7 @@ def main() -> None:
     # one untimed block per configuration first: first-touch costs (file creation, page cache)
     for n in names:
         run_block(CONFIGS[n], model, opt, data, CYCLE, workdir)
+    waited = 0.0
     for r in range(args.rounds):
         order = others[:]
         rng.shuffle(order)
@@ -258,6 +281,8 @@ def main() -> None:
             # of this shared machine drifts over seconds, so only adjacent blocks compare.
             pair = ["plain", n]
             rng.shuffle(pair)
+            if args.quiet is not None:
+                waited += wait_for_quiet(args.quiet)
             got = {}
             for m in pair:
                 t, stats, k, cyc = run_block(CONFIGS[m], model, opt, data, args.steps, workdir)
@@ -271,6 +296,8 @@ def main() -> None:
             line.append(f"{n} {got[n][0] / got['plain'][0]:.3f}")
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(line), flush=True)
     shutil.rmtree(workdir, ignore_errors=True)
+    if args.quiet is not None:
+        print(f"waited {waited:.0f} s in total for the machine to be quiet")
 
     plain_ms = statistics.median(blocks["plain"]) / args.steps * 1e3
     print()

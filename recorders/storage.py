@@ -170,20 +170,23 @@ class SlotPool:
         self._free.put(slot)
 
 
-def _copy_into(dst: np.ndarray, dst_t: torch.Tensor, src: torch.Tensor) -> bool:
-    """Copy ``src`` into its place in the slot. Returns True if the copy may still be in flight.
+def _copy_into(slot: Slot, e: Entry, src: torch.Tensor) -> bool:
+    """Copy ``src`` into its place ``e`` in the slot. True if the copy may still be in flight.
 
     CPU tensors are copied by numpy (single-threaded memcpy, GIL released): torch's parallel copy
     fights the background thread for cores and was measured several times slower under load.
+    GPU tensors go to pinned memory without blocking (the writer waits on an event).
     """
     src = src.detach()
     if src.device.type == "cpu":
         view = _COPY_VIEW.get(src.dtype)
         s = src.view(view) if view is not None else src
-        if s.is_conj() or s.is_neg():
-            s = s.resolve_conj().resolve_neg()
+        if s.is_neg():
+            s = s.resolve_neg()
+        dst = slot.array[e.begin : e.end].view(_NP_VIEW[e.dtype]).reshape(e.shape)
         np.copyto(dst, s.numpy(), casting="no")
         return False
+    dst_t = slot.buf[e.begin : e.end].view(getattr(torch, e.dtype)).view(e.shape)
     if src.device.type == "cuda" and dst_t.is_pinned():
         dst_t.copy_(src, non_blocking=True)
         return True
@@ -217,11 +220,8 @@ def build_image(slot: Slot, step: int, kind: str, meta: dict[str, Any],
     for key, dtype, shape, begin, end in layout:
         e = Entry(key, dtype, shape, h + begin, h + end)
         entries.append(e)
-        if end == begin:
-            continue
-        dst = slot.array[e.begin : e.end].view(_NP_VIEW[dtype]).reshape(shape)
-        dst_t = slot.buf[e.begin : e.end].view(getattr(torch, dtype)).view(shape)
-        in_flight |= _copy_into(dst, dst_t, by_key[key])
+        if end > begin:
+            in_flight |= _copy_into(slot, e, by_key[key])
     event = None
     if in_flight:
         event = torch.cuda.Event()
