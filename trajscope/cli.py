@@ -182,6 +182,26 @@ def report(run_dirs: tuple[str, ...], out: str | None, ema_beta: float, window: 
         click.echo(f"skipped {name}: {why}")
 
 
+@cli.command()
+@click.argument("run_dir", type=_RUN_DIR)
+@click.option("--to", "to", required=True, type=click.Choice(["hdf5", "safetensors"]),
+              help="Target storage format.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=str),
+              help="Write a converted copy to this (new or empty) directory instead of in place.")
+@click.option("--keep", is_flag=True, help="In place: keep the old storage next to the new one.")
+def convert(run_dir: str, to: str, out: str | None, keep: bool) -> None:
+    """Rewrite a run's snapshots as HDF5 or safetensors (tensors copied bit for bit)."""
+    from trajscope.convert import convert_run
+    from trajscope.run import open_run
+
+    before = open_run(run_dir).storage.kind
+    dest = convert_run(run_dir, to, out=out, keep=keep)
+    if out is None and before == to:
+        click.echo(f"{run_dir}: already stored as {to}")
+    else:
+        click.echo(f"{dest}: stored as {to}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``trajscope`` command (exit 0, 1 on an error, 2 on a usage error)."""
     args = list(sys.argv[1:] if argv is None else argv)

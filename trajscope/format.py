@@ -31,6 +31,16 @@ GRAD = "grad/"
 BUFFER = "buffer/"
 BATCH = "batch/"
 RNG = "rng/"
+OPTIM = "optim/"
+"""Optimizer state of a parameter: ``optim/<param name>/<state key>`` (e.g. ``exp_avg``)."""
+
+STORAGE_SAFETENSORS = "safetensors"
+STORAGE_HDF5 = "hdf5"
+STORAGES = (STORAGE_SAFETENSORS, STORAGE_HDF5)
+"""Values of the manifest's ``storage`` field (how the snapshots are stored)."""
+
+HDF5_FILE = "trajectory.h5"
+"""The single HDF5 file of a run stored with ``storage: hdf5`` (layout: ``docs/format-hdf5.md``)."""
 
 STATUS_RECORDING = "recording"
 STATUS_COMPLETE = "complete"
@@ -46,6 +56,7 @@ MAX_NAME_CHARS = 1024  # parameter/buffer names, tensor keys
 MAX_BATCH_DEPTH = 64  # nesting of a stored batch tree
 
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.safetensors$")
+_STEP_NAME = re.compile(r"^step_(\d{8,})$")
 
 
 def step_filename(step: int) -> str:
@@ -56,6 +67,19 @@ def step_filename(step: int) -> str:
 def parse_step_filename(name: str) -> int | None:
     """The step number encoded in a snapshot file name, or None for any other file."""
     m = _STEP_FILE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def step_name(step: int) -> str:
+    """Storage-neutral name of a step (``step_00000012``): the file stem for safetensors, and the
+    last component of the pseudo-path ``trajectory.h5/step_00000012`` that names a row of an HDF5
+    run (see :func:`parse_step_name`)."""
+    return f"step_{step:08d}"
+
+
+def parse_step_name(name: str) -> int | None:
+    """Inverse of :func:`step_name`, or None for any other name."""
+    m = _STEP_NAME.match(name)
     return int(m.group(1)) if m else None
 
 
@@ -357,3 +381,88 @@ def safe_output_dir(root: Path, *parts: str) -> Path:
         except OSError as exc:
             raise RunFormatError(f"{path}: cannot create directory ({exc.strerror})") from exc
     return path
+
+
+# --- safetensors encoding (writer side) ------------------------------------------------------------
+# The recorder lays a snapshot out in memory exactly as its safetensors file (so the background
+# writer issues one write per step and no serialisation copy exists); this is the part of the
+# safetensors spec it needs. Reading always goes through the safetensors library, which validates.
+
+SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
+    "float64": ("F64", 8),
+    "int64": ("I64", 8),
+    "uint64": ("U64", 8),
+    "float32": ("F32", 4),
+    "int32": ("I32", 4),
+    "uint32": ("U32", 4),
+    "float16": ("F16", 2),
+    "bfloat16": ("BF16", 2),
+    "int16": ("I16", 2),
+    "uint16": ("U16", 2),
+    "int8": ("I8", 1),
+    "uint8": ("U8", 1),
+    "bool": ("BOOL", 1),
+    "float8_e4m3fn": ("F8_E4M3", 1),
+    "float8_e5m2": ("F8_E5M2", 1),
+}
+"""torch dtype name → (safetensors dtype code, bytes per element)."""
+
+HEADER_ALIGN = 8
+"""The JSON header is space-padded so the data section starts 8-byte aligned (as safetensors does),
+which keeps every tensor aligned to its element size when tensors are ordered by element size."""
+
+
+def safetensors_layout(specs: list[tuple[str, str, tuple[int, ...]]]) -> tuple[list[tuple[str, str, tuple[int, ...], int, int]], int]:
+    """Order tensors and assign their byte ranges in the data section.
+
+    Args:
+        specs: ``(key, torch dtype name, shape)`` per tensor, in the caller's order.
+
+    Returns:
+        ``(key, dtype, shape, begin, end)`` per tensor (offsets relative to the data section),
+        sorted by element size, largest first, then by key, so each tensor's offset is a multiple
+        of its element size and the same tensors always give the same file; and the data
+        section's total size. safetensors forbids holes, so there
+        is no padding between tensors.
+
+    Raises:
+        RecorderError: for a dtype safetensors cannot store, or a duplicate key.
+    """
+    seen: set[str] = set()
+    sized = []
+    for i, (key, dtype, shape) in enumerate(specs):
+        if key in seen:
+            raise RecorderError(f"tensor key {key!r} appears twice in one snapshot")
+        seen.add(key)
+        if dtype not in SAFETENSORS_DTYPES:
+            raise RecorderError(
+                f"{key}: dtype {dtype} cannot be stored (supported: {', '.join(SAFETENSORS_DTYPES)})"
+            )
+        size = SAFETENSORS_DTYPES[dtype][1]
+        n = size
+        for d in shape:
+            n *= int(d)
+        sized.append((-size, key, i, dtype, tuple(int(d) for d in shape), n))
+    sized.sort()  # canonical order: the same tensors always give the same bytes
+    out = []
+    offset = 0
+    for _, key, _, dtype, shape, n in sized:
+        out.append((key, dtype, shape, offset, offset + n))
+        offset += n
+    return out, offset
+
+
+def safetensors_header(layout: list[tuple[str, str, tuple[int, ...], int, int]],
+                       metadata: dict[str, str]) -> bytes:
+    """The 8-byte length prefix plus the padded JSON header for ``layout``.
+
+    ``len(result)`` is the offset of the data section in the file; it is a multiple of
+    :data:`HEADER_ALIGN`.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    for key, dtype, shape, begin, end in layout:
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype][0], "shape": list(shape),
+                       "data_offsets": [begin, end]}
+    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    raw += b" " * (-(8 + len(raw)) % HEADER_ALIGN)
+    return struct.pack("<Q", len(raw)) + raw

@@ -153,10 +153,12 @@ def missing_steps(run: Run) -> list[int]:
     """Steps the run recorded (and the final step of a complete run) whose snapshot file is not on
     disk.
 
-    ``scalars.jsonl`` marks every recorded step; the recorder writes a step's snapshot before its
-    line, so a recorded line without its file means the file was lost afterwards, never that a
-    crash interrupted it. If ``scalars.jsonl`` is unreadable, the manifest's schedule is used
-    instead, for the neighbours of the snapshots on disk (what a lost pair needs).
+    ``scalars.jsonl`` marks every recorded step. Snapshots are written in step order (by a
+    background writer, after the step's line), so in a run that did not complete, recorded steps
+    after its last snapshot on disk were still queued when it stopped: not written, not lost, and
+    not reported here. Any other recorded step without its file was lost afterwards. If
+    ``scalars.jsonl`` is unreadable, the manifest's schedule is used instead, for the neighbours
+    of the snapshots on disk (what a lost pair needs).
     """
     have = set(run.steps)
     try:
@@ -167,6 +169,9 @@ def missing_steps(run: Run) -> list[int]:
     if run.status == fmt.STATUS_COMPLETE and isinstance(fs, int):
         expected.add(fs)
         expected = {s for s in expected if s <= fs}
+    elif run.status != fmt.STATUS_COMPLETE:
+        last = max(have, default=-1)
+        expected = {s for s in expected if s <= last}
     return sorted(expected - have)
 
 

@@ -59,48 +59,60 @@ class Objective:
 def load_objective(spec: str) -> Objective:
     """Import ``"module:function"``, call it and check that it returns an :class:`Objective`.
 
-    ``spec`` must be two dotted Python identifiers (no paths, no relative imports): a name from a
-    run's manifest can only ever select code already importable in the analyzing environment. The
-    current directory is put on ``sys.path`` (as ``python -m`` does) unless it lies inside a run
-    directory, and a module found inside a run directory is refused before it is executed.
+    The name is resolved by :func:`import_named` (dotted identifiers only, never from a run
+    directory).
 
     Raises:
         ObjectiveError: naming ``spec`` and what went wrong (bad name, import failure, an exception
             raised by the module or the factory, a result that is not an Objective).
     """
+    return _call_factory(import_named(spec, "objective"), repr(spec))
+
+
+def import_named(spec: str, what: str = "objective") -> Any:
+    """The object named by ``"module:attr.path"`` in the analyzing user's environment.
+
+    ``spec`` must be two dotted Python identifiers (no paths, no relative imports): a name from a
+    run directory can only ever select code already importable in the analyzing environment. The
+    current directory is put on ``sys.path`` (as ``python -m`` does) unless it lies inside a run
+    directory, and a module found inside a run directory is refused before it is executed.
+
+    Raises:
+        ObjectiveError: naming ``what``, ``spec`` and what went wrong.
+    """
     if not isinstance(spec, str):
-        raise ObjectiveError(f"objective {spec!r}: expected a 'module:function' string")
+        raise ObjectiveError(f"{what} {spec!r}: expected a 'module:function' string")
     mod_name, sep, fn_name = spec.partition(":")
     if not sep or not _dotted(mod_name) or not _dotted(fn_name):
         raise ObjectiveError(
-            f"objective {spec[:200]!r}: expected 'module:function' made of dotted Python "
+            f"{what} {spec[:200]!r}: expected 'module:function' made of dotted Python "
             "identifiers (e.g. 'train:make_objective'); file paths and relative imports are refused"
         )
     cwd = os.getcwd()
     cwd_run = _enclosing_run_dir(Path(cwd))
     if cwd not in sys.path and cwd_run is None:
         sys.path.insert(0, cwd)
-    _refuse_run_dir_module(mod_name.partition(".")[0], spec)
+    _refuse_run_dir_module(mod_name.partition(".")[0], spec, what)
     try:
         module = importlib.import_module(mod_name)
     except ImportError as exc:
         hint = (f" (the current directory is inside the run directory {cwd_run} and is not put on "
                 "sys.path)") if cwd_run is not None else ""
         raise ObjectiveError(
-            f"objective {spec!r}: cannot import module {mod_name!r} ({one_line(exc)}){hint}; run "
+            f"{what} {spec!r}: cannot import module {mod_name!r} ({one_line(exc)}){hint}; run "
             "from the directory that holds it or pass --objective MODULE:FUNCTION"
         ) from exc
     except Exception as exc:  # noqa: BLE001 - the user's module raised while being imported
         raise ObjectiveError(
-            f"objective {spec!r}: importing module {mod_name!r} raised "
+            f"{what} {spec!r}: importing module {mod_name!r} raised "
             f"{type(exc).__name__}: {one_line(exc)}"
         ) from exc
     obj: Any = module
     for part in fn_name.split("."):
         if not hasattr(obj, part):
-            raise ObjectiveError(f"objective {spec!r}: module {mod_name!r} has no attribute {fn_name!r}")
+            raise ObjectiveError(f"{what} {spec!r}: module {mod_name!r} has no attribute {fn_name!r}")
         obj = getattr(obj, part)
-    return _call_factory(obj, repr(spec))
+    return obj
 
 
 def _dotted(name: str) -> bool:
@@ -119,7 +131,7 @@ def _enclosing_run_dir(path: Path) -> Path | None:
     return None
 
 
-def _refuse_run_dir_module(top: str, spec: str) -> None:
+def _refuse_run_dir_module(top: str, spec: str, what: str = "objective") -> None:
     """Refuse, before executing it, a top-level module that would be imported from a run dir."""
     if top in sys.modules:
         return  # already imported by the user's own code
@@ -135,7 +147,7 @@ def _refuse_run_dir_module(top: str, spec: str) -> None:
         run_dir = _enclosing_run_dir(Path(place).parent if found.origin == place else Path(place))
         if run_dir is not None:
             raise ObjectiveError(
-                f"objective {spec!r}: module {top!r} would be imported from {place}, inside the run "
+                f"{what} {spec!r}: module {top!r} would be imported from {place}, inside the run "
                 f"directory {run_dir}; trajscope never runs code from a run directory (move the "
                 "module out or run from another directory)"
             )

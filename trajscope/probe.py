@@ -348,7 +348,8 @@ def probe_pair(
     model.to(device=dev)
     if snap.training is not None:
         model.train(snap.training)
-    bound = _Bound(model, objective.loss)
+    # f(x; z_t): the objective's loss, or the weighted sum over the step's micro-batches.
+    bound = _Bound(model, snap.loss_fn(objective.loss))
     x0 = {n: _to(snap.params[n], dev, dt) for n in names}
     x1 = {n: _to(nxt.params[n], dev, dt) for n in names}
     delta = {n: x1[n] - x0[n] for n in names}

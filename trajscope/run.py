@@ -1,24 +1,35 @@
 """Reading a run directory: :func:`open_run` returns a :class:`Run` with lazy snapshot access.
 
-The format is specified in ``docs/format.md``; names and encodings live in
-:mod:`trajscope.format`. Reading never executes or unpickles anything from the run directory.
+The format is specified in ``docs/format.md`` (HDF5 storage: ``docs/format-hdf5.md``); names and
+encodings live in :mod:`trajscope.format`. Reading never executes or unpickles anything from the run
+directory (a recorded ``batch_fn`` is a *name*, imported from the analyzing user's environment
+exactly like the objective).
+
+Snapshots are stored either as one safetensors file per step or as rows of one HDF5 file. A small
+storage layer (:class:`Storage`, one subclass per format) turns either into the same raw form,
+``(metadata, {key: tensor})``, from which :class:`Snapshot` is built by one function; everything
+above it (``Run``, ``read_snapshot``, the analyzer) does not know which format it reads. A step's
+location is a path in both cases: the file, or ``trajectory.h5/step_00000012`` for an HDF5 row,
+which :func:`read_snapshot` understands.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from trajscope import format as fmt
-from trajscope.errors import RunFormatError, one_line
+from trajscope.errors import ObjectiveError, RunFormatError, one_line
+from trajscope.objective import import_named
 
-__all__ = ["Run", "Snapshot", "open_run"]
+__all__ = ["Run", "Snapshot", "Storage", "open_run", "read_snapshot", "read_raw"]
 
 
 @dataclass(frozen=True)
@@ -39,18 +50,56 @@ class Snapshot:
     loss: float | None = None
     lr: list[float] = field(default_factory=list)
     training: bool | None = None
+    micro_weights: list[float] | None = None
+    """Set when the step consumed several micro-batches (gradient accumulation, data-parallel
+    ranks): ``batch`` is then the list of micro-batches and f(x; z_t) = Σ_i w_i · loss(x; batch[i])."""
+    batch_indices: Any = None
+    """The stored sample indices when the run was recorded with ``batch_fn`` (``batch`` is rebuilt)."""
+    optimizer_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Per-parameter optimizer state (``optimizer_state=True`` runs), as the update at t used it."""
 
     @property
     def has_grad(self) -> bool:
         return self.kind == fmt.KIND_STEP
 
+    def loss_fn(self, loss: Callable[[torch.nn.Module, Any], torch.Tensor]
+                ) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
+        """The minibatch loss f(x; z_t) of this step, as a function ``(model, batch) -> scalar``.
+
+        For an ordinary step it is the objective's ``loss`` itself. For a step made of several
+        micro-batches it is Σ_i w_i · loss(model, batch[i]) with the recorded weights: the loss
+        whose gradient the optimizer consumed (e.g. the mean of the micro-batch losses for
+        ``(loss / k).backward()`` accumulation, or the average over ranks under DDP). The
+        micro-batches are evaluated in order, so recorded dropout RNG replays as in training.
+        """
+        if self.micro_weights is None:
+            return loss
+        weights = list(self.micro_weights)
+
+        def weighted(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+            if not isinstance(batch, (list, tuple)) or len(batch) != len(weights):
+                raise RunFormatError(
+                    f"step {self.step}: expected {len(weights)} micro-batches, got "
+                    f"{type(batch).__name__}"
+                )
+            total: torch.Tensor | None = None
+            for w, mb in zip(weights, batch):
+                term = loss(model, mb) * w
+                total = term if total is None else total + term
+            assert total is not None
+            return total
+
+        return weighted
+
 
 class Run:
     """A recorded run. Cheap to open: snapshots are read only when asked for."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], steps: list[int]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], steps: list[int],
+                 storage: Storage | None = None) -> None:
         self.path = path
         self.manifest = manifest
+        self.storage = storage if storage is not None else SafetensorsStorage(path)
         self.steps = steps
         """Steps with a snapshot on disk (recorded steps, plus the final state), ascending."""
 
@@ -111,7 +160,11 @@ class Run:
         return fmt.KIND_FINAL if step == self.final_step else fmt.KIND_STEP
 
     def step_path(self, step: int) -> Path:
-        return self.path / fmt.STEPS_DIR / fmt.step_filename(step)
+        """Where the snapshot of ``step`` lives: its file, or ``trajectory.h5/step_…`` for HDF5.
+
+        Either way :func:`read_snapshot` reads it.
+        """
+        return self.storage.location(step)
 
     # --- snapshots -------------------------------------------------------------------------------
 
@@ -121,7 +174,7 @@ class Run:
             raise RunFormatError(
                 f"{self.path}: step {step} is not recorded (recorded: {_ranges(self.steps)})"
             )
-        return read_snapshot(self.step_path(step))
+        return _snapshot_from_raw(*self.storage.read_raw(step), where=self.step_path(step))
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.steps)
@@ -141,7 +194,7 @@ class Run:
             f"{k}={v}" for k, v in (groups[0].items() if groups else []) if k != "params"
         )
         sched = m.get("schedule", {})
-        n_disk = sum(_size(self.step_path(s)) for s in self.steps)
+        n_disk = self.storage.disk_bytes()
         lines = [
             f"run        {self.path}",
             f"status     {self.status}  (format_version {m.get('format_version')}, "
@@ -150,6 +203,7 @@ class Run:
             f"optimizer  {opt.get('class', '?')} ({len(groups)} group(s)): {hyper}",
             f"params     {len(m['params'])} tensors, {self.num_params:,} trainable values",
             f"schedule   {sched}",
+            f"storage    {self.storage.kind}",
             f"steps      {m.get('num_steps')} optimizer steps, {len(self.steps)} snapshots "
             f"({_ranges(self.steps)}), {n_disk / 1e6:.1f} MB",
             f"pairs      {len(self.pairs)} analyzable (t, t+1)",
@@ -163,32 +217,241 @@ class Run:
         return "\n".join(one_line(line) for line in lines)  # values from the run: no escapes
 
 
-def read_snapshot(path: Path) -> Snapshot:
-    """Read one snapshot file, checking its header before handing the bytes to safetensors.
+def read_snapshot(path: str | Path) -> Snapshot:
+    """Read one snapshot: a safetensors step file, or an HDF5 row named ``trajectory.h5/step_…``.
 
     Raises:
-        RunFormatError: if the file is damaged, its metadata malformed, a tensor name unusable, or
-            the step it holds differs from the step in its file name.
+        RunFormatError: if the snapshot is missing or damaged, its metadata malformed, a tensor
+            name unusable, or the step it holds differs from the step in its file name.
     """
+    p = Path(path)
+    return _snapshot_from_raw(*read_raw(p), where=p)
+
+
+def read_raw(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The stored form of one snapshot, whatever the format: (metadata, {key: CPU tensor}).
+
+    Keys are the format's (``param/NAME``, ``grad/NAME``, ``buffer/NAME``, ``batch/I``,
+    ``rng/…``, ``optim/NAME/KEY``); the metadata is the ``trajscope`` JSON object. This is what
+    ``trajscope convert`` copies between formats.
+    """
+    p = Path(path)
+    step = fmt.parse_step_name(p.name)
+    if step is not None and p.parent.suffix == ".h5" and not p.exists():
+        return _read_hdf5_raw(p.parent, step)
+    return _read_safetensors_raw(p)
+
+
+def _read_safetensors_raw(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read one snapshot file, checking its header before handing the bytes to safetensors."""
     import safetensors.torch
 
     header = fmt.read_safetensors_header(path)
     meta = _snapshot_meta(header, path)
     try:
+        # Eager read of a regular file: mmap-based loading is slow on network filesystems.
         tensors = safetensors.torch.load(fmt.read_file_bytes(path, "snapshot"))
     except RunFormatError:
         raise
     except Exception as exc:  # safetensors raises its own error types for damaged buffers
         raise RunFormatError(f"{path}: damaged safetensors file ({exc})") from exc
+    return meta, tensors
+
+
+# --- HDF5 rows ---------------------------------------------------------------------------------------
+
+_H5_INT_VIEW = {"float16": np.int16, "bfloat16": np.int16, "bool": np.uint8,
+                "float8_e4m3fn": np.uint8, "float8_e5m2": np.uint8}
+
+
+def _open_h5(path: Path) -> Any:
+    """Open a run's HDF5 file read-only in SWMR mode.
+
+    SWMR lets a reader open the file while the recorder still appends to it, and it is also how a
+    file whose writer was killed opens (a plain open refuses it: "file is already open for write").
+    """
+    import h5py
+
+    if not path.exists():
+        raise RunFormatError(f"{path}: no such file")
+    try:
+        return h5py.File(path, "r", libver="latest", swmr=True)
+    except OSError as exc:
+        raise RunFormatError(f"{path}: cannot open as HDF5 ({exc})") from exc
+
+
+def _h5_committed(f: Any, path: Path) -> np.ndarray:
+    """Steps of the committed rows: a row counts once ``index/step`` covers it (written last)."""
+    try:
+        steps = f["index/step"]
+        n = min(steps.shape[0], f["index/meta"].shape[0], f["index/blob"].shape[0])
+        return np.asarray(steps[:n], dtype=np.int64)
+    except KeyError as exc:
+        raise RunFormatError(f"{path}: not a trajscope HDF5 file (missing {exc})") from exc
+
+
+def _h5_tensor(arr: np.ndarray, dtype: str, where: str) -> torch.Tensor:
+    if not hasattr(torch, dtype) or dtype not in fmt.SAFETENSORS_DTYPES:
+        raise RunFormatError(f"{where}: unknown dtype {dtype!r}")
+    view = _H5_INT_VIEW.get(dtype)
+    if view is not None:
+        arr = arr.view(view)
+    # (np.ascontiguousarray would turn a 0-d array into shape (1,))
+    t = torch.from_numpy(arr if arr.flags.c_contiguous else arr.copy(order="C"))
+    return t.view(getattr(torch, dtype)) if t.dtype != getattr(torch, dtype) else t
+
+
+def _read_hdf5_raw(h5path: Path, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    where = f"{h5path}/{fmt.step_name(step)}"
+    with _open_h5(h5path) as f:
+        steps = _h5_committed(f, h5path)
+        rows = np.nonzero(steps == step)[0]
+        if len(rows) == 0:
+            raise RunFormatError(f"{where}: step {step} is not stored in this file")
+        row = int(rows[-1])
+        m0, ml = (int(v) for v in f["index/meta"][row])
+        b0, bl = (int(v) for v in f["index/blob"][row])
+        try:
+            meta = json.loads(bytes(f["meta"][m0 : m0 + ml]).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RunFormatError(f"{where}: row metadata is not valid JSON ({exc})") from exc
+        layout = meta.pop("hdf5", None) if isinstance(meta, dict) else None
+        if not isinstance(meta, dict) or meta.get("step") != step or not isinstance(layout, dict):
+            raise RunFormatError(f"{where}: row metadata does not describe step {step}")
+        tensors: dict[str, torch.Tensor] = {}
+        for key in layout.get("rows", []):
+            if key not in f:
+                raise RunFormatError(f"{where}: dataset {key!r} named by the row is missing")
+            d = f[key]
+            if d.shape[0] <= row:
+                raise RunFormatError(f"{where}: dataset {key!r} has no row {row}")
+            arr = np.asarray(d[row : row + 1]).reshape(d.shape[1:])
+            tensors[key] = _h5_tensor(arr, str(d.attrs.get("dtype", arr.dtype.name)), f"{where}: {key}")
+        blob = np.asarray(f["blob"][b0 : b0 + bl]) if bl else np.empty(0, np.uint8)
+        for key, spec in layout.get("blob", {}).items():
+            try:
+                dtype, shape, off, nb = spec
+                raw = blob[off : off + nb]
+                if len(raw) != nb:
+                    raise ValueError("outside the row's blob")
+                view = np.dtype(_H5_INT_VIEW.get(dtype, dtype))
+                arr = raw.copy().view(view).reshape(shape) if nb else np.empty(shape, view)
+            except (TypeError, ValueError) as exc:
+                raise RunFormatError(f"{where}: blob entry {key!r} is malformed ({exc})") from exc
+            tensors[key] = _h5_tensor(arr, dtype, f"{where}: {key}")
+    return meta, tensors
+
+
+# --- storages --------------------------------------------------------------------------------------
+
+
+class Storage:
+    """How a run's snapshots are stored. Subclasses: one per format."""
+
+    kind = ""
+
+    def __init__(self, run_path: Path) -> None:
+        self.run_path = run_path
+
+    def steps(self) -> list[int]:
+        """Steps with a complete snapshot, ascending."""
+        raise NotImplementedError
+
+    def location(self, step: int) -> Path:
+        raise NotImplementedError
+
+    def read_raw(self, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return read_raw(self.location(step))
+
+    def disk_bytes(self) -> int:
+        raise NotImplementedError
+
+
+class SafetensorsStorage(Storage):
+    """``steps/step_XXXXXXXX.safetensors``, one file per snapshot (renamed into place: complete)."""
+
+    kind = fmt.STORAGE_SAFETENSORS
+
+    def steps(self) -> list[int]:
+        d = self.run_path / fmt.STEPS_DIR
+        if not d.is_dir():
+            return []
+        return sorted(s for s in (fmt.parse_step_filename(f.name) for f in d.iterdir()) if s is not None)
+
+    def location(self, step: int) -> Path:
+        return self.run_path / fmt.STEPS_DIR / fmt.step_filename(step)
+
+    def disk_bytes(self) -> int:
+        total = 0
+        for s in self.steps():
+            try:
+                total += self.location(s).stat().st_size
+            except OSError:
+                pass
+        return total
+
+
+class HDF5Storage(Storage):
+    """``trajectory.h5``: one row per snapshot (layout in ``docs/format-hdf5.md``)."""
+
+    kind = fmt.STORAGE_HDF5
+
+    @property
+    def file(self) -> Path:
+        return self.run_path / fmt.HDF5_FILE
+
+    def steps(self) -> list[int]:
+        if not self.file.exists():
+            return []  # killed before the file was created
+        with _open_h5(self.file) as f:
+            return sorted({int(s) for s in _h5_committed(f, self.file)})
+
+    def location(self, step: int) -> Path:
+        return self.file / fmt.step_name(step)
+
+    def read_raw(self, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return _read_hdf5_raw(self.file, step)
+
+    def disk_bytes(self) -> int:
+        return self.file.stat().st_size if self.file.exists() else 0
+
+
+STORAGES: dict[str, type[Storage]] = {
+    fmt.STORAGE_SAFETENSORS: SafetensorsStorage,
+    fmt.STORAGE_HDF5: HDF5Storage,
+}
+
+
+# --- raw → Snapshot ---------------------------------------------------------------------------------
+
+_BATCH_FNS: dict[str, Callable[[Any], Any]] = {}
+
+
+def _import_batch_fn(spec: str, where: Path) -> Callable[[Any], Any]:
+    """Import a recorded ``batch_fn`` by name from the analyzing user's environment (the same
+    rules as objectives: dotted identifiers only, never code inside a run directory)."""
+    if spec not in _BATCH_FNS:
+        obj = import_named(spec, f"batch_fn (recorded in {where})")
+        if not callable(obj):
+            raise ObjectiveError(f"batch_fn {spec!r}: not callable")
+        _BATCH_FNS[spec] = obj
+    return _BATCH_FNS[spec]
+
+
+def _snapshot_from_raw(meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
+                       where: Path) -> Snapshot:
+    """Build a :class:`Snapshot` from the stored form (the same for every format)."""
+    _check_meta(meta, where)
     params: dict[str, torch.Tensor] = {}
     grads: dict[str, torch.Tensor] = {}
     buffers: dict[str, torch.Tensor] = {}
     rng: dict[str, torch.Tensor] = {}
+    optim: dict[str, dict[str, torch.Tensor]] = {}
     leaves: dict[int, torch.Tensor] = {}
     for key, t in tensors.items():
         prefix, _, name = key.partition("/")
-        if prefix in ("param", "grad", "buffer", "rng"):
-            fmt.check_name(name, f"{path}: tensor key {prefix}/…")
+        if prefix in ("param", "grad", "buffer", "rng", "optim"):
+            fmt.check_name(name, f"{where}: tensor key {prefix}/…")
         if prefix == "param":
             params[name] = t
         elif prefix == "grad":
@@ -197,15 +460,33 @@ def read_snapshot(path: Path) -> Snapshot:
             buffers[name] = t
         elif prefix == "rng":
             rng[name] = t
+        elif prefix == "optim":
+            pname, _, skey = name.rpartition("/")
+            optim.setdefault(pname, {})[skey] = t
         elif prefix == "batch" and name.isascii() and name.isdigit():
             leaves[int(name)] = t
     batch = None
     if "batch_tree" in meta:
         n = len(leaves)
         if sorted(leaves) != list(range(n)):
-            raise RunFormatError(f"{path}: batch tensors are not numbered 0..{n - 1}")
+            raise RunFormatError(f"{where}: batch tensors are not numbered 0..{n - 1}")
         batch = fmt.unflatten_batch(meta["batch_tree"], [leaves[i] for i in range(n)],
-                                    where=f"{path}: batch")
+                                    where=f"{where}: batch")
+    micro = meta.get("micro_batches")
+    weights = None
+    if micro is not None:
+        weights = micro.get("weights") if isinstance(micro, dict) else None
+        if (not isinstance(weights, list) or not all(isinstance(w, (int, float)) for w in weights)
+                or not isinstance(batch, list) or len(batch) != len(weights)):
+            raise RunFormatError(
+                f"{where}: 'micro_batches' must hold one weight per stored micro-batch"
+            )
+        weights = [float(w) for w in weights]
+    indices = None
+    if meta.get("batch_fn") and batch is not None:
+        fn = _import_batch_fn(str(meta["batch_fn"]), where)
+        indices = batch
+        batch = [fn(ix) for ix in batch] if weights is not None else fn(batch)
     loss = meta.get("loss")
     return Snapshot(
         step=meta["step"],
@@ -218,6 +499,9 @@ def read_snapshot(path: Path) -> Snapshot:
         loss=float(loss) if isinstance(loss, (int, float)) else None,
         lr=[float(x) for x in meta.get("lr", [])],
         training=meta.get("training"),
+        micro_weights=weights,
+        batch_indices=indices,
+        optimizer_state=optim,
     )
 
 
@@ -232,6 +516,11 @@ def _snapshot_meta(header: dict[str, Any], path: Path) -> dict[str, Any]:
         raise RunFormatError(f"{path}: snapshot metadata is not valid JSON ({exc.msg})") from exc
     except RecursionError:
         raise RunFormatError(f"{path}: snapshot metadata is nested too deeply") from None
+    return _check_meta(meta, path)
+
+
+def _check_meta(meta: Any, path: Path) -> dict[str, Any]:
+    """Type-check a snapshot's ``trajscope`` metadata field by field (every storage format)."""
     if not isinstance(meta, dict):
         raise RunFormatError(f"{path}: snapshot metadata is not a JSON object")
     step = meta.get("step")
@@ -260,13 +549,6 @@ def _is_nonneg_int(x: Any) -> bool:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
 
 
 def _read_scalars(path: Path) -> list[dict[str, Any]]:
@@ -323,14 +605,17 @@ def open_run(path: str | Path) -> Run:
     except RecursionError:
         raise RunFormatError(f"{mpath}: invalid JSON (nested too deeply)") from None
     validate_manifest(manifest, mpath)
-    steps_dir = p / fmt.STEPS_DIR
+    kind = manifest.get("storage") or fmt.STORAGE_SAFETENSORS
+    if kind not in STORAGES:
+        raise RunFormatError(
+            f"{mpath}: storage {kind!r} is not one this trajscope reads ({', '.join(STORAGES)})"
+        )
+    storage = STORAGES[kind](p)
     try:
-        steps = sorted(
-            s for s in (fmt.parse_step_filename(f.name) for f in steps_dir.iterdir()) if s is not None
-        ) if steps_dir.is_dir() else []
+        steps = storage.steps()
     except OSError as exc:
-        raise RunFormatError(f"{steps_dir}: cannot list snapshots ({exc.strerror})") from exc
-    return Run(p, manifest, steps)
+        raise RunFormatError(f"{p}: cannot list snapshots ({exc.strerror})") from exc
+    return Run(p, manifest, steps, storage)
 
 
 _STATUSES = (fmt.STATUS_RECORDING, fmt.STATUS_COMPLETE, fmt.STATUS_CRASHED)

@@ -43,7 +43,11 @@ class ValidationReport:
         out += [f"warning: {one_line(w)}" for w in self.warnings]
         out += [f"problem: {one_line(p)}" for p in self.problems]
         n = len(self.problems)
-        out.append("ok" if n == 0 else f"{n} problem{'s' if n > 1 else ''} found")
+        if n:
+            out.append(f"{n} problem{'s' if n > 1 else ''} found")
+        else:  # a crashed or still-recording run is sound but must not read as plain "ok"
+            w = len(self.warnings)
+            out.append("ok" if not w else f"ok: no damage, {w} warning{'s' if w > 1 else ''}")
         return out
 
 
@@ -74,8 +78,13 @@ def validate_run(path: str | Path, *, objective: Any = None, quick: bool = False
         )
     _check_scalars(run, rep)
     steps_dir = run.path / fmt.STEPS_DIR
-    if not steps_dir.is_dir():
-        rep.problems.append(f"{steps_dir}: missing (the run has no snapshots)")
+    if run.storage.kind != fmt.STORAGE_SAFETENSORS:
+        # one container file (HDF5): check every committed row through the same reader
+        for step in run.steps:
+            _check_step(run.step_path(step), step, run, rep, quick=False)
+    elif not steps_dir.is_dir():
+        if run.status == fmt.STATUS_COMPLETE or run.scalars:
+            rep.problems.append(f"{steps_dir}: missing (the run has no snapshots)")
     else:
         for step, file in _step_files(steps_dir, rep):
             _check_step(file, step, run, rep, quick)
