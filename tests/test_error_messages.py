@@ -395,7 +395,7 @@ def test_loss_returns_non_scalar(run_dir: Path) -> None:
     ({"steps": "a:b"}, "steps='a:b': expected START:STOP[:STRIDE]"),
     ({"device": "tpu"}, "device='tpu': expected cpu, cuda, cuda:N or auto"),
     ({"points": 1}, "points=1: expected an int >= 2"),
-    ({"scheduler": "magic"}, "scheduler='magic': expected synchronous, threads or processes"),
+    ({"scheduler": "magic"}, "scheduler='magic': expected synchronous, threads, processes, a dask.distributed address"),
 ])
 def test_bad_arguments(run_dir: Path, kw: dict, needle: str) -> None:
     with raises(AnalysisError, needle):

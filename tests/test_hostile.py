@@ -151,7 +151,7 @@ def test_full_analysis_with_path_like_names_writes_only_under_analysis(area: Pat
     after = fingerprint(area, exclude=run_dir / "analysis")
     assert after == before
     written = fingerprint(run_dir / "analysis")
-    assert "metrics.nc" in written and all(k == "metrics.nc" or k.startswith("pairs") for k in written)
+    assert "metrics.nc" in written and all(k in ("metrics.nc", ".lock") or k.startswith("pairs") for k in written)
     assert not Path("/tmp/trajscope-hostile-abs").exists()
     assert list(trajscope.open_metrics(run_dir).layer.values) == list(_PathNamed.NAMES)
 

@@ -297,11 +297,15 @@ def test_sigkilled_recorder_leaves_a_readable_run(tmp_path: Path, capsys) -> Non
     with open(run_dir / "scalars.jsonl", "ab") as fh:
         fh.write(b'{"step": 6, "lo')
     run = trajscope.open_run(run_dir)
-    assert run.status == "recording" and run.steps == [0, 1, 2, 3, 4, 5] and run.final_step is None
+    # Snapshots are written in order by a background writer: what was still queued at the kill
+    # is not on disk, but what is on disk is a gap-free prefix.
+    n = len(run.steps)
+    assert run.status == "recording" and run.steps == list(range(n)) and run.final_step is None
+    assert n >= 2
     assert [r["step"] for r in run.scalars] == [0, 1, 2, 3, 4, 5]
     report = validate_run(run_dir)
     assert report.ok, report.problems
     assert any("status is 'recording'" in w for w in report.warnings)
     assert any("leftover temporary file" in w for w in report.warnings)
     ds = trajscope.analyze(run_dir, make_quadratic, dtype="float64", write=False, progress=False)
-    assert list(ds.step.values) == [0, 1, 2, 3, 4] and skipped(ds) == {}
+    assert list(ds.step.values) == list(range(n - 1)) and skipped(ds) == {}

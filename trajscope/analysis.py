@@ -1,26 +1,41 @@
 """``trajscope.analyze``: build the dask graph, run it, assemble and write the xarray Dataset.
 
-The graph (same functions under every scheduler; only ``scheduler=`` changes):
+The graph (the same functions and keys under every scheduler; only ``scheduler=`` changes):
 
-    load-<t>  (one per snapshot, shared by the pairs that need it: deterministic keys)
-       └─ pair-<t>  (probe on the same minibatch z_t, reduce to PairStats, persist to disk)
-             └─ metrics-<t>  (pure metric functions of PairStats)
+    load-<run>-<t>     one per snapshot, shared by the (up to three) pairs that read it
+    params-<run>-<s>   the parameters alone of x_0 (distance from init) and of the reference
+                       point x*, shared by every pair
+       └─ pair-<digest>-<t>  probe on the same minibatch z_t, reduce to PairStats, persist to disk
+             └─ metrics  pure functions of PairStats, evaluated here for all pairs at once
                    └─ one Dataset, series metrics (cumulative ones) added over ``step``
 
-Finished pairs are persisted under ``analysis/pairs/`` as they complete, so an interrupted analysis
-resumes where it stopped and new recorded steps only cost their new pairs.
+Keys are deterministic (run and settings digests, step numbers), so a load shared by adjacent pairs
+is read once, and two analyses on one cluster never mix their tasks. Metric functions run in this
+process: each takes microseconds, less than shipping it, and resumed pairs need them too.
+
+Memory does not grow with the run: pairs go to the scheduler in windows of a few per worker, at
+most two windows in flight, and a window's snapshots are released when its pairs are done. Each
+finished pair is persisted under ``analysis/pairs/`` by the task itself, so an interrupted analysis
+(even SIGKILL) resumes where it stopped, and new recorded steps only cost their new pairs. The
+Dataset is written to a temporary file and renamed: it is never seen half-written. A lock file
+keeps two analyses from writing the same run's ``analysis/`` at once.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
+import dataclasses
+import functools
 import hashlib
 import json
 import os
+import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,11 +43,20 @@ from typing import Any
 import dask
 import numpy as np
 import xarray as xr
-from dask.callbacks import Callback
 
 from trajscope import format as fmt
 from trajscope import health
 from trajscope.errors import AnalysisError, ObjectiveError, RunFormatError, TrajscopeError, one_line
+from trajscope.execution import (
+    LOCAL_SCHEDULERS,
+    Backend,
+    Placement,
+    check_device,
+    check_scheduler,
+    open_backend,
+    resolve_device,
+    ship,
+)
 from trajscope.metrics import PairView
 from trajscope.objective import Objective, check_run_objective, resolve_objective
 from trajscope.probe import PairStats, ProbeSettings, alpha_grid, probe_pair
@@ -44,6 +68,17 @@ __all__ = ["analyze", "open_metrics", "compute_pair_metrics", "build_dataset"]
 __version__ = "0.1.0"
 METRICS_FILE = "metrics.nc"
 PAIRS_DIR = "pairs"
+LOCK_FILE = ".lock"
+
+PAIRS_PER_WORKER = 2
+MIN_WINDOW = 8
+"""A window holds max(MIN_WINDOW, PAIRS_PER_WORKER × workers) pairs and two windows are in flight,
+so each worker holds a handful of snapshots (its pairs' x_{t−1}, x_t, x_{t+1}, shared between
+neighbours) whatever the run length. (Larger windows cost no memory in serial runs, where dask
+releases a snapshot as soon as its last pair is done, and save a little per-window overhead.)"""
+PIN_MEMORY = True
+"""Page-lock snapshots loaded for a GPU (in-process schedulers), so that host→device copies are
+DMA transfers issued without blocking the host. A switch for benchmarks/gpu.py."""
 
 ObjectiveSource = str | Callable[[], Objective] | Objective | None
 
@@ -51,36 +86,211 @@ ObjectiveSource = str | Callable[[], Objective] | Objective | None
 # --- tasks ---------------------------------------------------------------------------------------
 
 _local = threading.local()
+_OBJECTIVES_PER_THREAD = 4
 
 
-def _objective_for(source: ObjectiveSource, recorded: str | None) -> Objective:
+def _objective_for(source: ObjectiveSource, recorded: str | None, key: str | None = None) -> Objective:
     """One Objective per (thread, source): a module's parameters are swapped during a call, so
-    concurrent threads must never share a model."""
+    concurrent threads must never share a model.
+
+    ``key`` names the source stably: a function or Objective shipped to a worker process arrives as
+    a new object with every task, so its ``id`` cannot be the key (the cache would grow by one
+    model per pair). A few entries per thread: enough for the analyses a process runs in turn.
+    """
     cache = getattr(_local, "objectives", None)
     if cache is None:
-        cache = _local.objectives = {}
-    key = source if isinstance(source, str) else (recorded if source is None else id(source))
-    if key not in cache:
-        if isinstance(source, Objective):
-            # never touch the caller's instance: the probe moves it and sets its train mode
-            cache[key] = Objective(model=copy.deepcopy(source.model), loss=source.loss)
-        else:
-            cache[key] = resolve_objective(source, recorded)
-    return cache[key]
+        cache = _local.objectives = collections.OrderedDict()
+    if key is None:
+        key = source if isinstance(source, str) else (recorded if source is None else str(id(source)))
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    if isinstance(source, Objective):
+        # never touch the caller's instance: the probe moves it and sets its train mode
+        obj = Objective(model=copy.deepcopy(source.model), loss=source.loss)
+    else:
+        obj = resolve_objective(source, recorded)
+    cache[key] = obj
+    while len(cache) > _OBJECTIVES_PER_THREAD:
+        cache.popitem(last=False)
+    return obj
 
 
-def _load_task(path: str) -> Snapshot | health.BadSnapshot:
+# Recently loaded snapshots, per process: a window's boundary snapshots are the next window's
+# first ones, and a snapshot passed by path (below) is read once per process that uses it. Keyed
+# by (path, mtime, size, params only) so a rewritten file is never served stale; a handful, so
+# memory stays bounded whatever the run length.
+_SnapshotKey = tuple[str, int, int, bool]
+_recent: collections.OrderedDict[_SnapshotKey, Snapshot] = collections.OrderedDict()
+_recent_lock = threading.Lock()
+_RECENT_SNAPSHOTS = 4
+
+
+class _ByPath(Snapshot):
+    """A snapshot read from a file, pickled as a reference to that file (:class:`_SnapshotFile`).
+
+    Process pools use this: dask's multiprocessing scheduler routes every task input through the
+    driver process, and shipping the tensors that way (3.4 MB per pair of the reference MLP)
+    cost more than the worker reading them again from the OS page cache. The driver never reads
+    a snapshot: a reference stays a reference until a pair task needs the tensors.
+    """
+
+    _key: _SnapshotKey
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_SnapshotFile, (self._key,))
+
+
+class _SnapshotFile:
+    """Where a snapshot is: (path, mtime, size, parameters only). Resolved by the pair task."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: _SnapshotKey) -> None:
+        self.key = key
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_SnapshotFile, (self.key,))
+
+    def resolve(self) -> Snapshot:
+        snap = _read_cached(self.key[0], params_only=self.key[3], by_path=True)
+        if getattr(snap, "_key", self.key)[:3] != self.key[:3]:
+            raise AnalysisError(f"{self.key[0]}: the snapshot file changed during the analysis; re-run it")
+        return snap
+
+
+def _resolved(snap: Any) -> Any:
+    return snap.resolve() if isinstance(snap, _SnapshotFile) else snap
+
+
+def _stat_key(path: str) -> tuple[int, int]:
+    """(mtime, size) of the file holding a snapshot: the step file itself, or for an HDF5 row
+    (``trajectory.h5/step_…``) the container, which only grows while a row stays the same."""
+    p = Path(path)
+    try:
+        st = os.stat(p if p.exists() or p.parent.suffix != ".h5" else p.parent)
+    except OSError:
+        return (-1, -1)  # missing: the reader reports it as a damaged snapshot
+    return (st.st_mtime_ns, st.st_size)
+
+
+def _read_cached(path: str, *, params_only: bool = False, pin: bool = False,
+                 by_path: bool = False) -> Snapshot | health.BadSnapshot:
+    key = (path, *_stat_key(path), params_only)
+    with _recent_lock:
+        snap = _recent.get(key)
+        if snap is not None:
+            _recent.move_to_end(key)
+            return snap
     # issue 7 (damage is local): a damaged snapshot is returned as its error, not raised, so only
     # the pairs that need it are skipped (see trajscope.health).
-    return health.load_snapshot(path)
+    loaded = _read_params(path) if params_only else health.load_snapshot(path)
+    if isinstance(loaded, health.BadSnapshot):
+        return loaded
+    snap = loaded
+    if pin:
+        snap = _pinned(snap)
+    fields = {f.name: getattr(snap, f.name) for f in dataclasses.fields(snap)}
+    if by_path:
+        snap = _ByPath(**fields)
+        object.__setattr__(snap, "_key", key)
+    else:
+        snap = ship(snap)  # pickles as plain arrays when a cluster moves it between workers
+    with _recent_lock:
+        _recent[key] = snap
+        while len(_recent) > _RECENT_SNAPSHOTS:
+            _recent.popitem(last=False)
+    return snap
+
+
+def _read_params(path: str) -> Snapshot | health.BadSnapshot:
+    """x_0 or x*: the parameters alone, read lazily from a safetensors step file (through the same
+    bounded, checked header as every read); an HDF5 row is read whole."""
+    from safetensors import safe_open
+
+    from trajscope.run import _snapshot_meta
+
+    p = Path(path)
+    if fmt.parse_step_filename(p.name) is None:  # not a step file: e.g. trajectory.h5/step_…
+        full = health.load_snapshot(path)
+        return full if isinstance(full, health.BadSnapshot) else Snapshot(
+            step=full.step, kind=full.kind, params=full.params)
+    try:
+        meta = _snapshot_meta(fmt.read_safetensors_header(p), p)
+        with safe_open(str(p), framework="pt") as fh:
+            params = {fmt.check_name(k[len(fmt.PARAM):], f"{p}: tensor key param/…"): fh.get_tensor(k)
+                      for k in fh.keys() if k.startswith(fmt.PARAM)}
+    except RunFormatError as exc:
+        return health.BadSnapshot(fmt.parse_step_filename(p.name) or -1, str(exc))
+    except Exception as exc:  # noqa: BLE001 - safetensors' own errors for a damaged buffer
+        return health.BadSnapshot(fmt.parse_step_filename(p.name) or -1,
+                                  f"{p}: damaged safetensors file ({exc})")
+    return Snapshot(step=meta["step"], kind=str(meta.get("kind", fmt.KIND_STEP)), params=params)
+
+
+def _load_task(path: str, pin: bool = False, by_path: bool = False) -> Snapshot | health.BadSnapshot:
+    """Read one snapshot: CPU tensors, page-locked when they will be copied to a GPU, pickled by
+    path when the scheduler is a local process pool."""
+    return _read_cached(path, pin=pin, by_path=by_path)
+
+
+def _load_params_task(path: str, by_path: bool = False) -> Snapshot | health.BadSnapshot:
+    """x_0 (distance from initialisation) or x* (reference point): its parameters only."""
+    return _read_cached(path, params_only=True, by_path=by_path)
+
+
+def _pinned(snap: Snapshot) -> Snapshot:
+    import torch
+
+    def pin(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.pin_memory()
+        if isinstance(x, dict):
+            return {k: pin(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(pin(v) for v in x)
+        return x
+
+    return dataclasses.replace(snap, params=pin(snap.params), grads=pin(snap.grads),
+                               buffers=pin(snap.buffers), batch=pin(snap.batch))
+
+
+def _on_device(snap: Snapshot | health.BadSnapshot | None, device: str) -> Snapshot | health.BadSnapshot | None:
+    """The snapshot's tensors on ``device`` (asynchronous from page-locked memory); RNG states stay
+    on the CPU, where torch's RNG API wants them."""
+    if not isinstance(snap, Snapshot) or device == "cpu":
+        return snap
+    import torch
+
+    def move(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.to(device, non_blocking=x.is_pinned())
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(move(v) for v in x)
+        return x
+
+    return dataclasses.replace(snap, params=move(snap.params), grads=move(snap.grads),
+                               buffers=move(snap.buffers), batch=move(snap.batch))
+
+
+_PROBE_LOCK = threading.Lock()
 
 
 def _pair_task(snap: Snapshot | health.BadSnapshot, nxt: Snapshot | health.BadSnapshot,
                prev: Snapshot | health.BadSnapshot | None, init: Snapshot | health.BadSnapshot | None,
                source: ObjectiveSource, recorded: str | None, settings: ProbeSettings,
                trainable: list[str], out: str | None, digest: str,
-               ref: Snapshot | health.BadSnapshot | None = None) -> PairStats | health.SkippedPair:
-    objective = _objective_for(source, recorded)
+               ref: Snapshot | health.BadSnapshot | None = None, placement: Placement | None = None,
+               objective_key: str | None = None) -> PairStats | health.SkippedPair:
+    snap, nxt, prev, init, ref = (_resolved(s) for s in (snap, nxt, prev, init, ref))
+    if placement is not None:
+        device = placement.apply()  # this worker's torch threads and GPU
+        if device != settings.device:
+            settings = dataclasses.replace(settings, device=device)
+        snap, nxt, prev, init, ref = (_on_device(s, device) for s in (snap, nxt, prev, init, ref))
+    objective = _objective_for(source, recorded, objective_key)
     # --- issue 7 (damage is local): a damaged/incomplete snapshot skips this pair only ---------
     skip = health.skip_reason(snap, nxt, objective.model)
     if skip is not None:
@@ -90,16 +300,20 @@ def _pair_task(snap: Snapshot | health.BadSnapshot, nxt: Snapshot | health.BadSn
     ref = health.usable(ref, objective.model)
     assert isinstance(snap, Snapshot) and isinstance(nxt, Snapshot)
     # --- end issue 7 ---------------------------------------------------------------------------
-    try:
-        stats = probe_pair(objective, snap, nxt, settings, prev=prev, init=init, ref=ref,
-                           trainable=trainable)
-    except TrajscopeError:
-        raise
-    except Exception as exc:  # issue 7: the user's loss failed; say where, one line
-        raise ObjectiveError(
-            f"step {snap.step}: evaluating the objective's loss failed: {type(exc).__name__}: "
-            f"{one_line(exc, 500)} (--debug shows where)"
-        ) from exc
+    # One probe at a time per process: torch's forward-mode AD level (jvp) and the RNG state that
+    # dropout replay sets are process-global, so two threads probing at once corrupt each other.
+    # Threads still overlap loading and persisting with the probe; processes probe in parallel.
+    with _PROBE_LOCK:
+        try:
+            stats = probe_pair(objective, snap, nxt, settings, prev=prev, init=init, ref=ref,
+                               trainable=trainable)
+        except TrajscopeError:
+            raise
+        except Exception as exc:  # issue 7: the user's loss failed; say where, one line
+            raise ObjectiveError(
+                f"step {snap.step}: evaluating the objective's loss failed: {type(exc).__name__}: "
+                f"{one_line(exc, 500)} (--debug shows where)"
+            ) from exc
     if out is not None:
         _save_pair(Path(out), stats, digest)
     return stats
@@ -130,6 +344,10 @@ def compute_pair_metrics(stats: PairStats, specs: Sequence[MetricSpec]) -> dict[
 # --- persistence of per-pair partial results -----------------------------------------------------
 
 
+def _pair_path(pairs_dir: Path, step: int) -> Path:
+    return pairs_dir / f"pair_{step:08d}.safetensors"
+
+
 def _save_pair(path: Path, stats: PairStats, digest: str) -> None:
     import safetensors.numpy
 
@@ -138,6 +356,8 @@ def _save_pair(path: Path, stats: PairStats, digest: str) -> None:
         {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in stats.to_tensors().items()},
         metadata=meta,
     )
+    # Temp file + rename: a kill at any moment leaves the old state or the whole new file. No
+    # fsync: after a power cut a torn file fails to parse and the pair is simply recomputed.
     fmt.atomic_write_bytes(path, data)
 
 
@@ -164,23 +384,149 @@ def _settings_digest(settings: ProbeSettings, objective_id: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class _PairTable:
+    """Every pair's :class:`PairStats`, packed into arrays allocated once per field.
+
+    Why not a dict of PairStats: a pair's results are a few dozen small arrays that live to the
+    end of the analysis, allocated (numpy data, torch storage) in the heap where the probe also
+    allocates and frees megabytes of tensors. Each small survivor pins the freed memory around it
+    (glibc returns a heap region to the OS only when nothing in it is alive), so memory grew with
+    the run: 1.8 GB peak for 500 serial pairs instead of 0.4 GB. Copied here as they arrive, a
+    pair's own arrays are freed at once and nothing small stays behind between the probes.
+    """
+
+    def __init__(self, steps: Sequence[int]) -> None:
+        self._row = {t: i for i, t in enumerate(steps)}
+        self._arrays: dict[str, np.ndarray] = {}
+        self._filled: dict[str, np.ndarray] = {}
+        self._layers: dict[int, tuple[str, ...]] = {}
+        self._odd: dict[int, PairStats] = {}  # a pair whose shapes differ from the first (never seen)
+
+    def __contains__(self, step: int) -> bool:
+        return step in self._layers or step in self._odd
+
+    def __len__(self) -> int:
+        return len(self._layers) + len(self._odd)
+
+    def put(self, stats: PairStats) -> None:
+        i = self._row[stats.step]
+        flat = stats.to_tensors()
+        n = len(self._row)
+        for key, value in flat.items():
+            value = np.asarray(value, dtype=np.float64)
+            arr = self._arrays.get(key)
+            if arr is None:
+                arr = self._arrays[key] = np.full((n, *value.shape), np.nan)
+                self._filled[key] = np.zeros(n, dtype=bool)
+            if arr.shape[1:] != value.shape:
+                self._odd[stats.step] = stats
+                return
+        for key, value in flat.items():
+            self._arrays[key][i] = value
+            self._filled[key][i] = True
+        self._layers[stats.step] = tuple(stats.layers)
+
+    def get(self, step: int) -> PairStats:
+        if step in self._odd:
+            return self._odd[step]
+        i = self._row[step]
+        views = {k: a[i] for k, a in self._arrays.items() if self._filled[k][i]}
+        return PairStats.from_tensors(step, self._layers[step], views)
+
+
+# --- one analysis at a time per run --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _analysis_lock(analysis_dir: Path) -> Iterator[None]:
+    """Hold ``analysis/.lock`` for the whole analysis, or fail at once naming the holder.
+
+    An OS lock (flock), not a marker file: the kernel releases it when its holder dies, even by
+    SIGKILL, so a killed analysis never blocks the next one. (On network filesystems without
+    flock support the lock is advisory at best; the per-file writes are atomic regardless.)
+    """
+    analysis_dir.mkdir(parents=True, exist_ok=True)
+    path = analysis_dir / LOCK_FILE
+    fh = open(path, "a+", encoding="utf-8")
+    try:
+        if not _try_lock(fh):
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown process"
+            raise AnalysisError(
+                f"{analysis_dir}: another analysis of this run is writing here ({holder}); wait "
+                "for it to finish, or pass write=False to analyze without writing"
+            )
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
+            _unlock(fh)
+    finally:
+        fh.close()
+
+
+def _try_lock(fh: Any) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            fh.seek(0)
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _unlock(fh: Any) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        fh.seek(0)
+        msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
+        return
+    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_stale_temporaries(analysis_dir: Path) -> None:
+    """Temp files left by a killed analysis (the lock is ours, so none is being written now)."""
+    for d in (analysis_dir, analysis_dir / PAIRS_DIR):
+        if d.is_dir():
+            for f in d.glob(".*.tmp-*"):
+                with contextlib.suppress(OSError):
+                    f.unlink()
+
+
 # --- progress ------------------------------------------------------------------------------------
 
 
-class _PairProgress(Callback):
-    """tqdm bar over finished pair tasks (local schedulers run callbacks in this process)."""
+class _Progress:
+    """Pairs done / total, rate and ETA on stderr (tqdm); silent when disabled."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        super().__init__()
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
         self.bar = None
         if enabled and total:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, unit="pair", desc="analyze", file=sys.stderr)
+            self.bar = tqdm(total=total, initial=done, unit="pair", desc="analyze", file=sys.stderr,
+                            dynamic_ncols=True)
 
-    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-        name = key[0] if isinstance(key, tuple) else key
-        if self.bar is not None and isinstance(name, str) and name.startswith("pair-"):
+    def pair_done(self) -> None:
+        if self.bar is not None:
             self.bar.update(1)
 
     def close(self) -> None:
@@ -189,20 +535,6 @@ class _PairProgress(Callback):
 
 
 # --- the public entry points ---------------------------------------------------------------------
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise AnalysisError(f"device={device!r}: CUDA is not available on this machine; use cpu or auto")
-        return device
-    raise AnalysisError(f"device={device!r}: expected cpu, cuda, cuda:N or auto")
 
 
 def _objective_id(source: ObjectiveSource, recorded: str | None) -> str:
@@ -230,7 +562,9 @@ def _select_steps(pairs: list[int], steps: str | slice | Iterable[int] | None) -
     if isinstance(steps, slice):
         start = steps.start or 0
         stop = steps.stop if steps.stop is not None else float("inf")
-        stride = steps.step or 1
+        stride = 1 if steps.step is None else steps.step
+        if stride < 1:
+            raise AnalysisError(f"steps={steps!r}: the stride must be >= 1")
         return [t for t in pairs if start <= t < stop and (t - start) % stride == 0]
     wanted = set(steps)
     return [t for t in pairs if t in wanted]
@@ -244,7 +578,7 @@ def analyze(
     margin: float = 0.5,
     device: str = "auto",
     dtype: str = "float32",
-    scheduler: str = "synchronous",
+    scheduler: Any = "synchronous",
     workers: int | None = None,
     steps: str | slice | Iterable[int] | None = None,
     metrics: Iterable[str] | None = None,
@@ -264,25 +598,37 @@ def analyze(
         objective: ``"module:function"``, a factory function, or an :class:`Objective`; default:
             the name recorded in the manifest.
         points, margin: α grid (``points`` on [0, 1], extended by ``margin`` on both sides).
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available). With several
+            GPUs, ``cuda``/``auto`` gives each worker its own GPU (set ``workers`` to the count).
         dtype: evaluation dtype, ``float32`` or ``float64`` (independent of the training dtype).
-        scheduler: dask scheduler: ``synchronous``, ``threads`` or ``processes``.
-        workers: worker count for ``threads``/``processes``.
+        scheduler: ``synchronous`` (this thread), ``threads``, ``processes``, a dask.distributed
+            scheduler address (``tcp://host:8786``) or a ``distributed.Client``. The results
+            are the same under every scheduler. A cluster's workers must see the run directory
+            at the same path and be able to import the objective.
+        workers: worker count for ``threads``/``processes`` (default: one per core). Torch
+            intra-op threads are split between them.
         steps: which pairs, by start step: ``"START:STOP[:STRIDE]"``, a slice, or step numbers.
         metrics: metric names (default: every registered metric).
-        batched, chunk_size: evaluate the α points together with ``vmap`` (in chunks).
+        batched, chunk_size: evaluate the α points together with ``vmap``, at most
+            ``chunk_size`` at a time (default: all; halved automatically when out of memory).
         sharpness: also compute λ_max(∇²f(x_t; z_t)) per pair by Lanczos (at most
             ``sharpness_max_iter`` Hessian-vector products); implied when ``metrics`` names a
             metric that needs it.
         reference: step of the reference point x* of ``convexity_ratio_ref`` (default: the final
             recorded state; a run without one gets NaN unless a step is given).
         force: recompute pairs already persisted under ``analysis/pairs``.
-        write: write ``analysis/metrics.nc`` (and the per-pair partial results).
+        write: write ``analysis/metrics.nc`` and the per-pair results (and reuse those already
+            there); False computes everything in memory and writes nothing.
         progress: show a progress bar (default: when stderr is a terminal).
     """
     r = run if isinstance(run, Run) else open_run(run)
     if dtype not in ("float32", "float64"):
         raise AnalysisError(f"dtype={dtype!r}: expected float32 or float64")
+    scheduler = check_scheduler(scheduler)
+    check_device(device)
+    local = isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise AnalysisError(f"chunk_size={chunk_size!r}: expected an int >= 1 or None")
     selected = get_metrics(metrics)
     # Naming an opt-in metric asks for its probe; otherwise opt-in metrics follow the flags.
     sharpness = sharpness or (metrics is not None and any("sharpness" in s.needs for s in selected.values()))
@@ -296,7 +642,9 @@ def analyze(
     ref_step = _reference_step(r, reference)
     settings = ProbeSettings(
         alphas=tuple(float(a) for a in alpha_grid(points, margin)),
-        device=_resolve_device(device),
+        # Local: resolved here, so a missing GPU fails before any work. A cluster's workers
+        # resolve the spec themselves (this machine may have no GPU at all).
+        device=resolve_device(device) if local else device,
         dtype=dtype,
         chunk_size=chunk_size,
         batched=batched,
@@ -318,65 +666,119 @@ def analyze(
         )
     # Resolve once here so import errors and name/shape mismatches surface before any work.
     check_run_objective(_objective_for(objective, r.objective), r.manifest)
-    digest = _settings_digest(settings, _objective_id(objective, r.objective))
-    pairs_dir = r.path / fmt.ANALYSIS_DIR / PAIRS_DIR
+    objective_id = _objective_id(objective, r.objective)
+    digest = _settings_digest(settings, objective_id)
+    analysis_dir = r.path / fmt.ANALYSIS_DIR
+    pairs_dir = analysis_dir / PAIRS_DIR
     if write:
         fmt.safe_output_dir(r.path, fmt.ANALYSIS_DIR, PAIRS_DIR)  # issue 7: no symlinked way out
 
-    done: dict[int, PairStats] = {}
-    if write and not force:
-        for t in pairs:
-            s = _load_pair(pairs_dir / f"pair_{t:08d}.safetensors", digest)
-            if s is not None:
-                done[t] = s
-    todo = [t for t in pairs if t not in done]
+    with _analysis_lock(analysis_dir) if write else contextlib.nullcontext():
+        done = _PairTable(pairs)
+        if write:
+            _remove_stale_temporaries(analysis_dir)
+            if not force:
+                for t in pairs:
+                    s = _load_pair(_pair_path(pairs_dir, t), digest)
+                    if s is not None:
+                        done.put(s)
+        todo = [t for t in pairs if t not in done]
+        skipped = dict(lost)  # issue 7: damaged/missing snapshots cost only their pairs
+        bar = _Progress(len(pairs), len(done), sys.stderr.isatty() if progress is None else progress)
+        try:
+            if todo:
+                with open_backend(scheduler, workers) as backend:
+                    _run_pairs(backend, r, todo, done, skipped, objective, settings, device, digest,
+                               pairs_dir if write else None, bar.pair_done)
+        finally:
+            bar.close()
+        ordered = [done.get(t) for t in pairs if t in done]
+        if not ordered:
+            first = min(skipped)
+            raise RunFormatError(
+                f"{r.path}: all {len(skipped)} pair(s) were skipped as damaged or missing; "
+                f"first: pair {first}: {skipped[first]}"
+            )
+        values = [compute_pair_metrics(s, list(specs.values())) for s in ordered]
+        ds = build_dataset(ordered, values, specs, r, settings, objective_id)
+        health.record_skipped(ds, skipped, len(pairs) + len(lost))
+        if write:
+            _write_dataset(ds, analysis_dir / METRICS_FILE)
+    return ds
 
+
+def _run_pairs(backend: Backend, r: Run, todo: list[int], done: _PairTable,
+               skipped: dict[int, str], objective: ObjectiveSource, settings: ProbeSettings, device: str, digest: str,
+               pairs_dir: Path | None, on_pair: Callable[[], None]) -> None:
+    """Probe the ``todo`` pairs on ``backend`` in windows; two windows in flight at a time."""
+    # A shipped function or Objective has no stable identity in a worker; name it once here.
+    objective_key = (objective if isinstance(objective, str)
+                     else r.objective if objective is None
+                     else f"{_objective_id(objective, r.objective)}#{uuid.uuid4().hex}")
+    placement = backend.placement(device, pin=PIN_MEMORY and settings.device.startswith("cuda"))
+    run_token = hashlib.sha256(str(r.path.resolve()).encode()).hexdigest()[:10]
     have = set(r.steps)
     init_step = r.steps[0] if r.steps and r.steps[0] == 0 else None
+    size = max(MIN_WINDOW, PAIRS_PER_WORKER * backend.workers)
+    in_flight: collections.deque[Callable[[], list[Any]]] = collections.deque()
+    for i in range(0, len(todo), size):
+        tasks = _window_graph(r, todo[i : i + size], have, init_step, run_token, objective,
+                              objective_key, settings, placement, digest, pairs_dir)
+        in_flight.append(backend.submit(tasks, on_pair))
+        if len(in_flight) == 2:
+            _collect(in_flight.popleft()(), done, skipped)
+    while in_flight:
+        _collect(in_flight.popleft()(), done, skipped)
+
+
+def _collect(results: list[Any], done: _PairTable, skipped: dict[int, str]) -> None:
+    for s in results:
+        if isinstance(s, health.SkippedPair):
+            skipped[s.step] = s.reason
+        else:
+            done.put(s)
+
+
+def _window_graph(r: Run, window: list[int], have: set[int], init_step: int | None, run_token: str,
+                  objective: ObjectiveSource, objective_key: str, settings: ProbeSettings,
+                  placement: Placement, digest: str, pairs_dir: Path | None) -> list[Any]:
+    """The delayed pair tasks of one window, over load tasks shared by adjacent pairs."""
     loads: dict[int, Any] = {}
 
     def load(step: int) -> Any:
         if step not in loads:
             loads[step] = dask.delayed(_load_task, pure=True)(
-                str(r.step_path(step)), dask_key_name=f"load-{step}"
+                str(r.step_path(step)), placement.pin, placement.by_path,
+                dask_key_name=(f"load-{run_token}", step),
             )
         return loads[step]
 
-    tasks = []
-    for t in todo:
-        prev = load(t - 1) if (t - 1) in have and r.kind(t - 1) == fmt.KIND_STEP else None
-        init = load(init_step) if init_step is not None else None
-        out = str(pairs_dir / f"pair_{t:08d}.safetensors") if write else None
-        ref = load(ref_step) if ref_step is not None else None
-        tasks.append(dask.delayed(_pair_task, pure=True)(
-            load(t), load(t + 1), prev, init, objective, r.objective, settings, r.trainable, out,
-            digest, ref, dask_key_name=f"pair-{t}",
-        ))
-    cb = _PairProgress(len(tasks), sys.stderr.isatty() if progress is None else progress)
-    try:
-        with cb, _torch_threads(scheduler, workers):
-            computed = dask.compute(*tasks, **_scheduler_kwargs(scheduler, workers)) if tasks else ()
-    finally:
-        cb.close()
-    skipped = dict(lost)  # issue 7: damaged/missing snapshots cost only their pairs
-    for s in computed:
-        if isinstance(s, health.SkippedPair):
-            skipped[s.step] = s.reason
-            continue
-        done[s.step] = s
-    ordered = [done[t] for t in pairs if t in done]
-    if not ordered:
-        first = min(skipped)
-        raise RunFormatError(
-            f"{r.path}: all {len(skipped)} pair(s) were skipped as damaged or missing; "
-            f"first: pair {first}: {skipped[first]}"
+    def params_of(step: int | None) -> Any:
+        # x_0 and x* enter every pair, through their parameters alone: a small shared task
+        if step is None:
+            return None
+        return dask.delayed(_load_params_task, pure=True)(
+            str(r.step_path(step)), placement.by_path, dask_key_name=(f"params-{run_token}", step)
         )
-    values = [compute_pair_metrics(s, list(specs.values())) for s in ordered]
-    ds = build_dataset(ordered, values, specs, r, settings, _objective_id(objective, r.objective))
-    health.record_skipped(ds, skipped, len(pairs) + len(lost))
-    if write:
-        _write_dataset(ds, r.path / fmt.ANALYSIS_DIR / METRICS_FILE)
-    return ds
+
+    init = params_of(init_step)
+    ref = params_of(settings.reference_step)
+    # The arguments every pair shares are bound once: dask walks the arguments of each delayed
+    # call looking for collections, and these (settings, names, placement) would be walked anew
+    # for every pair. Naming the function also spares tokenizing it.
+    probe = dask.delayed(
+        functools.partial(_pair_task, source=objective, recorded=r.objective, settings=settings,
+                          trainable=r.trainable, digest=digest, placement=placement,
+                          objective_key=objective_key),
+        pure=True, name=f"pair-task-{digest}",
+    )
+    tasks = []
+    for t in window:
+        prev = load(t - 1) if (t - 1) in have and r.kind(t - 1) == fmt.KIND_STEP else None
+        out = str(_pair_path(pairs_dir, t)) if pairs_dir is not None else None
+        tasks.append(probe(load(t), load(t + 1), prev, init, out=out, ref=ref,
+                           dask_key_name=(f"pair-{digest}-{run_token}", t)))
+    return tasks
 
 
 def _with_requirements(selected: dict[str, MetricSpec], everything: dict[str, MetricSpec]) -> dict[str, MetricSpec]:
@@ -411,34 +813,6 @@ def _reference_step(run: Run, reference: int | None) -> int | None:
             f"(first {run.steps[:1]}, last {run.steps[-1:]}) or omit it for the final state"
         )
     return int(reference)
-
-
-def _scheduler_kwargs(scheduler: str, workers: int | None) -> dict[str, Any]:
-    if scheduler in ("synchronous", "sync"):
-        return {"scheduler": "synchronous"}
-    if scheduler in ("threads", "processes"):
-        kw: dict[str, Any] = {"scheduler": scheduler}
-        if workers:
-            kw["num_workers"] = workers
-        return kw
-    raise AnalysisError(f"scheduler={scheduler!r}: expected synchronous, threads or processes")
-
-
-@contextlib.contextmanager
-def _torch_threads(scheduler: str, workers: int | None) -> Iterator[None]:
-    """Split the cores between thread workers so they do not oversubscribe the machine."""
-    import torch
-
-    if scheduler != "threads":
-        yield
-        return
-    before = torch.get_num_threads()
-    n = workers or os.cpu_count() or 1
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndarray]],
@@ -488,10 +862,17 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
 
 
 def _write_dataset(ds: xr.Dataset, path: Path) -> None:
+    """Write to a temp file, fsync, rename: readers see the old Dataset or the new one, whole."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)  # issue 7: never write through a symlink planted at the temp name
-    ds.to_netcdf(tmp, engine="h5netcdf")
-    os.replace(tmp, path)
+    try:
+        ds.to_netcdf(tmp, engine="h5netcdf")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def open_metrics(run: str | Path | Sequence[str | Path]) -> xr.Dataset:

@@ -33,6 +33,24 @@ def cli() -> None:
     """
 
 
+_LOCAL_SCHEDULERS = ("synchronous", "threads", "processes")  # as trajscope.execution (kept light)
+
+
+def _check_scheduler(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value in _LOCAL_SCHEDULERS or "://" in value:
+        return value
+    raise click.BadParameter(
+        f"{value!r}: expected synchronous, threads, processes or a dask.distributed address such "
+        "as tcp://host:8786"
+    )
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value in ("cpu", "cuda", "auto") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise click.BadParameter(f"{value!r}: expected cpu, cuda, cuda:N or auto")
+
+
 @cli.command()
 @click.argument("run_dir", type=_RUN_DIR)
 @click.option("--objective", metavar="MODULE:FUNCTION",
@@ -41,12 +59,19 @@ def cli() -> None:
               help="Grid points on [0, 1] along each step.")
 @click.option("--margin", default=0.5, show_default=True, type=click.FloatRange(min=0),
               help="Grid extension beyond [0, 1] on both sides, in units of the step.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--device", default="auto", show_default=True, callback=_check_device,
+              help="cpu, cuda, cuda:N or auto (CUDA when available). With several GPUs, cuda or "
+                   "auto gives each worker its own.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
               show_default=True, help="Evaluation dtype (independent of the training dtype).")
-@click.option("--scheduler", default="synchronous", show_default=True,
-              type=click.Choice(["synchronous", "threads", "processes"]), help="Dask scheduler.")
-@click.option("--workers", type=click.IntRange(min=1), help="Workers for threads/processes.")
+@click.option("--scheduler", default="synchronous", show_default=True, callback=_check_scheduler,
+              metavar="synchronous|threads|processes|ADDRESS",
+              help="Where pairs are probed: this thread, a thread pool (one GPU), a process pool "
+                   "(CPU), or a dask.distributed scheduler at ADDRESS (tcp://host:8786) whose "
+                   "workers see RUN_DIR at the same path.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Workers for threads/processes (default: one per core); torch threads are "
+                   "split between them.")
 @click.option("--steps", metavar="START:STOP[:STRIDE]", help="Analyze only these pair start steps.")
 @click.option("--metrics", "metric_names", metavar="NAMES",
               help="Comma-separated metric names (default: all).")
@@ -54,15 +79,19 @@ def cli() -> None:
               help="Also compute λ_max of the minibatch Hessian at x_t (Lanczos; opt-in, costly).")
 @click.option("--reference", "reference", type=int, metavar="STEP",
               help="Reference point x* of convexity_ratio_ref (default: the final recorded state).")
-@click.option("--force", is_flag=True, help="Recompute pairs already analyzed.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@click.option("--force", is_flag=True,
+              help="Recompute pairs already analyzed (by default, finished pairs are reused).")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress bar or summary (the bar is also off when stderr is not a terminal).")
 def analyze(run_dir: str, objective: str | None, points: int, margin: float, device: str,
             dtype: str, scheduler: str, workers: int | None, steps: str | None,
             metric_names: str | None, sharpness: bool, reference: int | None, force: bool,
             quiet: bool) -> None:
     """Re-evaluate the loss along each recorded step and compute every metric.
 
-    Writes RUN_DIR/analysis/metrics.nc; open it with trajscope.open_metrics(RUN_DIR).
+    Writes RUN_DIR/analysis/metrics.nc; open it with trajscope.open_metrics(RUN_DIR). Each
+    finished pair is kept under RUN_DIR/analysis/pairs, so an interrupted analysis resumes where
+    it stopped and newly recorded steps only cost their new pairs.
     """
     from trajscope.analysis import analyze as run_analysis
     from trajscope.summary import format_headline, headline

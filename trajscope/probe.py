@@ -467,40 +467,101 @@ def _grad(f: Any, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _line(f: Any, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
           alphas: torch.Tensor, settings: ProbeSettings, rng: Mapping[str, torch.Tensor],
           replay: bool) -> tuple[np.ndarray, np.ndarray]:
-    """ℓ(α) and ℓ'(α) at every grid point, batched over α when the model allows it."""
+    """ℓ(α) and ℓ'(α) at every grid point.
 
-    def point(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        p = {n: x0[n] + a * delta[n] for n in x0}
-        return jvp(f, (p,), (delta,))
-
+    Batched (the default): all α points in one ``vmap`` over stacked parameters, in chunks that
+    shrink automatically when a chunk does not fit in memory. Point by point when
+    ``settings.batched`` is False or the model cannot be vmapped (same numbers: both paths build
+    x_t + αΔ_t with the same two roundings and run the same jvp; tested).
+    """
     with torch.no_grad():
         if settings.batched:
             try:
-                return _line_batched(point, alphas, settings.chunk_size, rng, replay)
+                return _line_batched(f, x0, delta, alphas, settings.chunk_size, rng, replay,
+                                     settings.device)
             except ObjectiveError:
                 raise
             except Exception:  # noqa: BLE001 - modules vmap cannot batch: fall back, same result
                 pass
         vals, ders = [], []
-        for a in alphas:
-            with _replayed_rng(rng, replay):
-                v, d = point(a)
-            vals.append(float(v))
-            ders.append(float(d))
+        try:
+            for a in alphas:
+                with _replayed_rng(rng, replay):
+                    v, d = jvp(f, (_on_line(x0, delta, a),), (delta,))
+                vals.append(float(v))
+                ders.append(float(d))
+        except Exception as exc:
+            if _is_oom(exc):
+                raise AnalysisError(
+                    f"device={settings.device!r}: out of memory evaluating the loss at a single α "
+                    "point; the model and minibatch do not fit on this device"
+                ) from None
+            raise
     return np.array(vals, dtype=np.float64), np.array(ders, dtype=np.float64)
 
 
-def _line_batched(point: Any, alphas: torch.Tensor, chunk: int | None,
-                  rng: Mapping[str, torch.Tensor], replay: bool) -> tuple[np.ndarray, np.ndarray]:
-    # randomness="same": one dropout mask for all α, drawn from the replayed state, which is the
-    # mask the unbatched evaluation at that state would draw (tested against the point loop).
-    batched = vmap(point, randomness="same" if replay else "error")
+def _on_line(x0: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
+             a: torch.Tensor) -> dict[str, torch.Tensor]:
+    """x_t + aΔ_t. ``a`` is a 0-d tensor (one point) or shaped ``[k, 1, …]`` (k stacked points):
+    the same elementwise multiply-then-add either way, so batched and pointwise inputs are equal
+    bit for bit."""
+    return {n: x0[n] + a * delta[n] for n in x0}
+
+
+# α points per vmap call known to fit, per (device, parameter count): learned on out-of-memory so
+# that the following pairs start from a size that fits instead of failing again.
+_CHUNK_HINTS: dict[tuple[str, int], int] = {}
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    msg = str(exc)
+    # CPU allocation failures surface as plain RuntimeErrors from c10's allocator
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def _release_cached_memory(device: str) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _line_batched(f: Any, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+                  alphas: torch.Tensor, chunk: int | None, rng: Mapping[str, torch.Tensor],
+                  replay: bool, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    # The parameters of a chunk of k points are stacked once, as [k, …] tensors, and vmap maps the
+    # jvp over that leading dim. Stacking outside vmap is cheaper than letting vmap broadcast
+    # x_t + αΔ_t per op, and the tangent Δ_t stays unbatched, so Δ_t·h products become one large
+    # matmul over k·batch rows. randomness="same": one dropout mask for all α, drawn from the
+    # replayed state, which is the mask the unbatched evaluation at that state would draw.
+    batched = vmap(lambda p: jvp(f, (p,), (delta,)), randomness="same" if replay else "error")
     n = len(alphas)
-    size = n if not chunk else max(1, chunk)
-    vals, ders = [], []
-    for i in range(0, n, size):
-        with _replayed_rng(rng, replay):
-            v, d = batched(alphas[i : i + size])
-        vals.append(v.double().cpu().numpy())
-        ders.append(d.double().cpu().numpy())
-    return np.concatenate(vals), np.concatenate(ders)
+    key = (device, sum(t.numel() for t in x0.values()))
+    size = min(n, max(1, chunk) if chunk else n, _CHUNK_HINTS.get(key, n))
+    shape = {name: (-1,) + (1,) * t.dim() for name, t in x0.items()}
+    vals: list[torch.Tensor] = []
+    ders: list[torch.Tensor] = []
+    i = 0
+    while i < n:
+        a = alphas[i : i + size]
+        stacked: dict[str, torch.Tensor] | None = None
+        oom = False
+        try:
+            with _replayed_rng(rng, replay):
+                stacked = {name: x0[name] + a.view(shape[name]) * delta[name] for name in x0}
+                v, d = batched(stacked)
+        except Exception as exc:
+            if size == 1 or not _is_oom(exc):
+                raise
+            oom = True  # handled below, once the exception (and the memory it pins) is released
+        if oom:
+            stacked = None
+            size = max(1, size // 2)
+            _CHUNK_HINTS[key] = size
+            _release_cached_memory(device)
+            continue
+        vals.append(v.detach().double().cpu())
+        ders.append(d.detach().double().cpu())
+        del stacked, v, d
+        i += size
+    return torch.cat(vals).numpy(), torch.cat(ders).numpy()

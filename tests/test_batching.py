@@ -1,0 +1,142 @@
+"""Batched line evaluation (vmap over α, in chunks) equals point-by-point evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call
+
+import trajscope
+import trajscope.probe as probe
+from problems import make_mlp, make_mlp_dropout, train_classifier
+from trajscope.errors import AnalysisError
+from trajscope.probe import ProbeSettings, alpha_grid
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = {}
+    for name, factory in [("mlp", make_mlp), ("dropout", make_mlp_dropout)]:
+        out[name] = tmp_path_factory.mktemp(name) / "run"
+        train_classifier(out[name], factory, steps=4, objective=f"problems:{factory.__name__}")
+    return out
+
+
+def line_inputs(run_dir: Path, factory, dtype: torch.dtype, points: int = 9):  # noqa: ANN001, ANN201
+    run = trajscope.open_run(run_dir)
+    snap, nxt = run.snapshot(1), run.snapshot(2)
+    obj = factory()
+    obj.model.train(True)
+    bound = probe._Bound(obj.model, obj.loss)
+    x0 = {n: t.to(dtype) for n, t in snap.params.items()}
+    delta = {n: nxt.params[n].to(dtype) - x0[n] for n in x0}
+    batch = (snap.batch[0].to(dtype), snap.batch[1])
+
+    def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return functional_call(bound, {f"model.{n}": v for n, v in p.items()}, (batch,)).reshape(())
+
+    alphas = torch.tensor(alpha_grid(points, 0.5), dtype=dtype)
+    return f, x0, delta, alphas, snap.rng
+
+
+def line(inputs, *, batched: bool, chunk: int | None = None, replay: bool = False):  # noqa: ANN001, ANN201
+    f, x0, delta, alphas, rng = inputs
+    settings = ProbeSettings(alphas=tuple(alphas.tolist()), batched=batched, chunk_size=chunk,
+                             dtype="float64" if alphas.dtype == torch.float64 else "float32")
+    return probe._line(f, x0, delta, alphas, settings, rng, replay)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("chunk", [None, 1, 4, 5, 17, 100])
+def test_batched_equals_pointwise(runs: dict[str, Path], dtype: torch.dtype, rtol: float,
+                                  chunk: int | None) -> None:
+    inputs = line_inputs(runs["mlp"], make_mlp, dtype)
+    want = line(inputs, batched=False)
+    got = line(inputs, batched=True, chunk=chunk)
+    assert got[0].shape == want[0].shape == (17,)
+    np.testing.assert_allclose(got[0], want[0], rtol=rtol)
+    # ℓ' crosses zero along the line: relative to its scale
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=rtol * np.abs(want[1]).max())
+
+
+def test_batched_equals_pointwise_with_dropout_replay(runs: dict[str, Path]) -> None:
+    inputs = line_inputs(runs["dropout"], make_mlp_dropout, torch.float64)
+    assert inputs[4], "the recorder stores the RNG state of train-mode steps"
+    want = line(inputs, batched=False, replay=True)
+    got = line(inputs, batched=True, chunk=5, replay=True)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12 * np.abs(want[1]).max())
+    # and the replayed mask is the training one: another RNG state gives another loss
+    torch.manual_seed(123)
+    other = line(inputs[:4] + ({"cpu": torch.get_rng_state()},), batched=True, replay=True)
+    assert not np.allclose(other[0], want[0])
+
+
+def _oom_above(limit: int, sizes: list[int]):  # noqa: ANN202
+    """A vmap that fails like an out-of-memory device for chunks of more than ``limit`` points."""
+    real = probe.vmap
+
+    def fake_vmap(fn, **kw):  # noqa: ANN001, ANN003, ANN202
+        batched = real(fn, **kw)
+
+        def call(stacked: dict[str, torch.Tensor]):  # noqa: ANN202
+            k = next(iter(stacked.values())).shape[0]
+            sizes.append(k)
+            if k > limit:
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {k} GiB")
+            return batched(stacked)
+
+        return call
+
+    return fake_vmap
+
+
+def test_out_of_memory_halves_the_chunk(runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = line_inputs(runs["mlp"], make_mlp, torch.float64)
+    want = line(inputs, batched=False)
+    sizes: list[int] = []
+    monkeypatch.setattr(probe, "vmap", _oom_above(5, sizes))
+    monkeypatch.setattr(probe, "_CHUNK_HINTS", {})
+    got = line(inputs, batched=True)
+    assert sizes == [17, 8, 4, 4, 4, 4, 1]  # 17 and 8 fail; then chunks of 4 (and the rest)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12 * np.abs(want[1]).max())
+    # the next pair starts from the size that fit
+    sizes.clear()
+    line(inputs, batched=True)
+    assert sizes == [4, 4, 4, 4, 1]
+
+
+def test_out_of_memory_even_for_one_point_falls_back_then_fails_clearly(
+        runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = line_inputs(runs["mlp"], make_mlp, torch.float64)
+    want = line(inputs, batched=False)
+    monkeypatch.setattr(probe, "vmap", _oom_above(0, []))
+    monkeypatch.setattr(probe, "_CHUNK_HINTS", {})
+    got = line(inputs, batched=True)  # vmap cannot run at all: point by point, same numbers
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+
+    def no_memory(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(probe, "jvp", no_memory)
+    with pytest.raises(AnalysisError, match=r"device='cpu': out of memory evaluating the loss at a single"):
+        line(inputs, batched=True)
+
+
+def test_analysis_batched_equals_pointwise(runs: dict[str, Path]) -> None:
+    a = trajscope.analyze(runs["mlp"], make_mlp, dtype="float64", write=False, progress=False)
+    b = trajscope.analyze(runs["mlp"], make_mlp, dtype="float64", batched=False, write=False,
+                          progress=False)
+    c = trajscope.analyze(runs["mlp"], make_mlp, dtype="float64", chunk_size=3, write=False,
+                          progress=False)
+    loss_scale = np.abs(a.loss_line.values).max()  # residuals ≈ 0 are differences of losses
+    for ds in (b, c):
+        for name in a.data_vars:
+            want = a[name].values
+            np.testing.assert_allclose(ds[name].values, want, rtol=1e-9,
+                                       atol=1e-12 * max(np.nanmax(np.abs(want)), loss_scale),
+                                       equal_nan=True, err_msg=name)

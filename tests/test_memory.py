@@ -1,0 +1,53 @@
+"""Bounded memory: the snapshots alive at once do not grow with the number of pairs analyzed."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from pathlib import Path
+
+import pytest
+
+import trajscope
+import trajscope.analysis as analysis
+from problems import make_mlp, train_classifier
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("long") / "run"
+    train_classifier(run_dir, make_mlp, steps=40, batch_size=8, objective="problems:make_mlp")
+    return run_dir
+
+
+def peak_live_snapshots(run_dir: Path, monkeypatch: pytest.MonkeyPatch, **kw) -> int:  # noqa: ANN003
+    live: dict[int, weakref.ref] = {}  # snapshots are unhashable dataclasses: track by id
+    peak = [0]
+    lock = threading.Lock()
+    real = analysis.ship
+
+    def tracked(snap):  # noqa: ANN001, ANN202
+        out = real(snap)
+        with lock:
+            live[id(out)] = weakref.ref(out, lambda _, k=id(out): live.pop(k, None))
+            peak[0] = max(peak[0], len(live))
+        return out
+
+    monkeypatch.setattr(analysis, "ship", tracked)
+    monkeypatch.setattr(analysis, "_recent", type(analysis._recent)())
+    trajscope.analyze(run_dir, make_mlp, points=3, write=False, progress=False, **kw)
+    return peak[0]
+
+
+@pytest.mark.parametrize("scheduler", ["synchronous", "threads"])
+def test_snapshots_in_flight_do_not_grow_with_the_run(long_run: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     scheduler: str) -> None:
+    kw = {"scheduler": scheduler, "workers": 2} if scheduler == "threads" else {}
+    short = peak_live_snapshots(long_run, monkeypatch, steps="0:16", **kw)  # two windows
+    full = peak_live_snapshots(long_run, monkeypatch, **kw)  # 40 pairs: five windows
+    if scheduler == "synchronous":  # deterministic: the same peak however long the run
+        assert full <= short + 1
+    # and whatever the timing of threads: at most two windows of pairs in flight (their snapshots,
+    # the x_0 and x* parameters), plus the small per-process cache
+    window = max(analysis.MIN_WINDOW, analysis.PAIRS_PER_WORKER * (2 if kw else 1))
+    assert full <= 2 * (window + 2) + 2 + analysis._RECENT_SNAPSHOTS

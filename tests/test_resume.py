@@ -1,0 +1,199 @@
+"""Resume, incremental analysis, interruption (SIGKILL) and the one-analysis-at-a-time lock."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import trajscope
+import trajscope.analysis as analysis
+from problems import make_mlp, train_classifier
+from trajscope.errors import AnalysisError
+
+TESTS = Path(__file__).parent
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("resume") / "run"
+    train_classifier(run_dir, make_mlp, steps=STEPS, objective="problems:make_mlp")
+    return run_dir
+
+
+@pytest.fixture
+def run(recorded: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(recorded, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(recorded: Path) -> xr.Dataset:
+    return trajscope.analyze(recorded, make_mlp, write=False, progress=False)
+
+
+@pytest.fixture
+def probes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The steps of the pairs probed (synchronous scheduler: in this process)."""
+    calls: list[int] = []
+    real = analysis.probe_pair
+
+    def counting(objective, snap, nxt, settings, **kw):  # noqa: ANN001, ANN003, ANN202
+        calls.append(snap.step)
+        return real(objective, snap, nxt, settings, **kw)
+
+    monkeypatch.setattr(analysis, "probe_pair", counting)
+    return calls
+
+
+def assert_same_dataset(ds: xr.Dataset, ref: xr.Dataset) -> None:
+    """Identical data (the `created` timestamp and the run path aside)."""
+    xr.testing.assert_identical(ds.drop_attrs(), ref.drop_attrs())
+    skip = {"created", "run"}
+    assert {k: v for k, v in ds.attrs.items() if k not in skip} == {
+        k: v for k, v in ref.attrs.items() if k not in skip}
+
+
+def pair_files(run: Path) -> dict[str, tuple[int, int]]:
+    """Persisted pairs: name → (inode, mtime_ns); a recomputed pair gets a new inode (rename)."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in (run / "analysis" / "pairs").glob("pair_*.safetensors")}
+
+
+def test_rerun_skips_finished_pairs(run: Path, uninterrupted: xr.Dataset, probes: list[int]) -> None:
+    trajscope.analyze(run, make_mlp, steps="0:5", progress=False)
+    assert sorted(probes) == [0, 1, 2, 3, 4]
+    before = pair_files(run)
+    probes.clear()
+    ds = trajscope.analyze(run, make_mlp, progress=False)
+    assert sorted(probes) == list(range(5, STEPS))
+    assert all(pair_files(run)[k] == v for k, v in before.items())  # untouched
+    assert_same_dataset(ds, uninterrupted)
+    assert_same_dataset(trajscope.open_metrics(run), uninterrupted)
+    probes.clear()
+    trajscope.analyze(run, make_mlp, progress=False)
+    assert probes == []  # everything persisted: nothing to probe
+    trajscope.analyze(run, make_mlp, force=True, progress=False, steps="3:6")
+    assert sorted(probes) == [3, 4, 5]
+
+
+def test_other_settings_do_not_reuse_pairs(run: Path, probes: list[int]) -> None:
+    trajscope.analyze(run, make_mlp, steps="0:3", progress=False)
+    probes.clear()
+    trajscope.analyze(run, make_mlp, steps="0:3", points=5, progress=False)
+    assert sorted(probes) == [0, 1, 2]  # another α grid: another settings digest
+
+
+def test_new_recorded_steps_cost_only_their_pairs(run: Path, uninterrupted: xr.Dataset,
+                                                  probes: list[int], tmp_path: Path) -> None:
+    # Steps 10..15 not there yet (the final state, the default reference point x*, is: a run
+    # still recording has none, and x* appearing changes every pair's convexity_ratio_ref terms).
+    hidden = tmp_path / "later"
+    hidden.mkdir()
+    for f in sorted((run / "steps").iterdir()):
+        if 10 <= int(f.stem.split("_")[1]) < STEPS:
+            f.rename(hidden / f.name)
+    ds = trajscope.analyze(run, make_mlp, progress=False)
+    assert list(ds.step.values) == list(range(9)) and sorted(probes) == list(range(9))
+    for f in hidden.iterdir():
+        f.rename(run / "steps" / f.name)
+    probes.clear()
+    ds = trajscope.analyze(run, make_mlp, progress=False)
+    assert sorted(probes) == list(range(9, STEPS))
+    assert_same_dataset(ds, uninterrupted)
+
+
+def _cli_analyze(run: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen(
+        [sys.executable, "-m", "trajscope.cli", "analyze", str(run), "--objective",
+         "problems_slow:make_slow_mlp", "--device", "cpu", "--quiet"],
+        cwd=TESTS, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+
+
+def test_sigkill_mid_way_then_rerun(run: Path, uninterrupted: xr.Dataset, probes: list[int]) -> None:
+    proc = _cli_analyze(run)
+    pairs_dir = run / "analysis" / "pairs"
+    deadline = time.monotonic() + 120
+    try:
+        while len(pair_files(run)) < 3 if pairs_dir.is_dir() else True:
+            if proc.poll() is not None:
+                pytest.fail(f"analysis ended before it could be killed: {proc.stdout.read().decode()}")
+            if time.monotonic() > deadline:
+                pytest.fail("no pair persisted within 120 s")
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    before = pair_files(run)
+    assert 3 <= len(before) < STEPS, "the analysis must have been killed mid-way"
+    assert not (run / "analysis" / "metrics.nc").exists()  # never a partial Dataset
+    # Re-run (the lock died with the killed process): only the unfinished pairs are probed.
+    from problems_slow import make_slow_mlp
+
+    ds = trajscope.analyze(run, "problems_slow:make_slow_mlp", device="cpu", progress=False)
+    done_before = sorted(int(n[5:13]) for n in before)
+    assert sorted(probes) == [t for t in range(STEPS) if t not in done_before]
+    after = pair_files(run)
+    assert all(after[k] == v for k, v in before.items())  # finished pairs untouched
+    assert not list((run / "analysis").rglob(".*.tmp-*"))  # no temp file left behind
+    # The same Dataset as an uninterrupted run (the slow objective computes the same loss).
+    assert_same_dataset(ds.drop_attrs(), uninterrupted.drop_attrs())
+    assert ds.attrs["objective"] == "problems_slow:make_slow_mlp" and make_slow_mlp
+
+
+def test_a_second_analysis_of_the_same_run_is_refused(run: Path) -> None:
+    with analysis._analysis_lock(run / "analysis"):
+        with pytest.raises(AnalysisError, match=r"another analysis of this run is writing here \(pid \d+"):
+            trajscope.analyze(run, make_mlp, steps="0:2", progress=False)
+        # reading and analyzing without writing stay possible
+        ds = trajscope.analyze(run, make_mlp, steps="0:2", write=False, progress=False)
+        assert len(ds.step) == 2
+    trajscope.analyze(run, make_mlp, steps="0:2", progress=False)  # released
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the holder uses fcntl")
+def test_the_lock_of_a_killed_process_is_released(run: Path) -> None:
+    (run / "analysis").mkdir()
+    # Another process holding the lock the way analyze does (flock on analysis/.lock), without
+    # paying for importing torch.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"fh = open({str(run / 'analysis' / '.lock')!r}, 'a+')\n"
+        "fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "fh.write(f'pid {os.getpid()} on here'); fh.flush()\n"
+        "print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        with pytest.raises(AnalysisError, match=f"pid {holder.pid}"):
+            trajscope.analyze(run, make_mlp, steps="0:1", progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    trajscope.analyze(run, make_mlp, steps="0:1", progress=False)
+
+
+def test_damaged_partial_results_are_recomputed(run: Path, probes: list[int]) -> None:
+    trajscope.analyze(run, make_mlp, steps="0:3", progress=False)
+    victim = run / "analysis" / "pairs" / "pair_00000001.safetensors"
+    victim.write_bytes(victim.read_bytes()[:50])
+    (run / "analysis" / "pairs" / ".pair_00000002.safetensors.tmp-99999").write_bytes(b"x")
+    probes.clear()
+    ds = trajscope.analyze(run, make_mlp, steps="0:3", progress=False)
+    assert probes == [1]
+    assert np.isfinite(ds.loss_change.values).all()
+    assert not list((run / "analysis").rglob(".*.tmp-*"))
