@@ -90,6 +90,7 @@ def _kill_after(proc: subprocess.Popen[str], after_step: int, delay: float) -> N
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "hdf5"])
 def test_sigkill_leaves_a_run_that_validates_as_incomplete_and_analyzes(
         tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch,

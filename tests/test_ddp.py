@@ -84,6 +84,7 @@ def _single_process(run_dir: Path, *, split: bool) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_record_one_run_identical_to_a_single_process(tmp_path: Path) -> None:
     here = Path(__file__).parent
     (tmp_path / "worker.py").write_text(WORKER)
