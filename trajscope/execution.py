@@ -185,15 +185,16 @@ class Placement:
                 threads = self.threads_by_worker.get(get_worker().address, threads)
             except (ImportError, ValueError):
                 pass
-        # Per thread: torch's intra-op setting is thread-local under OpenMP, so each worker
-        # thread sets its own, and the caller's thread is never touched.
+        # Per thread: torch's intra-op setting is per thread under OpenMP (checked), so each
+        # worker thread sets its own and the caller's thread keeps its setting.
         if threads is not None and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         return resolve_device(self.device, _worker_slot(self.slots))
 
 
 def _init_process(threads: int, counter: Any) -> None:
-    """Initializer of a pool process: threads before torch spins up its pool, and a slot."""
+    """Initializer of a pool process: its torch threads (the environment variables too, for any
+    library that reads them later) and its slot among the workers."""
     global _process_slot
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["MKL_NUM_THREADS"] = str(threads)
