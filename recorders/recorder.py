@@ -373,7 +373,7 @@ class Recorder:
                     f"{self.run_dir}: already holds a trajscope run; choose a new directory or "
                     "pass overwrite=True"
                 )
-            for name in (fmt.STEPS_DIR, fmt.ANALYSIS_DIR):
+            for name in (fmt.STEPS_DIR, fmt.ANALYSIS_DIR, "report"):  # report/: stale figures
                 shutil.rmtree(self.run_dir / name, ignore_errors=True)
             (self.run_dir / fmt.SCALARS).unlink(missing_ok=True)
             (self.run_dir / fmt.HDF5_FILE).unlink(missing_ok=True)

@@ -544,7 +544,11 @@ def _objective_id(source: ObjectiveSource, recorded: str | None) -> str:
         return source
     if isinstance(source, Objective):
         return f"Objective({type(source.model).__qualname__})"
-    return f"{getattr(source, '__module__', '?')}:{getattr(source, '__qualname__', '?')}"
+    mod = getattr(source, "__module__", "?")
+    if mod == "__main__":  # a script's factory: name it as the recorder does (file stem)
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        mod = Path(main_file).stem if main_file else mod
+    return f"{mod}:{getattr(source, '__qualname__', '?')}"
 
 
 def _select_steps(pairs: list[int], steps: str | slice | Iterable[int] | None) -> list[int]:
@@ -880,8 +884,12 @@ def open_metrics(run: str | Path | Sequence[str | Path]) -> xr.Dataset:
     if isinstance(run, (list, tuple)):
         parts = [open_metrics(p) for p in run]
         names = [Path(p).name for p in run]
+        if len(set(names)) < len(names):  # runs/cnn/sgd and runs/convex/sgd: keep them apart
+            names = [str(p) for p in run]
         return xr.concat(parts, dim=xr.DataArray(names, dims="run", name="run"), join="outer",
                          combine_attrs="drop_conflicts")
+    if not Path(run).is_dir():
+        raise RunFormatError(f"{run}: no such run directory")
     path = Path(run) / fmt.ANALYSIS_DIR / METRICS_FILE
     if not path.exists():
         raise RunFormatError(f"{path}: no analysis found; run `trajscope analyze {run}` first")
