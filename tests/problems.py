@@ -35,7 +35,8 @@ class QuadModel(nn.Module):
 
 def quad_loss(model: QuadModel, b: torch.Tensor) -> torch.Tensor:
     x = model.x
-    return 0.5 * x @ (A @ x) - b @ x
+    a = A.to(x.device)  # the analyzer may evaluate on a GPU (device="auto")
+    return 0.5 * x @ (a @ x) - b @ x
 
 
 def make_quadratic() -> Objective:

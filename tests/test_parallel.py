@@ -72,8 +72,8 @@ def test_local_cluster_reached_by_address(run_dir: Path, reference: xr.Dataset) 
 
 def test_each_snapshot_is_read_once(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reads: list[str] = []
-    real = analysis.read_snapshot
-    monkeypatch.setattr(analysis, "read_snapshot", lambda p: reads.append(Path(p).name) or real(p))
+    real = analysis.health.load_snapshot
+    monkeypatch.setattr(analysis.health, "load_snapshot", lambda p: reads.append(Path(p).name) or real(p))
     monkeypatch.setattr(analysis, "_recent", type(analysis._recent)())
     trajscope.analyze(run_dir, make_mlp, write=False, progress=False)
     # steps 0..8: each read once although pairs share them (x_t is pair t's start, pair t−1's

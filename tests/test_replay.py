@@ -36,7 +36,7 @@ def cnn_run(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_bn_dropout_cnn_replays_at_every_step(cnn_run, dtype: str) -> None:
-    ds = trajscope.analyze(cnn_run, make_cnn, dtype=dtype, points=5, write=False, progress=False)
+    ds = trajscope.analyze(cnn_run, make_cnn, device="cpu", dtype=dtype, points=5, write=False, progress=False)
     assert list(ds.step.values) == list(range(STEPS))
     loss_err, grad_err = ds.loss_replay_error.values, ds.grad_replay_error.values
     print(f"\nBN+dropout CNN, {dtype} replay: max loss_replay_error {loss_err.max():.2e}, "
@@ -50,7 +50,7 @@ def test_bn_dropout_cnn_matches_float64_reference(cnn_run) -> None:
     # The reference replays the plain way (a float64 module in train mode, torch.set_rng_state
     # before each evaluation, no functional_call, no vmap), so this checks the batched line, G0,
     # G1 and f(x*) of the probe on BatchNorm + dropout, metric by metric.
-    ds = trajscope.analyze(cnn_run, make_cnn, dtype="float64", points=5, write=False,
+    ds = trajscope.analyze(cnn_run, make_cnn, device="cpu", dtype="float64", points=5, write=False,
                            progress=False)
     ref = Reference(cnn_run, make_cnn).all_pairs(list(ds.step.values), ds.alpha.values)
     assert_matches_reference(ds, ref)
@@ -58,8 +58,8 @@ def test_bn_dropout_cnn_matches_float64_reference(cnn_run) -> None:
 
 def test_batched_line_equals_point_loop(cnn_run) -> None:
     kw = dict(dtype="float64", points=5, write=False, progress=False, metrics=["loss_line", "dloss_line"])
-    a = trajscope.analyze(cnn_run, make_cnn, batched=True, **kw)
-    b = trajscope.analyze(cnn_run, make_cnn, batched=False, **kw)
+    a = trajscope.analyze(cnn_run, make_cnn, device="cpu", batched=True, **kw)
+    b = trajscope.analyze(cnn_run, make_cnn, device="cpu", batched=False, **kw)
     np.testing.assert_allclose(a.loss_line.values, b.loss_line.values, rtol=1e-12)
     np.testing.assert_allclose(a.dloss_line.values, b.dloss_line.values, rtol=1e-9,
                                atol=1e-12 * np.abs(b.dloss_line.values).max())
@@ -109,7 +109,7 @@ def test_replay_never_mutates_buffers(cnn_run) -> None:
     assert all(m.track_running_stats for m in obj.model.modules() if hasattr(m, "track_running_stats"))
     # and the analysis writes nothing under steps/
     files = {p: p.read_bytes() for p in (cnn_run / "steps").iterdir()}
-    trajscope.analyze(cnn_run, make_cnn, points=3, steps="0:2", write=False, progress=False)
+    trajscope.analyze(cnn_run, make_cnn, device="cpu", points=3, steps="0:2", write=False, progress=False)
     assert files == {p: p.read_bytes() for p in (cnn_run / "steps").iterdir()}
 
 
@@ -129,7 +129,7 @@ def test_without_the_recorded_rng_dropout_differs(cnn_run) -> None:
 def test_eval_mode_batchnorm_uses_recorded_running_stats(tmp_path) -> None:
     run_dir = tmp_path / "eval"
     train_cnn(run_dir, steps=3, eval_mode=True)
-    ds = trajscope.analyze(run_dir, make_cnn, points=3, write=False, progress=False)
+    ds = trajscope.analyze(run_dir, make_cnn, device="cpu", points=3, write=False, progress=False)
     assert np.all(ds.loss_replay_error.values <= 1e-5)
     assert np.all(ds.grad_replay_error.values <= 1e-4)
 

@@ -105,7 +105,9 @@ def test_sharpness_with_dropout_uses_the_recorded_mask(tmp_path) -> None:
     run_dir = tmp_path / "drop"
     train_classifier(run_dir, make_mlp_dropout, steps=2, every=1, window=2,
                      objective="problems:make_mlp_dropout")
-    ds = trajscope.analyze(run_dir, make_mlp_dropout, dtype="float64", points=3,
+    # device="cpu": the run was trained on the CPU, and a dropout mask can only be replayed by the
+    # generator that drew it (the CUDA generator would draw a different one)
+    ds = trajscope.analyze(run_dir, make_mlp_dropout, dtype="float64", points=3, device="cpu",
                            metrics=["sharpness"], write=False, progress=False)
     ref = Reference(run_dir, make_mlp_dropout)
     for t in ds.step.values:

@@ -45,7 +45,8 @@ import numpy as np
 import xarray as xr
 
 from trajscope import format as fmt
-from trajscope.errors import AnalysisError, RunFormatError
+from trajscope import health
+from trajscope.errors import AnalysisError, ObjectiveError, RunFormatError, TrajscopeError, one_line
 from trajscope.execution import (
     LOCAL_SCHEDULERS,
     Backend,
@@ -57,10 +58,10 @@ from trajscope.execution import (
     ship,
 )
 from trajscope.metrics import PairView
-from trajscope.objective import Objective, resolve_objective
+from trajscope.objective import Objective, check_run_objective, resolve_objective
 from trajscope.probe import PairStats, ProbeSettings, alpha_grid, probe_pair
 from trajscope.registry import MetricSpec, get_metrics
-from trajscope.run import Run, Snapshot, open_run, read_snapshot
+from trajscope.run import Run, Snapshot, open_run
 
 __all__ = ["analyze", "open_metrics", "compute_pair_metrics", "build_dataset"]
 
@@ -162,16 +163,31 @@ def _resolved(snap: Any) -> Any:
     return snap.resolve() if isinstance(snap, _SnapshotFile) else snap
 
 
+def _stat_key(path: str) -> tuple[int, int]:
+    """(mtime, size) of the file holding a snapshot: the step file itself, or for an HDF5 row
+    (``trajectory.h5/step_…``) the container, which only grows while a row stays the same."""
+    p = Path(path)
+    try:
+        st = os.stat(p if p.exists() or p.parent.suffix != ".h5" else p.parent)
+    except OSError:
+        return (-1, -1)  # missing: the reader reports it as a damaged snapshot
+    return (st.st_mtime_ns, st.st_size)
+
+
 def _read_cached(path: str, *, params_only: bool = False, pin: bool = False,
-                 by_path: bool = False) -> Snapshot:
-    st = os.stat(path)
-    key = (path, st.st_mtime_ns, st.st_size, params_only)
+                 by_path: bool = False) -> Snapshot | health.BadSnapshot:
+    key = (path, *_stat_key(path), params_only)
     with _recent_lock:
         snap = _recent.get(key)
         if snap is not None:
             _recent.move_to_end(key)
             return snap
-    snap = _read_params(path) if params_only else read_snapshot(Path(path))
+    # issue 7 (damage is local): a damaged snapshot is returned as its error, not raised, so only
+    # the pairs that need it are skipped (see trajscope.health).
+    loaded = _read_params(path) if params_only else health.load_snapshot(path)
+    if isinstance(loaded, health.BadSnapshot):
+        return loaded
+    snap = loaded
     if pin:
         snap = _pinned(snap)
     fields = {f.name: getattr(snap, f.name) for f in dataclasses.fields(snap)}
@@ -187,23 +203,38 @@ def _read_cached(path: str, *, params_only: bool = False, pin: bool = False,
     return snap
 
 
-def _read_params(path: str) -> Snapshot:
+def _read_params(path: str) -> Snapshot | health.BadSnapshot:
+    """x_0 or x*: the parameters alone, read lazily from a safetensors step file (through the same
+    bounded, checked header as every read); an HDF5 row is read whole."""
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as fh:
-        params = {k[len(fmt.PARAM):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(fmt.PARAM)}
-        meta = json.loads((fh.metadata() or {}).get("trajscope", "{}"))
-    return Snapshot(step=int(meta.get("step", 0)), kind=str(meta.get("kind", fmt.KIND_STEP)),
-                    params=params)
+    from trajscope.run import _snapshot_meta
+
+    p = Path(path)
+    if fmt.parse_step_filename(p.name) is None:  # not a step file: e.g. trajectory.h5/step_…
+        full = health.load_snapshot(path)
+        return full if isinstance(full, health.BadSnapshot) else Snapshot(
+            step=full.step, kind=full.kind, params=full.params)
+    try:
+        meta = _snapshot_meta(fmt.read_safetensors_header(p), p)
+        with safe_open(str(p), framework="pt") as fh:
+            params = {fmt.check_name(k[len(fmt.PARAM):], f"{p}: tensor key param/…"): fh.get_tensor(k)
+                      for k in fh.keys() if k.startswith(fmt.PARAM)}
+    except RunFormatError as exc:
+        return health.BadSnapshot(fmt.parse_step_filename(p.name) or -1, str(exc))
+    except Exception as exc:  # noqa: BLE001 - safetensors' own errors for a damaged buffer
+        return health.BadSnapshot(fmt.parse_step_filename(p.name) or -1,
+                                  f"{p}: damaged safetensors file ({exc})")
+    return Snapshot(step=meta["step"], kind=str(meta.get("kind", fmt.KIND_STEP)), params=params)
 
 
-def _load_task(path: str, pin: bool = False, by_path: bool = False) -> Snapshot:
+def _load_task(path: str, pin: bool = False, by_path: bool = False) -> Snapshot | health.BadSnapshot:
     """Read one snapshot: CPU tensors, page-locked when they will be copied to a GPU, pickled by
     path when the scheduler is a local process pool."""
     return _read_cached(path, pin=pin, by_path=by_path)
 
 
-def _load_params_task(path: str, by_path: bool = False) -> Snapshot:
+def _load_params_task(path: str, by_path: bool = False) -> Snapshot | health.BadSnapshot:
     """x_0 (distance from initialisation) or x* (reference point): its parameters only."""
     return _read_cached(path, params_only=True, by_path=by_path)
 
@@ -224,10 +255,10 @@ def _pinned(snap: Snapshot) -> Snapshot:
                                buffers=pin(snap.buffers), batch=pin(snap.batch))
 
 
-def _on_device(snap: Snapshot | None, device: str) -> Snapshot | None:
+def _on_device(snap: Snapshot | health.BadSnapshot | None, device: str) -> Snapshot | health.BadSnapshot | None:
     """The snapshot's tensors on ``device`` (asynchronous from page-locked memory); RNG states stay
     on the CPU, where torch's RNG API wants them."""
-    if snap is None or device == "cpu":
+    if not isinstance(snap, Snapshot) or device == "cpu":
         return snap
     import torch
 
@@ -247,11 +278,12 @@ def _on_device(snap: Snapshot | None, device: str) -> Snapshot | None:
 _PROBE_LOCK = threading.Lock()
 
 
-def _pair_task(snap: Snapshot, nxt: Snapshot, prev: Snapshot | None, init: Snapshot | None,
+def _pair_task(snap: Snapshot | health.BadSnapshot, nxt: Snapshot | health.BadSnapshot,
+               prev: Snapshot | health.BadSnapshot | None, init: Snapshot | health.BadSnapshot | None,
                source: ObjectiveSource, recorded: str | None, settings: ProbeSettings,
                trainable: list[str], out: str | None, digest: str,
-               ref: Snapshot | None = None, placement: Placement | None = None,
-               objective_key: str | None = None) -> PairStats:
+               ref: Snapshot | health.BadSnapshot | None = None, placement: Placement | None = None,
+               objective_key: str | None = None) -> PairStats | health.SkippedPair:
     snap, nxt, prev, init, ref = (_resolved(s) for s in (snap, nxt, prev, init, ref))
     if placement is not None:
         device = placement.apply()  # this worker's torch threads and GPU
@@ -259,12 +291,29 @@ def _pair_task(snap: Snapshot, nxt: Snapshot, prev: Snapshot | None, init: Snaps
             settings = dataclasses.replace(settings, device=device)
         snap, nxt, prev, init, ref = (_on_device(s, device) for s in (snap, nxt, prev, init, ref))
     objective = _objective_for(source, recorded, objective_key)
+    # --- issue 7 (damage is local): a damaged/incomplete snapshot skips this pair only ---------
+    skip = health.skip_reason(snap, nxt, objective.model)
+    if skip is not None:
+        return skip
+    prev = health.usable(prev, objective.model)  # a damaged neighbour only costs its terms
+    init = health.usable(init, objective.model)
+    ref = health.usable(ref, objective.model)
+    assert isinstance(snap, Snapshot) and isinstance(nxt, Snapshot)
+    # --- end issue 7 ---------------------------------------------------------------------------
     # One probe at a time per process: torch's forward-mode AD level (jvp) and the RNG state that
     # dropout replay sets are process-global, so two threads probing at once corrupt each other.
     # Threads still overlap loading and persisting with the probe; processes probe in parallel.
     with _PROBE_LOCK:
-        stats = probe_pair(objective, snap, nxt, settings, prev=prev, init=init, ref=ref,
-                           trainable=trainable)
+        try:
+            stats = probe_pair(objective, snap, nxt, settings, prev=prev, init=init, ref=ref,
+                               trainable=trainable)
+        except TrajscopeError:
+            raise
+        except Exception as exc:  # issue 7: the user's loss failed; say where, one line
+            raise ObjectiveError(
+                f"step {snap.step}: evaluating the objective's loss failed: {type(exc).__name__}: "
+                f"{one_line(exc, 500)} (--debug shows where)"
+            ) from exc
     if out is not None:
         _save_pair(Path(out), stats, digest)
     return stats
@@ -495,7 +544,11 @@ def _objective_id(source: ObjectiveSource, recorded: str | None) -> str:
         return source
     if isinstance(source, Objective):
         return f"Objective({type(source.model).__qualname__})"
-    return f"{getattr(source, '__module__', '?')}:{getattr(source, '__qualname__', '?')}"
+    mod = getattr(source, "__module__", "?")
+    if mod == "__main__":  # a script's factory: name it as the recorder does (file stem)
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        mod = Path(main_file).stem if main_file else mod
+    return f"{mod}:{getattr(source, '__qualname__', '?')}"
 
 
 def _select_steps(pairs: list[int], steps: str | slice | Iterable[int] | None) -> list[int]:
@@ -605,22 +658,28 @@ def analyze(
     )
     specs = _with_requirements(selected, get_metrics())
     pairs = _select_steps(r.pairs, steps)
+    lost_all = health.lost_pairs(r)  # issue 7: pairs whose snapshot file went missing
+    lost = {t: lost_all[t] for t in _select_steps(list(lost_all), steps)}
+    if not pairs and lost:
+        first = min(lost)
+        raise RunFormatError(f"{r.path}: every selected pair is lost; first: pair {first}: {lost[first]}")
     if not pairs:
         raise AnalysisError(
             f"{r.path}: no analyzable pairs (recorded steps: {len(r.steps)}; a pair needs "
             "snapshots of two consecutive steps; check the schedule's window >= 2 or --steps)"
         )
-    # Resolve once here so import errors surface before any work is scheduled.
-    _objective_for(objective, r.objective)
+    # Resolve once here so import errors and name/shape mismatches surface before any work.
+    check_run_objective(_objective_for(objective, r.objective), r.manifest)
     objective_id = _objective_id(objective, r.objective)
     digest = _settings_digest(settings, objective_id)
     analysis_dir = r.path / fmt.ANALYSIS_DIR
     pairs_dir = analysis_dir / PAIRS_DIR
+    if write:
+        fmt.safe_output_dir(r.path, fmt.ANALYSIS_DIR, PAIRS_DIR)  # issue 7: no symlinked way out
 
     with _analysis_lock(analysis_dir) if write else contextlib.nullcontext():
         done = _PairTable(pairs)
         if write:
-            pairs_dir.mkdir(parents=True, exist_ok=True)
             _remove_stale_temporaries(analysis_dir)
             if not force:
                 for t in pairs:
@@ -628,24 +687,32 @@ def analyze(
                     if s is not None:
                         done.put(s)
         todo = [t for t in pairs if t not in done]
+        skipped = dict(lost)  # issue 7: damaged/missing snapshots cost only their pairs
         bar = _Progress(len(pairs), len(done), sys.stderr.isatty() if progress is None else progress)
         try:
             if todo:
                 with open_backend(scheduler, workers) as backend:
-                    _run_pairs(backend, r, todo, done, objective, settings, device, digest,
+                    _run_pairs(backend, r, todo, done, skipped, objective, settings, device, digest,
                                pairs_dir if write else None, bar.pair_done)
         finally:
             bar.close()
-        ordered = [done.get(t) for t in pairs]
+        ordered = [done.get(t) for t in pairs if t in done]
+        if not ordered:
+            first = min(skipped)
+            raise RunFormatError(
+                f"{r.path}: all {len(skipped)} pair(s) were skipped as damaged or missing; "
+                f"first: pair {first}: {skipped[first]}"
+            )
         values = [compute_pair_metrics(s, list(specs.values())) for s in ordered]
         ds = build_dataset(ordered, values, specs, r, settings, objective_id)
+        health.record_skipped(ds, skipped, len(pairs) + len(lost))
         if write:
             _write_dataset(ds, analysis_dir / METRICS_FILE)
     return ds
 
 
 def _run_pairs(backend: Backend, r: Run, todo: list[int], done: _PairTable,
-               objective: ObjectiveSource, settings: ProbeSettings, device: str, digest: str,
+               skipped: dict[int, str], objective: ObjectiveSource, settings: ProbeSettings, device: str, digest: str,
                pairs_dir: Path | None, on_pair: Callable[[], None]) -> None:
     """Probe the ``todo`` pairs on ``backend`` in windows; two windows in flight at a time."""
     # A shipped function or Objective has no stable identity in a worker; name it once here.
@@ -663,10 +730,16 @@ def _run_pairs(backend: Backend, r: Run, todo: list[int], done: _PairTable,
                               objective_key, settings, placement, digest, pairs_dir)
         in_flight.append(backend.submit(tasks, on_pair))
         if len(in_flight) == 2:
-            for s in in_flight.popleft()():
-                done.put(s)
+            _collect(in_flight.popleft()(), done, skipped)
     while in_flight:
-        for s in in_flight.popleft()():
+        _collect(in_flight.popleft()(), done, skipped)
+
+
+def _collect(results: list[Any], done: _PairTable, skipped: dict[int, str]) -> None:
+    for s in results:
+        if isinstance(s, health.SkippedPair):
+            skipped[s.step] = s.reason
+        else:
             done.put(s)
 
 
@@ -750,6 +823,7 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
                   specs: dict[str, MetricSpec], run: Run, settings: ProbeSettings,
                   objective_id: str) -> xr.Dataset:
     """Stack per-pair metric values along ``step`` and add the series metrics. Pure."""
+    values = health.sanitize_values(stats, values, run)  # issue 7: affected metrics NaN, never ±Inf
     steps = np.array([s.step for s in stats], dtype=np.int64)
     layers = list(stats[0].layers) if stats else []
     data_vars: dict[str, Any] = {}
@@ -788,12 +862,13 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
         "eval_dtype": settings.dtype,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    return ds
+    return health.add_flags(ds, stats, run)  # issue 7: pair_flags (non-finite, zero update)
 
 
 def _write_dataset(ds: xr.Dataset, path: Path) -> None:
     """Write to a temp file, fsync, rename: readers see the old Dataset or the new one, whole."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # issue 7: never write through a symlink planted at the temp name
     try:
         ds.to_netcdf(tmp, engine="h5netcdf")
         with open(tmp, "rb+") as fh:
@@ -809,8 +884,12 @@ def open_metrics(run: str | Path | Sequence[str | Path]) -> xr.Dataset:
     if isinstance(run, (list, tuple)):
         parts = [open_metrics(p) for p in run]
         names = [Path(p).name for p in run]
+        if len(set(names)) < len(names):  # runs/cnn/sgd and runs/convex/sgd: keep them apart
+            names = [str(p) for p in run]
         return xr.concat(parts, dim=xr.DataArray(names, dims="run", name="run"), join="outer",
                          combine_attrs="drop_conflicts")
+    if not Path(run).is_dir():
+        raise RunFormatError(f"{run}: no such run directory")
     path = Path(run) / fmt.ANALYSIS_DIR / METRICS_FILE
     if not path.exists():
         raise RunFormatError(f"{path}: no analysis found; run `trajscope analyze {run}` first")

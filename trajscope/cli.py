@@ -1,15 +1,25 @@
 """The ``trajscope`` command line. Exit 0 on success, 1 on a trajscope error (one line, no
-traceback unless ``--debug``), 2 on a usage error."""
+traceback unless ``--debug``), 2 on a usage error.
+
+Every failure is printed as one line, ``trajscope: error: <message>``, where the message names the
+file, step or argument at fault and what was expected; strings that come from a run directory are
+printed with control characters escaped. ``--debug`` (anywhere on the command line) adds the
+traceback. Warnings (e.g. pairs skipped because a snapshot is damaged) print as
+``trajscope: warning: <message>``.
+"""
 
 from __future__ import annotations
 
 import sys
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NoReturn
 
 import click
 
-from trajscope.errors import TrajscopeError
+from trajscope.errors import TrajscopeError, one_line
 
 _RUN_DIR = click.Path(file_okay=True, dir_okay=True, path_type=str)
 
@@ -146,40 +156,117 @@ def summary(run_dir: str, steps_per_epoch: int | None, window: int, as_json: boo
 
 @cli.command()
 @click.argument("run_dir", type=_RUN_DIR)
-def validate(run_dir: str) -> None:
-    """Check a run directory; list every problem found (exit 1 if there is one)."""
+@click.option("--objective", metavar="MODULE:FUNCTION",
+              help="Also check this objective's parameters against the run (imports it).")
+@click.option("--quick", is_flag=True, help="Check snapshot headers and sizes only (fast).")
+def validate(run_dir: str, objective: str | None, quick: bool) -> None:
+    """Check a run directory; list every problem found (exit 1 if there is one).
+
+    Reads files only; nothing is imported unless --objective is given.
+    """
     from trajscope.validate import validate_run
 
-    problems, notes = validate_run(run_dir)
-    for n in notes:
-        click.echo(n)
-    for p in problems:
-        click.echo(f"problem: {p}")
-    if problems:
+    report = validate_run(run_dir, objective=objective, quick=quick)
+    for line in report.lines():
+        click.echo(line)
+    if not report.ok:
         raise SystemExit(1)
-    click.echo("ok")
+
+
+def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    click.echo(f"trajscope: warning: {one_line(message)}", err=True)
+
+
+@contextmanager
+def _cli_warnings() -> Iterator[None]:
+    """Print warnings as one ``trajscope: warning:`` line each, without source locations."""
+    saved = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning = saved
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=_RUN_DIR)
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=str),
+              help="Report directory (default: RUN_DIR/report of the first run).")
+@click.option("--ema-beta", default=0.9, show_default=True,
+              type=click.FloatRange(0, 1, max_open=True),
+              help="EMA weight on the past for the inst_gap figure.")
+@click.option("--window", type=click.IntRange(min=1),
+              help="Pairs in the windowed convexity ratio (default: a tenth of the run, at least 2).")
+def report(run_dirs: tuple[str, ...], out: str | None, ema_beta: float, window: int | None) -> None:
+    """Paper-style figures (PNG) and an index.html with the summary table.
+
+    Several analyzed RUN_DIRs overlay in one report. Run `trajscope analyze` on each first.
+    """
+    from trajscope.report import write_report
+
+    rep = write_report(list(run_dirs), out, beta=ema_beta, window=window)
+    click.echo(f"wrote {rep.index} ({len(rep.figures)} figures)")
+    for name, why in rep.skipped.items():
+        click.echo(f"skipped {name}: {why}")
+
+
+@cli.command()
+@click.argument("run_dir", type=_RUN_DIR)
+@click.option("--to", "to", required=True, type=click.Choice(["hdf5", "safetensors"]),
+              help="Target storage format.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=str),
+              help="Write a converted copy to this (new or empty) directory instead of in place.")
+@click.option("--keep", is_flag=True, help="In place: keep the old storage next to the new one.")
+def convert(run_dir: str, to: str, out: str | None, keep: bool) -> None:
+    """Rewrite a run's snapshots as HDF5 or safetensors (tensors copied bit for bit)."""
+    from trajscope.convert import convert_run
+    from trajscope.run import open_run
+
+    before = open_run(run_dir).storage.kind
+    dest = convert_run(run_dir, to, out=out, keep=keep)
+    if out is None and before == to:
+        click.echo(f"{run_dir}: already stored as {to}")
+    else:
+        click.echo(f"{dest}: stored as {to}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``trajscope`` command (exit 0, 1 on an error, 2 on a usage error)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
+
+    def fail(message: str, code: int = 1) -> NoReturn:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"trajscope: {message}", err=True)
+        sys.exit(code)
+
     try:
-        cli.main(args=args, prog_name="trajscope", standalone_mode=False)
+        with _cli_warnings():
+            cli.main(args=args, prog_name="trajscope", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("trajscope: aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
+        fail("aborted", 130)
+    except click.ClickException as exc:  # usage errors: exit 2, click's own one-line message
+        if debug:
+            traceback.print_exc()
         exc.show()
         sys.exit(exc.exit_code)
     except TrajscopeError as exc:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"trajscope: error: {exc}", err=True)
-        sys.exit(1)
+        fail(f"error: {one_line(exc)}")
     except KeyboardInterrupt:
-        click.echo("trajscope: interrupted (finished pairs are kept; re-run to resume)", err=True)
-        sys.exit(130)
+        fail("interrupted (finished pairs are kept; re-run to resume)", 130)
+    except MemoryError:
+        fail("error: out of memory (try fewer --workers, a smaller --steps range, or --device cpu)")
+    except OSError as exc:  # the environment, not the run: disk full, permissions, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        fail(f"error: {one_line(where)}{one_line(exc.strerror or exc)}")
+    except Exception as exc:  # noqa: BLE001 - a bug in trajscope: still one line, exit 1
+        fail(
+            f"internal error: {type(exc).__name__}: {one_line(exc, 500)} (this is a bug in "
+            "trajscope; re-run with --debug and report the traceback)"
+        )
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
+import unicodedata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from trajscope.errors import RecorderError, RunFormatError
 
@@ -29,6 +31,16 @@ GRAD = "grad/"
 BUFFER = "buffer/"
 BATCH = "batch/"
 RNG = "rng/"
+OPTIM = "optim/"
+"""Optimizer state of a parameter: ``optim/<param name>/<state key>`` (e.g. ``exp_avg``)."""
+
+STORAGE_SAFETENSORS = "safetensors"
+STORAGE_HDF5 = "hdf5"
+STORAGES = (STORAGE_SAFETENSORS, STORAGE_HDF5)
+"""Values of the manifest's ``storage`` field (how the snapshots are stored)."""
+
+HDF5_FILE = "trajectory.h5"
+"""The single HDF5 file of a run stored with ``storage: hdf5`` (layout: ``docs/format-hdf5.md``)."""
 
 STATUS_RECORDING = "recording"
 STATUS_COMPLETE = "complete"
@@ -39,8 +51,12 @@ KIND_FINAL = "final"
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap on the JSON header
 MAX_MANIFEST_BYTES = 64_000_000
+MAX_SCALARS_LINE_BYTES = 1_000_000  # one scalars.jsonl line is ~100 bytes
+MAX_NAME_CHARS = 1024  # parameter/buffer names, tensor keys
+MAX_BATCH_DEPTH = 64  # nesting of a stored batch tree
 
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.safetensors$")
+_STEP_NAME = re.compile(r"^step_(\d{8,})$")
 
 
 def step_filename(step: int) -> str:
@@ -54,6 +70,19 @@ def parse_step_filename(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def step_name(step: int) -> str:
+    """Storage-neutral name of a step (``step_00000012``): the file stem for safetensors, and the
+    last component of the pseudo-path ``trajectory.h5/step_00000012`` that names a row of an HDF5
+    run (see :func:`parse_step_name`)."""
+    return f"step_{step:08d}"
+
+
+def parse_step_name(name: str) -> int | None:
+    """Inverse of :func:`step_name`, or None for any other name."""
+    m = _STEP_NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary sibling and a rename.
 
@@ -61,7 +90,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     prefix; and a file that another process has memory-mapped is never overwritten in place.
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    # O_EXCL | O_NOFOLLOW: a file or symlink already sitting at the temp name (a leftover, or one
+    # planted in a shared run directory) is removed, never written through.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except FileExistsError:
+        os.unlink(tmp)
+        fd = os.open(tmp, flags, 0o644)
+    with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
     os.replace(tmp, path)
@@ -114,12 +151,15 @@ def flatten_batch(batch: Any) -> tuple[Any, list[Any]]:
     return walk(batch, ""), leaves
 
 
-def unflatten_batch(tree: Any, leaves: list[Any], *, where: str = "batch") -> Any:
+def unflatten_batch(tree: Any, leaves: list[Any], *, where: str = "batch", _depth: int = 0) -> Any:
     """Inverse of :func:`flatten_batch`.
 
     Raises:
-        RunFormatError: when the tree description is malformed or names a missing leaf.
+        RunFormatError: when the tree description is malformed, nested deeper than
+            :data:`MAX_BATCH_DEPTH`, or names a missing leaf.
     """
+    if _depth > MAX_BATCH_DEPTH:
+        raise RunFormatError(f"{where}: batch tree nested deeper than {MAX_BATCH_DEPTH} levels")
     if not isinstance(tree, dict) or len(tree) != 1:
         raise RunFormatError(f"{where}: malformed batch tree node {str(tree)[:80]!r}")
     (kind, val), = tree.items()
@@ -130,14 +170,16 @@ def unflatten_batch(tree: Any, leaves: list[Any], *, where: str = "batch") -> An
     if kind == "v":
         return val
     if kind in ("tuple", "list") and isinstance(val, list):
-        items = [unflatten_batch(v, leaves, where=f"{where}[{i}]") for i, v in enumerate(val)]
+        items = [unflatten_batch(v, leaves, where=f"{where}[{i}]", _depth=_depth + 1)
+                 for i, v in enumerate(val)]
         return tuple(items) if kind == "tuple" else items
     if kind == "dict" and isinstance(val, list):
         out = {}
         for item in val:
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
                 raise RunFormatError(f"{where}: malformed dict entry in batch tree")
-            out[item[0]] = unflatten_batch(item[1], leaves, where=f"{where}[{item[0]!r}]")
+            out[item[0]] = unflatten_batch(item[1], leaves, where=f"{where}[{item[0]!r}]",
+                                           _depth=_depth + 1)
         return out
     raise RunFormatError(f"{where}: unknown batch tree node kind {kind!r}")
 
@@ -148,11 +190,16 @@ def unflatten_batch(tree: Any, leaves: list[Any], *, where: str = "batch") -> An
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     """Read and bound-check the JSON header of a safetensors file without touching the tensors.
 
+    The header length is checked against :data:`MAX_HEADER_BYTES` and the file size before it is
+    read, and every tensor entry's byte range is checked against the data section, so a truncated
+    file is reported here (naming the first tensor that does not fit) rather than by safetensors.
+
     Raises:
-        RunFormatError: if the file is truncated, its header is oversized or not valid JSON.
+        RunFormatError: if the file is not a readable regular file, is truncated, or its header is
+            oversized, not valid JSON, or not a safetensors header.
     """
-    try:
-        with open(path, "rb") as fh:
+    with open_regular(path, "safetensors file") as fh:
+        try:
             head = fh.read(8)
             if len(head) < 8:
                 raise RunFormatError(f"{path}: truncated safetensors file ({len(head)} bytes)")
@@ -164,12 +211,258 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
                     f"(limit {MAX_HEADER_BYTES}); the file is truncated or corrupt"
                 )
             raw = fh.read(n)
-    except OSError as exc:
-        raise RunFormatError(f"{path}: cannot read ({exc.strerror})") from exc
+        except OSError as exc:
+            raise RunFormatError(f"{path}: cannot read ({exc.strerror})") from exc
+    if len(raw) != n:
+        raise RunFormatError(f"{path}: file shrank while being read (truncated)")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunFormatError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise RunFormatError(f"{path}: safetensors header is nested too deeply") from None
     if not isinstance(header, dict):
         raise RunFormatError(f"{path}: safetensors header is not a JSON object")
+    check_safetensors_header(header, size - 8 - n, path)
     return header
+
+
+def check_safetensors_header(header: dict[str, Any], data_len: int, path: Path) -> None:
+    """Check the structure of a parsed safetensors header against a data section of ``data_len``
+    bytes: string metadata, and for each tensor a dtype, a shape of non-negative ints and a byte
+    range inside the data section.
+
+    Raises:
+        RunFormatError: naming the first entry that breaks the format.
+    """
+    for key, entry in header.items():
+        if key == "__metadata__":
+            if not isinstance(entry, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in entry.items()
+            ):
+                raise RunFormatError(f"{path}: safetensors '__metadata__' must map strings to strings")
+            continue
+        what = f"{path}: tensor {key[:200]!r}"
+        if not isinstance(entry, dict):
+            raise RunFormatError(f"{what}: header entry is not an object")
+        shape = entry.get("shape")
+        offsets = entry.get("data_offsets")
+        if not isinstance(entry.get("dtype"), str):
+            raise RunFormatError(f"{what}: header entry lacks a string 'dtype'")
+        if not isinstance(shape, list) or not all(_is_nonneg_int(d) for d in shape):
+            raise RunFormatError(f"{what}: 'shape' must be a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(_is_nonneg_int(o) for o in offsets) or offsets[0] > offsets[1]):
+            raise RunFormatError(f"{what}: 'data_offsets' must be [begin, end] with 0 <= begin <= end")
+        if offsets[1] > data_len:
+            raise RunFormatError(
+                f"{what} needs bytes {offsets[0]}..{offsets[1]} of the data section, which has "
+                f"only {data_len}: the file is truncated"
+            )
+
+
+def _is_nonneg_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+# --- reading untrusted files ---------------------------------------------------------------------
+# Everything under a run directory may have been copied from elsewhere, damaged, or planted. These
+# helpers refuse anything but regular files (a FIFO or device would block or never end), bound
+# sizes before reading, and keep names from being anything but plain labels.
+
+
+def open_regular(path: Path, what: str = "file") -> IO[bytes]:
+    """Open ``path`` for binary reading if it is a regular file (symlinks to one are followed).
+
+    Opening never blocks: a FIFO planted under a run directory is refused, not waited on.
+
+    Raises:
+        RunFormatError: if ``path`` cannot be opened or is not a regular file.
+    """
+    flags = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+             | getattr(os, "O_BINARY", 0))
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise RunFormatError(f"{path}: cannot read {what} ({exc.strerror})") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
+            raise RunFormatError(f"{path}: expected a regular file ({what}), found a {kind}")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bounded(path: Path, limit: int, what: str = "file") -> bytes:
+    """All bytes of regular file ``path``, refusing (before reading) a file larger than ``limit``.
+
+    Raises:
+        RunFormatError: if the file is not a readable regular file or exceeds ``limit`` bytes.
+    """
+    with open_regular(path, what) as fh:
+        try:
+            size = os.fstat(fh.fileno()).st_size
+            if size > limit:
+                raise RunFormatError(f"{path}: {what} is {size} bytes, larger than the limit {limit}")
+            data = fh.read(limit + 1)
+        except OSError as exc:
+            raise RunFormatError(f"{path}: cannot read {what} ({exc.strerror})") from exc
+    if len(data) > limit:
+        raise RunFormatError(f"{path}: {what} grew past the limit {limit} bytes while being read")
+    return data
+
+
+def read_file_bytes(path: Path, what: str = "file") -> bytes:
+    """All bytes of regular file ``path`` (step files: their size is their data).
+
+    Raises:
+        RunFormatError: if the file is not a readable regular file.
+    """
+    with open_regular(path, what) as fh:
+        try:
+            return fh.read()
+        except OSError as exc:
+            raise RunFormatError(f"{path}: cannot read {what} ({exc.strerror})") from exc
+
+
+def check_name(name: Any, where: str) -> str:
+    """Return ``name`` if it is usable as a parameter/buffer name, else raise.
+
+    Names from a run directory are only ever dict keys and coordinate labels, never paths, so
+    ``..``, ``/`` and absolute-looking names are harmless and allowed (PyTorch allows ``/`` in
+    module names). What is refused is what breaks storage or display: an empty or very long name,
+    control characters (NUL, newlines, ANSI escapes), format characters (bidi overrides,
+    zero-width), surrogates, private-use and unassigned code points.
+
+    Raises:
+        RunFormatError: naming ``where`` and the offending character.
+    """
+    if not isinstance(name, str):
+        raise RunFormatError(f"{where}: expected a string name, got {type(name).__name__}")
+    if not name:
+        raise RunFormatError(f"{where}: empty name")
+    if len(name) > MAX_NAME_CHARS:
+        raise RunFormatError(f"{where}: name of {len(name)} characters (limit {MAX_NAME_CHARS})")
+    for i, ch in enumerate(name):
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            raise RunFormatError(
+                f"{where}: name {name[:80]!r} contains character U+{ord(ch):04X} "
+                f"(category {cat}) at position {i}; names must be printable text"
+            )
+    return name
+
+
+def safe_output_dir(root: Path, *parts: str) -> Path:
+    """Create (if needed) and return ``root/parts...``, refusing any component that is a symlink
+    or not a directory, so that what trajscope writes under a run directory stays inside it even
+    when the directory came from someone else.
+
+    Raises:
+        RunFormatError: if a component is a symlink or a non-directory.
+    """
+    path = Path(root)
+    for part in parts:
+        if part in ("", ".", "..") or "/" in part or os.sep in part:
+            raise RunFormatError(f"{path}: refusing output directory component {part!r}")
+        path = path / part
+        if path.is_symlink():
+            raise RunFormatError(
+                f"{path}: is a symlink; trajscope writes only inside the run directory and will "
+                "not follow it (remove the link)"
+            )
+        if path.exists() and not path.is_dir():
+            raise RunFormatError(f"{path}: expected a directory, found a file")
+        try:
+            path.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise RunFormatError(f"{path}: cannot create directory ({exc.strerror})") from exc
+    return path
+
+
+# --- safetensors encoding (writer side) ------------------------------------------------------------
+# The recorder lays a snapshot out in memory exactly as its safetensors file (so the background
+# writer issues one write per step and no serialisation copy exists); this is the part of the
+# safetensors spec it needs. Reading always goes through the safetensors library, which validates.
+
+SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
+    "float64": ("F64", 8),
+    "int64": ("I64", 8),
+    "uint64": ("U64", 8),
+    "float32": ("F32", 4),
+    "int32": ("I32", 4),
+    "uint32": ("U32", 4),
+    "float16": ("F16", 2),
+    "bfloat16": ("BF16", 2),
+    "int16": ("I16", 2),
+    "uint16": ("U16", 2),
+    "int8": ("I8", 1),
+    "uint8": ("U8", 1),
+    "bool": ("BOOL", 1),
+    "float8_e4m3fn": ("F8_E4M3", 1),
+    "float8_e5m2": ("F8_E5M2", 1),
+}
+"""torch dtype name → (safetensors dtype code, bytes per element)."""
+
+HEADER_ALIGN = 8
+"""The JSON header is space-padded so the data section starts 8-byte aligned (as safetensors does),
+which keeps every tensor aligned to its element size when tensors are ordered by element size."""
+
+
+def safetensors_layout(specs: list[tuple[str, str, tuple[int, ...]]]) -> tuple[list[tuple[str, str, tuple[int, ...], int, int]], int]:
+    """Order tensors and assign their byte ranges in the data section.
+
+    Args:
+        specs: ``(key, torch dtype name, shape)`` per tensor, in the caller's order.
+
+    Returns:
+        ``(key, dtype, shape, begin, end)`` per tensor (offsets relative to the data section),
+        sorted by element size, largest first, then by key, so each tensor's offset is a multiple
+        of its element size and the same tensors always give the same file; and the data
+        section's total size. safetensors forbids holes, so there
+        is no padding between tensors.
+
+    Raises:
+        RecorderError: for a dtype safetensors cannot store, or a duplicate key.
+    """
+    seen: set[str] = set()
+    sized = []
+    for i, (key, dtype, shape) in enumerate(specs):
+        if key in seen:
+            raise RecorderError(f"tensor key {key!r} appears twice in one snapshot")
+        seen.add(key)
+        if dtype not in SAFETENSORS_DTYPES:
+            raise RecorderError(
+                f"{key}: dtype {dtype} cannot be stored (supported: {', '.join(SAFETENSORS_DTYPES)})"
+            )
+        size = SAFETENSORS_DTYPES[dtype][1]
+        n = size
+        for d in shape:
+            n *= int(d)
+        sized.append((-size, key, i, dtype, tuple(int(d) for d in shape), n))
+    sized.sort()  # canonical order: the same tensors always give the same bytes
+    out = []
+    offset = 0
+    for _, key, _, dtype, shape, n in sized:
+        out.append((key, dtype, shape, offset, offset + n))
+        offset += n
+    return out, offset
+
+
+def safetensors_header(layout: list[tuple[str, str, tuple[int, ...], int, int]],
+                       metadata: dict[str, str]) -> bytes:
+    """The 8-byte length prefix plus the padded JSON header for ``layout``.
+
+    ``len(result)`` is the offset of the data section in the file; it is a multiple of
+    :data:`HEADER_ALIGN`.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    for key, dtype, shape, begin, end in layout:
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype][0], "shape": list(shape),
+                       "data_offsets": [begin, end]}
+    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    raw += b" " * (-(8 + len(raw)) % HEADER_ALIGN)
+    return struct.pack("<Q", len(raw)) + raw

@@ -17,17 +17,20 @@ directory is ever imported or unpickled.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from trajscope.errors import ObjectiveError
+from trajscope.errors import ObjectiveError, TrajscopeError, one_line
+from trajscope.format import MANIFEST
 
-__all__ = ["Objective", "load_objective", "resolve_objective"]
+__all__ = ["Objective", "load_objective", "resolve_objective", "check_run_objective"]
 
 
 @dataclass(frozen=True)
@@ -54,40 +57,168 @@ class Objective:
 
 
 def load_objective(spec: str) -> Objective:
-    """Import ``"module:function"``, call it and check that it returns an :class:`Objective`."""
+    """Import ``"module:function"``, call it and check that it returns an :class:`Objective`.
+
+    The name is resolved by :func:`import_named` (dotted identifiers only, never from a run
+    directory).
+
+    Raises:
+        ObjectiveError: naming ``spec`` and what went wrong (bad name, import failure, an exception
+            raised by the module or the factory, a result that is not an Objective).
+    """
+    return _call_factory(import_named(spec, "objective"), repr(spec))
+
+
+def import_named(spec: str, what: str = "objective") -> Any:
+    """The object named by ``"module:attr.path"`` in the analyzing user's environment.
+
+    ``spec`` must be two dotted Python identifiers (no paths, no relative imports): a name from a
+    run directory can only ever select code already importable in the analyzing environment. The
+    current directory is put on ``sys.path`` (as ``python -m`` does) unless it lies inside a run
+    directory, and a module found inside a run directory is refused before it is executed.
+
+    Raises:
+        ObjectiveError: naming ``what``, ``spec`` and what went wrong.
+    """
+    if not isinstance(spec, str):
+        raise ObjectiveError(f"{what} {spec!r}: expected a 'module:function' string")
     mod_name, sep, fn_name = spec.partition(":")
-    if not sep or not mod_name or not fn_name:
-        raise ObjectiveError(f"objective {spec!r}: expected 'module:function'")
+    if not sep or not _dotted(mod_name) or not _dotted(fn_name):
+        raise ObjectiveError(
+            f"{what} {spec[:200]!r}: expected 'module:function' made of dotted Python "
+            "identifiers (e.g. 'train:make_objective'); file paths and relative imports are refused"
+        )
     cwd = os.getcwd()
-    if cwd not in sys.path:
+    cwd_run = _enclosing_run_dir(Path(cwd))
+    if cwd not in sys.path and cwd_run is None:
         sys.path.insert(0, cwd)
+    _refuse_run_dir_module(mod_name.partition(".")[0], spec, what)
     try:
         module = importlib.import_module(mod_name)
     except ImportError as exc:
+        hint = (f" (the current directory is inside the run directory {cwd_run} and is not put on "
+                "sys.path)") if cwd_run is not None else ""
         raise ObjectiveError(
-            f"objective {spec!r}: cannot import module {mod_name!r} ({exc}); run from the "
-            "directory that holds it or pass --objective MODULE:FUNCTION"
+            f"{what} {spec!r}: cannot import module {mod_name!r} ({one_line(exc)}){hint}; run "
+            "from the directory that holds it or pass --objective MODULE:FUNCTION"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - the user's module raised while being imported
+        raise ObjectiveError(
+            f"{what} {spec!r}: importing module {mod_name!r} raised "
+            f"{type(exc).__name__}: {one_line(exc)}"
         ) from exc
     obj: Any = module
     for part in fn_name.split("."):
         if not hasattr(obj, part):
-            raise ObjectiveError(f"objective {spec!r}: module {mod_name!r} has no attribute {fn_name!r}")
+            raise ObjectiveError(f"{what} {spec!r}: module {mod_name!r} has no attribute {fn_name!r}")
         obj = getattr(obj, part)
-    return _call_factory(obj, spec)
+    return obj
+
+
+def _dotted(name: str) -> bool:
+    return bool(name) and all(part.isidentifier() for part in name.split("."))
+
+
+def _enclosing_run_dir(path: Path) -> Path | None:
+    """The run directory (a directory holding ``trajscope.json``) ``path`` is in, if any."""
+    try:
+        path = path.resolve()
+    except OSError:
+        return None
+    for d in (path, *path.parents):
+        if (d / MANIFEST).is_file():
+            return d
+    return None
+
+
+def _refuse_run_dir_module(top: str, spec: str, what: str = "objective") -> None:
+    """Refuse, before executing it, a top-level module that would be imported from a run dir."""
+    if top in sys.modules:
+        return  # already imported by the user's own code
+    try:
+        found = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return  # import_module reports it
+    if found is None:
+        return
+    places = [found.origin] if found.origin and found.has_location else []
+    places += list(found.submodule_search_locations or [])
+    for place in places:
+        run_dir = _enclosing_run_dir(Path(place).parent if found.origin == place else Path(place))
+        if run_dir is not None:
+            raise ObjectiveError(
+                f"{what} {spec!r}: module {top!r} would be imported from {place}, inside the run "
+                f"directory {run_dir}; trajscope never runs code from a run directory (move the "
+                "module out or run from another directory)"
+            )
 
 
 def _call_factory(factory: Any, what: str) -> Objective:
     if isinstance(factory, Objective):
         return factory
     if not callable(factory):
-        raise ObjectiveError(f"objective {what}: expected a function returning trajscope.Objective")
-    result = factory()
+        raise ObjectiveError(
+            f"objective {what}: is a {type(factory).__name__}, expected a function returning "
+            "trajscope.Objective"
+        )
+    try:
+        result = factory()
+    except TrajscopeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's factory failed
+        raise ObjectiveError(
+            f"objective {what}: calling it raised {type(exc).__name__}: {one_line(exc)}"
+        ) from exc
     if not isinstance(result, Objective):
         raise ObjectiveError(
             f"objective {what}: returned {type(result).__name__}, expected trajscope.Objective("
             "model=..., loss=...)"
         )
     return result
+
+
+def check_run_objective(objective: Objective, manifest: dict[str, Any]) -> Objective:
+    """Check that ``objective``'s model has exactly the run's parameters, with the same shapes,
+    and buffers of the recorded shapes.
+
+    ``manifest`` is the run's (validated) manifest. A recorded parameter the model lacks, a model
+    parameter the run did not record (it would silently keep its initial value during the replay)
+    and a shape mismatch are all errors.
+
+    Raises:
+        ObjectiveError: naming the first parameter or buffer that differs.
+    """
+    slots = {n: tuple(p.shape) for n, p in objective.model.named_parameters()}
+    recorded = {str(q["name"]): tuple(int(d) for d in q["shape"]) for q in manifest["params"]}
+    for name, shape in recorded.items():
+        if name not in slots:
+            raise ObjectiveError(
+                f"parameter {name!r} is recorded but the objective's model has no such "
+                f"parameter (model has {len(slots)}: {_preview(slots)})"
+            )
+        if slots[name] != shape:
+            raise ObjectiveError(
+                f"parameter {name!r}: recorded shape {shape}, objective's model has {slots[name]}"
+            )
+    extra = [n for n in slots if n not in recorded]
+    if extra:
+        raise ObjectiveError(
+            f"parameter {extra[0]!r} of the objective's model was not recorded in the run "
+            f"(run has {len(recorded)}: {_preview(recorded)}); is this the model that was trained?"
+        )
+    bslots = {n: tuple(b.shape) for n, b in objective.model.named_buffers()}
+    for q in manifest.get("buffers", []):
+        name, shape = str(q["name"]), tuple(int(d) for d in q["shape"])
+        if name in bslots and bslots[name] != shape:
+            raise ObjectiveError(
+                f"buffer {name!r}: recorded shape {shape}, objective's model has {bslots[name]}"
+            )
+    return objective
+
+
+def _preview(names: dict[str, Any]) -> str:
+    shown = ", ".join(one_line(n) for n in list(names)[:5])
+    return shown + (", …" if len(names) > 5 else "")
 
 
 def resolve_objective(objective: str | Callable[[], Objective] | Objective | None,

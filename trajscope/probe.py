@@ -32,6 +32,7 @@ Faithful replay of training conditions (see ``docs/metrics.md``, "Replay fidelit
 from __future__ import annotations
 
 import contextlib
+import warnings
 import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -348,7 +349,8 @@ def probe_pair(
     model.to(device=dev)
     if snap.training is not None:
         model.train(snap.training)
-    bound = _Bound(model, objective.loss)
+    # f(x; z_t): the objective's loss, or the weighted sum over the step's micro-batches.
+    bound = _Bound(model, snap.loss_fn(objective.loss))
     x0 = {n: _to(snap.params[n], dev, dt) for n in names}
     x1 = {n: _to(nxt.params[n], dev, dt) for n in names}
     delta = {n: x1[n] - x0[n] for n in names}
@@ -356,6 +358,15 @@ def probe_pair(
     buffers = {f"model.{n}": _to(t, dev, dt) for n, t in snap.buffers.items()}
     batch = _map_batch(snap.batch, dev, dt)
     replay = bool(snap.training) and bool(snap.rng)
+    if replay and str(dev).startswith("cuda") and not any(k.startswith("cuda") for k in snap.rng):
+        # Random ops (dropout) on a GPU draw from the CUDA generator, whose state this run did not
+        # record (it trained on the CPU): masks will differ from training's, and the replay-error
+        # metrics will show it. Analyze with device="cpu" to replay them exactly.
+        warnings.warn(
+            f"the run trained on the CPU but is analyzed on {dev}: random ops (dropout) "
+            "cannot be replayed on another device's generator; use --device cpu for exact replay",
+            RuntimeWarning, stacklevel=2,
+        )
 
     def f(params: dict[str, torch.Tensor]) -> torch.Tensor:
         # Fresh buffer copies per call: a module may write a buffer in place (train-mode BatchNorm

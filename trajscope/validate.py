@@ -1,49 +1,217 @@
-"""``trajscope validate``: check every file of a run directory and list each problem found."""
+"""``trajscope validate``: check every file of a run directory and list each problem found.
+
+A *problem* is damage or inconsistency: something the analysis will skip or refuse (a damaged or
+missing snapshot, a snapshot that disagrees with the manifest, an unreadable ``scalars.jsonl``).
+A *warning* is something worth knowing that is not damage (the run is still recording or crashed,
+a leftover temporary file, non-finite values that training itself produced). Validation reads
+files only: nothing is imported or executed unless an objective is passed explicitly.
+"""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from trajscope import format as fmt
-from trajscope.errors import TrajscopeError
-from trajscope.run import open_run, read_snapshot
+from trajscope import health
+from trajscope.errors import TrajscopeError, one_line
+from trajscope.run import Run, Snapshot, _ranges, open_run, read_snapshot
 
-__all__ = ["validate_run"]
+__all__ = ["ValidationReport", "validate_run"]
 
 
-def validate_run(path: str | Path) -> tuple[list[str], list[str]]:
-    """Return (problems, notes). A problem makes the run (or part of it) unusable or incomplete."""
-    problems: list[str] = []
-    notes: list[str] = []
+@dataclass
+class ValidationReport:
+    """What :func:`validate_run` found. ``ok`` when there is no problem (warnings allowed)."""
+
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        """The report as printed by ``trajscope validate`` (one line per finding)."""
+        out = [one_line(n) for n in self.notes]
+        out += [f"warning: {one_line(w)}" for w in self.warnings]
+        out += [f"problem: {one_line(p)}" for p in self.problems]
+        n = len(self.problems)
+        if n:
+            out.append(f"{n} problem{'s' if n > 1 else ''} found")
+        else:  # a crashed or still-recording run is sound but must not read as plain "ok"
+            w = len(self.warnings)
+            out.append("ok" if not w else f"ok: no damage, {w} warning{'s' if w > 1 else ''}")
+        return out
+
+
+def validate_run(path: str | Path, *, objective: Any = None, quick: bool = False) -> ValidationReport:
+    """Check the run directory ``path`` against ``docs/format.md``; never raises for bad input.
+
+    Args:
+        path: the run directory.
+        objective: also check this objective (``"module:function"``, factory or Objective)
+            against the run's parameters. ``None``: import nothing.
+        quick: check snapshot headers and sizes only, without reading the tensors.
+    """
+    rep = ValidationReport(Path(path))
     try:
         run = open_run(path)
     except TrajscopeError as exc:
-        return [str(exc)], notes
+        rep.problems.append(str(exc))
+        steps_dir = Path(path) / fmt.STEPS_DIR
+        if steps_dir.is_dir() and not steps_dir.is_symlink():  # still check what can be checked
+            for step, file in _step_files(steps_dir, rep):
+                _check_step(file, step, None, rep, quick)
+        return rep
+
     if run.status != fmt.STATUS_COMPLETE:
-        problems.append(
-            f"{run.path / fmt.MANIFEST}: status is {run.status!r}, the run is incomplete "
-            f"(analysis covers steps up to the last complete snapshot)"
+        rep.warnings.append(
+            f"{run.path / fmt.MANIFEST}: status is {run.status!r}: the run is incomplete (analysis "
+            "covers pairs up to the last complete snapshot; no final state)"
         )
-    try:
-        _ = run.scalars
-    except TrajscopeError as exc:
-        problems.append(str(exc))
-    specs = {p["name"]: p for p in run.manifest["params"]}
-    for step in run.steps:
+    _check_scalars(run, rep)
+    steps_dir = run.path / fmt.STEPS_DIR
+    if run.storage.kind != fmt.STORAGE_SAFETENSORS:
+        # one container file (HDF5): check every committed row through the same reader
+        for step in run.steps:
+            _check_step(run.step_path(step), step, run, rep, quick=False)
+    elif not steps_dir.is_dir():
+        if run.status == fmt.STATUS_COMPLETE or run.scalars:
+            rep.problems.append(f"{steps_dir}: missing (the run has no snapshots)")
+    else:
+        for step, file in _step_files(steps_dir, rep):
+            _check_step(file, step, run, rep, quick)
+    for s in health.missing_steps(run):
+        rep.problems.append(
+            f"step {s}: {run.step_path(s)} is missing although the run recorded it; the pairs "
+            f"that need it are lost"
+        )
+    if objective is not None:
+        from trajscope.objective import check_run_objective, resolve_objective
+
         try:
-            snap = read_snapshot(run.step_path(step))
+            check_run_objective(resolve_objective(objective, run.objective), run.manifest)
         except TrajscopeError as exc:
-            problems.append(f"step {step}: {exc}")
+            rep.problems.append(f"objective: {exc}")
+    lost = health.lost_pairs(run)
+    rep.notes.append(
+        f"{run.path}: status {run.status}, {len(run.steps)} snapshot(s) ({_ranges(run.steps)}), "
+        f"{len(run.pairs)} analyzable pair(s)" + (f", {len(lost)} lost" if lost else "")
+    )
+    return rep
+
+
+def _step_files(steps_dir: Path, rep: ValidationReport) -> list[tuple[int, Path]]:
+    try:
+        entries = sorted(os.listdir(steps_dir))
+    except OSError as exc:
+        rep.problems.append(f"{steps_dir}: cannot list ({exc.strerror})")
+        return []
+    out = []
+    for name in entries:
+        step = fmt.parse_step_filename(name)
+        if step is not None:
+            out.append((step, steps_dir / name))
+        elif name.startswith(".") and ".tmp-" in name:
+            rep.warnings.append(
+                f"{steps_dir / name}: leftover temporary file of an interrupted write (harmless; "
+                "may be deleted)"
+            )
+        else:
+            rep.warnings.append(f"{steps_dir / one_line(name)}: unexpected file (ignored)")
+    return sorted(out)
+
+
+def _check_step(file: Path, step: int, run: Run | None, rep: ValidationReport, quick: bool) -> None:
+    if quick:
+        try:
+            fmt.read_safetensors_header(file)
+        except TrajscopeError as exc:
+            rep.problems.append(str(exc))
+        return
+    try:
+        snap = read_snapshot(file)
+    except TrajscopeError as exc:
+        rep.problems.append(str(exc))
+        return
+    if run is None:
+        return
+    _check_against_manifest(file, snap, run, rep)
+    _check_finite(file, snap, rep)
+
+
+def _check_against_manifest(file: Path, snap: Snapshot, run: Run, rep: ValidationReport) -> None:
+    m = run.manifest
+    specs = {q["name"]: q for q in m["params"]}
+    final = m.get("final_step")
+    if snap.kind == fmt.KIND_FINAL and final is not None and final != snap.step:
+        rep.problems.append(f"{file}: holds a final state, but the manifest's final_step is {final}")
+    if final == snap.step and snap.kind != fmt.KIND_FINAL:
+        rep.problems.append(f"{file}: the manifest names step {final} final, but the file holds a "
+                            "training step")
+    for name, spec in specs.items():
+        t = snap.params.get(name)
+        if t is None:
+            rep.problems.append(f"{file}: parameter {name!r} is missing")
             continue
-        if snap.step != step:
-            problems.append(f"{run.step_path(step)}: file is named step {step} but holds step {snap.step}")
-        for name, spec in specs.items():
-            if name not in snap.params:
-                problems.append(f"step {step}: parameter {name!r} missing")
-            elif list(snap.params[name].shape) != list(spec["shape"]):
-                problems.append(
-                    f"step {step}: parameter {name!r} has shape {list(snap.params[name].shape)}, "
-                    f"manifest says {spec['shape']}"
+        if list(t.shape) != list(spec["shape"]):
+            rep.problems.append(
+                f"{file}: parameter {name!r} has shape {list(t.shape)}, manifest says {spec['shape']}"
+            )
+        dtype = str(t.dtype).removeprefix("torch.")
+        if spec.get("dtype") not in (None, dtype):
+            rep.problems.append(f"{file}: parameter {name!r} is {dtype}, manifest says {spec['dtype']}")
+    for name in snap.params:
+        if name not in specs:
+            rep.problems.append(f"{file}: parameter {name!r} is not in the manifest")
+    if snap.kind == fmt.KIND_STEP:
+        if snap.batch is None:
+            rep.problems.append(f"{file}: training step without its minibatch (batch_tree missing)")
+        for name, g in snap.grads.items():
+            p = snap.params.get(name)
+            if p is None or not specs.get(name, {}).get("trainable", True):
+                rep.problems.append(f"{file}: gradient {name!r} of a parameter the run does not train")
+            elif g.shape != p.shape:
+                rep.problems.append(
+                    f"{file}: gradient {name!r} has shape {list(g.shape)}, parameter has {list(p.shape)}"
                 )
-    notes.append(f"{run.path}: {len(run.steps)} snapshots, {len(run.pairs)} analyzable pairs, status {run.status}")
-    return problems, notes
+
+
+def _check_finite(file: Path, snap: Snapshot, rep: ValidationReport) -> None:
+    for what, tensors in (("parameter", snap.params), ("gradient", snap.grads)):
+        for name, t in tensors.items():
+            if t.is_floating_point() and t.numel():
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:
+                    rep.warnings.append(
+                        f"{file}: {what} {name!r} holds {bad} non-finite value(s) (NaN/Inf); the "
+                        "affected metrics of its pairs will be NaN and flagged"
+                    )
+    if snap.loss is not None and not torch.isfinite(torch.tensor(snap.loss)):
+        rep.warnings.append(f"{file}: recorded loss is {snap.loss}")
+
+
+def _check_scalars(run: Run, rep: ValidationReport) -> None:
+    path = run.path / fmt.SCALARS
+    if not path.exists():
+        rep.warnings.append(f"{path}: missing (no per-step losses; missing snapshots cannot be detected)")
+        return
+    try:
+        lines = run.scalars
+    except TrajscopeError as exc:
+        rep.problems.append(str(exc))
+        return
+    prev = -1
+    for rec in lines:
+        step = rec["step"]
+        if step < prev:
+            rep.problems.append(f"{path}: step {step} follows step {prev}; steps must not go back")
+            break
+        prev = step

@@ -1,0 +1,118 @@
+"""PyTorch Lightning adapter: a ``Callback`` that drives a :class:`~trajscope.recorders.Recorder`.
+
+Usage::
+
+    from trajscope.recorders.lightning import TrajscopeCallback
+
+    trainer = L.Trainer(callbacks=[TrajscopeCallback("runs/a", objective="train:make_objective",
+                                                     every=10, window=2)])
+
+with an objective whose loss calls the module's own step, e.g.
+``Objective(model=MyModule(), loss=lambda m, batch: m.training_step(batch, 0))``.
+
+The adapter only translates Lightning's hooks into recorder calls (all logic is in the Recorder):
+
+* ``on_train_start``: the Recorder is created on the LightningModule and the trainer's optimizer,
+  with ``accumulation=trainer.accumulate_grad_batches``.
+* ``on_train_batch_start``: the batch (already on the device) is kept, and the forward state (RNG,
+  buffers) captured, since ``training_step`` need not call ``forward``.
+* ``on_before_backward``: Lightning passes the loss divided by ``accumulate_grad_batches`` (and
+  scaled, under a GradScaler); the adapter recovers the micro-batch's own loss.
+* ``on_after_backward``: ``rec.batch(batch, loss, weight=1/k)``; Lightning divides every
+  micro-batch loss by k, also on an epoch's shorter last step, so the weight is 1/k, not 1/m.
+* Lightning calls ``optimizer.step(closure)``; the Recorder captures x_t and g_t right after the
+  closure, which includes Lightning's gradient clipping: g_t is post-clip.
+
+This module imports ``lightning`` (the ``lightning.pytorch`` package); ``import trajscope.recorders``
+does not import this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from trajscope.errors import RecorderError
+from trajscope.recorders.recorder import Recorder
+
+__all__ = ["TrajscopeCallback"]
+
+
+class TrajscopeCallback(pl.Callback):
+    """Record a Lightning training run with trajscope.
+
+    Args:
+        run_dir: the run directory to create.
+        objective: ``"module:function"`` (or a module-level function) returning the Objective.
+        every, window: record steps t..t+window−1 for every t divisible by ``every``.
+        **recorder_kwargs: any other :class:`~trajscope.recorders.Recorder` keyword (``schedule``,
+            ``format``, ``on_error``, ``optimizer_state``, ``metadata``, ``overwrite``, ...).
+    """
+
+    def __init__(self, run_dir: str | Path, *, objective: str | Callable[[], Any] | None = None,
+                 every: int = 1, window: int = 2, **recorder_kwargs: Any) -> None:
+        super().__init__()
+        if "accumulation" in recorder_kwargs:
+            raise RecorderError(
+                "accumulation: taken from Trainer(accumulate_grad_batches=...); do not pass it"
+            )
+        self.run_dir = Path(run_dir)
+        self.objective = objective
+        self.every = every
+        self.window = window
+        self.recorder_kwargs = recorder_kwargs
+        self.recorder: Recorder | None = None
+        self._k = 1
+        self._batch: Any = None
+        self._loss: torch.Tensor | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise RecorderError(
+                f"TrajscopeCallback records one optimizer; this LightningModule configures "
+                f"{len(trainer.optimizers)}"
+            )
+        if not pl_module.automatic_optimization:
+            raise RecorderError(
+                "TrajscopeCallback needs automatic optimization; with manual optimization, use "
+                "trajscope.recorders.Recorder in training_step instead"
+            )
+        self._k = int(trainer.accumulate_grad_batches)
+        self.recorder = Recorder(
+            self.run_dir, pl_module, trainer.optimizers[0], objective=self.objective,
+            every=self.every, window=self.window, accumulation=self._k, **self.recorder_kwargs,
+        )
+        self.recorder.start()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if self.recorder is not None:
+            self._batch = batch
+            self.recorder.capture_forward_state()
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           loss: torch.Tensor) -> None:
+        loss = loss.detach()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # 16-mixed: Lightning hands this hook the scaled loss
+            loss = loss / scaler.get_scale()
+        self._loss = loss * self._k  # Lightning divided the micro-batch loss by k
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.recorder is not None:
+            weight = 1.0 / self._k if self._k > 1 else None
+            self.recorder.batch(self._batch, loss=self._loss, weight=weight)
+            self._batch = self._loss = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        if self.recorder is not None:
+            self.recorder.close(crashed=True)

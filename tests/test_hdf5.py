@@ -1,0 +1,181 @@
+"""HDF5 storage: layout, exact low-precision dtypes, reading while training, conversion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from recorder_objectives import (
+    batches,
+    dataset,
+    make_mlp,
+    mlp,
+    one_torch_thread,  # noqa: F401 - autouse fixture
+    train_sgd,
+    xent,
+)
+
+import trajscope
+from trajscope import format as fmt
+from trajscope.cli import main
+from trajscope.convert import convert_run
+from trajscope.errors import RunFormatError
+from trajscope.recorders import Recorder
+from trajscope.run import open_run, read_raw, read_snapshot
+
+
+def _train_lowp(run_dir: Path, dtype: torch.dtype, format: str) -> None:
+    model = mlp().to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = dataset()
+    with Recorder(run_dir, model, opt, format=format) as rec:
+        for idx in batches(3):
+            opt.zero_grad()
+            loss = xent(model, (x[idx].to(dtype), y[idx]))
+            loss.backward()
+            rec.batch((x[idx].to(dtype), y[idx]), loss=loss)
+            opt.step()
+
+
+def _raw_equal(a: Path, b: Path) -> None:
+    ra, rb = open_run(a), open_run(b)
+    assert ra.steps == rb.steps
+    for s in ra.steps:
+        ma, ta = read_raw(ra.step_path(s))
+        mb, tb = read_raw(rb.step_path(s))
+        assert ma == mb
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape, k
+            # bit patterns, not values (NaN != NaN)
+            assert torch.equal(ta[k].reshape(-1).view(torch.uint8),
+                               tb[k].reshape(-1).view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_is_stored_exactly_as_uint16_with_a_dtype_attribute(tmp_path: Path,
+                                                                          dtype: torch.dtype) -> None:
+    _train_lowp(tmp_path / "h5", dtype, "hdf5")
+    _train_lowp(tmp_path / "st", dtype, "safetensors")
+    _raw_equal(tmp_path / "h5", tmp_path / "st")
+    name = str(dtype).removeprefix("torch.")
+    with h5py.File(tmp_path / "h5" / fmt.HDF5_FILE, "r", swmr=True) as f:
+        d = f["param/0.weight"]
+        assert d.dtype == np.uint16 and d.attrs["dtype"] == name
+        assert d.shape == (4, 16, 8) and d.chunks == (1, 16, 8)
+        assert list(f["index/step"][:]) == [0, 1, 2, 3]
+        # a plain h5py user gets the exact bits back through the uint16 view
+        bits = torch.from_numpy(d[1].view(np.int16)).view(dtype)
+    snap = open_run(tmp_path / "st").snapshot(1)
+    assert torch.equal(bits, snap.params["0.weight"]) and bits.dtype == dtype
+
+
+def test_hdf5_layout_is_readable_with_plain_h5py(tmp_path: Path) -> None:
+    train_sgd(tmp_path / "run", steps=4, recorder_kwargs={"format": "hdf5", "every": 3})
+    run = open_run(tmp_path / "run")
+    assert run.storage.kind == "hdf5" and run.steps == [0, 1, 3, 4]
+    assert not (tmp_path / "run" / "steps").exists()
+    with h5py.File(tmp_path / "run" / fmt.HDF5_FILE, "r", swmr=True) as f:
+        steps = list(f["index/step"][:])
+        assert steps == [0, 1, 3, 4]
+        row = steps.index(3)
+        m0, ml = f["index/meta"][row]
+        meta = json.loads(bytes(f["meta"][m0 : m0 + ml]))
+        assert meta["step"] == 3 and meta["kind"] == "step"
+        assert sorted(meta["hdf5"]["rows"]) == sorted(
+            [f"param/{n}" for n in ("0.weight", "0.bias", "2.weight", "2.bias")]
+            + [f"grad/{n}" for n in ("0.weight", "0.bias", "2.weight", "2.bias")])
+        # the minibatch is in the blob, located by the row's table of contents
+        dtype, shape, off, n = meta["hdf5"]["blob"]["batch/0"]
+        b0, _ = f["index/blob"][row]
+        x = np.frombuffer(bytes(f["blob"][b0 + off : b0 + off + n]), dtype=np.float32).reshape(shape)
+        assert dtype == "float32" and shape == [32, 8]
+        np.testing.assert_array_equal(x, run.snapshot(3).batch[0].numpy())
+        np.testing.assert_array_equal(f["param/2.bias"][row], run.snapshot(3).params["2.bias"].numpy())
+    assert read_snapshot(run.step_path(3)).step == 3
+    assert str(run.step_path(3)).endswith("trajectory.h5/step_00000003")
+    with pytest.raises(RunFormatError, match="step 2 is not stored in this file"):
+        read_snapshot(tmp_path / "run" / fmt.HDF5_FILE / fmt.step_name(2))
+
+
+def test_hdf5_run_can_be_read_while_training_writes_it(tmp_path: Path) -> None:
+    obj = make_mlp()
+    model = obj.model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = dataset()
+    seen = []
+    with Recorder(tmp_path / "run", model, opt, format="hdf5", async_write=False) as rec:
+        for idx in batches(4):
+            opt.zero_grad()
+            loss = xent(model, (x[idx], y[idx]))
+            loss.backward()
+            rec.batch((x[idx], y[idx]), loss=loss)
+            opt.step()
+            run = open_run(tmp_path / "run")  # SWMR: a second reader while the file is open
+            seen.append(run.steps)
+            assert run.status == "recording"
+            run.snapshot(run.steps[-1])
+    assert seen == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3]]
+    assert open_run(tmp_path / "run").steps == [0, 1, 2, 3, 4]
+
+
+def test_convert_round_trip_is_bit_exact_and_analyzes_the_same(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    train_sgd(tmp_path / "st", steps=4)
+    main(["convert", str(tmp_path / "st"), "--to", "hdf5", "--out", str(tmp_path / "h5")])
+    assert "stored as hdf5" in capsys.readouterr().out
+    assert open_run(tmp_path / "h5").storage.kind == "hdf5"
+    assert sorted(p.name for p in (tmp_path / "h5").iterdir()) == [
+        "scalars.jsonl", "trajectory.h5", "trajscope.json"]
+    _raw_equal(tmp_path / "st", tmp_path / "h5")
+    # in place, back to safetensors: the files are byte-identical to the recorder's
+    convert_run(tmp_path / "h5", "safetensors")
+    assert open_run(tmp_path / "h5").storage.kind == "safetensors"
+    assert not (tmp_path / "h5" / fmt.HDF5_FILE).exists()
+    for s in range(5):
+        name = fmt.step_filename(s)
+        assert (tmp_path / "h5" / "steps" / name).read_bytes() == (tmp_path / "st" / "steps" / name).read_bytes()
+    convert_run(tmp_path / "h5", "hdf5", keep=True)
+    assert (tmp_path / "h5" / "steps").is_dir() and (tmp_path / "h5" / fmt.HDF5_FILE).exists()
+    a = trajscope.analyze(tmp_path / "st", make_mlp, progress=False, points=3, margin=0.0)
+    b = trajscope.analyze(tmp_path / "h5", make_mlp, progress=False, points=3, margin=0.0)
+    for name in ("loss_line", "grad_norm", "update_norm", "inst_gap", "grad_replay_error"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(tmp_path / "st"), "--to", "hdf5", "--out", str(tmp_path / "h5")])
+    assert exc.value.code == 1
+    assert "already exists and is not an empty directory" in capsys.readouterr().err
+
+
+def test_scalar_parameter_and_buffers_round_trip(tmp_path: Path) -> None:
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+            self.temperature = torch.nn.Parameter(torch.tensor(2.0))
+            self.bn = torch.nn.BatchNorm1d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.lin(x)) / self.temperature
+
+    for fmt_name in ("hdf5", "safetensors"):
+        torch.manual_seed(0)
+        model = Scaled()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with Recorder(tmp_path / fmt_name, model, opt, format=fmt_name) as rec:
+            for _ in range(2):
+                opt.zero_grad()
+                model(torch.randn(4, 3)).pow(2).mean().backward()
+                rec.batch(torch.zeros(1))
+                opt.step()
+    _raw_equal(tmp_path / "hdf5", tmp_path / "safetensors")
+    snap = open_run(tmp_path / "hdf5").snapshot(1)
+    assert snap.params["temperature"].shape == () and snap.grads["temperature"].shape == ()
+    assert snap.buffers["bn.num_batches_tracked"].dtype == torch.int64
+    with h5py.File(tmp_path / "hdf5" / fmt.HDF5_FILE, "r", swmr=True) as f:
+        assert f["param/temperature"].shape == (3,)
+        assert f["buffer/bn.running_mean"].shape == (3, 2)

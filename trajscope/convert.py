@@ -1,0 +1,116 @@
+"""``trajscope convert``: rewrite a run's snapshots in the other storage format.
+
+The stored tensors and metadata are copied bit for bit (bf16/fp16 included); only the container
+changes. In place, the new storage is written under temporary names, moved into place, and the
+manifest switched to it before the old storage is removed, so a conversion killed at any point
+leaves a run that reads correctly (in one format or the other).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from trajscope import format as fmt
+from trajscope.errors import RunFormatError
+from trajscope.run import Run, open_run
+
+__all__ = ["convert_run"]
+
+
+def _declared(run: Run) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The fixed-shape tensors of the run (HDF5 datasets), from the manifest."""
+    out = []
+    for p in run.manifest["params"]:
+        shape = tuple(int(s) for s in p["shape"])
+        dtype = str(p.get("dtype", "float32"))
+        out.append((fmt.PARAM + p["name"], dtype, shape))
+        if p.get("trainable", True):
+            out.append((fmt.GRAD + p["name"], dtype, shape))
+    for b in run.manifest.get("buffers", []):
+        if isinstance(b, dict) and "name" in b and "shape" in b:
+            out.append((fmt.BUFFER + b["name"], str(b.get("dtype", "float32")),
+                        tuple(int(s) for s in b["shape"])))
+    return out
+
+
+def _write_all(run: Run, to: str, dest: Path, tmp_name: str) -> Path:
+    """Write every snapshot of ``run`` in format ``to`` under ``dest/tmp_name``; return that path."""
+    from trajscope.recorders.storage import HDF5Writer, SafetensorsWriter, Slot, build_image
+
+    slot = Slot()
+    target = dest / tmp_name
+    if to == fmt.STORAGE_HDF5:
+        target.unlink(missing_ok=True)
+        writer = HDF5Writer(target, _declared(run), {"trajscope_storage": fmt.STORAGE_HDF5,
+                                                     "format_version": fmt.FORMAT_VERSION})
+    else:
+        shutil.rmtree(target, ignore_errors=True)
+        writer = SafetensorsWriter(dest, direct_io=False, steps_dir=target)
+    try:
+        for step in run.steps:
+            meta, tensors = run.storage.read_raw(step)
+            image = build_image(slot, step, str(meta.get("kind", fmt.KIND_STEP)), meta,
+                                list(tensors.items()))
+            writer.write(image)
+    finally:
+        writer.close()
+    return target
+
+
+def convert_run(run_dir: str | Path, to: str, *, out: str | Path | None = None,
+                keep: bool = False) -> Path:
+    """Convert the run in ``run_dir`` to storage ``to`` (``"hdf5"`` or ``"safetensors"``).
+
+    Args:
+        run_dir: the run to convert.
+        to: the target storage format.
+        out: write a converted copy there (a new or empty directory) and leave ``run_dir`` as is.
+            Without it the run is converted in place.
+        keep: in place, keep the old storage files next to the new ones (the manifest names which
+            one is read).
+
+    Returns:
+        The directory holding the converted run.
+
+    Raises:
+        RunFormatError: for an unknown format, an unreadable source, or a non-empty ``out``.
+    """
+    if to not in fmt.STORAGES:
+        raise RunFormatError(f"to={to!r}: expected one of {', '.join(fmt.STORAGES)}")
+    run = open_run(run_dir)
+    src_kind = run.storage.kind
+    if out is None and src_kind == to:
+        return run.path
+    manifest = dict(run.manifest)
+    manifest["storage"] = to
+    if out is not None:
+        dest = Path(out)
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise RunFormatError(f"{dest}: already exists and is not an empty directory")
+        dest.mkdir(parents=True, exist_ok=True)
+        final_name = fmt.HDF5_FILE if to == fmt.STORAGE_HDF5 else fmt.STEPS_DIR
+        tmp = _write_all(run, to, dest, f".{final_name}.converting")
+        tmp.rename(dest / final_name)
+        if (run.path / fmt.SCALARS).exists():
+            shutil.copyfile(run.path / fmt.SCALARS, dest / fmt.SCALARS)
+        fmt.atomic_write_json(dest / fmt.MANIFEST, manifest)
+        return dest
+    dest = run.path
+    final_name = fmt.HDF5_FILE if to == fmt.STORAGE_HDF5 else fmt.STEPS_DIR
+    tmp = _write_all(run, to, dest, f".{final_name}.converting")
+    final = dest / final_name
+    if final.exists():  # a leftover of an earlier conversion with keep=True
+        if final.is_dir():
+            shutil.rmtree(final)
+        else:
+            final.unlink()
+    tmp.rename(final)
+    fmt.atomic_write_json(dest / fmt.MANIFEST, manifest)  # the switch: readers now use `to`
+    if not keep:
+        old = dest / (fmt.STEPS_DIR if src_kind == fmt.STORAGE_SAFETENSORS else fmt.HDF5_FILE)
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink(missing_ok=True)
+    return dest

@@ -1,0 +1,315 @@
+"""Trouble the analysis works around instead of stopping: damaged or missing snapshots, non-finite
+values, zero-length updates.
+
+* A damaged or missing snapshot costs only the pairs that need it. The load task hands its
+  :class:`~trajscope.errors.RunFormatError` to the pair task as a value (:func:`load_snapshot`),
+  the pair task turns it into a :class:`SkippedPair` (:func:`skip_reason`), and the Dataset lists
+  every skipped pair and why in its ``skipped_pairs`` attribute (:func:`record_skipped`), with a
+  :class:`~trajscope.errors.DamagedRunWarning`.
+* Non-finite values (NaN/Inf in parameters, gradients, losses, or in the replay) never stop the
+  analysis: the affected metrics are NaN (never ±Inf) and the ``pair_flags`` coordinate says why,
+  bit by bit, in the CF ``flag_masks``/``flag_meanings`` convention (:func:`pair_flags`).
+* A zero-length update (Δ_t = 0) makes ratio metrics 0/0: they are NaN and flagged
+  ``zero_update`` (whole step) or ``zero_update_layer`` (some parameter tensors did not move).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from trajscope import format as fmt
+from trajscope.errors import DamagedRunWarning, RunFormatError, TrajscopeError
+
+if TYPE_CHECKING:
+    import torch
+    import xarray as xr
+
+    from trajscope.probe import PairStats
+    from trajscope.run import Run, Snapshot
+
+__all__ = [
+    "FLAGS",
+    "SkippedPair",
+    "BadSnapshot",
+    "load_snapshot",
+    "snapshot_problem",
+    "skip_reason",
+    "usable",
+    "missing_steps",
+    "lost_pairs",
+    "pair_flags",
+    "flags_for",
+    "losses_given",
+    "sanitize_values",
+    "add_flags",
+    "record_skipped",
+]
+
+FLAGS: dict[str, tuple[int, str]] = {
+    "nonfinite_params": (1, "x_t or x_{t+1} holds NaN/Inf"),
+    "nonfinite_grad": (2, "the recorded gradient g_t holds NaN/Inf"),
+    "nonfinite_loss": (4, "the recorded loss f(x_t; z_t) is NaN/Inf"),
+    "nonfinite_replay_loss": (8, "the replayed ℓ(α) or ℓ'(α) is NaN/Inf somewhere on the grid"),
+    "nonfinite_replay_grad": (16, "a replayed gradient G0 or G1 holds NaN/Inf"),
+    "zero_update": (32, "Δ_t = 0: x_{t+1} = x_t, so ratios over ‖Δ_t‖ are NaN"),
+    "zero_update_layer": (64, "some (not all) parameter tensors have a zero update"),
+    "nonfinite_next_grad": (128, "the next step's recorded gradient g_{t+1} holds NaN/Inf"),
+}
+"""``pair_flags`` bits: name → (mask, meaning)."""
+
+NONFINITE = 1 | 2 | 4 | 8 | 16 | 128
+
+
+# --- damage is local -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SkippedPair:
+    """A pair the analysis could not compute because its data is damaged or missing."""
+
+    step: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class BadSnapshot:
+    """A snapshot that failed to load, passed as a value to the pair tasks that need it."""
+
+    step: int
+    reason: str
+
+
+def load_snapshot(path: str | Path) -> Snapshot | BadSnapshot:
+    """:func:`trajscope.run.read_snapshot`, returning a damaged file as a :class:`BadSnapshot`
+    value instead of raising, so that only the pairs needing this snapshot are skipped."""
+    from trajscope.run import read_snapshot
+
+    try:
+        return read_snapshot(Path(path))
+    except RunFormatError as exc:
+        step = fmt.parse_step_filename(Path(path).name)
+        return BadSnapshot(-1 if step is None else step, str(exc))
+
+
+def snapshot_problem(snap: Snapshot | BadSnapshot, model: torch.nn.Module) -> str | None:
+    """Why a loaded snapshot cannot be used with ``model`` (None: it can).
+
+    ``model`` is the objective's model, already checked against the run's manifest, so a snapshot
+    that disagrees with it is damaged: one that failed to load, lacks a parameter, holds one the
+    run does not have, or has a parameter or buffer of another shape.
+    """
+    if isinstance(snap, BadSnapshot):
+        return snap.reason
+    slots = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for name, shape in slots.items():
+        t = snap.params.get(name)
+        if t is None:
+            return f"step {snap.step}: snapshot lacks parameter {name!r}"
+        if tuple(t.shape) != shape:
+            return (f"step {snap.step}: parameter {name!r} has shape {tuple(t.shape)}, the run's "
+                    f"parameter has {shape}")
+    for name in snap.params:
+        if name not in slots:
+            return f"step {snap.step}: snapshot holds parameter {name!r}, which the run does not have"
+    for name, b in model.named_buffers():
+        t = snap.buffers.get(name)
+        if t is not None and tuple(t.shape) != tuple(b.shape):
+            return (f"step {snap.step}: buffer {name!r} has shape {tuple(t.shape)}, the model's has "
+                    f"{tuple(b.shape)}")
+    return None
+
+
+def skip_reason(snap: Snapshot | BadSnapshot, nxt: Snapshot | BadSnapshot,
+                model: torch.nn.Module) -> SkippedPair | None:
+    """Why the pair of these loaded snapshots cannot be probed with ``model`` (None: it can).
+
+    Catches what would otherwise abort the whole analysis: a snapshot that failed to load or
+    disagrees with the run (:func:`snapshot_problem`), a step snapshot without its minibatch.
+    """
+    step = nxt.step - 1 if isinstance(snap, BadSnapshot) else snap.step
+    for s in (snap, nxt):
+        why = snapshot_problem(s, model)
+        if why is not None:
+            return SkippedPair(step, why)
+    if snap.batch is None:
+        return SkippedPair(step, f"step {step}: snapshot holds no minibatch")
+    return None
+
+
+def usable(snap: Snapshot | BadSnapshot | None, model: torch.nn.Module) -> Snapshot | None:
+    """``snap`` if it can serve as a neighbour (x_{t-1}, x_0) of a pair, else None: a damaged
+    neighbour costs only the terms that need it (they are NaN), not the pair."""
+    return None if snap is None or snapshot_problem(snap, model) is not None else snap
+
+
+def missing_steps(run: Run) -> list[int]:
+    """Steps the run recorded (and the final step of a complete run) whose snapshot file is not on
+    disk.
+
+    ``scalars.jsonl`` marks every recorded step. Snapshots are written in step order (by a
+    background writer, after the step's line), so in a run that did not complete, recorded steps
+    after its last snapshot on disk were still queued when it stopped: not written, not lost, and
+    not reported here. Any other recorded step without its file was lost afterwards. If
+    ``scalars.jsonl`` is unreadable, the manifest's schedule is used instead, for the neighbours
+    of the snapshots on disk (what a lost pair needs).
+    """
+    have = set(run.steps)
+    try:
+        expected = {int(r["step"]) for r in run.scalars if r.get("recorded") is True}
+    except TrajscopeError:
+        expected = _scheduled_neighbours(run, have)
+    fs = run.manifest.get("final_step")
+    if run.status == fmt.STATUS_COMPLETE and isinstance(fs, int):
+        expected.add(fs)
+        expected = {s for s in expected if s <= fs}
+    elif run.status != fmt.STATUS_COMPLETE:
+        last = max(have, default=-1)
+        expected = {s for s in expected if s <= last}
+    return sorted(expected - have)
+
+
+def _scheduled_neighbours(run: Run, have: set[int]) -> set[int]:
+    sched = run.manifest.get("schedule", {})
+    every, window = sched.get("every"), sched.get("window")
+    if sched.get("kind") != "every" or not (isinstance(every, int) and isinstance(window, int)
+                                              and every >= 1 and window >= 2):
+        return set()
+    top = max(have) if have else -1
+    fs = run.manifest.get("final_step")
+    if run.status == fmt.STATUS_COMPLETE and isinstance(fs, int):
+        top = fs
+    out = set()
+    for s in have:
+        for n in (s - 1, s + 1):
+            if 0 <= n < top and n % every < window:
+                out.add(n)
+    return out
+
+
+def lost_pairs(run: Run) -> dict[int, str]:
+    """Pairs (by start step) that the recording schedule produced but a missing snapshot lost."""
+    gone = missing_steps(run)
+    if not gone:
+        return {}
+    have = set(run.steps) | set(gone)
+    fs = run.manifest.get("final_step")
+    out: dict[int, str] = {}
+    for s in gone:
+        for t in (s - 1, s):
+            if t >= 0 and t in have and t + 1 in have and t != fs and t not in out:
+                out[t] = f"step {s}: {run.step_path(s)} is missing"
+    return dict(sorted(out.items()))
+
+
+def record_skipped(ds: xr.Dataset, skipped: Mapping[int, str], total: int) -> xr.Dataset:
+    """Warn about skipped pairs and list them in ``ds.attrs['skipped_pairs']`` (JSON)."""
+    items = [{"step": int(t), "reason": r} for t, r in sorted(skipped.items())]
+    ds.attrs["skipped_pairs"] = json.dumps(items)
+    if items:
+        first = items[0]
+        warnings.warn(
+            f"skipped {len(items)} of {total} pair(s) because their snapshots are damaged or "
+            f"missing (listed in the Dataset's 'skipped_pairs' attribute); first: pair "
+            f"{first['step']}: {first['reason']}",
+            DamagedRunWarning,
+            stacklevel=3,
+        )
+    return ds
+
+
+# --- non-finite values and zero updates ----------------------------------------------------------
+
+
+def _finite(a: Any) -> bool:
+    return bool(np.all(np.isfinite(np.asarray(a, dtype=np.float64))))
+
+
+def pair_flags(stats: PairStats, loss_given: bool = False, next_has_grad: bool = False) -> int:
+    """The ``pair_flags`` bits of one pair's :class:`~trajscope.probe.PairStats`.
+
+    Inner products of non-finite vectors are non-finite, so the per-layer terms tell which inputs
+    were affected without touching the tensors again. (A squared norm that overflows float64 is
+    flagged too: its ratios would be meaningless.) PairStats stores "no loss recorded" as NaN, so a
+    NaN recorded loss is flagged only when ``loss_given`` says training logged one; likewise the
+    g_{t+1} terms are NaN by design when step t+1 is the final state, so they are checked only when
+    ``next_has_grad``.
+    """
+    t = stats.terms
+    flags = 0
+    if not (_finite(t.get("x.x", 0.0)) and _finite(t.get("delta.delta", 0.0))):
+        flags |= 1
+    if not _finite(t.get("g.g", 0.0)):
+        flags |= 2
+    if np.isinf(stats.loss_recorded) or (np.isnan(stats.loss_recorded) and loss_given):
+        flags |= 4
+    if not (_finite(stats.loss_line) and _finite(stats.dloss_line)):
+        flags |= 8
+    if not (_finite(t.get("G0.G0", 0.0)) and _finite(t.get("G1.G1", 0.0))):
+        flags |= 16
+    if next_has_grad and not _finite(t.get("g_next.g_next", 0.0)):
+        flags |= 128
+    dd = np.asarray(t.get("delta.delta", np.array([np.nan])), dtype=np.float64)
+    if dd.size and np.all(np.isfinite(dd)):
+        if float(np.sum(dd)) == 0.0:
+            flags |= 32
+        elif np.any(dd == 0.0):
+            flags |= 64
+    return flags
+
+
+def losses_given(run: Run) -> set[int]:
+    """Steps for which ``scalars.jsonl`` holds a logged loss (NaN included); empty if unreadable."""
+    try:
+        return {int(r["step"]) for r in run.scalars
+                if not r.get("skipped") and r.get("loss", None) is not None}
+    except TrajscopeError:
+        return set()
+
+
+def flags_for(stats: Sequence[PairStats], run: Run | None = None) -> np.ndarray:
+    """``pair_flags`` of each pair, using the run (when given) to tell a NaN that means "not
+    recorded" from a NaN in the data."""
+    given = losses_given(run) if run is not None else set()
+    out = []
+    for s in stats:
+        nxt = s.step + 1
+        next_has_grad = run is not None and nxt in run.steps and run.kind(nxt) == fmt.KIND_STEP
+        out.append(pair_flags(s, s.step in given, next_has_grad))
+    return np.array(out, dtype=np.int16)
+
+
+def sanitize_values(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndarray]],
+                    run: Run | None = None) -> list[dict[str, np.ndarray]]:
+    """Metric values with ±Inf replaced by NaN in every pair that has a non-finite flag, so an
+    affected metric is NaN (undefined), never an infinity that would poison cumulative series."""
+    out = []
+    for f, v in zip(flags_for(stats, run), values):
+        if int(f) & NONFINITE:
+            v = {k: np.where(np.isinf(a), np.nan, a) for k, a in v.items()}
+        out.append(v)
+    return out
+
+
+def add_flags(ds: xr.Dataset, stats: Sequence[PairStats], run: Run | None = None) -> xr.Dataset:
+    """Add the ``pair_flags`` coordinate (dim ``step``, CF flag attributes) to ``ds``."""
+    flags = flags_for(list(stats), run)
+    names = list(FLAGS)
+    # A coordinate, not a data variable: it travels with every metric DataArray selected from the
+    # Dataset (``ds.inst_smoothness.where(ds.pair_flags == 0)``) and is not mistaken for a metric.
+    ds.coords["pair_flags"] = ("step", flags, {
+        "long_name": "pair health flags",
+        "units": "1",
+        "flag_masks": np.array([FLAGS[n][0] for n in names], dtype=np.int16),
+        "flag_meanings": " ".join(names),
+        "description": "bitwise OR of: " + "; ".join(f"{FLAGS[n][0]} {n}: {FLAGS[n][1]}" for n in names)
+                       + ". Metrics affected by a non-finite input are NaN.",
+        "holds_if": "== 0",
+    })
+    return ds
