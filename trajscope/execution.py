@@ -21,6 +21,7 @@ pool passes them by file path instead (``Placement.by_path``, see ``analysis._By
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import itertools
@@ -313,7 +314,7 @@ class _PairCallback(Callback):
             self.on_pair()
 
 
-class Backend:
+class Backend(abc.ABC):
     """Runs task graphs on workers it owns (a pool) or reaches (a cluster).
 
     :meth:`submit` starts one graph and returns at once (except ``synchronous``, which runs it
@@ -325,12 +326,13 @@ class Backend:
     workers: int = 1
     """How many tasks run at once (the analyzer sizes its windows of pairs by this)."""
 
+    @abc.abstractmethod
     def placement(self, device: str, pin: bool) -> Placement:
-        raise NotImplementedError
+        """Where this backend's pair tasks run (threads, device) for ``device``."""
 
+    @abc.abstractmethod
     def submit(self, tasks: Sequence[Any], on_pair: Callable[[], None]) -> Callable[[], list[Any]]:
         """Start computing ``tasks``; the returned function waits for and returns their results."""
-        raise NotImplementedError
 
     def close(self) -> None:
         pass

@@ -15,6 +15,7 @@ which :func:`read_snapshot` understands.
 
 from __future__ import annotations
 
+import abc
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -345,7 +346,7 @@ def _read_hdf5_raw(h5path: Path, step: int) -> tuple[dict[str, Any], dict[str, t
 # --- storages --------------------------------------------------------------------------------------
 
 
-class Storage:
+class Storage(abc.ABC):
     """How a run's snapshots are stored. Subclasses: one per format."""
 
     kind = ""
@@ -353,18 +354,20 @@ class Storage:
     def __init__(self, run_path: Path) -> None:
         self.run_path = run_path
 
+    @abc.abstractmethod
     def steps(self) -> list[int]:
         """Steps with a complete snapshot, ascending."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def location(self, step: int) -> Path:
-        raise NotImplementedError
+        """Where the snapshot of ``step`` is (a file, or a pseudo-path inside a container)."""
 
     def read_raw(self, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return read_raw(self.location(step))
 
+    @abc.abstractmethod
     def disk_bytes(self) -> int:
-        raise NotImplementedError
+        """Bytes the snapshots occupy on disk."""
 
 
 class SafetensorsStorage(Storage):
