@@ -17,6 +17,7 @@ from torch import nn
 import trajscope
 from trajscope import report as rp
 from trajscope.cli import main as cli_main
+from trajscope.summary import convexity_ratio_window
 
 
 def make_objective() -> trajscope.Objective:
@@ -97,7 +98,7 @@ def ref_windowed(num: np.ndarray, den: np.ndarray, k: int) -> np.ndarray:
     return np.array(out)
 
 
-def close(a: np.ndarray, b: np.ndarray) -> None:
+def assert_close(a: np.ndarray, b: np.ndarray) -> None:
     np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-12, atol=0, equal_nan=True)
 
 
@@ -117,21 +118,21 @@ def test_line_figures_plot_dataset_values(report: rp.Report, datasets: dict[str,
     ds = datasets[label]
     d = report.data
     steps = ds["step"].values
-    close(d["loss"][f"loss/{label}"], ds["loss_line"].sel(alpha=0.0).values)
-    close(d["inst_gap"][f"inst_gap/{label}"], ds["inst_gap"].values)
-    close(d["inst_gap"][f"inst_gap/{label}@x"], steps)
-    close(d["inst_gap"][f"inst_gap_ema/{label}"], ref_ema(ds["inst_gap"].values, 0.8))
-    close(d["convexity_ratio"][f"convexity_ratio/{label}"], ds["convexity_ratio"].values)
-    close(d["convexity_ratio"][f"convexity_ratio_window/{label}"],
+    assert_close(d["loss"][f"loss/{label}"], ds["loss_line"].sel(alpha=0.0).values)
+    assert_close(d["inst_gap"][f"inst_gap/{label}"], ds["inst_gap"].values)
+    assert_close(d["inst_gap"][f"inst_gap/{label}@x"], steps)
+    assert_close(d["inst_gap"][f"inst_gap_ema/{label}"], ref_ema(ds["inst_gap"].values, 0.8))
+    assert_close(d["convexity_ratio"][f"convexity_ratio/{label}"], ds["convexity_ratio"].values)
+    assert_close(d["convexity_ratio"][f"convexity_ratio_window/{label}"],
           ref_windowed(ds["convexity_num"].values, ds["convexity_den"].values, 3))
-    close(d["smoothness"][f"inst_smoothness/{label}"], ds["inst_smoothness"].values)
-    close(d["smoothness"][f"two_over_lr/{label}"], 2 / ds["lr"].values)
-    close(d["smoothness"][f"stability_ratio/{label}"], ds["inst_smoothness"].values * ds["lr"].values / 2)
-    close(d["update_corr"][f"update_corr/{label}"], ds["update_corr"].values)
-    close(d["update_corr"][f"update_corr_cumsum/{label}"], np.nancumsum(ds["update_corr"].values))
-    close(d["update_corr"][f"loss_change_cumsum/{label}"], np.cumsum(ds["loss_change"].values))
+    assert_close(d["smoothness"][f"inst_smoothness/{label}"], ds["inst_smoothness"].values)
+    assert_close(d["smoothness"][f"two_over_lr/{label}"], 2 / ds["lr"].values)
+    assert_close(d["smoothness"][f"stability_ratio/{label}"], ds["inst_smoothness"].values * ds["lr"].values / 2)
+    assert_close(d["update_corr"][f"update_corr/{label}"], ds["update_corr"].values)
+    assert_close(d["update_corr"][f"update_corr_cumsum/{label}"], np.nancumsum(ds["update_corr"].values))
+    assert_close(d["update_corr"][f"loss_change_cumsum/{label}"], np.cumsum(ds["loss_change"].values))
     for name in ("loss_replay_error", "grad_replay_error"):
-        close(d["replay"][f"{name}/{label}"], np.maximum(ds[name].values, rp.REPLAY_FLOOR))
+        assert_close(d["replay"][f"{name}/{label}"], np.maximum(ds[name].values, rp.REPLAY_FLOOR))
 
 
 @pytest.mark.parametrize("label", ["slow", "fast"])
@@ -142,9 +143,9 @@ def test_heat_map_is_the_loss_line(report: rp.Report, datasets: dict[str, xr.Dat
     expected = rel / np.abs(rel).max(axis=1, keepdims=True)
     mesh = report.data["loss_line"][f"loss_line/{label}"]
     assert mesh.shape == (ds.sizes["step"], ds.sizes["alpha"])
-    close(mesh, expected)
-    close(report.data["loss_line"][f"line_argmin/{label}@x"], ds["alpha"].values[line.argmin(axis=1)])
-    close(report.data["loss_line"][f"line_argmin/{label}"], ds["step"].values)
+    assert_close(mesh, expected)
+    assert_close(report.data["loss_line"][f"line_argmin/{label}@x"], ds["alpha"].values[line.argmin(axis=1)])
+    assert_close(report.data["loss_line"][f"line_argmin/{label}"], ds["step"].values)
 
 
 def test_labels_and_units_come_from_attrs(datasets: dict[str, xr.Dataset]) -> None:
@@ -198,7 +199,7 @@ def test_run_dimension_input_matches_directories(runs: dict[str, Path], report: 
     for fig, data in report.data.items():
         assert set(rep.data[fig]) == set(data)
         for gid, arr in data.items():
-            close(rep.data[fig][gid], arr)
+            assert_close(rep.data[fig][gid], arr)
 
 
 def test_optional_variables_are_drawn_only_when_present(datasets: dict[str, xr.Dataset]) -> None:
@@ -210,8 +211,8 @@ def test_optional_variables_are_drawn_only_when_present(datasets: dict[str, xr.D
         stability_ratio=("step", np.full(ds.sizes["step"], 0.25), {"long_name": "stability ratio", "units": "1"}),
     )
     data = rp.figure_data(rp.fig_smoothness({"a": extra}))
-    close(data["sharpness/a"], extra["sharpness"].values)
-    close(data["stability_ratio/a"], np.full(ds.sizes["step"], 0.25))  # the variable wins
+    assert_close(data["sharpness/a"], extra["sharpness"].values)
+    assert_close(data["stability_ratio/a"], np.full(ds.sizes["step"], 0.25))  # the variable wins
 
 
 def test_missing_variables_skip_their_figure(datasets: dict[str, xr.Dataset], tmp_path: Path) -> None:
@@ -232,14 +233,16 @@ def test_run_dimension_with_duplicate_labels_keeps_both(datasets: dict[str, xr.D
     both = xr.concat([datasets["slow"], datasets["fast"]], dim=xr.DataArray(["sgd", "sgd"], dims="run"))
     runs = rp.load_runs(both)
     assert list(runs) == ["sgd", "sgd (1)"]
-    close(runs["sgd (1)"]["inst_gap"].values, datasets["fast"]["inst_gap"].values)
+    assert_close(runs["sgd (1)"]["inst_gap"].values, datasets["fast"]["inst_gap"].values)
 
 
 def test_windowed_ratio_and_ema_helpers() -> None:
     num, den = np.array([1.0, np.nan, 3.0, -1.0]), np.array([2.0, 1.0, 0.0, -1.0])
-    close(rp.windowed_ratio(num, den, 2), ref_windowed(num, den, 2))
+    ds = xr.Dataset({"convexity_num": ("step", num), "convexity_den": ("step", den)},
+                    coords={"step": np.arange(4)})
+    assert_close(convexity_ratio_window(ds, 2).values, ref_windowed(num, den, 2))
     v = np.array([np.nan, 1.0, 2.0, np.nan, 4.0])
-    close(rp.ema(v, 0.5), ref_ema(v, 0.5))
+    assert_close(rp.ema(v, 0.5), ref_ema(v, 0.5))
     with pytest.raises(trajscope.TrajscopeError, match="beta"):
         rp.ema(v, 1.0)
 

@@ -40,6 +40,7 @@ import numpy as np
 import xarray as xr
 
 from trajscope.errors import AnalysisError, RunFormatError
+from trajscope.summary import convexity_ratio_window
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -51,7 +52,6 @@ __all__ = [
     "write_report",
     "load_runs",
     "ema",
-    "windowed_ratio",
     "stability_ratio",
     "figure_data",
     "fig_loss",
@@ -90,20 +90,6 @@ def ema(values: np.ndarray, beta: float) -> np.ndarray:
         if k:
             out[i] = m / (1 - beta**k)
     return out
-
-
-def windowed_ratio(num: np.ndarray, den: np.ndarray, window: int) -> np.ndarray:
-    """Σ num / Σ den over the last ``window`` pairs (fewer at the start); NaN terms count as 0 and
-    a zero denominator gives NaN. The windowed companion of the cumulative ``convexity_ratio``."""
-    if window < 1:
-        raise AnalysisError(f"window={window!r}: expected an int >= 1")
-    n = np.nan_to_num(np.asarray(num, dtype=np.float64), nan=0.0)
-    d = np.nan_to_num(np.asarray(den, dtype=np.float64), nan=0.0)
-    # direct window sums (not differences of running sums, which cancel badly on long runs)
-    sn = np.convolve(n, np.ones(window))[: len(n)]
-    sd = np.convolve(d, np.ones(window))[: len(d)]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(sd != 0, sn / sd, np.nan)
 
 
 def stability_ratio(ds: xr.Dataset) -> np.ndarray:
@@ -279,7 +265,7 @@ def fig_convexity_ratio(runs: Runs, window: int | None = None) -> Figure:
         x = _steps(ds)
         cum = _vals(ds, "convexity_ratio")
         k = window or _default_window(len(x))
-        win = windowed_ratio(_vals(ds, "convexity_num"), _vals(ds, "convexity_den"), k)
+        win = convexity_ratio_window(ds, k).values
         ax.plot(x, cum, color=colors[label], lw=1.8, gid=f"convexity_ratio/{label}",
                 label=f"{label}: cumulative")
         ax.plot(x, win, color=colors[label], lw=0.8, ls="--", gid=f"convexity_ratio_window/{label}",

@@ -144,11 +144,10 @@ def convexity_ratio_window(ds: xr.Dataset, k: int, *, reference: bool = False) -
     if not isinstance(k, int) or k < 1:
         raise AnalysisError(f"k={k!r}: expected a window of at least 1 pair")
     num, den = _terms(ds, reference)
-    cn, cd = np.concatenate([[0.0], np.cumsum(num)]), np.concatenate([[0.0], np.cumsum(den)])
-    idx = np.arange(1, len(num) + 1)
-    lo = np.maximum(idx - k, 0)
-    return _ratio_da(ds, cn[idx] - cn[lo], cd[idx] - cd[lo], f"convexity_ratio_last{k}",
-                     f"convexity ratio over the last {k} pairs")
+    # direct window sums, not differences of running sums (those cancel badly on long runs)
+    box = np.ones(k)
+    return _ratio_da(ds, np.convolve(num, box)[: len(num)], np.convolve(den, box)[: len(den)],
+                     f"convexity_ratio_last{k}", f"convexity ratio over the last {k} pairs")
 
 
 def convexity_ratio_ema(ds: xr.Dataset, beta: float = 0.99, *, reference: bool = False) -> xr.DataArray:
