@@ -239,40 +239,33 @@ def _load_params_task(path: str, by_path: bool = False) -> Snapshot | health.Bad
     return _read_cached(path, params_only=True, by_path=by_path)
 
 
-def _pinned(snap: Snapshot) -> Snapshot:
+def _map_tensors(snap: Snapshot, fn: Callable[[Any], Any]) -> Snapshot:
+    """``snap`` with ``fn`` applied to every tensor of its parameters, gradients, buffers and batch
+    (RNG states stay as they are: torch's RNG API wants them on the CPU)."""
     import torch
 
-    def pin(x: Any) -> Any:
+    def walk(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
-            return x.pin_memory()
+            return fn(x)
         if isinstance(x, dict):
-            return {k: pin(v) for k, v in x.items()}
+            return {k: walk(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
-            return type(x)(pin(v) for v in x)
+            return type(x)(walk(v) for v in x)
         return x
 
-    return dataclasses.replace(snap, params=pin(snap.params), grads=pin(snap.grads),
-                               buffers=pin(snap.buffers), batch=pin(snap.batch))
+    return dataclasses.replace(snap, params=walk(snap.params), grads=walk(snap.grads),
+                               buffers=walk(snap.buffers), batch=walk(snap.batch))
+
+
+def _pinned(snap: Snapshot) -> Snapshot:
+    return _map_tensors(snap, lambda t: t.pin_memory())
 
 
 def _on_device(snap: Snapshot | health.BadSnapshot | None, device: str) -> Snapshot | health.BadSnapshot | None:
-    """The snapshot's tensors on ``device`` (asynchronous from page-locked memory); RNG states stay
-    on the CPU, where torch's RNG API wants them."""
+    """The snapshot's tensors on ``device`` (asynchronous from page-locked memory)."""
     if not isinstance(snap, Snapshot) or device == "cpu":
         return snap
-    import torch
-
-    def move(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return x.to(device, non_blocking=x.is_pinned())
-        if isinstance(x, dict):
-            return {k: move(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return type(x)(move(v) for v in x)
-        return x
-
-    return dataclasses.replace(snap, params=move(snap.params), grads=move(snap.grads),
-                               buffers=move(snap.buffers), batch=move(snap.batch))
+    return _map_tensors(snap, lambda t: t.to(device, non_blocking=t.is_pinned()))
 
 
 _PROBE_LOCK = threading.Lock()
