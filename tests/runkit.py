@@ -63,6 +63,19 @@ def edit_manifest(run_dir: Path, fn: Callable[[dict[str, Any]], None]) -> None:
     path.write_text(json.dumps(m))
 
 
+def cli(args: list[str], capsys: Any) -> tuple[int, str, str]:
+    """Run ``trajscope ARGS`` in-process: (exit status, stdout, stderr)."""
+    from trajscope.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def fingerprint(root: Path, exclude: Path | None = None) -> dict[str, tuple[str, int, str]]:
     """Every entry under ``root`` (not following symlinks): kind, size and content hash of files,
     link targets of symlinks. Entries under ``exclude`` are left out."""

@@ -22,8 +22,7 @@ import torch.nn as nn
 
 import trajscope
 from problems import make_quadratic, quad_loss
-from runkit import copy_run, edit_manifest, quad_run, rewrite_snapshot, step_file
-from trajscope.cli import main
+from runkit import cli, copy_run, edit_manifest, quad_run, rewrite_snapshot, step_file
 from trajscope.errors import (
     AnalysisError,
     ObjectiveError,
@@ -408,16 +407,6 @@ def test_no_pairs_selected(run_dir: Path) -> None:
 
 
 # --- the CLI ------------------------------------------------------------------------------------
-
-
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("case", ["missing", "version", "manifest", "objective"])

@@ -18,10 +18,9 @@ import torch.nn as nn
 
 import trajscope
 from problems import DIM, B_MEAN, make_quadratic, quad_loss
-from runkit import (copy_run, edit_manifest, fingerprint, no_hang, quad_run, rewrite_snapshot,
-                    step_file)
+from runkit import (cli, copy_run, edit_manifest, fingerprint, no_hang, quad_run,
+                    rewrite_snapshot, step_file)
 from trajscope import format as fmt
-from trajscope.cli import main
 from trajscope.errors import ObjectiveError, RunFormatError
 from trajscope.objective import load_objective
 from trajscope.recorders import Recorder
@@ -47,16 +46,6 @@ def area(tmp_path: Path) -> Path:
 def run_dir(base_run: Path, area: Path) -> Path:
     (area / "runs").mkdir()
     return copy_run(base_run, area / "runs" / "run")
-
-
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def rename_param(run_dir: Path, old: str, new: str) -> None:

@@ -14,8 +14,7 @@ import torch.nn as nn
 
 import trajscope
 from problems import make_quadratic
-from runkit import copy_run, edit_manifest, quad_run, rewrite_snapshot, step_file
-from trajscope.cli import main
+from runkit import cli, copy_run, edit_manifest, quad_run, rewrite_snapshot, step_file
 from trajscope.errors import DamagedRunWarning
 from trajscope.objective import Objective
 from trajscope.validate import validate_run
@@ -34,16 +33,6 @@ def intact(base_run: Path):
 @pytest.fixture
 def run_dir(base_run: Path, tmp_path: Path) -> Path:
     return copy_run(base_run, tmp_path / "run")
-
-
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # --- validate ------------------------------------------------------------------------------------
