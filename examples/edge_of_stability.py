@@ -34,6 +34,7 @@ import xarray as xr
 from torch import nn
 
 import trajscope
+from _common import example_main
 
 
 @dataclass
@@ -127,20 +128,7 @@ def findings(ds: xr.Dataset, losses: list[float], lr: float) -> dict[str, float]
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train and analyze at both learning rates; print and return the findings."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--small", action="store_true", help="tiny run for the test suite")
-    ap.add_argument("--out", type=Path, default=Path("runs/edge_of_stability"), help="output directory")
-    ap.add_argument("--no-report", action="store_true", help="skip the figures")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: models this small gain nothing from intra-op "
-                         "threads, and on a busy machine spinning OpenMP threads slow them down)")
-    args = ap.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return example_main(argv, doc=__doc__, name="edge_of_stability", run=run)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
