@@ -59,17 +59,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="mlp", choices=["mlp", "wide"])
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    ap.add_argument("--allocator", default="keep", choices=["keep", "default"],
+                    help="keep: glibc keeps freed memory, as the analyzer sets it in its workers "
+                    "(trajscope.execution.keep_freed_memory); default: glibc's own settings")
     ap.add_argument("--clock", default="wall", help="wall, or cpu (process CPU time: robust on a "
                     "shared machine)")
     args = ap.parse_args(argv)
     set_clock(args.clock)
     torch.set_num_threads(args.threads)
+    if args.allocator == "keep":
+        from trajscope.execution import keep_freed_memory
+
+        keep_freed_memory()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("line_batching: CUDA is not available here; skipped")
         return
     factory = {"mlp": "make_mlp", "wide": "make_wide_mlp"}[args.model]
     k = len(alpha_grid(args.points, 0.5))
-    print(f"# line batching, {args.model} model, K = {k}, device {args.device}")
+    print(f"# line batching, {args.model} model, K = {k}, device {args.device}, "
+          f"allocator {args.allocator}")
     print(f"# {machine()}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="trajscope-bench-"))
     for bs in [int(b) for b in args.batch_sizes.split(",")]:

@@ -140,3 +140,21 @@ def test_analysis_batched_equals_pointwise(runs: dict[str, Path]) -> None:
             np.testing.assert_allclose(ds[name].values, want, rtol=1e-9,
                                        atol=1e-12 * max(np.nanmax(np.abs(want)), loss_scale),
                                        equal_nan=True, err_msg=name)
+
+
+def test_stacked_parameters_equal_pointwise_bit_for_bit_across_reused_buffers() -> None:
+    """The [k, …] stacks are built into buffers reused from call to call: every slice must equal
+    x + aΔ computed alone, also when the next call (other Δ, other k) reuses or replaces them."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = {"w": torch.randn(7, 5, generator=gen), "b": torch.randn(5, generator=gen)}
+    for k, scale in [(17, 1.0), (17, -3.0), (5, 0.25), (17, 2.0)]:
+        delta = {n: scale * torch.randn(t.shape, generator=gen) for n, t in x0.items()}
+        alphas = torch.linspace(-0.5, 1.5, k)
+        stacked = probe._stack_on_line(x0, delta, alphas)
+        assert {n: t.shape for n, t in stacked.items()} == {n: (k, *t.shape) for n, t in x0.items()}
+        for i, a in enumerate(alphas):
+            point = probe._on_line(x0, delta, a)
+            for n in x0:
+                assert torch.equal(stacked[n][i], point[n]), (k, scale, i, n)
+    # one entry per process: the last shape only (bounded memory)
+    assert len(probe._STACK_BUFFERS) == 1
