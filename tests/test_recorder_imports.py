@@ -42,3 +42,14 @@ def test_recorder_imports_nothing_beyond_torch_numpy_safetensors() -> None:
     assert [m for m in out["safetensors_run"] if m not in stdlib] == ["trajscope"]
     # h5py only when the HDF5 format is chosen
     assert [m for m in out["hdf5_run"] if m not in stdlib] == ["h5py", "trajscope"]
+
+
+def test_worker_side_modules_do_not_import_the_dataset_libraries() -> None:
+    """A pool process imports trajscope.analysis to run pair tasks; xarray, pandas and h5netcdf
+    (~0.5 s of a worker's start-up) are for the driver's Dataset only."""
+    script = ("import sys, trajscope.analysis, trajscope.execution; "
+              "print(sorted({m.split('.')[0] for m in sys.modules} & "
+              "{'xarray', 'pandas', 'h5netcdf', 'matplotlib'}))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert proc.stdout.strip() == "[]", proc.stdout

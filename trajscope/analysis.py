@@ -38,11 +38,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
 import numpy as np
-import xarray as xr
 
 from trajscope import format as fmt
 from trajscope import health
@@ -62,6 +61,9 @@ from trajscope.objective import Objective, check_run_objective, resolve_objectiv
 from trajscope.probe import PairStats, ProbeSettings, alpha_grid, probe_pair
 from trajscope.registry import MetricSpec, get_metrics
 from trajscope.run import Run, Snapshot, open_run
+
+if TYPE_CHECKING:  # imported where a Dataset is built or read: worker processes never need it
+    import xarray as xr
 
 __all__ = ["analyze", "open_metrics", "compute_pair_metrics", "build_dataset"]
 
@@ -157,6 +159,12 @@ class _SnapshotFile:
         if getattr(snap, "_key", self.key)[:3] != self.key[:3]:
             raise AnalysisError(f"{self.key[0]}: the snapshot file changed during the analysis; re-run it")
         return snap
+
+
+def _file_ref(path: str, *, params_only: bool) -> _SnapshotFile:
+    """A reference to a snapshot file, made in the driver without reading it: the worker that
+    resolves it checks that the file is still the one stat'ed here."""
+    return _SnapshotFile((path, *_stat_key(path), params_only))
 
 
 def _resolved(snap: Any) -> Any:
@@ -684,6 +692,7 @@ def analyze(
         bar = _Progress(len(pairs), len(done), sys.stderr.isatty() if progress is None else progress)
         try:
             if todo:
+                _import_dataset_libraries_in_background()
                 with open_backend(scheduler, workers) as backend:
                     _run_pairs(backend, r, todo, done, skipped, objective, settings, device, digest,
                                pairs_dir if write else None, bar.pair_done)
@@ -702,6 +711,26 @@ def analyze(
         if write:
             _write_dataset(ds, analysis_dir / METRICS_FILE)
     return ds
+
+
+def _import_dataset_libraries_in_background() -> None:
+    """Import xarray, dask.array and h5netcdf while the pairs are probed, not after.
+
+    The driver needs them only to build and write the Dataset at the end, where their first
+    import (~1 s: xarray, then the dask.array it probes for duck arrays, then h5netcdf) was a
+    serial tail after the last pair, longer than a hundred pairs of parallel work on 2 workers.
+    Worker processes never import them.
+    """
+    if "h5netcdf" in sys.modules:
+        return
+
+    def work() -> None:
+        with contextlib.suppress(Exception):  # the real import, later, reports any problem
+            import dask.array  # noqa: F401
+            import h5netcdf  # noqa: F401
+            import xarray  # noqa: F401
+
+    threading.Thread(target=work, name="trajscope-import", daemon=True).start()
 
 
 def _run_pairs(backend: Backend, r: Run, todo: list[int], done: _PairTable,
@@ -743,6 +772,11 @@ def _window_graph(r: Run, window: list[int], have: set[int], init_step: int | No
     loads: dict[int, Any] = {}
 
     def load(step: int) -> Any:
+        if placement.by_path:
+            # A local process pool: a load task would only send a file reference through the
+            # driver, one pool round trip (~3.5 ms) per snapshot. The pair task is given the
+            # reference directly and reads the file in its own worker (per-process cache).
+            return _file_ref(str(r.step_path(step)), params_only=False)
         if step not in loads:
             loads[step] = dask.delayed(_load_task, pure=True)(
                 str(r.step_path(step)), placement.pin, placement.by_path,
@@ -754,6 +788,8 @@ def _window_graph(r: Run, window: list[int], have: set[int], init_step: int | No
         # x_0 and x* enter every pair, through their parameters alone: a small shared task
         if step is None:
             return None
+        if placement.by_path:
+            return _file_ref(str(r.step_path(step)), params_only=True)
         return dask.delayed(_load_params_task, pure=True)(
             str(r.step_path(step)), placement.by_path, dask_key_name=(f"params-{run_token}", step)
         )
@@ -838,6 +874,8 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
         "layer": ("layer", np.array(layers, dtype=object), {"long_name": "parameter tensor"}),
         "lr": ("step", lr, {"long_name": "learning rate (param group 0)", "units": "1"}),
     }
+    import xarray as xr
+
     ds = xr.Dataset(data_vars, coords=coords)
     for name, spec in specs.items():
         if spec.kind == "series":
@@ -874,6 +912,8 @@ def _write_dataset(ds: xr.Dataset, path: Path) -> None:
 
 def open_metrics(run: str | Path | Sequence[str | Path]) -> xr.Dataset:
     """Open the Dataset written by ``trajscope analyze``; several runs concat along ``run``."""
+    import xarray as xr
+
     if isinstance(run, (list, tuple)):
         parts = [open_metrics(p) for p in run]
         names = [Path(p).name for p in run]
