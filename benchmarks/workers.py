@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--points", type=int, default=9)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--model", default="mlp", choices=["mlp", "wide"],
+                    help="mlp: the reference ~100k-parameter MLP; wide: ~1.2M parameters, ~10x the "
+                         "work per pair")
     ap.add_argument("--no-sync", action="store_true", help="skip the synchronous references")
     ap.add_argument("--threads-per-worker", type=int, default=None,
                     help="override trajscope's split (split_cores), e.g. 1 to measure process "
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="trajscope-bench-"))
-    run_dir = record_run(work / f"thr-mlp-b{args.batch_size}", args.pairs, batch_size=args.batch_size)
+    run_dir = record_run(work / f"thr-{args.model}-b{args.batch_size}", args.pairs,
+                         batch_size=args.batch_size, model=args.model)
     analysis._Progress = _Timestamps  # type: ignore[misc]
 
     counts = [int(w) for w in args.workers.split(",")]
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     split = (f"{args.threads_per_worker} torch thread(s) per worker" if args.threads_per_worker
              else "trajscope's thread split: " + ", ".join(
                  f"{w} worker(s) x {execution.split_cores(cores, w)} thread(s)" for w in counts))
-    print(f"# process workers: mlp model, batch {args.batch_size}, {args.pairs} pairs, "
+    print(f"# process workers: {args.model} model, batch {args.batch_size}, {args.pairs} pairs, "
           f"K = {2 * args.points - 1}, {cores} usable cores, {split}")
     print(f"# {machine()}")
     cases: dict[str, dict[str, object]] = {f"processes x{w}": {"scheduler": "processes", "workers": w}
