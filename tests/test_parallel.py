@@ -225,3 +225,43 @@ def test_cuda_under_local_schedulers_matches_cpu(run_dir: Path, reference: xr.Da
                            workers=2 if scheduler == "threads" else None, write=False, progress=False)
     assert ds.attrs["device"] == "cuda"
     assert_agree(ds, reference, rtol=1e-6)
+
+
+def test_process_pool_pair_tasks_get_file_references_without_load_tasks(
+        run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local process pool: no load task round trips; each pair task receives references the
+    driver made by stat alone, and a file replaced after that is refused, not mixed in."""
+    import os
+    import pickle
+
+    from trajscope.execution import Placement
+    from trajscope.probe import ProbeSettings
+
+    r = trajscope.open_run(run_dir)
+    steps = [1, 2, 3]
+    settings = ProbeSettings(alphas=(0.0, 1.0))
+
+    def graph_keys(by_path: bool) -> set[str]:
+        tasks = analysis._window_graph(r, steps, set(r.steps), 0, "tok", "problems:make_mlp",
+                                       "key", settings, Placement(by_path=by_path), "dig", None)
+        return {k[0] if isinstance(k, tuple) else k for t in tasks for k in dict(t.dask)}
+
+    assert {k for k in graph_keys(False) if k.startswith("load-")}  # in-process: load tasks
+    by_path = graph_keys(True)
+    assert not {k for k in by_path if k.startswith(("load-", "params-"))}, by_path
+    assert {k for k in by_path if k.startswith("pair-")}
+
+    path = r.step_path(3)
+    monkeypatch.setattr(analysis, "_recent", type(analysis._recent)())
+    ref = pickle.loads(pickle.dumps(analysis._file_ref(str(path), params_only=False)))
+    assert isinstance(ref, analysis._SnapshotFile) and not analysis._recent  # nothing read yet
+    assert analysis._resolved(ref).step == 3
+    st = os.stat(path)
+    ref = analysis._file_ref(str(path), params_only=False)
+    monkeypatch.setattr(analysis, "_recent", type(analysis._recent)())  # a fresh worker
+    try:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten meanwhile
+        with pytest.raises(AnalysisError, match="changed during the analysis"):
+            analysis._resolved(ref)
+    finally:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
