@@ -156,5 +156,6 @@ def test_stacked_parameters_equal_pointwise_bit_for_bit_across_reused_buffers() 
             point = probe._on_line(x0, delta, a)
             for n in x0:
                 assert torch.equal(stacked[n][i], point[n]), (k, scale, i, n)
-    # one entry per process: the last shape only (bounded memory)
-    assert len(probe._STACK_BUFFERS) == 1
+    # bounded memory: the stacks of the last two chunk shapes only
+    assert len(probe._STACK_BUFFERS) == 2
+    assert {k[0] for k in probe._STACK_BUFFERS} == {5, 17}

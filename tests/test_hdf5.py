@@ -179,3 +179,33 @@ def test_scalar_parameter_and_buffers_round_trip(tmp_path: Path) -> None:
     with h5py.File(tmp_path / "hdf5" / fmt.HDF5_FILE, "r", swmr=True) as f:
         assert f["param/temperature"].shape == (3,)
         assert f["buffer/bn.running_mean"].shape == (3, 2)
+
+
+def test_a_row_referenced_before_the_live_recording_appended_more_still_resolves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Process pools give pair tasks file references made earlier by the driver. An HDF5
+    container grows while a run is recorded; rows already written never change, so a reference
+    to one stays valid (a safetensors step file that changes is refused: test_parallel)."""
+    import trajscope.analysis as analysis
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = dataset()
+    refs = {}
+    with Recorder(tmp_path / "run", model, opt, format="hdf5", async_write=False) as rec:
+        for i, idx in enumerate(batches(5)):
+            opt.zero_grad()
+            loss = xent(model, (x[idx], y[idx]))
+            loss.backward()
+            rec.batch((x[idx], y[idx]), loss=loss)
+            opt.step()
+            if i == 2:
+                run = open_run(tmp_path / "run")
+                refs = {s: analysis._file_ref(str(run.step_path(s)), params_only=False) for s in (0, 1)}
+                want = {s: run.snapshot(s) for s in (0, 1)}
+    assert (tmp_path / "run" / fmt.HDF5_FILE).stat().st_size > refs[1].key[2]  # it grew
+    monkeypatch.setattr(analysis, "_recent", type(analysis._recent)())
+    for s, ref in refs.items():
+        got = analysis._resolved(ref)
+        assert got.step == s
+        assert all(torch.equal(got.params[k], want[s].params[k]) for k in want[s].params)

@@ -156,9 +156,16 @@ class _SnapshotFile:
 
     def resolve(self) -> Snapshot:
         snap = _read_cached(self.key[0], params_only=self.key[3], by_path=True)
-        if getattr(snap, "_key", self.key)[:3] != self.key[:3]:
+        now = getattr(snap, "_key", self.key)
+        if now[:3] != self.key[:3] and not _appended(self.key, now):
             raise AnalysisError(f"{self.key[0]}: the snapshot file changed during the analysis; re-run it")
         return snap
+
+
+def _appended(then: _SnapshotKey, now: _SnapshotKey) -> bool:
+    """An HDF5 row (``trajectory.h5/step_…``) whose container only grew: a live recording appended
+    rows after the reference was made, and rows already written never change."""
+    return Path(then[0]).parent.suffix == ".h5" and now[2] >= then[2]
 
 
 def _file_ref(path: str, *, params_only: bool) -> _SnapshotFile:

@@ -163,9 +163,9 @@ def keep_freed_memory() -> bool:
 
     A probe allocates and frees the same few megabytes of activations and tangents for every pair.
     With glibc's defaults, blocks above its (adaptive) mmap threshold are unmapped when freed and
-    the heap top is trimmed back to the OS, so the next pair faults fresh pages in: at ~3 GB/s
-    that cost as much as the matrix products for the reference MLP (line evaluation, K = 17,
-    minibatch 64: 13.4 ms per pair with memory kept, 17.2 ms without; benchmarks/line_batching.py
+    the heap top is trimmed back to the OS, so the next pair writes into fresh pages, at ~3 GB/s
+    on the development VM: a large share of the line evaluation for the reference MLP (K = 17,
+    minibatch 64: 14.7 ms per pair with memory kept, 17.9 ms without; benchmarks/line_batching.py
     --allocator keep|default). Keeping up to 256 MB of freed heap, and serving blocks under 32 MB
     from the heap, is close to what jemalloc and tcmalloc do by default. Peak memory is unchanged;
     memory once freed is kept for the next pair instead of being returned.

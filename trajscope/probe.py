@@ -555,11 +555,12 @@ def _release_cached_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-# The [k, …] parameter stacks of the last chunk shape, kept between calls (one entry per process;
-# the probe runs one at a time per process). On the CPU a fresh k × (model size) allocation costs
-# more than the line evaluation itself: glibc serves it with newly mapped pages, and faulting them
-# in ran at ~3 GB/s (5.5 ms of the 10 ms a pair took for the 101k-parameter reference MLP with
-# K = 17; 0.4 ms when the buffers are reused). CUDA's caching allocator already reuses its blocks.
+# The [k, …] parameter stacks of the last two chunk shapes (a line split into chunks ends with a
+# shorter one), kept between calls; the probe runs one at a time per process. On the CPU a fresh
+# k × (model size) allocation cost more than the line evaluation itself: memory freshly handed out
+# by glibc was written at ~3 GB/s on the development VM (5.5 ms of the 10.7 ms a batched pair took
+# for the 101k-parameter reference MLP at K = 17 and minibatch 16; 0.4 ms into reused buffers).
+# CUDA's caching allocator already reuses its blocks.
 _STACK_BUFFERS: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
 
 
@@ -576,7 +577,8 @@ def _stack_on_line(x0: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Ten
     key = (len(a), first.dtype, tuple((n, tuple(t.shape)) for n, t in x0.items()))
     bufs = _STACK_BUFFERS.get(key)
     if bufs is None:
-        _STACK_BUFFERS.clear()
+        while len(_STACK_BUFFERS) >= 2:
+            del _STACK_BUFFERS[next(iter(_STACK_BUFFERS))]
         bufs = _STACK_BUFFERS[key] = {
             n: torch.empty((len(a),) + tuple(t.shape), dtype=t.dtype) for n, t in x0.items()
         }
