@@ -730,6 +730,12 @@ def _import_dataset_libraries_in_background() -> None:
     """
     if "h5netcdf" in sys.modules:
         return
+    # dask.compute imports `distributed` (when installed) to look for a client, in this thread, a
+    # moment from now. Import it first: two threads importing overlapping packages at once can
+    # meet in a circular import, which Python reports as a deadlock error in one of them. After
+    # this, this thread's remaining lazy imports (torch's) share no module with the ones below.
+    with contextlib.suppress(ImportError):
+        import distributed  # noqa: F401
 
     def work() -> None:
         with contextlib.suppress(Exception):  # the real import, later, reports any problem
