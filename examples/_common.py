@@ -1,9 +1,12 @@
-"""The command line every example shares: ``--small``, ``--out``, ``--no-report``, ``--threads``."""
+"""What every example shares: the command line (``--small``, ``--out``, ``--no-report``,
+``--threads``), the flattened digits, and the ending (report, wall time, ``findings.json``)."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import json
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,3 +30,33 @@ def example_main(argv: list[str] | None, *, doc: str, name: str,
         return run(args)
     finally:
         torch.set_num_threads(threads)
+
+
+def digits_flat() -> tuple[torch.Tensor, torch.Tensor]:
+    """Scikit-learn's bundled 1797 8x8 digits (no download): pixels flattened to 64 features and
+    scaled to [0, 1], and the class labels 0..9."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (torch.tensor(digits.data, dtype=torch.float32) / 16.0,
+            torch.tensor(digits.target, dtype=torch.long))
+
+
+def report_and_time(args: argparse.Namespace, results: dict[str, Any], runs: Sequence[Path],
+                    t0: float) -> None:
+    """The figures of ``runs`` (unless ``--no-report``) and the wall time since ``t0``, into
+    ``results``."""
+    if not args.no_report:
+        from trajscope.report import write_report
+
+        results["report"] = str(write_report(list(runs), args.out / "report").index)
+    results["wall_s"] = round(time.perf_counter() - t0, 1)
+
+
+def finish(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+    """Print where the report is and the wall time, write ``findings.json``; return ``results``."""
+    if "report" in results:
+        print(f"  report: {results['report']}")
+    print(f"  wall time {results['wall_s']} s")
+    (args.out / "findings.json").write_text(json.dumps(results, indent=2))
+    return results

@@ -17,7 +17,6 @@ descent-lemma analysis at this learning rate would need?
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sysconfig
@@ -33,7 +32,7 @@ import xarray as xr
 from torch import nn
 
 import trajscope
-from _common import example_main
+from _common import example_main, finish, report_and_time
 
 
 @dataclass
@@ -241,11 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     losses = train(run_dir, cfg, data)
     ds = trajscope.analyze(run_dir, make_objective, points=cfg.points, margin=cfg.margin, progress=False)
     results: dict[str, Any] = {"config": asdict(cfg), "adamw": findings(ds, losses)}
-    if not args.no_report:
-        from trajscope.report import write_report
-
-        results["report"] = str(write_report([run_dir], args.out / "report").index)
-    results["wall_s"] = round(time.perf_counter() - t0, 1)
+    report_and_time(args, results, [run_dir], t0)
 
     r = results["adamw"]
     print(f"charlm: {GPT_CONFIG.n_layer}-layer GPT, {sum(p.numel() for p in make_objective().model.parameters()):,} "
@@ -259,11 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{r['max_over_min_inst_smoothness']:.3g})  median inst_smoothness·lr/2="
           f"{r['median_stability_ratio']:.3g}  replay err loss/grad={r['max_loss_replay_error']:.1e}/"
           f"{r['max_grad_replay_error']:.1e}")
-    if "report" in results:
-        print(f"  report: {results['report']}")
-    print(f"  wall time {results['wall_s']} s")
-    (args.out / "findings.json").write_text(json.dumps(results, indent=2))
-    return results
+    return finish(args, results)
 
 
 if __name__ == "__main__":

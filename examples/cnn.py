@@ -21,7 +21,6 @@ errors in the findings say how faithful that replay is.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ import xarray as xr
 from torch import nn
 
 import trajscope
-from _common import example_main
+from _common import example_main, finish, report_and_time
 
 
 @dataclass
@@ -185,11 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ds = trajscope.analyze(run_dir, make_objective, points=cfg.points, margin=cfg.margin, progress=False)
         results[name] = findings(ds) | acc
         runs.append(run_dir)
-    if not args.no_report:
-        from trajscope.report import write_report
-
-        results["report"] = str(write_report(runs, args.out / "report").index)
-    results["wall_s"] = round(time.perf_counter() - t0, 1)
+    report_and_time(args, results, runs, t0)
 
     print("cnn: residual network with BatchNorm on digits images")
     for name in ("sgd", "adamw"):
@@ -200,11 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"stability ratio median={r['median_stability_ratio']:.3g} (>1 on "
               f"{r['frac_stability_ratio_gt_1']:.1%})  replay err loss/grad="
               f"{r['max_loss_replay_error']:.1e}/{r['max_grad_replay_error']:.1e}")
-    if "report" in results:
-        print(f"  report: {results['report']}")
-    print(f"  wall time {results['wall_s']} s")
-    (args.out / "findings.json").write_text(json.dumps(results, indent=2))
-    return results
+    return finish(args, results)
 
 
 if __name__ == "__main__":

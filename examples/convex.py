@@ -18,7 +18,6 @@ The runs record ``convex:make_objective``; to re-analyze one from the command li
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import xarray as xr
 from torch import nn
 
 import trajscope
-from _common import example_main
+from _common import digits_flat, example_main, finish, report_and_time
 
 
 @dataclass
@@ -50,16 +49,6 @@ class Config:
 SMALL = Config(epochs=1, points=5, margin=0.25)
 
 
-# --- data: 1797 8x8 digit images shipped inside scikit-learn (no download) --------------------
-
-def load_data() -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixels scaled to [0, 1] (flattened to 64 features) and class labels 0..9."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    return x, y
 
 
 # --- the objective: how the analyzer rebuilds f(x; z). Module level, so it can be imported. ---
@@ -128,7 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The example proper: record, analyze, report, print the findings."""
     cfg = SMALL if args.small else Config()
     t0 = time.perf_counter()
-    x, y = load_data()
+    x, y = digits_flat()
 
     results: dict[str, Any] = {"config": asdict(cfg)}
     runs = []
@@ -140,11 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ds = trajscope.analyze(run_dir, make_objective, points=cfg.points, margin=cfg.margin, dtype="float64", progress=False)
         results[name] = findings(ds) | {"train_accuracy": acc}
         runs.append(run_dir)
-    if not args.no_report:
-        from trajscope.report import write_report
-
-        results["report"] = str(write_report(runs, args.out / "report").index)
-    results["wall_s"] = round(time.perf_counter() - t0, 1)
+    report_and_time(args, results, runs, t0)
 
     print("convex: softmax regression on digits (convex in the parameters)")
     for name in ("sgd", "adam"):
@@ -154,11 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"convexity_ratio={r['final_convexity_ratio']:.3f}  accuracy={r['train_accuracy']:.3f}")
     print(f"  finding: the convexity inequality holds on every step for both optimizers "
           f"({'yes' if all(results[n]['frac_inst_gap_le_0'] == 1.0 for n in ('sgd', 'adam')) else 'NO'})")
-    if "report" in results:
-        print(f"  report: {results['report']}")
-    print(f"  wall time {results['wall_s']} s")
-    (args.out / "findings.json").write_text(json.dumps(results, indent=2))
-    return results
+    return finish(args, results)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ import xarray as xr
 from torch import nn
 
 import trajscope
-from _common import example_main
+from _common import example_main, finish, report_and_time
 
 
 @dataclass
@@ -143,11 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ds = trajscope.analyze(run_dir, make_objective, points=cfg.points, margin=cfg.margin, progress=False)
         results[f"lr{lr:g}"] = findings(ds, losses, lr)
         runs.append(run_dir)
-    if not args.no_report:
-        from trajscope.report import write_report
-
-        results["report"] = str(write_report(runs, args.out / "report").index)
-    results["wall_s"] = round(time.perf_counter() - t0, 1)
+    report_and_time(args, results, runs, t0)
 
     print("edge of stability: full-batch gradient descent, tanh MLP, square loss on digits")
     for lr in cfg.lrs:
@@ -159,11 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"(rises on {r['frac_loss_increases']:.1%} of steps)")
     print("  finding: inst_smoothness settles at 2/lr (stability ratio ~1, beyond what the "
           "descent lemma allows) while the loss keeps falling")
-    if "report" in results:
-        print(f"  report: {results['report']}")
-    print(f"  wall time {results['wall_s']} s")
-    (args.out / "findings.json").write_text(json.dumps(results, indent=2))
-    return results
+    return finish(args, results)
 
 
 if __name__ == "__main__":

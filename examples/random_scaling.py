@@ -24,7 +24,6 @@ anything in practice.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ import xarray as xr
 from torch import nn
 
 import trajscope
-from _common import example_main
+from _common import digits_flat, example_main, finish, report_and_time
 
 
 @dataclass
@@ -57,13 +56,6 @@ class Config:
 SMALL = Config(epochs=2, points=5, margin=0.25)
 
 
-def load_data() -> tuple[torch.Tensor, torch.Tensor]:
-    """Scikit-learn's bundled 8x8 digits, flattened and scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return (torch.tensor(digits.data, dtype=torch.float32) / 16.0,
-            torch.tensor(digits.target, dtype=torch.long))
 
 
 def make_objective() -> trajscope.Objective:
@@ -150,7 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The example proper: record, analyze, report, print the findings."""
     cfg = SMALL if args.small else Config()
     t0 = time.perf_counter()
-    x, y = load_data()
+    x, y = digits_flat()
     results: dict[str, Any] = {"config": asdict(cfg)}
     runs = []
     for name, scaled in (("plain", False), ("scaled", True)):
@@ -159,11 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ds = trajscope.analyze(run_dir, make_objective, points=cfg.points, margin=cfg.margin, dtype="float64", progress=False)
         results[name] = findings(ds, scales, final)
         runs.append(run_dir)
-    if not args.no_report:
-        from trajscope.report import write_report
-
-        results["report"] = str(write_report(runs, args.out / "report").index)
-    results["wall_s"] = round(time.perf_counter() - t0, 1)
+    report_and_time(args, results, runs, t0)
 
     print("random scaling: ReLU MLP on digits, SGD+momentum, steps x s ~ Exp(1) vs unscaled")
     for name in ("plain", "scaled"):
@@ -176,11 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"± {r['se_identity_residual']:.1e}  (z = {r['z_identity_residual']:.1f})")
     print("  finding: with random scaling the linear term ℓ'(1)/s is an unbiased estimate of the "
           "loss change (|z| small); without it the gap is the systematic inst_gap (|z| large)")
-    if "report" in results:
-        print(f"  report: {results['report']}")
-    print(f"  wall time {results['wall_s']} s")
-    (args.out / "findings.json").write_text(json.dumps(results, indent=2))
-    return results
+    return finish(args, results)
 
 
 if __name__ == "__main__":
