@@ -785,16 +785,18 @@ def _window_graph(r: Run, window: list[int], have: set[int], init_step: int | No
     loads: dict[int, Any] = {}
 
     def load(step: int) -> Any:
-        if placement.by_path:
-            # A local process pool: a load task would only send a file reference through the
-            # driver, one pool round trip (~3.5 ms) per snapshot. The pair task is given the
-            # reference directly and reads the file in its own worker (per-process cache).
-            return _file_ref(str(r.step_path(step)), params_only=False)
+        # One load per snapshot, shared by the up-to-three pairs of the window that read it.
         if step not in loads:
-            loads[step] = dask.delayed(_load_task, pure=True)(
-                str(r.step_path(step)), placement.pin, placement.by_path,
-                dask_key_name=(f"load-{run_token}", step),
-            )
+            if placement.by_path:
+                # A local process pool: a load task would only send a file reference through
+                # the driver, one pool round trip (~3.5 ms) per snapshot. The pair task is given
+                # the reference and reads the file in its own worker (per-process cache).
+                loads[step] = _file_ref(str(r.step_path(step)), params_only=False)
+            else:
+                loads[step] = dask.delayed(_load_task, pure=True)(
+                    str(r.step_path(step)), placement.pin, placement.by_path,
+                    dask_key_name=(f"load-{run_token}", step),
+                )
         return loads[step]
 
     def params_of(step: int | None) -> Any:
