@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -365,6 +366,25 @@ class Storage(abc.ABC):
     def read_raw(self, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return read_raw(self.location(step))
 
+    def read(self, step: int) -> Snapshot:
+        """The whole snapshot of ``step``. Raises :class:`RunFormatError` if it is damaged."""
+        return _snapshot_from_raw(*self.read_raw(step), where=self.location(step))
+
+    def read_params(self, step: int) -> Snapshot:
+        """The snapshot of ``step`` with its parameters only (x_0, x*): formats that can read
+        part of a snapshot do so. Raises :class:`RunFormatError` if it is damaged."""
+        full = self.read(step)
+        return Snapshot(step=full.step, kind=full.kind, params=full.params)
+
+    @abc.abstractmethod
+    def stat(self, step: int) -> tuple[int, int]:
+        """(mtime in ns, size in bytes) of what holds the snapshot of ``step``, or (-1, -1) if it
+        is missing. Made without reading the snapshot; :meth:`unchanged` compares two."""
+
+    def unchanged(self, then: tuple[int, int], now: tuple[int, int]) -> bool:
+        """Whether a snapshot stat'ed as ``then`` and later as ``now`` still holds the same data."""
+        return then == now
+
     @abc.abstractmethod
     def disk_bytes(self) -> int:
         """Bytes the snapshots occupy on disk."""
@@ -383,6 +403,25 @@ class SafetensorsStorage(Storage):
 
     def location(self, step: int) -> Path:
         return self.run_path / fmt.STEPS_DIR / fmt.step_filename(step)
+
+    def stat(self, step: int) -> tuple[int, int]:
+        return _stat(self.location(step))
+
+    def read_params(self, step: int) -> Snapshot:
+        """Only the ``param/…`` tensors are read (lazily, through the same checked header)."""
+        from safetensors import safe_open
+
+        p = self.location(step)
+        meta = _snapshot_meta(fmt.read_safetensors_header(p), p)
+        try:
+            with safe_open(str(p), framework="pt") as fh:
+                params = {fmt.check_name(k[len(fmt.PARAM):], f"{p}: tensor key param/…"): fh.get_tensor(k)
+                          for k in fh.keys() if k.startswith(fmt.PARAM)}
+        except RunFormatError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors' own errors for a damaged buffer
+            raise RunFormatError(f"{p}: damaged safetensors file ({exc})") from exc
+        return Snapshot(step=meta["step"], kind=str(meta.get("kind", fmt.KIND_STEP)), params=params)
 
     def disk_bytes(self) -> int:
         total = 0
@@ -415,8 +454,24 @@ class HDF5Storage(Storage):
     def read_raw(self, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return _read_hdf5_raw(self.file, step)
 
+    def stat(self, step: int) -> tuple[int, int]:
+        return _stat(self.file)
+
+    def unchanged(self, then: tuple[int, int], now: tuple[int, int]) -> bool:
+        """A container that only grew: a live recording appended rows, and rows already written
+        never change."""
+        return then == now or (then[1] >= 0 and now[1] >= then[1])
+
     def disk_bytes(self) -> int:
         return self.file.stat().st_size if self.file.exists() else 0
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)  # missing: the reader reports it as a damaged snapshot
+    return (st.st_mtime_ns, st.st_size)
 
 
 STORAGES: dict[str, type[Storage]] = {
