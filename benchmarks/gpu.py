@@ -1,4 +1,4 @@
-"""Everything worth measuring on a lent GPU machine, in one run of a few minutes.
+"""Everything worth measuring on a lent GPU machine, in one run.
 
 1. GPU: batched vs point-by-point line evaluation (K = 17), reference MLP, minibatch 64 and 1024.
 2. GPU: the analyzer against the hand-written loop on the same GPU (synchronous; threads x2;

@@ -49,7 +49,7 @@ def hand_loop(run_dir: Path, model: torch.nn.Module, steps: list[int], alphas: l
     from trajscope.probe import TERMS as ANALYZER_TERMS
 
     if set(TERMS) != set(ANALYZER_TERMS):
-        raise SystemExit(f"hand loop out of date: the analyzer now computes {ANALYZER_TERMS}")
+        raise SystemExit(f"hand loop out of date: the analyzer computes {ANALYZER_TERMS}")
     step_file = lambda s: run_dir / "steps" / f"step_{s:08d}.safetensors"  # noqa: E731
     final = json.loads((run_dir / "trajscope.json").read_text())["final_step"]
     model = model.to(device)

@@ -3,7 +3,7 @@
 Records one run of the reference MLP (every step; ~0.85 MB per snapshot), then analyzes its first
 50 and its first 500 pairs, each in a fresh Python process, and reports the peak resident memory
 (``ru_maxrss``) of that process, and of its worker processes for ``processes``. Were snapshots
-kept, 500 pairs would hold ~430 MB more than 50.
+kept, the peak would grow by ~0.85 MB per pair.
 
     python -m benchmarks.memory [--pairs 50,500] [--schedulers synchronous,processes]
 """

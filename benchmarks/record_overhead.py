@@ -1,7 +1,7 @@
-"""What recording costs training: the issue's reference workload, with and without the recorder.
+"""What recording costs training: the reference recording workload, with and without the recorder.
 
 Workload: an MLP 512-1024-1024-10 (1.59M parameters), batch 1024, plain SGD, on the CPU. Each
-configuration trains in blocks of ``--steps`` timed steps (after 2 untimed warm-up steps that let
+configuration trains in blocks of ``--steps`` timed steps (after WARMUP = 10 untimed steps that let
 the recorder allocate its buffers), and the blocks of all configurations are interleaved in a
 shuffled order, round after round, in one process, so machine noise hits every configuration
 alike. A block's time includes waiting for the writer to finish the block's snapshots

@@ -10,7 +10,7 @@ cumulative ``convexity_ratio`` stay positive, how often does the next batch's gr
 (``update_corr`` > 0), and how large is the instantaneous smoothness compared with what a
 descent-lemma analysis at this learning rate would need?
 
-    python examples/charlm.py            # default size (a few minutes on 2 CPU cores)
+    python examples/charlm.py            # default size
     python examples/charlm.py --small    # what the test suite runs
 """
 

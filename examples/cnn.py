@@ -14,7 +14,7 @@ function of the parameters and the batch only; the analyzer replays it in train 
 recorded batch and must not let the replay change the recorded running statistics. The replay
 errors in the findings say how faithful that replay is.
 
-    python examples/cnn.py            # default size (a few minutes on 2 CPU cores)
+    python examples/cnn.py            # default size
     python examples/cnn.py --small    # what the test suite runs
 """
 

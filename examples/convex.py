@@ -7,7 +7,7 @@ gradient steps, but convexity is a property of the function along the segment, n
 This is the one setting where the theory is known to hold, so it is the calibration run: if
 trajscope reported a positive gap here, the tool would be wrong, not the theory.
 
-    python examples/convex.py            # default size (about 1 min on 2 CPU cores)
+    python examples/convex.py            # default size
     python examples/convex.py --small    # what the test suite runs
     trajscope report runs/convex/sgd runs/convex/adam
 

@@ -9,7 +9,7 @@ inst_smoothness·lr/2 (``stability_ratio`` in metrics.md) sits at 1, at each lea
 level. Smoothness-based analyses need that ratio below 1 on every step; here it is not, and
 training still works.
 
-    python examples/edge_of_stability.py            # default size (about 1-2 min on 2 cores)
+    python examples/edge_of_stability.py            # default size
     python examples/edge_of_stability.py --small    # what the test suite runs
 
 Full-batch steps make storing the batch wasteful (it is the whole data set every step), so the

@@ -17,7 +17,7 @@ statistically, and compares ``loss_change`` with ``update_corr`` (the fresh-batc
 and the final losses: the paper's §4.3 asks whether the randomisation the theory needs costs
 anything in practice.
 
-    python examples/random_scaling.py            # default size (about 1 min on 2 cores)
+    python examples/random_scaling.py            # default size
     python examples/random_scaling.py --small    # what the test suite runs
 """
 
