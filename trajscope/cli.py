@@ -33,22 +33,29 @@ def cli() -> None:
     """
 
 
-_LOCAL_SCHEDULERS = ("synchronous", "threads", "processes")  # as trajscope.execution (kept light)
-
-
 def _check_scheduler(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if value in _LOCAL_SCHEDULERS or "://" in value:
-        return value
-    raise click.BadParameter(
-        f"{value!r}: expected synchronous, threads, processes or a dask.distributed address such "
-        "as tcp://host:8786"
-    )
+    # Imported here: trajscope.execution pulls in dask, which `trajscope --help` must not pay for.
+    from trajscope.errors import AnalysisError
+    from trajscope.execution import check_scheduler
+
+    try:
+        check_scheduler(value)
+    except AnalysisError:
+        raise click.BadParameter(
+            f"{value!r}: expected synchronous, threads, processes or a dask.distributed address such "
+            "as tcp://host:8786"
+        ) from None
+    return value
 
 
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if value in ("cpu", "cuda", "auto") or (value.startswith("cuda:") and value[5:].isdigit()):
-        return value
-    raise click.BadParameter(f"{value!r}: expected cpu, cuda, cuda:N or auto")
+    from trajscope.errors import AnalysisError
+    from trajscope.execution import check_device
+
+    try:
+        return check_device(value)
+    except AnalysisError:
+        raise click.BadParameter(f"{value!r}: expected cpu, cuda, cuda:N or auto") from None
 
 
 @cli.command()
