@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import click
 
+from trajscope import format as fmt
 from trajscope.errors import TrajscopeError, one_line
 
 _RUN_DIR = click.Path(file_okay=True, dir_okay=True, path_type=str)
@@ -109,7 +110,7 @@ def analyze(run_dir: str, objective: str | None, points: int, margin: float, dev
                       sharpness=sharpness, reference=reference, force=force,
                       progress=None if not quiet else False)
     if not quiet:
-        click.echo(f"wrote {run_dir.rstrip('/')}/analysis/metrics.nc")
+        click.echo(f"wrote {run_dir.rstrip('/')}/{fmt.ANALYSIS_DIR}/{fmt.METRICS_FILE}")
         click.echo(format_headline(headline(ds)))
 
 
