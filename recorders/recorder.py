@@ -20,137 +20,43 @@ background thread (:mod:`trajscope.recorders.storage`).
 
 from __future__ import annotations
 
-import json
 import math
-import platform
-import shutil
-import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import safetensors
 import torch
 
 from trajscope import format as fmt
 from trajscope.errors import RecorderError
 from trajscope.recorders import distributed
-from trajscope.recorders.schedule import Schedule, as_schedule
-from trajscope.recorders.storage import (
-    AsyncWriter,
-    HDF5Writer,
-    SafetensorsWriter,
-    SlotPool,
-    build_image,
-    dtype_name,
+from trajscope.recorders.arguments import check_arguments, json_metadata
+from trajscope.recorders.capture import (
+    Entries,
+    ParamIndex,
+    StepCapture,
+    as_float,
+    batch_entries,
+    capture_forward,
+    gradient_entries,
+    optimizer_state_entries,
+    unwrap_model,
 )
+from trajscope.recorders.hooks import step_closure, with_capture_after_first_call
+from trajscope.recorders.manifest import build_manifest, objective_name
+from trajscope.recorders.rundir import open_writer, prepare_run_dir
+from trajscope.recorders.scalars import ScalarsLog
+from trajscope.recorders.stats import RecorderStats
+from trajscope.recorders.schedule import Schedule, as_schedule
+from trajscope.recorders.storage import AsyncWriter, HDF5Writer, SafetensorsWriter, build_image
 
 __all__ = ["Recorder", "RecorderStats", "RecorderWarning", "objective_name"]
-
-_VERSION = "0.1.0"
-_DEFER_LIMIT = 64  # scalars lines kept while GPU losses are copied back without blocking
-
-
-@dataclass
-class RecorderStats:
-    """What recording has cost so far (``Recorder.stats``), for tuning ``every``/``max_pending``.
-
-    Attributes:
-        snapshots: snapshots copied (recorded steps, plus the final state once closed).
-        bytes: bytes of those snapshots (file sizes in the safetensors format).
-        copy_seconds: training-thread time spent copying snapshots (the unavoidable part).
-        wait_seconds: training-thread time spent waiting for a free buffer because the disk was
-            behind (back-pressure); grows when ``every`` is too small for the disk.
-        write_seconds: time the writer spent writing (on the background thread when async).
-        hook_seconds, hook_cpu_seconds: wall and CPU time of the training thread inside the
-            recorder (every hook and ``batch`` call, copies included): all recording adds to the
-            training thread.
-        write_cpu_seconds: CPU time of the writer (what it can take from training on a machine
-            with no idle core).
-    """
-
-    snapshots: int = 0
-    bytes: int = 0
-    copy_seconds: float = 0.0
-    wait_seconds: float = 0.0
-    write_seconds: float = 0.0
-    hook_seconds: float = 0.0
-    hook_cpu_seconds: float = 0.0
-    write_cpu_seconds: float = 0.0
 
 
 class RecorderWarning(UserWarning):
     """Recording stopped (``on_error="warn"``) while training goes on; the run is incomplete."""
-
-
-def objective_name(objective: str | Callable[..., Any] | None, what: str = "objective") -> str | None:
-    """The ``module:function`` string stored in the manifest for ``objective``.
-
-    A function defined in a script run as ``python path/train.py`` lives in ``__main__``; it is
-    stored under the script's file stem (``train:make_objective``), which the analyzer can import
-    when run from the script's directory.
-    """
-    if objective is None:
-        return None
-    if isinstance(objective, str):
-        mod, sep, fn = objective.partition(":")
-        if not sep or not mod or not fn:
-            raise RecorderError(f"{what}={objective!r}: expected 'module:function'")
-        return objective
-    if callable(objective):
-        mod = getattr(objective, "__module__", None)
-        qual = getattr(objective, "__qualname__", None)
-        if not mod or not qual or "<locals>" in qual or "<lambda>" in qual:
-            raise RecorderError(
-                f"{what}={objective!r}: a callable {what} must be a module-level function "
-                "so the analyzer can import it; pass 'module:function' instead"
-            )
-        if mod == "__main__":
-            main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-            if main_file:
-                mod = Path(main_file).stem
-        return f"{mod}:{qual}"
-    raise RecorderError(f"{what}={objective!r}: expected 'module:function' or a function")
-
-
-def _jsonable(value: Any) -> Any:
-    """Optimizer hyperparameters as JSON (tensors to numbers, tuples to lists, rest as repr)."""
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, (bool, int, str)) or value is None:
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return repr(value)
-
-
-def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    # copy=True guarantees a fresh tensor even on CPU: the optimizer updates x and g in place next.
-    return t.detach().to("cpu", copy=True).contiguous()
-
-
-def _as_float(loss: Any) -> float | None:
-    if loss is None:
-        return None
-    if isinstance(loss, torch.Tensor):
-        return float(loss.detach().item())  # full precision: a float64 loss stays exact
-    return float(loss)
-
-
-def _unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose parameter names the analyzer's objective uses (DDP/DataParallel unwrapped)."""
-    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
 
 
 class Recorder:
@@ -223,26 +129,9 @@ class Recorder:
         metadata: Mapping[str, Any] | None = None,
         overwrite: bool = False,
     ) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise RecorderError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise RecorderError(
-                f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
-        if format not in fmt.STORAGES:
-            raise RecorderError(f"format={format!r}: expected one of {', '.join(fmt.STORAGES)}")
-        if not isinstance(accumulation, int) or isinstance(accumulation, bool) or accumulation < 1:
-            raise RecorderError(f"accumulation={accumulation!r}: expected an int >= 1")
-        if accumulation_reduction not in ("mean", "sum"):
-            raise RecorderError(
-                f"accumulation_reduction={accumulation_reduction!r}: expected 'mean' or 'sum'"
-            )
-        if on_error not in ("raise", "warn"):
-            raise RecorderError(f"on_error={on_error!r}: expected 'raise' or 'warn'")
-        if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
-            raise RecorderError(f"max_pending={max_pending!r}: expected an int >= 1")
+        check_arguments(model, optimizer, format, accumulation, accumulation_reduction, on_error, max_pending)
         self.run_dir = Path(run_dir)
-        self.model = _unwrap_model(model)
+        self.model = unwrap_model(model)
         self.optimizer = optimizer
         self.objective = objective_name(objective)
         self.schedule: Schedule = as_schedule(schedule, every, window)
@@ -255,45 +144,19 @@ class Recorder:
         self.max_pending = max_pending
         self.on_error = on_error
         self.direct_io = direct_io
-        self.metadata = dict(metadata or {})
-        try:
-            json.dumps(self.metadata)
-        except (TypeError, ValueError) as exc:
-            raise RecorderError(f"metadata: must be JSON-serialisable ({exc})") from exc
+        self.metadata = json_metadata(metadata)
         self._overwrite = overwrite
         self.rank, self.world_size = distributed.rank_and_world()
-
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        self._params: list[tuple[str, torch.nn.Parameter]] = list(self.model.named_parameters())
-        self._trainable: list[tuple[str, torch.nn.Parameter]] = []
-        self._group_names: list[list[str]] = []
-        seen: set[int] = set()
-        for gi, group in enumerate(optimizer.param_groups):
-            gnames = []
-            for p in group["params"]:
-                if id(p) not in names:
-                    raise RecorderError(
-                        f"optimizer param group {gi} holds a tensor of shape {tuple(p.shape)} "
-                        "that is not a parameter of the model; the recorder names tensors by "
-                        "model.named_parameters()"
-                    )
-                gnames.append(names[id(p)])
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    self._trainable.append((names[id(p)], p))
-            self._group_names.append(gnames)
+        self._index = ParamIndex.of(self.model, optimizer)
 
         self.step = 0  # index of the next optimizer step: it moves x_step to x_{step+1}
         self._micro: list[dict[str, Any]] = []  # micro-batches named for the coming step
-        self._fwd: dict[str, torch.Tensor] | None = None  # state at the first forward since batch()
-        self._fwd_training: bool | None = None
-        self._step_fwd: dict[str, torch.Tensor] | None = None  # ... adopted for the coming step
-        self._step_fwd_training: bool | None = None
-        self._handles: list[Any] = []
-        self._scalars_fh: Any = None
-        self._deferred: list[tuple[dict[str, Any], list[tuple[float, Any]], Any]] = []
+        self._capture = StepCapture()
+        # Storage and hooks, set up by start(); storage only on the writing rank.
+        self._scalars: ScalarsLog | None = None
         self._writer: AsyncWriter | None = None
         self._store: SafetensorsWriter | HDF5Writer | None = None
+        self._handles: list[Any] = []
         self._status = fmt.STATUS_RECORDING
         self._stats = RecorderStats()
         self._failed = False  # recording stopped after an error (on_error="warn")
@@ -344,20 +207,7 @@ class Recorder:
         if self._closed:
             raise RecorderError(f"{self.run_dir}: this Recorder was closed; create a new one")
         if self.is_writer:
-            self._prepare_dir()
-            self._write_manifest()
-            self._scalars_fh = open(self.run_dir / fmt.SCALARS, "a", encoding="utf-8")
-            pin = torch.cuda.is_available() and any(p.is_cuda for _, p in self._params)
-            pool = SlotPool(self.max_pending if self.async_write else 1, pin=pin)
-            if self.format == fmt.STORAGE_HDF5:
-                self._store = HDF5Writer(self.run_dir / fmt.HDF5_FILE, self._declared(),
-                                         {"trajscope_storage": fmt.STORAGE_HDF5,
-                                          "format_version": fmt.FORMAT_VERSION})
-                where: Callable[[int], str] = lambda s: f"{fmt.HDF5_FILE} (step {s})"  # noqa: E731
-            else:
-                self._store = SafetensorsWriter(self.run_dir, direct_io=self.direct_io)
-                where = lambda s: f"{fmt.STEPS_DIR}/{fmt.step_filename(s)}"  # noqa: E731
-            self._writer = AsyncWriter(self._store.write, where, pool, threaded=self.async_write)
+            self._open_storage()
         self._handles = [
             self.optimizer.register_step_pre_hook(self._pre_step),
             self.optimizer.register_step_post_hook(self._post_step),
@@ -365,30 +215,16 @@ class Recorder:
         ]
         self._open = True
 
-    def _prepare_dir(self) -> None:
-        manifest_path = self.run_dir / fmt.MANIFEST
-        if manifest_path.exists():
-            if not self._overwrite:
-                raise RecorderError(
-                    f"{self.run_dir}: already holds a trajscope run; choose a new directory or "
-                    "pass overwrite=True"
-                )
-            for name in (fmt.STEPS_DIR, fmt.ANALYSIS_DIR, "report"):  # report/: stale figures
-                shutil.rmtree(self.run_dir / name, ignore_errors=True)
-            (self.run_dir / fmt.SCALARS).unlink(missing_ok=True)
-            (self.run_dir / fmt.HDF5_FILE).unlink(missing_ok=True)
-            manifest_path.unlink()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.format == fmt.STORAGE_SAFETENSORS:
-            (self.run_dir / fmt.STEPS_DIR).mkdir(exist_ok=True)
-
-    def _declared(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        """Tensors with a fixed shape for the whole run: an HDF5 dataset each."""
-        out = [(fmt.PARAM + n, dtype_name(p.dtype), tuple(p.shape)) for n, p in self._params]
-        out += [(fmt.GRAD + n, dtype_name(p.dtype), tuple(p.shape)) for n, p in self._trainable]
-        out += [(fmt.BUFFER + n, dtype_name(b.dtype), tuple(b.shape))
-                for n, b in self.model.named_buffers()]
-        return out
+    def _open_storage(self) -> None:
+        prepare_run_dir(self.run_dir, self.format, overwrite=self._overwrite)
+        self._write_manifest()
+        self._scalars = ScalarsLog(self.run_dir / fmt.SCALARS, self._fail)
+        pin = torch.cuda.is_available() and any(p.is_cuda for _, p in self._index.params)
+        self._store, self._writer = open_writer(
+            self.run_dir, self.format, self._index.declared(self.model),
+            slots=self.max_pending if self.async_write else 1, pin=pin, threaded=self.async_write,
+            direct_io=self.direct_io,
+        )
 
     def close(self, *, crashed: bool = False) -> None:
         """Detach the hooks, save the final state x_T, wait for the writer, mark the run's status.
@@ -417,36 +253,38 @@ class Recorder:
                     self._write_scalars(skipped=True)
                 if not crashed:
                     self._submit(self.step, fmt.KIND_FINAL)
-                self._flush_deferred(force=True)
+                assert self._scalars is not None
+                self._scalars.flush_deferred(force=True)
         except RecorderError as exc:
             pending = exc
         finally:
-            assert self._writer is not None and self._store is not None
-            self._writer.close()
-            try:
-                self._store.close()
-            except Exception as exc:  # noqa: BLE001 - reported like any write failure
-                if self._writer.error is None:
-                    self._error = self._error or f"closing {fmt.HDF5_FILE} failed ({exc})"
-            if self._scalars_fh is not None:
-                try:
-                    self._scalars_fh.close()
-                except OSError:
-                    pass
-            try:
-                self._check_writer()
-            except RecorderError as exc:
-                pending = pending or exc
-            failed = crashed or self._failed or self._error is not None
-            self._status = fmt.STATUS_CRASHED if failed else fmt.STATUS_COMPLETE
-            try:
-                self._write_manifest()
-            except OSError as exc:
-                if pending is None and self.on_error == "raise" and not crashed:
-                    pending = RecorderError(f"{self.run_dir / fmt.MANIFEST}: cannot write ({exc})")
+            pending = self._close_storage(pending, crashed)
         if pending is not None and not crashed and self.on_error == "raise":
             raise pending
 
+    def _close_storage(self, pending: BaseException | None, crashed: bool) -> BaseException | None:
+        """Stop the writer, close the files and write the final manifest; the error to raise."""
+        assert self._writer is not None and self._store is not None
+        self._writer.close()
+        try:
+            self._store.close()
+        except Exception as exc:  # noqa: BLE001 - reported like any write failure
+            if self._writer.error is None:
+                self._error = self._error or f"closing {fmt.HDF5_FILE} failed ({exc})"
+        if self._scalars is not None:
+            self._scalars.close()
+        try:
+            self._check_writer()
+        except RecorderError as exc:
+            pending = pending or exc
+        failed = crashed or self._failed or self._error is not None
+        self._status = fmt.STATUS_CRASHED if failed else fmt.STATUS_COMPLETE
+        try:
+            self._write_manifest()
+        except OSError as exc:
+            if pending is None and self.on_error == "raise" and not crashed:
+                pending = RecorderError(f"{self.run_dir / fmt.MANIFEST}: cannot write ({exc})")
+        return pending
     # --- the per-step calls ---------------------------------------------------------------------
 
     def batch(self, batch: Any, *, loss: torch.Tensor | float | None = None,
@@ -483,10 +321,7 @@ class Recorder:
             if self.is_writer and not self._failed:
                 self._write_scalars(skipped=True)
             self._micro = []
-            self._step_fwd = None
-        if not self._micro:
-            self._step_fwd, self._step_fwd_training = self._fwd, self._fwd_training
-        self._fwd = None
+        self._capture.on_batch(first_of_step=not self._micro)
         if weight is not None and not (isinstance(weight, (int, float)) and math.isfinite(weight)):
             raise RecorderError(f"step {self.step}: weight={weight!r}: expected a finite number")
         if self.batch_fn is not None and not isinstance(batch, torch.Tensor):
@@ -500,36 +335,24 @@ class Recorder:
         # Only recorded steps keep a reference to the batch (it is copied at the step).
         keep = self.schedule(self.step)
         self._micro.append({"batch": batch if keep else None, "loss": loss, "weight": weight})
-
     def capture_forward_state(self) -> None:
         """Capture the RNG state and buffers now, as the state of the coming forward pass.
 
         The model's forward pre-hook does this by itself; call it (as the Lightning adapter does)
         when the loss is computed by a method other than the recorded model's ``forward``.
         """
-        if self._open and self._fwd is None and self.schedule(self.step):
-            self._fwd = self._forward_state(self.model)
-            self._fwd_training = self.model.training
+        if self._open and self._capture.pending is None and self.schedule(self.step):
+            self._capture.pending = capture_forward(self.model)
 
     # --- hooks ----------------------------------------------------------------------------------
-
-    def _forward_state(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        state = {fmt.RNG + "cpu": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            for i in range(torch.cuda.device_count()):
-                state[f"{fmt.RNG}cuda{i}"] = torch.cuda.get_rng_state(i)
-        for name, b in module.named_buffers():
-            state[fmt.BUFFER + name] = _cpu_copy(b)
-        return state
 
     def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
         # The first training forward since the last rec.batch() is the one whose dropout masks
         # and running statistics produced the coming micro-batch's loss; evaluation passes under
         # no_grad are ignored.
-        if self._fwd is None and torch.is_grad_enabled() and self.schedule(self.step):
+        if self._capture.pending is None and torch.is_grad_enabled() and self.schedule(self.step):
             t0, c0 = time.perf_counter(), time.thread_time()
-            self._fwd = self._forward_state(module)
-            self._fwd_training = module.training
+            self._capture.pending = capture_forward(module)
             self._timed(t0, c0)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
@@ -543,29 +366,19 @@ class Recorder:
         self._check_writer()
         if self._failed or not self.schedule(self.step):
             return None
-        # torch passes step()'s own args, `self` included: step(closure) arrives as (opt, closure).
-        closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if len(args) > 1 else None)
-        if not callable(closure):
+        closure = step_closure(args, kwargs)
+        if closure is None:
             self._capture_step()
             return None
-        # The gradient is computed inside step() by the closure: capture after its first call
-        # (later calls, e.g. LBFGS line search, evaluate other points).
-        done = [False]
+        # The gradient is computed inside step() by the closure: capture after its first call.
+        return with_capture_after_first_call(args, kwargs, closure, self._timed_capture_step)
 
-        def recorded_closure() -> Any:
-            result = closure()
-            if not done[0]:
-                done[0] = True
-                t0, c0 = time.perf_counter(), time.thread_time()
-                try:
-                    self._capture_step()
-                finally:
-                    self._timed(t0, c0)
-            return result
-
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": recorded_closure}
-        return (args[0], recorded_closure, *args[2:]), kwargs
+    def _timed_capture_step(self) -> None:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            self._capture_step()
+        finally:
+            self._timed(t0, c0)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -574,7 +387,7 @@ class Recorder:
                 self._write_scalars(skipped=False)
             self._micro = []
             self.step += 1
-            self._fwd = self._step_fwd = None
+            self._capture.clear()
             self._check_writer()
         finally:
             self._timed(t0, c0)
@@ -593,7 +406,7 @@ class Recorder:
                 "recorded step; call rec.batch(batch, loss=loss) before every optimizer.step()"
             )
         weights = self._weights()
-        micro = [{"batch": mb["batch"], "weight": w, "loss": _as_float(mb["loss"])}
+        micro = [{"batch": mb["batch"], "weight": w, "loss": as_float(mb["loss"])}
                  for mb, w in zip(self._micro, weights)]
         if self.world_size > 1:
             gathered = distributed.gather_micro_batches(micro)
@@ -606,46 +419,14 @@ class Recorder:
         """Copy the snapshot of ``step`` into a free slot and queue it for writing."""
         if self._failed or self._writer is None:
             return
-        tensors: list[tuple[str, torch.Tensor]] = [(fmt.PARAM + n, p) for n, p in self._params]
+        tensors: Entries = [(fmt.PARAM + n, p) for n, p in self._index.params]
         meta: dict[str, Any] = {"step": step, "kind": kind, "lr": self._lrs()}
-        keys = {k for k, _ in tensors}
         if kind == fmt.KIND_STEP:
             assert micro is not None
-            for name, p in self._trainable:
-                if p.grad is not None:
-                    if p.grad.layout != torch.strided:
-                        raise RecorderError(
-                            f"step {step}: gradient of {name!r} is sparse; not supported"
-                        )
-                    tensors.append((fmt.GRAD + name, p.grad))
-            as_micro = (self.accumulation > 1 or self.world_size > 1
-                        or any(mb["weight"] != 1.0 for mb in micro))
-            batch = [mb["batch"] for mb in micro] if as_micro else micro[0]["batch"]
-            tree, leaves = fmt.flatten_batch(batch)
-            tensors += [(f"{fmt.BATCH}{i}", leaf) for i, leaf in enumerate(leaves)]
-            meta["batch_tree"] = tree
-            losses = [mb["loss"] for mb in micro]
-            meta["loss"] = (None if any(v is None for v in losses)
-                            else math.fsum(mb["weight"] * mb["loss"] for mb in micro))
-            if as_micro:
-                meta["micro_batches"] = {"weights": [mb["weight"] for mb in micro],
-                                         "losses": losses}
-            if self.batch_fn is not None:
-                meta["batch_fn"] = self.batch_fn
-            fwd = self._step_fwd if self._step_fwd is not None else self._fwd
-            training = self._step_fwd_training if self._step_fwd is not None else self._fwd_training
-            meta["training"] = training if training is not None else self.model.training
-            if fwd is not None:
-                tensors += list(fwd.items())
-                meta["captured_at"] = "forward"
-            else:
-                meta["captured_at"] = "step"
-            if self.optimizer_state:
-                tensors += self._optimizer_state(meta)
-            keys = {k for k, _ in tensors}
-        for name, b in self.model.named_buffers():
-            if fmt.BUFFER + name not in keys:
-                tensors.append((fmt.BUFFER + name, b))
+            tensors += self._step_entries(step, micro, meta)
+        # Buffers not captured at the forward pass are stored as they are now.
+        keys = {k for k, _ in tensors}
+        tensors += [(fmt.BUFFER + n, b) for n, b in self.model.named_buffers() if fmt.BUFFER + n not in keys]
         t0 = time.perf_counter()
         slot = self._writer.pool.acquire()  # blocks while max_pending snapshots wait: back-pressure
         t1 = time.perf_counter()
@@ -661,18 +442,24 @@ class Recorder:
         st.bytes += image.size
         self._writer.submit(image)
 
-    def _optimizer_state(self, meta: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
-        out = []
-        scalars: dict[str, dict[str, Any]] = {}
-        for name, p in self._trainable:
-            for k, v in self.optimizer.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor):
-                    out.append((f"{fmt.OPTIM}{name}/{k}", v))
-                else:
-                    scalars.setdefault(name, {})[str(k)] = _jsonable(v)
-        if scalars:
-            meta["optimizer_scalars"] = scalars
-        return out
+    def _step_entries(self, step: int, micro: list[dict[str, Any]], meta: dict[str, Any]) -> Entries:
+        """A recorded step's entries besides x_t: g_t, z_t, the forward state, the optimizer state."""
+        tensors = gradient_entries(self._index.trainable, step)
+        as_micro = (self.accumulation > 1 or self.world_size > 1
+                    or any(mb["weight"] != 1.0 for mb in micro))
+        tensors += batch_entries(micro, as_micro, meta)
+        if self.batch_fn is not None:
+            meta["batch_fn"] = self.batch_fn
+        forward = self._capture.for_snapshot()
+        meta["training"] = forward.training if forward is not None else self.model.training
+        if forward is not None:
+            tensors += list(forward.tensors.items())
+            meta["captured_at"] = "forward"
+        else:
+            meta["captured_at"] = "step"
+        if self.optimizer_state:
+            tensors += optimizer_state_entries(self.optimizer, self._index.trainable, meta)
+        return tensors
 
     # --- scalars ------------------------------------------------------------------------------------
 
@@ -690,48 +477,8 @@ class Recorder:
         if self.accumulation > 1:
             line["micro_batches"] = len(self._micro)
         weights = self._weights() if self._micro else []
-        parts = [(w, mb["loss"]) for w, mb in zip(weights, self._micro)]
-        if any(isinstance(v, torch.Tensor) and v.device.type == "cuda" for _, v in parts):
-            # Do not stall the GPU pipeline for a log line: copy the losses back without
-            # blocking and write the line once the copy has landed.
-            host = []
-            for w, v in parts:
-                if isinstance(v, torch.Tensor):
-                    h = torch.empty((), dtype=v.dtype, pin_memory=True)
-                    h.copy_(v.detach().reshape(()), non_blocking=True)
-                    v = h
-                host.append((w, v))
-            event = torch.cuda.Event()
-            event.record()
-            self._deferred.append((line, host, event))
-            self._flush_deferred(force=len(self._deferred) >= _DEFER_LIMIT)
-            return
-        self._flush_deferred(force=True)
-        line["loss"] = self._combine(parts)
-        self._emit(line)
-
-    @staticmethod
-    def _combine(parts: list[tuple[float, Any]]) -> float | None:
-        if not parts or any(v is None for _, v in parts):
-            return None
-        return math.fsum(w * _as_float(v) for w, v in parts)  # type: ignore[operator]
-
-    def _flush_deferred(self, *, force: bool) -> None:
-        while self._deferred:
-            line, parts, event = self._deferred[0]
-            if not force and not event.query():
-                return
-            event.synchronize()
-            line["loss"] = self._combine(parts)
-            self._deferred.pop(0)
-            self._emit(line)
-
-    def _emit(self, line: dict[str, Any]) -> None:
-        try:
-            self._scalars_fh.write(json.dumps(line, allow_nan=True) + "\n")
-            self._scalars_fh.flush()
-        except OSError as exc:
-            self._fail(f"step {line['step']}: writing {fmt.SCALARS} failed ({exc.strerror or exc})", exc)
+        assert self._scalars is not None  # only the writing rank writes scalars
+        self._scalars.add(line, [(w, mb["loss"]) for w, mb in zip(weights, self._micro)])
 
     # --- errors -------------------------------------------------------------------------------------
 
@@ -759,55 +506,6 @@ class Recorder:
             stacklevel=4,
         )
 
-    # --- manifest -----------------------------------------------------------------------------------
-
     def _write_manifest(self) -> None:
-        groups = []
-        for names, group in zip(self._group_names, self.optimizer.param_groups):
-            hyper = {k: _jsonable(v) for k, v in group.items() if k != "params"}
-            groups.append({"params": names, **hyper})
-        trainable = {n for n, _ in self._trainable}
-        libraries = {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "safetensors": getattr(safetensors, "__version__", "unknown"),
-        }
-        if self.format == fmt.STORAGE_HDF5:
-            import h5py
-
-            libraries["h5py"] = h5py.__version__
-            libraries["hdf5"] = h5py.version.hdf5_version
-        manifest = {
-            "format_version": fmt.FORMAT_VERSION,
-            "trajscope_version": _VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "libraries": libraries,
-            "objective": self.objective,
-            "storage": self.format,
-            "schedule": self.schedule.to_json(),
-            "accumulation": {"micro_batches": self.accumulation,
-                             "reduction": self.accumulation_reduction},
-            "batch_fn": self.batch_fn,
-            "optimizer_state": self.optimizer_state,
-            "distributed": {"world_size": self.world_size, "writer_rank": 0},
-            "params": [
-                {"name": n, "shape": list(p.shape), "dtype": dtype_name(p.dtype),
-                 "trainable": n in trainable}
-                for n, p in self._params
-            ],
-            "buffers": [
-                {"name": n, "shape": list(b.shape), "dtype": dtype_name(b.dtype)}
-                for n, b in self.model.named_buffers()
-            ],
-            "optimizer": {
-                "class": f"{type(self.optimizer).__module__}.{type(self.optimizer).__qualname__}",
-                "param_groups": groups,
-            },
-            "status": self._status,
-            "error": self._error,
-            "num_steps": self.step,
-            "final_step": self.step if self._status == fmt.STATUS_COMPLETE else None,
-            "metadata": self.metadata,
-        }
+        manifest = build_manifest(self, self._index, status=self._status, error=self._error)
         fmt.atomic_write_json(self.run_dir / fmt.MANIFEST, manifest)

@@ -24,8 +24,8 @@ N_IN, N_HID, N_OUT = 8, 16, 3
 
 @pytest.fixture(autouse=True)
 def one_torch_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: intra-op threads only add contention (measured
-    100x slower under load), so the recorder tests run torch single-threaded."""
+    """Tiny models: intra-op threads only add contention on a shared machine, so the recorder tests
+    run torch single-threaded."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

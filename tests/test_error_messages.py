@@ -3,8 +3,8 @@
 exit 1 with one ``trajscope: error:`` line, a traceback only with ``--debug``, exit 2 for usage.
 
 NaN/Inf and zero-length updates are in test_nan.py, hostile input in test_hostile.py, damage that
-costs only its pairs in test_validate.py. Two analyses at once and SIGKILL-then-resume belong to
-the analysis scheduling work (issue 4).
+costs only its pairs in test_validate.py. Two analyses at once and SIGKILL-then-resume are in
+test_resume.py.
 """
 
 from __future__ import annotations

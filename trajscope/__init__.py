@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from trajscope._version import VERSION as __version__
 
 _LAZY = {
     "Recorder": "trajscope.recorders",

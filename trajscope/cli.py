@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import click
 
+from trajscope import format as fmt
 from trajscope.errors import TrajscopeError, one_line
 
 _RUN_DIR = click.Path(file_okay=True, dir_okay=True, path_type=str)
@@ -33,22 +34,29 @@ def cli() -> None:
     """
 
 
-_LOCAL_SCHEDULERS = ("synchronous", "threads", "processes")  # as trajscope.execution (kept light)
-
-
 def _check_scheduler(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if value in _LOCAL_SCHEDULERS or "://" in value:
-        return value
-    raise click.BadParameter(
-        f"{value!r}: expected synchronous, threads, processes or a dask.distributed address such "
-        "as tcp://host:8786"
-    )
+    # Imported here: trajscope.execution pulls in dask, which `trajscope --help` must not pay for.
+    from trajscope.errors import AnalysisError
+    from trajscope.execution import check_scheduler
+
+    try:
+        check_scheduler(value)
+    except AnalysisError:
+        raise click.BadParameter(
+            f"{value!r}: expected synchronous, threads, processes or a dask.distributed address such "
+            "as tcp://host:8786"
+        ) from None
+    return value
 
 
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if value in ("cpu", "cuda", "auto") or (value.startswith("cuda:") and value[5:].isdigit()):
-        return value
-    raise click.BadParameter(f"{value!r}: expected cpu, cuda, cuda:N or auto")
+    from trajscope.errors import AnalysisError
+    from trajscope.execution import check_device
+
+    try:
+        return check_device(value)
+    except AnalysisError:
+        raise click.BadParameter(f"{value!r}: expected cpu, cuda, cuda:N or auto") from None
 
 
 @cli.command()
@@ -102,7 +110,7 @@ def analyze(run_dir: str, objective: str | None, points: int, margin: float, dev
                       sharpness=sharpness, reference=reference, force=force,
                       progress=None if not quiet else False)
     if not quiet:
-        click.echo(f"wrote {run_dir.rstrip('/')}/analysis/metrics.nc")
+        click.echo(f"wrote {run_dir.rstrip('/')}/{fmt.ANALYSIS_DIR}/{fmt.METRICS_FILE}")
         click.echo(format_headline(headline(ds)))
 
 

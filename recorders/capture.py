@@ -1,0 +1,208 @@
+"""What the recorder copies, and when: the parameters it names, the state of a step's forward pass,
+and the entries of a step's snapshot.
+
+A recorded step's snapshot holds x_t, g_t and the minibatch z_t, and, when the model's forward
+pass was seen, the RNG state and buffers as they were when that forward pass began (what dropout
+and BatchNorm used). The forward pass runs before ``rec.batch(...)`` names its minibatch, so the
+forward state is held as *pending* until ``rec.batch`` adopts it for the step; see
+:class:`StepCapture`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trajscope import format as fmt
+from trajscope.errors import RecorderError
+from trajscope.recorders.manifest import jsonable
+from trajscope.recorders.storage import dtype_name
+
+__all__ = [
+    "ParamIndex",
+    "ForwardState",
+    "StepCapture",
+    "capture_forward",
+    "cpu_copy",
+    "as_float",
+    "unwrap_model",
+    "gradient_entries",
+    "batch_entries",
+    "optimizer_state_entries",
+]
+
+Entries = list[tuple[str, torch.Tensor]]
+"""Snapshot entries: (tensor key, tensor) in the order they are stored."""
+
+
+def cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """A fresh contiguous CPU copy of ``t``."""
+    # copy=True guarantees a fresh tensor even on CPU: the optimizer updates x and g in place next.
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def as_float(loss: Any) -> float | None:
+    """A loss as a Python float (None stays None)."""
+    if loss is None:
+        return None
+    if isinstance(loss, torch.Tensor):
+        return float(loss.detach().item())  # full precision: a float64 loss stays exact
+    return float(loss)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose parameter names the analyzer's objective uses (DDP/DataParallel unwrapped)."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+@dataclass
+class ParamIndex:
+    """The model's parameters by ``named_parameters`` name, as the optimizer groups them.
+
+    Attributes:
+        params: every parameter of the model, recorded at every snapshot.
+        trainable: the parameters some optimizer group updates and that require grad (each once):
+            those whose gradient a step's snapshot stores.
+        group_names: the parameter names of each optimizer param group, in group order.
+    """
+
+    params: list[tuple[str, torch.nn.Parameter]]
+    trainable: list[tuple[str, torch.nn.Parameter]]
+    group_names: list[list[str]]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> ParamIndex:
+        """Index ``model``'s parameters; every tensor the optimizer updates must be one of them."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        trainable: list[tuple[str, torch.nn.Parameter]] = []
+        group_names: list[list[str]] = []
+        seen: set[int] = set()
+        for gi, group in enumerate(optimizer.param_groups):
+            gnames = []
+            for p in group["params"]:
+                if id(p) not in names:
+                    raise RecorderError(
+                        f"optimizer param group {gi} holds a tensor of shape {tuple(p.shape)} "
+                        "that is not a parameter of the model; the recorder names tensors by "
+                        "model.named_parameters()"
+                    )
+                gnames.append(names[id(p)])
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    trainable.append((names[id(p)], p))
+            group_names.append(gnames)
+        return cls(list(model.named_parameters()), trainable, group_names)
+
+    def declared(self, model: torch.nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
+        """Tensors with a fixed shape for the whole run, as (key, dtype, shape): an HDF5 dataset each."""
+        out = [(fmt.PARAM + n, dtype_name(p.dtype), tuple(p.shape)) for n, p in self.params]
+        out += [(fmt.GRAD + n, dtype_name(p.dtype), tuple(p.shape)) for n, p in self.trainable]
+        out += [(fmt.BUFFER + n, dtype_name(b.dtype), tuple(b.shape)) for n, b in model.named_buffers()]
+        return out
+
+
+@dataclass
+class ForwardState:
+    """The state a forward pass began with: what its dropout masks and running statistics used.
+
+    Attributes:
+        tensors: ``rng/cpu`` (and ``rng/cuda<i>`` for each initialised CUDA device) and a copy of
+            every buffer as ``buffer/<name>``, keyed as in the snapshot.
+        training: the module's ``training`` flag at that moment.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    training: bool
+
+
+def capture_forward(module: torch.nn.Module) -> ForwardState:
+    """Copy the RNG states and ``module``'s buffers now (they are not modified)."""
+    tensors = {fmt.RNG + "cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i in range(torch.cuda.device_count()):
+            tensors[f"{fmt.RNG}cuda{i}"] = torch.cuda.get_rng_state(i)
+    for name, b in module.named_buffers():
+        tensors[fmt.BUFFER + name] = cpu_copy(b)
+    return ForwardState(tensors, module.training)
+
+
+@dataclass
+class StepCapture:
+    """The forward states held for the optimizer step being recorded.
+
+    Attributes:
+        pending: captured at the first training forward pass since the last ``rec.batch(...)``;
+            it belongs to the micro-batch that the next ``rec.batch`` names.
+        of_step: the forward state of the step's first micro-batch, adopted from ``pending`` by
+            the step's first ``rec.batch``: the state the snapshot stores.
+    """
+
+    pending: ForwardState | None = None
+    of_step: ForwardState | None = None
+
+    def on_batch(self, first_of_step: bool) -> None:
+        """``rec.batch`` named a micro-batch: the pending state is now its (or dropped)."""
+        if first_of_step:
+            self.of_step = self.pending
+        self.pending = None
+
+    def for_snapshot(self) -> ForwardState | None:
+        """The state to store with the step: the step's own, else one captured since its batch."""
+        return self.of_step if self.of_step is not None else self.pending
+
+    def clear(self) -> None:
+        """The step was taken: nothing captured so far belongs to the next one."""
+        self.pending = self.of_step = None
+
+
+def gradient_entries(trainable: list[tuple[str, torch.nn.Parameter]], step: int) -> Entries:
+    """``grad/<name>`` of every trainable parameter that has a gradient (dense only)."""
+    out: Entries = []
+    for name, p in trainable:
+        if p.grad is not None:
+            if p.grad.layout != torch.strided:
+                raise RecorderError(f"step {step}: gradient of {name!r} is sparse; not supported")
+            out.append((fmt.GRAD + name, p.grad))
+    return out
+
+
+def batch_entries(micro: list[dict[str, Any]], as_micro: bool, meta: dict[str, Any]) -> Entries:
+    """``batch/<i>`` leaves of the step's minibatch (the list of micro-batches when ``as_micro``).
+
+    Sets ``meta["batch_tree"]``, ``meta["loss"]`` (f = Σ w_i · f_i over the micro-batches, None
+    when a loss is missing) and, when ``as_micro``, ``meta["micro_batches"]``.
+    """
+    batch = [mb["batch"] for mb in micro] if as_micro else micro[0]["batch"]
+    tree, leaves = fmt.flatten_batch(batch)
+    meta["batch_tree"] = tree
+    losses = [mb["loss"] for mb in micro]
+    meta["loss"] = (None if any(v is None for v in losses)
+                    else math.fsum(mb["weight"] * mb["loss"] for mb in micro))
+    if as_micro:
+        meta["micro_batches"] = {"weights": [mb["weight"] for mb in micro], "losses": losses}
+    return [(f"{fmt.BATCH}{i}", leaf) for i, leaf in enumerate(leaves)]
+
+
+def optimizer_state_entries(optimizer: torch.optim.Optimizer, trainable: list[tuple[str, torch.nn.Parameter]],
+                            meta: dict[str, Any]) -> Entries:
+    """``optim/<name>/<key>`` of each tensor in the optimizer's per-parameter state.
+
+    Non-tensor state (e.g. a step count) goes to ``meta["optimizer_scalars"]`` as JSON.
+    """
+    out: Entries = []
+    scalars: dict[str, dict[str, Any]] = {}
+    for name, p in trainable:
+        for k, v in optimizer.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                out.append((f"{fmt.OPTIM}{name}/{k}", v))
+            else:
+                scalars.setdefault(name, {})[str(k)] = jsonable(v)
+    if scalars:
+        meta["optimizer_scalars"] = scalars
+    return out

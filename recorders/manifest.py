@@ -1,0 +1,134 @@
+"""The run's manifest (``trajscope.json``) as the recorder writes it, and the JSON helpers it needs.
+
+The manifest describes the whole run: where the objective lives, the schedule, the parameters and
+buffers with their shapes and dtypes, the optimizer's hyperparameters, and the run's status. The
+recorder rewrites it at start, when recording fails, and at close.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import safetensors
+import torch
+
+from trajscope import format as fmt
+from trajscope._version import VERSION
+from trajscope.errors import RecorderError
+from trajscope.recorders.storage import dtype_name
+
+if TYPE_CHECKING:
+    from trajscope.recorders.capture import ParamIndex
+    from trajscope.recorders.recorder import Recorder
+
+__all__ = ["objective_name", "jsonable", "library_versions", "build_manifest"]
+
+
+def objective_name(objective: str | Callable[..., Any] | None, what: str = "objective") -> str | None:
+    """The ``module:function`` string stored in the manifest for ``objective``.
+
+    A function defined in a script run as ``python path/train.py`` lives in ``__main__``; it is
+    stored under the script's file stem (``train:make_objective``), which the analyzer can import
+    when run from the script's directory.
+    """
+    if objective is None:
+        return None
+    if isinstance(objective, str):
+        mod, sep, fn = objective.partition(":")
+        if not sep or not mod or not fn:
+            raise RecorderError(f"{what}={objective!r}: expected 'module:function'")
+        return objective
+    if callable(objective):
+        mod = getattr(objective, "__module__", None)
+        qual = getattr(objective, "__qualname__", None)
+        if not mod or not qual or "<locals>" in qual or "<lambda>" in qual:
+            raise RecorderError(
+                f"{what}={objective!r}: a callable {what} must be a module-level function "
+                "so the analyzer can import it; pass 'module:function' instead"
+            )
+        if mod == "__main__":
+            main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+            if main_file:
+                mod = Path(main_file).stem
+        return f"{mod}:{qual}"
+    raise RecorderError(f"{what}={objective!r}: expected 'module:function' or a function")
+
+
+def jsonable(value: Any) -> Any:
+    """Optimizer hyperparameters as JSON (tensors to numbers, tuples to lists, rest as repr)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+def library_versions(storage: str) -> dict[str, str]:
+    """Versions of the libraries that wrote the run (h5py and HDF5 only for an HDF5 run)."""
+    libraries = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "safetensors": getattr(safetensors, "__version__", "unknown"),
+    }
+    if storage == fmt.STORAGE_HDF5:
+        import h5py  # only here: a safetensors run never imports h5py
+
+        libraries["h5py"] = h5py.__version__
+        libraries["hdf5"] = h5py.version.hdf5_version
+    return libraries
+
+
+def build_manifest(rec: Recorder, index: ParamIndex, *, status: str, error: str | None) -> dict[str, Any]:
+    """The manifest of ``rec``'s run as it stands now (``num_steps``: steps taken so far)."""
+    groups = []
+    for names, group in zip(index.group_names, rec.optimizer.param_groups):
+        hyper = {k: jsonable(v) for k, v in group.items() if k != "params"}
+        groups.append({"params": names, **hyper})
+    trainable = {n for n, _ in index.trainable}
+    optimizer_class = type(rec.optimizer)
+    return {
+        "format_version": fmt.FORMAT_VERSION,
+        "trajscope_version": VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "libraries": library_versions(rec.format),
+        "objective": rec.objective,
+        "storage": rec.format,
+        "schedule": rec.schedule.to_json(),
+        "accumulation": {"micro_batches": rec.accumulation,
+                         "reduction": rec.accumulation_reduction},
+        "batch_fn": rec.batch_fn,
+        "optimizer_state": rec.optimizer_state,
+        "distributed": {"world_size": rec.world_size, "writer_rank": 0},
+        "params": [
+            {"name": n, "shape": list(p.shape), "dtype": dtype_name(p.dtype),
+             "trainable": n in trainable}
+            for n, p in index.params
+        ],
+        "buffers": [
+            {"name": n, "shape": list(b.shape), "dtype": dtype_name(b.dtype)}
+            for n, b in rec.model.named_buffers()
+        ],
+        "optimizer": {
+            "class": f"{optimizer_class.__module__}.{optimizer_class.__qualname__}",
+            "param_groups": groups,
+        },
+        "status": status,
+        "error": error,
+        "num_steps": rec.step,
+        "final_step": rec.step if status == fmt.STATUS_COMPLETE else None,
+        "metadata": rec.metadata,
+    }

@@ -1,0 +1,94 @@
+"""``scalars.jsonl``: one JSON line per optimizer step (loss, learning rates, skipped, recorded).
+
+A line's loss is f = Σ w_i · f_i over the step's micro-batches. When those losses are CUDA tensors,
+reading them would wait for the GPU; the log copies them to pinned host memory without blocking and
+writes the line once the copy has landed (at most :data:`DEFER_LIMIT` lines wait).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trajscope import format as fmt
+from trajscope.recorders.capture import as_float
+
+__all__ = ["ScalarsLog", "DEFER_LIMIT", "combine_losses"]
+
+DEFER_LIMIT = 64
+"""Lines kept back while their GPU losses are copied to the host without blocking."""
+
+WeightedLosses = list[tuple[float, Any]]
+"""(weight w_i, loss f_i) of each micro-batch; a loss is a tensor, a number or None."""
+
+
+def combine_losses(parts: WeightedLosses) -> float | None:
+    """f = Σ w_i · f_i (exactly rounded), or None when there is no loss or one is missing."""
+    if not parts or any(v is None for _, v in parts):
+        return None
+    return math.fsum(w * as_float(v) for w, v in parts)  # type: ignore[operator]
+
+
+class ScalarsLog:
+    """Appends the lines of ``scalars.jsonl``; a failed write is passed to ``on_error``.
+
+    Args:
+        path: the file (opened for appending).
+        on_error: called with a one-line message and the ``OSError`` when a write fails.
+    """
+
+    def __init__(self, path: Path, on_error: Callable[[str, BaseException], None]) -> None:
+        self._fh: Any = open(path, "a", encoding="utf-8")
+        self._on_error = on_error
+        self._deferred: list[tuple[dict[str, Any], WeightedLosses, Any]] = []
+
+    def add(self, line: dict[str, Any], parts: WeightedLosses) -> None:
+        """Write ``line`` with ``loss`` set from ``parts`` (later, if the losses are on a GPU)."""
+        if any(isinstance(v, torch.Tensor) and v.device.type == "cuda" for _, v in parts):
+            # Do not stall the GPU pipeline for a log line: copy the losses back without
+            # blocking and write the line once the copy has landed.
+            host = []
+            for w, v in parts:
+                if isinstance(v, torch.Tensor):
+                    h = torch.empty((), dtype=v.dtype, pin_memory=True)
+                    h.copy_(v.detach().reshape(()), non_blocking=True)
+                    v = h
+                host.append((w, v))
+            event = torch.cuda.Event()
+            event.record()
+            self._deferred.append((line, host, event))
+            self.flush_deferred(force=len(self._deferred) >= DEFER_LIMIT)
+            return
+        self.flush_deferred(force=True)
+        line["loss"] = combine_losses(parts)
+        self._emit(line)
+
+    def flush_deferred(self, *, force: bool) -> None:
+        """Write the kept-back lines whose losses have landed (all of them, waiting, if ``force``)."""
+        while self._deferred:
+            line, parts, event = self._deferred[0]
+            if not force and not event.query():
+                return
+            event.synchronize()
+            line["loss"] = combine_losses(parts)
+            self._deferred.pop(0)
+            self._emit(line)
+
+    def close(self) -> None:
+        """Close the file (a failure to close is ignored: every line was flushed when written)."""
+        try:
+            self._fh.close()
+        except OSError:
+            pass
+
+    def _emit(self, line: dict[str, Any]) -> None:
+        try:
+            self._fh.write(json.dumps(line, allow_nan=True) + "\n")
+            self._fh.flush()
+        except OSError as exc:
+            self._on_error(f"step {line['step']}: writing {fmt.SCALARS} failed ({exc.strerror or exc})", exc)
