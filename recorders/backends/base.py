@@ -6,9 +6,12 @@ is one module of this package holding its reader (a :class:`Storage` subclass, r
 snapshot, ``(metadata, {key: CPU tensor})``; :func:`trajscope.snapshot.snapshot_from_raw` builds
 the :class:`~trajscope.snapshot.Snapshot` from it, the same way for every format.
 
-The dtype table is :data:`trajscope.format.DTYPES` (torch dtype name → safetensors code, element
-size, same-width integer view); it lives in :mod:`trajscope.format`, which the format's readers and
-the recorder both import, and this module derives the torch/numpy views from it.
+The one dtype table is :data:`trajscope.format.DTYPES` (torch dtype name → safetensors code,
+element size, same-width integer view), re-exported here as :data:`DTYPES`; the backends and the
+recorder's copy path derive their torch/numpy/HDF5 maps from it. It is defined in
+:mod:`trajscope.format` because that module encodes safetensors headers with it and must stay
+importable without torch and without this package (importing anything under
+``trajscope.recorders`` runs the recorder package, which imports :mod:`trajscope.format`).
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ __all__ = [
     "DIRECT_IO_ALIGN",
     "DTYPES",
     "STORAGES",
+    "Raw",
     "Storage",
     "bits_dtype",
     "dtype_name",
     "int_view",
     "read_raw",
     "register",
+    "stat_path",
 ]
 
 DTYPES = fmt.DTYPES
