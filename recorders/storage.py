@@ -1,4 +1,7 @@
-"""The recorder's write path: snapshot images, a bounded buffer pool, storage writers, a writer thread.
+"""The recorder's write path: snapshot images, a bounded buffer pool, a writer thread.
+
+The writers of each storage format live in :mod:`trajscope.recorders.backends`; this module is
+what every format shares.
 
 Why it is shaped this way (see ``docs/recording.md`` and ``docs/performance.md``):
 
@@ -6,8 +9,8 @@ Why it is shaped this way (see ``docs/recording.md`` and ``docs/performance.md``
   thread copies each tensor exactly once, straight into its final place in a preallocated buffer
   (a :class:`Slot`) laid out as the step's safetensors file (header included). The background
   writer then hands that buffer to the OS in one write, with ``O_DIRECT`` where the filesystem
-  allows it: a buffered write costs a second full copy into the page cache (on the 2-core machine
-  this was measured at ~30 ms of CPU for 15 MB, against ~1 ms for the direct write).
+  allows it: a buffered write costs a second full copy into the page cache (measurements in
+  ``docs/performance.md``).
 * Copies happen on the training thread, before ``optimizer.step`` mutates anything, so recording
   cannot change training; only I/O moves to the background thread.
 * The pool holds ``max_pending`` slots. When all are waiting to be written, the training thread
@@ -21,13 +24,11 @@ Only torch, numpy and the standard library are imported here; h5py only when an 
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ import torch
 
 from trajscope import format as fmt
 from trajscope.errors import RecorderError
+from trajscope.recorders.backends.base import DIRECT_IO_ALIGN, DTYPES, bits_dtype, dtype_name
+from trajscope.recorders.backends.hdf5 import HDF5Writer  # re-exported: the recorder imports it here
+from trajscope.recorders.backends.safetensors import SafetensorsWriter  # re-exported, as HDF5Writer
 
 __all__ = [
     "Entry",
@@ -50,29 +54,14 @@ __all__ = [
     "dtype_name",
 ]
 
-_ALIGN = 4096  # O_DIRECT needs the buffer address, length and file offset aligned to the block size
+_ALIGN = DIRECT_IO_ALIGN
 
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` → ``"float32"``: the dtype names of the manifest and the format."""
-    return str(dtype).removeprefix("torch.")
-
-
-# numpy has no bfloat16 or float8: such tensors are copied through a same-width integer view.
+# Tensors are copied through their bits (numpy has no bfloat16 or float8): the same-width integer
+# views of trajscope.format.DTYPES, as torch dtypes (source side) and numpy dtypes (slot side).
 _COPY_VIEW: dict[torch.dtype, torch.dtype] = {
-    torch.bfloat16: torch.int16,
-    torch.float16: torch.int16,
-    torch.float8_e4m3fn: torch.uint8,
-    torch.float8_e5m2: torch.uint8,
-    torch.bool: torch.uint8,
+    getattr(torch, name): getattr(torch, view) for name, (_, _, view) in DTYPES.items() if view is not None
 }
-_NP_VIEW: dict[str, Any] = {
-    "float64": np.float64, "int64": np.int64, "uint64": np.uint64,
-    "float32": np.float32, "int32": np.int32, "uint32": np.uint32,
-    "float16": np.int16, "bfloat16": np.int16, "int16": np.int16, "uint16": np.uint16,
-    "int8": np.int8, "uint8": np.uint8, "bool": np.uint8,
-    "float8_e4m3fn": np.uint8, "float8_e5m2": np.uint8,
-}
+_NP_VIEW: dict[str, Any] = {name: bits_dtype(name).type for name in DTYPES}
 
 
 @dataclass(frozen=True)
@@ -127,7 +116,7 @@ class StepImage:
 class Slot:
     """A reusable, page-aligned host buffer holding one step image.
 
-    Reusing the buffer matters as much as avoiding copies: a fresh 15 MB allocation per step costs
+    Reusing the buffer matters as much as avoiding copies: a fresh multi-megabyte allocation per step costs
     page faults that are slower than the copy itself. It grows (never shrinks) when a step needs
     more room, e.g. a larger batch.
     """
@@ -174,7 +163,7 @@ def _copy_into(slot: Slot, e: Entry, src: torch.Tensor) -> bool:
     """Copy ``src`` into its place ``e`` in the slot. True if the copy may still be in flight.
 
     CPU tensors are copied by numpy (single-threaded memcpy, GIL released): torch's parallel copy
-    fights the background thread for cores and was measured several times slower under load.
+    fights the background thread for cores and is slower under load (``docs/performance.md``).
     GPU tensors go to pinned memory without blocking (the writer waits on an event).
     """
     src = src.detach()
@@ -228,209 +217,6 @@ def build_image(slot: Slot, step: int, kind: str, meta: dict[str, Any],
         event.record()
     return StepImage(step=step, kind=kind, meta=meta, slot=slot, header_len=h, size=size,
                      entries=entries, event=event)
-
-
-# --- writers ---------------------------------------------------------------------------------------
-
-
-class SafetensorsWriter:
-    """One file per snapshot, ``steps/step_XXXXXXXX.safetensors``, written to a temp name and renamed.
-
-    A reader, or a process killed mid-write, sees either no file or the complete one. Data goes out
-    with ``O_DIRECT`` (no page-cache copy) when ``direct_io`` allows and the filesystem supports it,
-    else through an ordinary buffered write.
-    """
-
-    def __init__(self, run_dir: Path, *, direct_io: bool | None = None,
-                 steps_dir: Path | None = None) -> None:
-        self.dir = steps_dir if steps_dir is not None else run_dir / fmt.STEPS_DIR
-        self.dir.mkdir(parents=True, exist_ok=True)
-        # None: try O_DIRECT and fall back silently; False: never; True: try, fall back too (some
-        # filesystems, tmpfs among them, reject it), but the attempt is what the user asked for.
-        self._direct = bool(getattr(os, "O_DIRECT", 0)) and direct_io is not False
-
-    def path(self, step: int) -> Path:
-        return self.dir / fmt.step_filename(step)
-
-    def write(self, image: StepImage) -> Path:
-        path = self.path(image.step)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        data = image.view()
-        try:
-            if not (self._direct and self._write_direct(tmp, data)):
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                try:
-                    _write_all(fd, data)
-                finally:
-                    os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            with _suppress_oserror():
-                tmp.unlink()
-            raise
-        return path
-
-    def _write_direct(self, tmp: Path, data: memoryview) -> bool:
-        """Write ``data`` with O_DIRECT; False (nothing written) where the filesystem refuses it."""
-        n_aligned = len(data) - len(data) % _ALIGN
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-        except OSError as exc:
-            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
-                self._direct = False
-                return False
-            raise
-        try:
-            done = 0
-            while done < n_aligned:
-                try:
-                    done += os.write(fd, data[done:n_aligned])
-                except OSError as exc:
-                    if exc.errno == errno.EINVAL and done == 0:  # alignment stricter than 4 KiB
-                        self._direct = False
-                        return False
-                    raise
-            if n_aligned < len(data):
-                import fcntl
-
-                # The tail is shorter than a block: finish it with a buffered write.
-                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-                fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
-                _write_all(fd, data[n_aligned:])
-        finally:
-            os.close(fd)
-        return True
-
-    def close(self) -> None:
-        pass
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data):]
-
-
-class _suppress_oserror:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        return exc_type is not None and issubclass(exc_type, OSError)
-
-
-_H5_STORE: dict[str, str] = {
-    # torch dtype → how HDF5 stores it. float16/bfloat16/float8 and bool keep their exact bits in
-    # an unsigned integer of the same width; the dataset's "dtype" attribute names the real type.
-    "float64": "<f8", "float32": "<f4", "int64": "<i8", "int32": "<i4", "int16": "<i2",
-    "int8": "i1", "uint8": "u1", "uint16": "<u2", "uint32": "<u4", "uint64": "<u8",
-    "float16": "<u2", "bfloat16": "<u2", "bool": "u1", "float8_e4m3fn": "u1", "float8_e5m2": "u1",
-}
-_H5_MAX_ROW = 1 << 30  # a row is one HDF5 chunk (limit 4 GiB); larger tensors go to the blob
-
-
-class HDF5Writer:
-    """The HDF5 storage (``trajectory.h5``, layout in ``docs/format-hdf5.md``).
-
-    Every tensor declared when the file is created (parameters, gradients, buffers) gets an
-    extendable dataset ``<kind>/<name>`` of shape ``(rows, *shape)``, chunked one row per chunk;
-    a snapshot is one row, written as a raw chunk. Everything of variable layout (minibatch, RNG
-    state, optimizer state, a tensor whose shape changed) goes to the 1-D byte dataset ``blob``
-    with a table of contents in the row's JSON metadata (dataset ``meta``). ``index/step`` is
-    appended last and the file flushed: a row exists for readers once ``index/step`` covers it.
-
-    The file is in SWMR mode (single writer, multiple readers): readers can open it while training
-    runs, and a writer killed at any moment leaves a file that opens (with ``swmr=True``) with every
-    flushed row intact. SWMR forbids creating objects later, hence the fixed declared set.
-    """
-
-    def __init__(self, path: Path, declared: Iterable[tuple[str, str, tuple[int, ...]]],
-                 attrs: dict[str, Any]) -> None:
-        import h5py
-
-        self.path = path
-        self._f = h5py.File(path, "w", libver="latest")
-        f = self._f
-        for k, v in attrs.items():
-            f.attrs[k] = v
-        self._ds: dict[str, tuple[Any, str, tuple[int, ...]]] = {}
-        for key, dtype, shape in declared:
-            if dtype not in _H5_STORE:
-                continue
-            n = fmt.SAFETENSORS_DTYPES[dtype][1]
-            for s in shape:
-                n *= s
-            if n == 0 or n > _H5_MAX_ROW or key in self._ds:
-                continue
-            d = f.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape),
-                                 chunks=(1, *shape), dtype=_H5_STORE[dtype])
-            d.attrs["dtype"] = dtype
-            self._ds[key] = (d, dtype, tuple(shape))
-        self._blob = f.create_dataset("blob", shape=(0,), maxshape=(None,), chunks=(1 << 18,),
-                                      dtype="u1")
-        self._meta = f.create_dataset("meta", shape=(0,), maxshape=(None,), chunks=(1 << 16,),
-                                      dtype="u1")
-        self._i_step = f.create_dataset("index/step", shape=(0,), maxshape=(None,),
-                                        chunks=(4096,), dtype="<i8")
-        self._i_meta = f.create_dataset("index/meta", shape=(0, 2), maxshape=(None, 2),
-                                        chunks=(4096, 2), dtype="<i8")
-        self._i_blob = f.create_dataset("index/blob", shape=(0, 2), maxshape=(None, 2),
-                                        chunks=(4096, 2), dtype="<i8")
-        f.swmr_mode = True
-        f.flush()
-        self._rows = 0
-        self._blob_end = 0
-        self._meta_end = 0
-
-    def write(self, image: StepImage) -> Path:
-        row = self._rows
-        rows: list[str] = []
-        blob_entries: list[Entry] = []
-        for e in image.entries:
-            declared = self._ds.get(e.key)
-            if declared is not None and declared[1] == e.dtype and declared[2] == e.shape:
-                d = declared[0]
-                if d.shape[0] <= row:
-                    d.resize(row + 1, axis=0)
-                d.id.write_direct_chunk((row,) + (0,) * len(e.shape), image.array(e))
-                rows.append(e.key)
-            else:
-                blob_entries.append(e)
-        toc: dict[str, list[Any]] = {}
-        b0 = pos = self._blob_end
-        total = sum(e.end - e.begin for e in blob_entries)
-        if total:
-            self._blob.resize(b0 + total, axis=0)
-            for e in blob_entries:
-                n = e.end - e.begin
-                if n:
-                    self._blob[pos : pos + n] = image.array(e)
-                toc[e.key] = [e.dtype, list(e.shape), pos - b0, n]
-                pos += n
-        else:
-            for e in blob_entries:
-                toc[e.key] = [e.dtype, list(e.shape), 0, 0]
-        meta = dict(image.meta)
-        meta["hdf5"] = {"rows": rows, "blob": toc}
-        mbytes = np.frombuffer(json.dumps(meta, allow_nan=True, separators=(",", ":")).encode(),
-                               dtype=np.uint8)
-        m0 = self._meta_end
-        self._meta.resize(m0 + len(mbytes), axis=0)
-        self._meta[m0:] = mbytes
-        for d, value in ((self._i_meta, (m0, len(mbytes))), (self._i_blob, (b0, total))):
-            d.resize(row + 1, axis=0)
-            d[row] = value
-        # The commit: a row exists for readers once index/step covers it (written last).
-        self._i_step.resize(row + 1, axis=0)
-        self._i_step[row] = image.step
-        self._f.flush()
-        self._rows += 1
-        self._blob_end = b0 + total
-        self._meta_end = m0 + len(mbytes)
-        return self.path
-
-    def close(self) -> None:
-        if self._f.id.valid:
-            self._f.close()
 
 
 # --- the background writer -------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from trajscope.cli import main
 from trajscope.errors import RecorderError
 from trajscope.recorders import RecorderWarning
 from trajscope.recorders import storage as storage_mod
+from trajscope.recorders.backends import safetensors as safetensors_backend
 from trajscope.run import open_run
 
 # A model big enough (~0.4M parameters, ~3.5 MB per snapshot) that writes take a while, so a kill
@@ -148,7 +149,7 @@ def test_full_disk_with_on_error_warn_keeps_training_and_earlier_steps(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     size = _snapshot_bytes(tmp_path)
     # room for 3 snapshots and part of the 4th: step 3's write fails midway
-    monkeypatch.setattr(storage_mod, "os", _FullDisk(3 * size + size // 2))
+    monkeypatch.setattr(safetensors_backend, "os", _FullDisk(3 * size + size // 2))
     with pytest.warns(RecorderWarning, match=r"step 3: writing steps/step_00000003.safetensors "
                                              r"failed \(OSError: No space left on device\)"):
         recorded = train_sgd(tmp_path / "run", steps=8, recorder_kwargs={"on_error": "warn"})
@@ -187,7 +188,7 @@ def test_full_disk_hdf5_with_on_error_warn(tmp_path: Path, monkeypatch: pytest.M
 def test_write_failure_with_on_error_raise_stops_at_the_next_step(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     size = _snapshot_bytes(tmp_path)
-    monkeypatch.setattr(storage_mod, "os", _FullDisk(2 * size + 10))
+    monkeypatch.setattr(safetensors_backend, "os", _FullDisk(2 * size + 10))
     with pytest.raises(RecorderError, match=r"^step 2: writing steps/step_00000002.safetensors failed"):
         train_sgd(tmp_path / "run", steps=8, recorder_kwargs={"async_write": False})
     monkeypatch.undo()

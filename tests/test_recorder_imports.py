@@ -53,3 +53,13 @@ def test_worker_side_modules_do_not_import_the_dataset_libraries() -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, check=True)
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_format_module_imports_neither_torch_nor_the_recorder() -> None:
+    """trajscope.format holds the dtype table the storage backends share; it stays importable on
+    its own (no torch, no trajscope.recorders, whose package imports trajscope.format)."""
+    script = ("import sys, trajscope.format; "
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'trajscope')))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert proc.stdout.strip() == "['trajscope', 'trajscope.errors', 'trajscope.format']", proc.stdout

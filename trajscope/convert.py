@@ -36,7 +36,8 @@ def _declared(run: Run) -> list[tuple[str, str, tuple[int, ...]]]:
 
 def _write_all(run: Run, to: str, dest: Path, tmp_name: str) -> Path:
     """Write every snapshot of ``run`` in format ``to`` under ``dest/tmp_name``; return that path."""
-    from trajscope.recorders.storage import HDF5Writer, SafetensorsWriter, Slot, build_image
+    from trajscope.recorders.backends import HDF5Writer, SafetensorsWriter
+    from trajscope.recorders.storage import Slot, build_image
 
     slot = Slot()
     target = dest / tmp_name

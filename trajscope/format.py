@@ -396,24 +396,32 @@ def safe_output_dir(root: Path, *parts: str) -> Path:
 # writer issues one write per step and no serialisation copy exists); this is the part of the
 # safetensors spec it needs. Reading always goes through the safetensors library, which validates.
 
-SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
-    "float64": ("F64", 8),
-    "int64": ("I64", 8),
-    "uint64": ("U64", 8),
-    "float32": ("F32", 4),
-    "int32": ("I32", 4),
-    "uint32": ("U32", 4),
-    "float16": ("F16", 2),
-    "bfloat16": ("BF16", 2),
-    "int16": ("I16", 2),
-    "uint16": ("U16", 2),
-    "int8": ("I8", 1),
-    "uint8": ("U8", 1),
-    "bool": ("BOOL", 1),
-    "float8_e4m3fn": ("F8_E4M3", 1),
-    "float8_e5m2": ("F8_E5M2", 1),
+DTYPES: dict[str, tuple[str, int, str | None]] = {
+    "float64": ("F64", 8, None),
+    "int64": ("I64", 8, None),
+    "uint64": ("U64", 8, None),
+    "float32": ("F32", 4, None),
+    "int32": ("I32", 4, None),
+    "uint32": ("U32", 4, None),
+    "float16": ("F16", 2, "int16"),
+    "bfloat16": ("BF16", 2, "int16"),
+    "int16": ("I16", 2, None),
+    "uint16": ("U16", 2, None),
+    "int8": ("I8", 1, None),
+    "uint8": ("U8", 1, None),
+    "bool": ("BOOL", 1, "uint8"),
+    "float8_e4m3fn": ("F8_E4M3", 1, "uint8"),
+    "float8_e5m2": ("F8_E5M2", 1, "uint8"),
 }
-"""torch dtype name → (safetensors dtype code, bytes per element)."""
+"""The one dtype table of every storage format: torch dtype name → (safetensors dtype code, bytes
+per element, same-width integer view). The view is set for the dtypes whose bits are copied and
+stored through an integer of the same width (numpy has no bfloat16 or float8; float16 and bool
+follow the same rule, so HDF5 stores all of them as unsigned integers with a ``dtype``
+attribute); ``None`` means the dtype's own numpy type. The storage backends
+(:mod:`trajscope.recorders.backends`) derive their maps from it."""
+
+SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {k: (code, size) for k, (code, size, _) in DTYPES.items()}
+"""torch dtype name → (safetensors dtype code, bytes per element), a view of :data:`DTYPES`."""
 
 HEADER_ALIGN = 8
 """The JSON header is space-padded so the data section starts 8-byte aligned (as safetensors does),

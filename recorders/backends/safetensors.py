@@ -1,0 +1,185 @@
+"""The safetensors storage: ``steps/step_XXXXXXXX.safetensors``, one file per snapshot.
+
+Layout and header rules: ``docs/format.md``. The writer receives a :class:`StepImage` that
+:func:`trajscope.recorders.storage.build_image` already laid out as the complete file (its dtype
+codes are :data:`trajscope.format.SAFETENSORS_DTYPES`, a view of the shared dtype table) and only
+puts it on disk; the reader checks the header itself before handing the bytes to the safetensors
+library, which validates the rest.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trajscope import format as fmt
+from trajscope.errors import RunFormatError
+from trajscope.recorders.backends.base import DIRECT_IO_ALIGN, Raw, Storage, register, stat_path
+from trajscope.snapshot import Snapshot, check_meta
+
+if TYPE_CHECKING:
+    from trajscope.recorders.storage import StepImage
+
+__all__ = ["SafetensorsStorage", "SafetensorsWriter", "header_meta"]
+
+
+def header_meta(header: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``trajscope`` metadata of a snapshot header, type-checked field by field."""
+    raw = header.get("__metadata__", {}).get("trajscope")
+    if raw is None:
+        raise RunFormatError(f"{path}: not a trajscope snapshot (no 'trajscope' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RunFormatError(f"{path}: snapshot metadata is not valid JSON ({exc.msg})") from exc
+    except RecursionError:
+        raise RunFormatError(f"{path}: snapshot metadata is nested too deeply") from None
+    return check_meta(meta, path)
+
+
+@register
+class SafetensorsStorage(Storage):
+    """``steps/step_XXXXXXXX.safetensors``, one file per snapshot (renamed into place: complete)."""
+
+    kind = fmt.STORAGE_SAFETENSORS
+
+    @classmethod
+    def read_location(cls, path: Path) -> Raw:
+        """Read one snapshot file, checking its header before handing the bytes to safetensors."""
+        import safetensors.torch
+
+        header = fmt.read_safetensors_header(path)
+        meta = header_meta(header, path)
+        try:
+            # Eager read of a regular file: mmap-based loading is slow on network filesystems.
+            tensors = safetensors.torch.load(fmt.read_file_bytes(path, "snapshot"))
+        except RunFormatError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for damaged buffers
+            raise RunFormatError(f"{path}: damaged safetensors file ({exc})") from exc
+        return meta, tensors
+
+    def steps(self) -> list[int]:
+        d = self.run_path / fmt.STEPS_DIR
+        if not d.is_dir():
+            return []
+        return sorted(s for s in (fmt.parse_step_filename(f.name) for f in d.iterdir()) if s is not None)
+
+    def location(self, step: int) -> Path:
+        return self.run_path / fmt.STEPS_DIR / fmt.step_filename(step)
+
+    def stat(self, step: int) -> tuple[int, int]:
+        return stat_path(self.location(step))
+
+    def read_params(self, step: int) -> Snapshot:
+        """Only the ``param/…`` tensors are read (lazily, through the same checked header)."""
+        from safetensors import safe_open
+
+        p = self.location(step)
+        meta = header_meta(fmt.read_safetensors_header(p), p)
+        try:
+            with safe_open(str(p), framework="pt") as fh:
+                params = {fmt.check_name(k[len(fmt.PARAM):], f"{p}: tensor key param/…"): fh.get_tensor(k)
+                          for k in fh.keys() if k.startswith(fmt.PARAM)}
+        except RunFormatError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors' own errors for a damaged buffer
+            raise RunFormatError(f"{p}: damaged safetensors file ({exc})") from exc
+        return Snapshot(step=meta["step"], kind=str(meta.get("kind", fmt.KIND_STEP)), params=params)
+
+    def disk_bytes(self) -> int:
+        total = 0
+        for s in self.steps():
+            try:
+                total += self.location(s).stat().st_size
+            except OSError:
+                pass
+        return total
+
+
+class SafetensorsWriter:
+    """One file per snapshot, ``steps/step_XXXXXXXX.safetensors``, written to a temp name and renamed.
+
+    A reader, or a process killed mid-write, sees either no file or the complete one. Data goes out
+    with ``O_DIRECT`` (no page-cache copy) when ``direct_io`` allows and the filesystem supports it,
+    else through an ordinary buffered write.
+    """
+
+    def __init__(self, run_dir: Path, *, direct_io: bool | None = None,
+                 steps_dir: Path | None = None) -> None:
+        self.dir = steps_dir if steps_dir is not None else run_dir / fmt.STEPS_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # None: try O_DIRECT and fall back silently; False: never; True: try, fall back too (some
+        # filesystems, tmpfs among them, reject it), but the attempt is what the user asked for.
+        self._direct = bool(getattr(os, "O_DIRECT", 0)) and direct_io is not False
+
+    def path(self, step: int) -> Path:
+        return self.dir / fmt.step_filename(step)
+
+    def write(self, image: StepImage) -> Path:
+        path = self.path(image.step)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        data = image.view()
+        try:
+            if not (self._direct and self._write_direct(tmp, data)):
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    _write_all(fd, data)
+                finally:
+                    os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with _suppress_oserror():
+                tmp.unlink()
+            raise
+        return path
+
+    def _write_direct(self, tmp: Path, data: memoryview) -> bool:
+        """Write ``data`` with O_DIRECT; False (nothing written) where the filesystem refuses it."""
+        n_aligned = len(data) - len(data) % DIRECT_IO_ALIGN
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                self._direct = False
+                return False
+            raise
+        try:
+            done = 0
+            while done < n_aligned:
+                try:
+                    done += os.write(fd, data[done:n_aligned])
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL and done == 0:  # alignment stricter than 4 KiB
+                        self._direct = False
+                        return False
+                    raise
+            if n_aligned < len(data):
+                import fcntl
+
+                # The tail is shorter than a block: finish it with a buffered write.
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                _write_all(fd, data[n_aligned:])
+        finally:
+            os.close(fd)
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+class _suppress_oserror:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        return exc_type is not None and issubclass(exc_type, OSError)

@@ -1,0 +1,196 @@
+"""One snapshot in memory (:class:`Snapshot`) and the one function that builds it from the stored form.
+
+Every storage format reads a snapshot as ``(metadata, {key: tensor})`` (keys ``param/NAME``,
+``grad/NAME``, ``buffer/NAME``, ``batch/I``, ``rng/…``, ``optim/NAME/KEY``; the metadata is the
+``trajscope`` JSON object of ``docs/format.md``). :func:`snapshot_from_raw` turns that into a
+:class:`Snapshot`, whatever the format; :func:`check_meta` type-checks the metadata. This module
+knows no storage format, so the storage backends and :mod:`trajscope.run` both import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trajscope import format as fmt
+from trajscope.errors import ObjectiveError, RunFormatError
+from trajscope.objective import import_named
+
+__all__ = ["Snapshot", "check_meta", "is_nonneg_int", "snapshot_from_raw"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything recorded about x_t (CPU tensors, stored dtype).
+
+    ``grads``, ``batch``, ``loss`` and ``rng`` are empty/None for the final state, which holds only
+    parameters and buffers.
+    """
+
+    step: int
+    kind: str
+    params: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    batch: Any = None
+    loss: float | None = None
+    lr: list[float] = field(default_factory=list)
+    training: bool | None = None
+    micro_weights: list[float] | None = None
+    """Set when the step consumed several micro-batches (gradient accumulation, data-parallel
+    ranks): ``batch`` is then the list of micro-batches and f(x; z_t) = Σ_i w_i · loss(x; batch[i])."""
+    batch_indices: Any = None
+    """The stored sample indices when the run was recorded with ``batch_fn`` (``batch`` is rebuilt)."""
+    optimizer_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Per-parameter optimizer state (``optimizer_state=True`` runs), as the update at t used it."""
+
+    @property
+    def has_grad(self) -> bool:
+        return self.kind == fmt.KIND_STEP
+
+    def loss_fn(self, loss: Callable[[torch.nn.Module, Any], torch.Tensor]
+                ) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
+        """The minibatch loss f(x; z_t) of this step, as a function ``(model, batch) -> scalar``.
+
+        For an ordinary step it is the objective's ``loss`` itself. For a step made of several
+        micro-batches it is Σ_i w_i · loss(model, batch[i]) with the recorded weights: the loss
+        whose gradient the optimizer consumed (e.g. the mean of the micro-batch losses for
+        ``(loss / k).backward()`` accumulation, or the average over ranks under DDP). The
+        micro-batches are evaluated in order, so recorded dropout RNG replays as in training.
+        """
+        if self.micro_weights is None:
+            return loss
+        weights = list(self.micro_weights)
+
+        def weighted(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+            if not isinstance(batch, (list, tuple)) or len(batch) != len(weights):
+                raise RunFormatError(
+                    f"step {self.step}: expected {len(weights)} micro-batches, got "
+                    f"{type(batch).__name__}"
+                )
+            total: torch.Tensor | None = None
+            for w, mb in zip(weights, batch, strict=True):
+                term = loss(model, mb) * w
+                total = term if total is None else total + term
+            assert total is not None
+            return total
+
+        return weighted
+
+
+_BATCH_FNS: dict[str, Callable[[Any], Any]] = {}
+
+
+def _import_batch_fn(spec: str, where: Path) -> Callable[[Any], Any]:
+    """Import a recorded ``batch_fn`` by name from the analyzing user's environment (the same
+    rules as objectives: dotted identifiers only, never code inside a run directory)."""
+    if spec not in _BATCH_FNS:
+        obj = import_named(spec, f"batch_fn (recorded in {where})")
+        if not callable(obj):
+            raise ObjectiveError(f"batch_fn {spec!r}: not callable")
+        _BATCH_FNS[spec] = obj
+    return _BATCH_FNS[spec]
+
+
+def snapshot_from_raw(meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
+                       where: Path) -> Snapshot:
+    """Build a :class:`Snapshot` from the stored form (the same for every format)."""
+    check_meta(meta, where)
+    params: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    rng: dict[str, torch.Tensor] = {}
+    optim: dict[str, dict[str, torch.Tensor]] = {}
+    leaves: dict[int, torch.Tensor] = {}
+    for key, t in tensors.items():
+        prefix, _, name = key.partition("/")
+        if prefix in ("param", "grad", "buffer", "rng", "optim"):
+            fmt.check_name(name, f"{where}: tensor key {prefix}/…")
+        if prefix == "param":
+            params[name] = t
+        elif prefix == "grad":
+            grads[name] = t
+        elif prefix == "buffer":
+            buffers[name] = t
+        elif prefix == "rng":
+            rng[name] = t
+        elif prefix == "optim":
+            pname, _, skey = name.rpartition("/")
+            optim.setdefault(pname, {})[skey] = t
+        elif prefix == "batch" and name.isascii() and name.isdigit():
+            leaves[int(name)] = t
+    batch = None
+    if "batch_tree" in meta:
+        n = len(leaves)
+        if sorted(leaves) != list(range(n)):
+            raise RunFormatError(f"{where}: batch tensors are not numbered 0..{n - 1}")
+        batch = fmt.unflatten_batch(meta["batch_tree"], [leaves[i] for i in range(n)],
+                                    where=f"{where}: batch")
+    micro = meta.get("micro_batches")
+    weights = None
+    if micro is not None:
+        weights = micro.get("weights") if isinstance(micro, dict) else None
+        if (not isinstance(weights, list) or not all(isinstance(w, (int, float)) for w in weights)
+                or not isinstance(batch, list) or len(batch) != len(weights)):
+            raise RunFormatError(
+                f"{where}: 'micro_batches' must hold one weight per stored micro-batch"
+            )
+        weights = [float(w) for w in weights]
+    indices = None
+    if meta.get("batch_fn") and batch is not None:
+        fn = _import_batch_fn(str(meta["batch_fn"]), where)
+        indices = batch
+        batch = [fn(ix) for ix in batch] if weights is not None else fn(batch)
+    loss = meta.get("loss")
+    return Snapshot(
+        step=meta["step"],
+        kind=meta.get("kind", fmt.KIND_STEP),
+        params=params,
+        grads=grads,
+        buffers=buffers,
+        rng=rng,
+        batch=batch,
+        loss=float(loss) if isinstance(loss, (int, float)) else None,
+        lr=[float(x) for x in meta.get("lr", [])],
+        training=meta.get("training"),
+        micro_weights=weights,
+        batch_indices=indices,
+        optimizer_state=optim,
+    )
+
+
+def check_meta(meta: Any, path: Path) -> dict[str, Any]:
+    """Type-check a snapshot's ``trajscope`` metadata field by field (every storage format)."""
+    if not isinstance(meta, dict):
+        raise RunFormatError(f"{path}: snapshot metadata is not a JSON object")
+    step = meta.get("step")
+    if not is_nonneg_int(step):
+        raise RunFormatError(f"{path}: snapshot metadata lacks an integer 'step' (got {step!r:.40})")
+    named = fmt.parse_step_filename(path.name)
+    if named is not None and named != step:
+        raise RunFormatError(
+            f"{path}: file is named for step {named} but holds step {step}; refusing to mix up steps"
+        )
+    if meta.get("kind", fmt.KIND_STEP) not in (fmt.KIND_STEP, fmt.KIND_FINAL):
+        raise RunFormatError(f"{path}: snapshot 'kind' must be 'step' or 'final'")
+    lr = meta.get("lr", [])
+    if not isinstance(lr, list) or not all(_is_number(x) for x in lr):
+        raise RunFormatError(f"{path}: snapshot 'lr' must be a list of numbers")
+    if not (meta.get("loss") is None or _is_number(meta["loss"])):
+        raise RunFormatError(f"{path}: snapshot 'loss' must be a number or null")
+    if not (meta.get("training") is None or isinstance(meta["training"], bool)):
+        raise RunFormatError(f"{path}: snapshot 'training' must be true, false or null")
+    return meta
+
+
+def is_nonneg_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
