@@ -46,7 +46,7 @@ from trajscope.pairs import LayerView, PairStats, PairView, layer_views
 
 __all__ = [
     "MetricSpec", "register", "check_spec", "metric", "series", "get_metrics", "refresh_plugins",
-    "evaluate_pair", "markdown_table", "holds", "ENTRY_POINT_GROUP", "KNOWN_NEEDS", "BUILTIN_MODULES",
+    "evaluate_pair", "markdown_table", "holds", "holds_bound", "ENTRY_POINT_GROUP", "KNOWN_NEEDS", "BUILTIN_MODULES",
 ]
 
 ENTRY_POINT_GROUP = "trajscope.metrics"
@@ -399,13 +399,23 @@ def evaluate_pair(stats: PairStats, specs: Iterable[MetricSpec]) -> dict[str, np
     return out
 
 
+_COMPARISON = re.compile(r"^(<=|>=|==|<|>) ?(.+)$")
+
+
+def holds_bound(holds_if: str | None) -> float | None:
+    """The number a comparison ``holds_if`` compares with (``"<= 1e-4"`` → 1e-4); None for ``""``,
+    ``"bounded"`` or None."""
+    m = _COMPARISON.match(holds_if or "")
+    return float(m.group(2)) if m else None
+
+
 def holds(holds_if: str, values: Any) -> Any:
     """Elementwise: does each value satisfy ``holds_if`` (``"<= 0"``, ``"> 0"``, …)?
 
     Returns a boolean array, or None when ``holds_if`` is not a comparison (``""``, ``"bounded"``).
     NaN never satisfies a comparison.
     """
-    m = re.match(r"^(<=|>=|==|<|>) ?(.+)$", holds_if)
+    m = _COMPARISON.match(holds_if)
     if not m:
         return None
     op, bound = m.group(1), float(m.group(2))
