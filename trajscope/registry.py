@@ -29,6 +29,7 @@ This module and :mod:`trajscope.metrics` import numpy only (no torch, no xarray)
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import re
@@ -323,7 +324,7 @@ def _load_builtins() -> None:
     _BUILTINS_LOADED = True
     for name in BUILTIN_MODULES:
         # a broken built-in is a bug in trajscope: it raises, unlike a plugin
-        _register_from("trajscope", lambda name=name: importlib.import_module(name), plugin=False)
+        _register_from("trajscope", functools.partial(importlib.import_module, name), plugin=False)
 
 
 def _load_plugins() -> None:
@@ -332,7 +333,8 @@ def _load_plugins() -> None:
         return
     _PLUGINS_LOADED = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        dist = ep.dist.name if getattr(ep, "dist", None) is not None else ep.value.split(":")[0]
+        found = getattr(ep, "dist", None)
+        dist = found.name if found is not None else ep.value.split(":")[0]
         try:
             _register_from(dist, ep.load, plugin=True)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the tool

@@ -358,7 +358,7 @@ def summarize(run_or_ds: str | Path | xr.Dataset, *, steps_per_epoch: int | None
         ds = open_metrics(run_or_ds)
     n = int(ds.sizes.get("step", 0))
     out: dict[str, Any] = {"pairs": n, "headline": headline(ds), "holds": holds_fraction(ds)}
-    conv: dict[str, float] = {}
+    conv: dict[str, Any] = {}
     if n and "convexity_num" in ds and "convexity_den" in ds:
         cum = convexity_ratio_cumulative(ds).values
         conv["final_cumulative"] = float(cum[-1])
