@@ -39,6 +39,18 @@ def div(a: float, b: float) -> float:
     return a / b if b != 0 else float("nan")
 
 
+def norm(v: torch.Tensor | None) -> float:
+    """‖v‖, NaN for a vector that is not available."""
+    return float(v.norm()) if v is not None else float("nan")
+
+
+def cos(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    """⟨a, b⟩ / (‖a‖‖b‖), NaN when either vector is not available."""
+    if a is None or b is None:
+        return float("nan")
+    return div(float(a @ b), float(a.norm() * b.norm()))
+
+
 def simpson(y: list[float], h: float) -> float:
     n = len(y) - 1
     if n % 2:  # odd number of intervals: trapezoid
@@ -148,19 +160,6 @@ class Reference:
         g_prev = self.flat(prev.grads) if prev is not None else None
         d_prev = x0 - self.flat(prev.params) if prev is not None else None
 
-        def norm(v: torch.Tensor | None) -> float:
-            return float(v.norm()) if v is not None else nan
-
-        def cos(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
-            if a is None or b is None:
-                return nan
-            return div(float(a @ b), float(a.norm() * b.norm()))
-
-        def by_layer(fn: Callable[..., float], *vs: torch.Tensor | None) -> np.ndarray:
-            if any(v is None for v in vs):
-                return np.full(len(self.sizes), nan)
-            return np.array([fn(*parts) for parts in zip(*(self.layers(v) for v in vs))])
-
         sq = float(d @ d)
         gap = ell[i1] - ell[i0] - dell[i1]
         pathwise = max((dell[j] - dell[i0]) / (float(alphas[j]) * sq)
@@ -198,21 +197,35 @@ class Reference:
             "loss_replay_error": abs(ell[i0] - rec) / abs(rec),
             "grad_replay_error": float((G0 - g).norm() / g.norm()),
             "grad_replay_cos": cos(G0, g),
+        }
+        out |= self._by_layer(g=g, d=d, G0=G0, G1=G1, x0=x0, x_dist=x0 - x_init if x_init is not None else None,
+                              g_prev=g_prev, d_prev=d_prev)
+        if sharpness:
+            out["sharpness"] = self.hessian_max_eig(x0, snap)
+        return out
+
+    def _by_layer(self, *, g: torch.Tensor, d: torch.Tensor, G0: torch.Tensor, G1: torch.Tensor,
+                  x0: torch.Tensor, x_dist: torch.Tensor | None, g_prev: torch.Tensor | None,
+                  d_prev: torch.Tensor | None) -> dict[str, np.ndarray]:
+        """The ``<name>_by_layer`` values: each metric on each parameter tensor's slice."""
+
+        def by_layer(fn: Callable[..., float], *vs: torch.Tensor | None) -> np.ndarray:
+            if any(v is None for v in vs):
+                return np.full(len(self.sizes), float("nan"))
+            return np.array([fn(*parts) for parts in zip(*(self.layers(v) for v in vs))])
+
+        return {
             "grad_norm_by_layer": by_layer(lambda a: float(a.norm()), g),
             "update_norm_by_layer": by_layer(lambda a: float(a.norm()), d),
             "inst_smoothness_by_layer": by_layer(lambda a, b: div(float(a.norm()), float(b.norm())), G1 - G0, d),
             "param_norm_by_layer": by_layer(lambda a: float(a.norm()), x0),
-            "dist_from_init_by_layer": by_layer(
-                lambda a: float(a.norm()), x0 - x_init if x_init is not None else None),
+            "dist_from_init_by_layer": by_layer(lambda a: float(a.norm()), x_dist),
             "grad_cos_prev_by_layer": by_layer(cos, g, g_prev),
             "update_cos_prev_by_layer": by_layer(cos, d, d_prev),
             "update_grad_cos_by_layer": by_layer(lambda a, b: cos(a, -b), d, g),
             "effective_lr_by_layer": by_layer(lambda a, b: div(float(a.norm()), float(b.norm())), d, g),
             "replay_grad_norm_by_layer": by_layer(lambda a: float(a.norm()), G0),
         }
-        if sharpness:
-            out["sharpness"] = self.hessian_max_eig(x0, snap)
-        return out
 
     def all_pairs(self, steps: list[int], alphas: np.ndarray, *, sharpness: bool = False,
                   reference: int | None = None) -> dict[str, np.ndarray]:

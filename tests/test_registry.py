@@ -192,3 +192,65 @@ def test_directly_registered_metric_survives_refresh() -> None:
         assert "notebook_metric" in get_metrics()
     finally:
         registry._REGISTRY.pop("notebook_metric", None)
+
+
+def test_rerunning_a_definition_replaces_it_and_another_module_is_refused() -> None:
+    """A notebook cell run twice defines the metric again in the same module: the new one wins."""
+    try:
+        for scale in (1.0, 2.0):
+            @metric("rerun_metric", long_name="r", units="param", description="s·‖Δ_t‖")
+            def rerun_metric(p, s=scale) -> float:
+                return s * p.norm("delta")
+
+        assert get_metrics()["rerun_metric"].fn is rerun_metric
+        other = types.FunctionType(good.__code__, {}, "other")
+        other.__module__ = "somewhere_else"
+        with pytest.raises(MetricRegistrationError, match="already registered by test_registry"):
+            metric("rerun_metric", long_name="r", units="1", description="d")(other)
+        assert get_metrics()["rerun_metric"].fn is rerun_metric
+    finally:
+        registry._REGISTRY.pop("rerun_metric", None)
+
+
+def test_builtins_register_through_the_loader_not_on_import() -> None:
+    """Importing trajscope.metrics registers nothing; get_metrics loads it like a plugin module."""
+    code = (
+        "import sys; import trajscope.metrics, trajscope.registry as r; "
+        "assert r._REGISTRY == {}, list(r._REGISTRY); "
+        "specs = r.get_metrics(); assert 'inst_gap' in specs and specs['inst_gap'].source == 'trajscope'; "
+        "assert list(specs)[0] == 'loss_line'; "
+        "assert 'torch' not in sys.modules and 'xarray' not in sys.modules, 'heavy import'"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_cli_metrics_listing_does_not_import_torch() -> None:
+    code = (
+        "import sys; from trajscope.cli import main\n"
+        "try:\n    main(['metrics'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "inst_gap" in out.stdout
+
+
+def test_per_layer_view_refuses_whole_model_quantities() -> None:
+    from trajscope.pairs import LayerView, PairView
+    from trajscope.testing import synthetic_pair
+
+    stats, _ = synthetic_pair()
+    view = LayerView(stats, 0)
+    for name in ("ell", "dell", "integral_dell", "loss_line", "lr", "extra"):
+        with pytest.raises(AttributeError, match=f"per-layer view has no '{name}': it is a whole-model"):
+            getattr(view, name)
+    assert PairView(stats).ell(1) == stats.loss_line[list(stats.alpha).index(1.0)]
+    per_layer = [s for s in get_metrics().values() if s.per_layer]
+    assert len(per_layer) >= 10
+    values = registry.evaluate_pair(stats, per_layer)
+    for s in per_layer:
+        assert values[f"{s.name}_by_layer"].shape == (len(stats.layers),)
+        assert np.isfinite(values[f"{s.name}_by_layer"]).all(), s.name

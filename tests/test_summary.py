@@ -118,3 +118,32 @@ def test_summary_cli_and_python_twin(tmp_path) -> None:
     assert "per epoch: 0:" in res.output
     res = CliRunner().invoke(cli, ["summary", str(run_dir), "--json"])
     assert json.loads(res.output)["pairs"] == 8
+
+
+def test_one_ema_and_the_report_reads_the_datasets_derived_variables() -> None:
+    from trajscope import figures, report
+    from trajscope.summary import ema, fraction, line_argmin, running_sum, stability_ratio, table_rows
+
+    assert report.ema is ema and figures.ema is ema
+    num, den = np.array([1.0, -3.0, 2.0, 0.5]), np.array([1.0, 1.0, 4.0, 2.0])
+    np.testing.assert_allclose(convexity_ratio_ema(make_ds(num, den), 0.7).values,
+                               ema(num, 0.7) / ema(den, 0.7), rtol=1e-14)
+    ds = make_ds(num, den, inst_smoothness=([1, 2, 3, 4], ""), loss_change=([1, np.nan, 2, 3], ""),
+                 update_corr=([np.nan] * 4, "< 0")).assign_coords(lr=("step", np.full(4, 0.5)))
+    # without the series variables: their definitions
+    np.testing.assert_allclose(stability_ratio(ds), [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(running_sum(ds, "loss_change"), [1, 1, 3, 6])
+    rows = table_rows(ds)
+    assert rows["sum_loss_change"] == 6 and np.isnan(rows["sum_update_corr"])
+    assert rows["median_stability_ratio_last_half"] == pytest.approx(0.875)
+    assert rows["frac_stability_ratio_gt_1"] == 0.0
+    assert fraction([1.0, -1.0, np.nan], "< 0") == 0.5
+    # with them, the variables win
+    ds2 = ds.assign(stability_ratio=("step", np.full(4, 2.0)), loss_change_cumsum=("step", np.arange(4.0)))
+    np.testing.assert_allclose(stability_ratio(ds2), 2.0)
+    np.testing.assert_allclose(running_sum(ds2, "loss_change"), np.arange(4.0))
+    assert table_rows(ds2)["frac_stability_ratio_gt_1"] == 1.0
+    line = xr.Dataset({"loss_line": (("step", "alpha"), [[3.0, 1.0, 2.0], [np.nan, 5.0, 4.0]])},
+                      coords={"alpha": [0.0, 0.5, 1.0]})
+    np.testing.assert_allclose(line_argmin(line), [0.5, 1.0])
+    np.testing.assert_allclose(line_argmin(line.assign(line_argmin=("step", [0.0, 0.0]))), [0.0, 0.0])

@@ -56,10 +56,9 @@ from trajscope.execution import (
     resolve_device,
     ship,
 )
-from trajscope.metrics import PairView
 from trajscope.objective import Objective, check_run_objective, resolve_objective
 from trajscope.probe import PairStats, ProbeSettings, alpha_grid, probe_pair
-from trajscope.registry import MetricSpec, get_metrics
+from trajscope.registry import MetricSpec, evaluate_pair, get_metrics
 from trajscope.run import Run, Snapshot, open_run
 
 if TYPE_CHECKING:  # imported where a Dataset is built or read: worker processes never need it
@@ -329,24 +328,7 @@ def _pair_task(snap: Snapshot | health.BadSnapshot, nxt: Snapshot | health.BadSn
 
 def compute_pair_metrics(stats: PairStats, specs: Sequence[MetricSpec]) -> dict[str, np.ndarray]:
     """Apply every pair metric to one pair (and per layer where declared). Pure."""
-    view = PairView(stats)
-    layer_views = None
-    out: dict[str, np.ndarray] = {}
-    for spec in specs:
-        if spec.kind != "pair":
-            continue
-        try:
-            out[spec.name] = np.asarray(spec.fn(view), dtype=np.float64)
-            if spec.per_layer:
-                if layer_views is None:
-                    layer_views = [PairView(stats, i) for i in range(len(stats.layers))]
-                out[f"{spec.name}_by_layer"] = np.array([spec.fn(v) for v in layer_views], dtype=np.float64)
-        except Exception as exc:
-            raise AnalysisError(
-                f"metric {spec.name!r} ({spec.source}) failed at step {stats.step}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-    return out
+    return evaluate_pair(stats, specs)
 
 
 # --- persistence of per-pair partial results -----------------------------------------------------

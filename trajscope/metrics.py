@@ -1,23 +1,26 @@
 """Every built-in metric, one small pure function each. Read this file to add one.
 
-A pair metric receives a :class:`PairView` ``p`` of one pair (t, t+1) and returns a float (or an
-array over α). What it can read:
+A pair metric receives a :class:`~trajscope.pairs.PairView` ``p`` of one pair (t, t+1) and returns a
+float (or an array over α). What it can read:
 
 * ``p.alpha``, ``p.loss_line`` (ℓ(α)), ``p.dloss_line`` (ℓ'(α)); ``p.ell(a)`` / ``p.dell(a)`` at a
   grid point; ``p.integral_dell()`` = ∫₀¹ ℓ'(α) dα by quadrature;
 * ``p.dot("a", "b")``, ``p.sq("a")``, ``p.norm("a")`` for the vectors of
-  :data:`trajscope.probe.VECTORS` (Δ = ``delta``, G0, G1, dG = G1 − G0, g = g_t, g_next, …);
+  :data:`trajscope.pairs.VECTORS` (Δ = ``delta``, G0, G1, dG = G1 − G0, g = g_t, g_next, …);
 * ``p.loss_recorded`` (f(x_t; z_t) as logged), ``p.lr`` (learning rate of param group 0);
 * ``p.extra("loss_ref")`` (f(x*; z_t)) and, for metrics declaring ``needs=("sharpness",)``,
   ``p.extra("sharpness")`` and its solver diagnostics (NaN when the probe did not compute them).
 
 Norms are global Euclidean norms over all parameters (sums of per-layer squares, then a root);
-everything is float64. A metric registered with ``per_layer=True`` must use only ``dot``/``sq``/
-``norm``: it is evaluated again on each parameter tensor. Series metrics read the Dataset.
+everything is float64. A metric registered with ``per_layer=True`` is evaluated again on each
+parameter tensor's :class:`~trajscope.pairs.LayerView`, which offers only ``dot``/``sq``/``norm``.
+Series metrics read the Dataset.
 
 Units are written in terms of ``loss`` (the objective's units) and ``param`` (the parameters').
 Each docstring-free function is documented by its ``description`` (the formula, also stored in
 the Dataset attrs) and ``holds_if`` (what the theory needs). The catalogue is ``metrics.md``.
+The registry loads this module like a plugin module (:data:`trajscope.registry.BUILTIN_MODULES`);
+importing it registers nothing. It imports numpy only.
 """
 
 from __future__ import annotations
@@ -26,82 +29,17 @@ from typing import Any
 
 import numpy as np
 
-from trajscope.probe import PairStats
+from trajscope.pairs import LayerView, PairStats, PairView, quadrature  # noqa: F401 - re-exported
 from trajscope.registry import metric, series
 
 TINY = 1e-30
-
-
-class PairView:
-    """Read access to one pair's probe results, global (all parameters) or for one layer."""
-
-    def __init__(self, stats: PairStats, layer: int | None = None) -> None:
-        self._s = stats
-        self._layer = layer
-        self.alpha = stats.alpha
-        self.loss_line = stats.loss_line
-        self.dloss_line = stats.dloss_line
-        self.loss_recorded = stats.loss_recorded
-        self.lr = float(stats.lr[0]) if len(stats.lr) else float("nan")
-        self.step = stats.step
-
-    def extra(self, name: str) -> float:
-        """A scalar probe result beyond the line (see :class:`PairStats`); NaN when absent."""
-        return float(self._s.extras.get(name, float("nan")))
-
-    def dot(self, a: str, b: str) -> float:
-        """⟨a, b⟩ over all parameters (or this view's layer), float64."""
-        terms = self._s.terms
-        v = terms.get(f"{a}.{b}")
-        if v is None:
-            v = terms.get(f"{b}.{a}")
-        if v is None:
-            raise KeyError(f"no inner product term {a}.{b}; available: {sorted(terms)}")
-        return float(v[self._layer]) if self._layer is not None else float(np.sum(v))
-
-    def sq(self, a: str) -> float:
-        return self.dot(a, a)
-
-    def norm(self, a: str) -> float:
-        return float(np.sqrt(self.sq(a)))
-
-    def _index(self, a: float) -> int:
-        i = int(np.argmin(np.abs(self.alpha - a)))
-        if abs(self.alpha[i] - a) > 1e-9:
-            raise KeyError(f"α={a} is not on the grid")
-        return i
-
-    def ell(self, a: float) -> float:
-        """ℓ(a) = f(x_t + aΔ_t; z_t) at a grid point."""
-        return float(self.loss_line[self._index(a)])
-
-    def dell(self, a: float) -> float:
-        """ℓ'(a) = ⟨∇f(x_t + aΔ_t; z_t), Δ_t⟩ at a grid point."""
-        return float(self.dloss_line[self._index(a)])
-
-    def integral_dell(self) -> float:
-        """∫₀¹ ℓ'(α) dα: composite Simpson when the [0, 1] points allow it, else trapezoid."""
-        i0, i1 = self._index(0.0), self._index(1.0)
-        return quadrature(self.alpha[i0 : i1 + 1], self.dloss_line[i0 : i1 + 1])
-
-
-def quadrature(x: np.ndarray, y: np.ndarray) -> float:
-    """∫ y dx on an equally spaced grid: Simpson's rule for an even number of intervals (exact for
-    cubics, error O(h⁴)), trapezoid otherwise (exact for linear y)."""
-    n = len(x) - 1
-    if n < 1:
-        return 0.0
-    h = (x[-1] - x[0]) / n
-    if n % 2 == 0:
-        return float(h / 3 * (y[0] + y[-1] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum()))
-    return float(h * (0.5 * y[0] + 0.5 * y[-1] + y[1:-1].sum()))
 
 
 def _ratio(num: float, den: float) -> float:
     return num / den if den != 0 else float("nan")
 
 
-def _cos(p: PairView, a: str, b: str) -> float:
+def _cos(p: PairView | LayerView, a: str, b: str) -> float:
     return _ratio(p.dot(a, b), float(np.sqrt(p.sq(a) * p.sq(b))))
 
 
@@ -233,7 +171,7 @@ def directional_curvature(p: PairView) -> float:
 @metric("inst_smoothness", long_name="instantaneous smoothness", units="loss/param^2",
         holds_if="bounded", per_layer=True,
         description="‖G1 − G0‖ / ‖Δ_t‖ with G0 = ∇f(x_t; z_t), G1 = ∇f(x_{t+1}; z_t) (same batch)")
-def inst_smoothness(p: PairView) -> float:
+def inst_smoothness(p: PairView | LayerView) -> float:
     return _ratio(p.norm("dG"), p.norm("delta"))
 
 
@@ -333,59 +271,59 @@ def loss_change_cumsum(ds: Any) -> np.ndarray:
 
 @metric("grad_norm", long_name="gradient norm", units="loss/param", per_layer=True,
         description="‖g_t‖, the recorded gradient the optimizer consumed")
-def grad_norm(p: PairView) -> float:
+def grad_norm(p: PairView | LayerView) -> float:
     return p.norm("g")
 
 
 @metric("update_norm", long_name="update norm", units="param", per_layer=True,
         description="‖Δ_t‖ = ‖x_{t+1} − x_t‖")
-def update_norm(p: PairView) -> float:
+def update_norm(p: PairView | LayerView) -> float:
     return p.norm("delta")
 
 
 @metric("param_norm", long_name="parameter norm", units="param", per_layer=True,
         description="‖x_t‖")
-def param_norm(p: PairView) -> float:
+def param_norm(p: PairView | LayerView) -> float:
     return p.norm("x")
 
 
 @metric("dist_from_init", long_name="distance from initialisation", units="param", per_layer=True,
         description="‖x_t − x_0‖; NaN when step 0 is not recorded")
-def dist_from_init(p: PairView) -> float:
+def dist_from_init(p: PairView | LayerView) -> float:
     return p.norm("x_dist")
 
 
 @metric("grad_cos_prev", long_name="cosine of consecutive gradients", units="1", per_layer=True,
         description="cos(g_t, g_{t−1}) = ⟨g_t, g_{t−1}⟩ / (‖g_t‖‖g_{t−1}‖) of the recorded "
                     "gradients; NaN when step t−1 is not recorded")
-def grad_cos_prev(p: PairView) -> float:
+def grad_cos_prev(p: PairView | LayerView) -> float:
     return _cos(p, "g", "g_prev")
 
 
 @metric("update_cos_prev", long_name="cosine of consecutive updates", units="1", per_layer=True,
         description="cos(Δ_t, Δ_{t−1}) = ⟨Δ_t, Δ_{t−1}⟩ / (‖Δ_t‖‖Δ_{t−1}‖); NaN when step t−1 is "
                     "not recorded")
-def update_cos_prev(p: PairView) -> float:
+def update_cos_prev(p: PairView | LayerView) -> float:
     return _cos(p, "delta", "delta_prev")
 
 
 @metric("update_grad_cos", long_name="cosine of update and negative gradient", units="1",
         per_layer=True,
         description="cos(Δ_t, −g_t) = −⟨Δ_t, g_t⟩ / (‖Δ_t‖‖g_t‖) (1 for plain SGD)")
-def update_grad_cos(p: PairView) -> float:
+def update_grad_cos(p: PairView | LayerView) -> float:
     return -_cos(p, "delta", "g")
 
 
 @metric("effective_lr", long_name="effective learning rate", units="param^2/loss", per_layer=True,
         description="‖Δ_t‖ / ‖g_t‖ (lr_t for plain SGD)")
-def effective_lr(p: PairView) -> float:
+def effective_lr(p: PairView | LayerView) -> float:
     return _ratio(p.norm("delta"), p.norm("g"))
 
 
 @metric("replay_grad_norm", long_name="replayed gradient norm", units="loss/param", per_layer=True,
         description="‖G0‖ = ‖∇f(x_t; z_t)‖ as replayed by the analyzer (the gradient norm of the "
                     "(L0, L1)-smoothness fit)")
-def replay_grad_norm(p: PairView) -> float:
+def replay_grad_norm(p: PairView | LayerView) -> float:
     return p.norm("G0")
 
 

@@ -35,7 +35,7 @@ import contextlib
 import warnings
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,52 +45,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from trajscope.errors import AnalysisError, ObjectiveError
 from trajscope.objective import Objective
+from trajscope.pairs import TERMS, VECTORS, PairStats  # re-exported: the probe/metrics contract lives there
 from trajscope.run import Snapshot
 
 __all__ = ["ProbeSettings", "PairStats", "TERMS", "VECTORS", "alpha_grid", "probe_pair"]
-
-VECTORS: dict[str, str] = {
-    "delta": "Δ_t = x_{t+1} − x_t",
-    "G0": "∇f(x_t; z_t), replayed",
-    "G1": "∇f(x_{t+1}; z_t), replayed",
-    "dG": "G1 − G0",
-    "g": "g_t, the recorded gradient the optimizer consumed",
-    "g_next": "g_{t+1}, the next step's recorded gradient (fresh batch)",
-    "dg": "g_{t+1} − g_t",
-    "G0_err": "G0 − g_t (replay error)",
-    "x": "x_t",
-    "x_dist": "x_t − x_0",
-    "g_prev": "g_{t−1}",
-    "delta_prev": "Δ_{t−1} = x_t − x_{t−1}",
-    "x_ref": "x_t − x*, x* the reference point (default: the final recorded state)",
-}
-"""The vectors a pair task can form (each per parameter tensor), by name."""
-
-TERMS: tuple[tuple[str, str], ...] = (
-    ("delta", "delta"),
-    ("G0", "G0"),
-    ("G1", "G1"),
-    ("dG", "dG"),
-    ("G0", "delta"),
-    ("G1", "delta"),
-    ("g", "g"),
-    ("g", "delta"),
-    ("g_next", "delta"),
-    ("g_next", "g_next"),
-    ("dg", "dg"),
-    ("G0_err", "G0_err"),
-    ("x", "x"),
-    ("x_dist", "x_dist"),
-    ("g", "g_prev"),
-    ("g_prev", "g_prev"),
-    ("delta", "delta_prev"),
-    ("delta_prev", "delta_prev"),
-    ("G0", "g"),
-    ("G0", "x_ref"),
-)
-"""Inner products ⟨a, b⟩ computed per parameter tensor, in float64. A term whose vectors are not
-available for a pair (e.g. g_next when step t+1 is the final state) is NaN."""
-
 
 def alpha_grid(points: int = 9, margin: float = 0.5) -> np.ndarray:
     """The α grid: ``points`` equally spaced points on [0, 1] extended by ``margin`` on each side.
@@ -148,60 +106,6 @@ class ProbeSettings:
             out["sharpness_max_iter"] = self.sharpness_max_iter
             out["sharpness_tol"] = self.lanczos_tol
         return out
-
-
-@dataclass
-class PairStats:
-    """Everything the metrics of pair (t, t+1) are computed from (float64 numpy).
-
-    Attributes:
-        step: t.
-        alpha, loss_line, dloss_line: the α grid, ℓ(α) and ℓ'(α).
-        terms: ``"a.b"`` → per-layer ⟨a, b⟩ (shape ``[n_layer]``), NaN where unavailable.
-        layers: parameter names, the order of the per-layer arrays.
-        loss_recorded: f(x_t; z_t) as logged in training (NaN if not given).
-        lr: learning rate of each param group at step t.
-        extras: scalar probe results beyond the line: ``loss_ref`` (f(x*; z_t), when a reference
-            point was given) and ``sharpness``, ``sharpness_iterations``, ``sharpness_converged``
-            (when asked for). Absent keys read as NaN.
-    """
-
-    step: int
-    alpha: np.ndarray
-    loss_line: np.ndarray
-    dloss_line: np.ndarray
-    terms: dict[str, np.ndarray]
-    layers: tuple[str, ...]
-    loss_recorded: float
-    lr: np.ndarray
-    extras: dict[str, float] = field(default_factory=dict)
-
-    def to_tensors(self) -> dict[str, np.ndarray]:
-        """Flat name → array mapping, for the per-pair partial results on disk."""
-        out = {
-            "alpha": self.alpha,
-            "loss_line": self.loss_line,
-            "dloss_line": self.dloss_line,
-            "loss_recorded": np.array([self.loss_recorded]),
-            "lr": self.lr,
-        }
-        out.update({f"term/{k}": v for k, v in self.terms.items()})
-        out.update({f"extra/{k}": np.array([v], dtype=np.float64) for k, v in self.extras.items()})
-        return out
-
-    @classmethod
-    def from_tensors(cls, step: int, layers: tuple[str, ...], t: Mapping[str, np.ndarray]) -> PairStats:
-        return cls(
-            step=step,
-            alpha=t["alpha"],
-            loss_line=t["loss_line"],
-            dloss_line=t["dloss_line"],
-            terms={k[5:]: v for k, v in t.items() if k.startswith("term/")},
-            layers=layers,
-            loss_recorded=float(t["loss_recorded"][0]),
-            lr=t["lr"],
-            extras={k[6:]: float(v[0]) for k, v in t.items() if k.startswith("extra/")},
-        )
 
 
 class _Bound(torch.nn.Module):

@@ -11,6 +11,11 @@
   reference-point terms (``convexity_ref_num``/``convexity_ref_den``) instead.
 * :func:`l0l1_fit`: the (L0, L1)-smoothness fit of ``inst_smoothness`` against ‖G0‖.
 * :func:`summarize` / :func:`format_summary`: ``trajscope summary RUN_DIR`` and its Python twin.
+* What the report draws and tabulates, so that it only presents: :func:`ema` (the one EMA),
+  :func:`fraction` (a ``holds_if``-style condition, evaluated by :func:`trajscope.registry.holds`),
+  :func:`stability_ratio`, :func:`running_sum`, :func:`line_argmin`, :func:`table_rows` and
+  their labels :data:`TABLE_LABELS`. Each reads the Dataset's variable when it has one and
+  computes the registered definition only for a Dataset without it.
 
 Everything runs over the *analyzed pairs* in step order. With a sparse recording schedule, a
 "window of k" or an EMA therefore spans k analyzed pairs, not k optimizer steps.
@@ -26,18 +31,26 @@ import numpy as np
 import xarray as xr
 
 from trajscope.errors import AnalysisError
+from trajscope.registry import holds
 
 __all__ = [
-    "headline", "format_headline", "holds_fraction", "convexity_ratio_window",
+    "headline", "format_headline", "holds_fraction", "fraction", "convexity_ratio_window",
     "convexity_ratio_ema", "convexity_ratio_by_epoch", "convexity_ratio_cumulative", "l0l1_fit",
-    "summarize", "format_summary",
+    "summarize", "format_summary", "ema", "stability_ratio", "running_sum", "line_argmin",
+    "table_rows", "TABLE_LABELS",
 ]
 
 
-def _frac(da: xr.DataArray, pred: Callable[[np.ndarray], np.ndarray]) -> float:
-    v = np.asarray(da.values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    return float(np.mean(pred(v))) if v.size else float("nan")
+def fraction(values: Any, condition: str) -> float:
+    """The fraction of the finite ``values`` that satisfy ``condition``, a comparison in the
+    ``holds_if`` form (``"<= 0"``, ``"> 0"``, …; see :func:`trajscope.registry.holds`). NaN when
+    no value is finite."""
+    v = np.asarray(values, dtype=np.float64)
+    ok = holds(condition, v)
+    if ok is None:
+        raise AnalysisError(f"condition {condition!r}: expected a comparison like '<= 0'")
+    finite = np.isfinite(v)
+    return float(np.mean(ok[finite])) if finite.any() else float("nan")
 
 
 def headline(ds: xr.Dataset) -> dict[str, float]:
@@ -46,11 +59,11 @@ def headline(ds: xr.Dataset) -> dict[str, float]:
     variable is absent or all-NaN)."""
     out: dict[str, float] = {"pairs": float(ds.sizes.get("step", 0))}
     if "inst_gap" in ds:
-        out["frac_inst_gap_le_0"] = _frac(ds["inst_gap"], lambda v: v <= 0)
+        out["frac_inst_gap_le_0"] = fraction(ds["inst_gap"].values, "<= 0")
     if "inst_gap_fwd" in ds:
-        out["frac_inst_gap_fwd_le_0"] = _frac(ds["inst_gap_fwd"], lambda v: v <= 0)
+        out["frac_inst_gap_fwd_le_0"] = fraction(ds["inst_gap_fwd"].values, "<= 0")
     if "update_corr" in ds:
-        out["frac_update_corr_gt_0"] = _frac(ds["update_corr"], lambda v: v > 0)
+        out["frac_update_corr_gt_0"] = fraction(ds["update_corr"].values, "> 0")
     if "convexity_ratio" in ds and ds.sizes.get("step", 0):
         out["final_convexity_ratio"] = float(ds["convexity_ratio"].values[-1])
     if "inst_smoothness" in ds:
@@ -98,17 +111,11 @@ def holds_fraction(ds: xr.Dataset) -> dict[str, float]:
     """For every step-only variable whose ``holds_if`` is a comparison (``"<= 0"``, ``"> 0"``, …):
     the fraction of pairs, among those where it is defined (finite), that satisfy it. NaN when it
     is nowhere defined. ``bounded`` and empty conditions are not fractions and are skipped."""
-    from trajscope.registry import holds
-
     out: dict[str, float] = {}
     for name, da in ds.data_vars.items():
-        if da.dims != ("step",):
-            continue
-        ok = holds(str(da.attrs.get("holds_if", "")), da.values)
-        if ok is None:
-            continue
-        finite = np.isfinite(np.asarray(da.values, dtype=np.float64))
-        out[str(name)] = float(np.mean(ok[finite])) if finite.any() else float("nan")
+        cond = str(da.attrs.get("holds_if", ""))
+        if da.dims == ("step",) and holds(cond, []) is not None:
+            out[str(name)] = fraction(da.values, cond)
     return out
 
 
@@ -151,20 +158,16 @@ def convexity_ratio_window(ds: xr.Dataset, k: int, *, reference: bool = False) -
 
 
 def convexity_ratio_ema(ds: xr.Dataset, beta: float = 0.99, *, reference: bool = False) -> xr.DataArray:
-    """EMA_β(num) / EMA_β(den), m_t = β·m_{t−1} + (1 − β)·v_t from m = 0.
+    """EMA_β(num) / EMA_β(den) with :func:`ema`, m_t = β·m_{t−1} + (1 − β)·v_t from m = 0.
 
-    Both averages share β, so the bias correction 1/(1 − β^t) cancels in the ratio.
+    Both averages share β and every pair counts (an undefined term is 0), so the bias
+    correction 1/(1 − β^t) cancels in the ratio.
     """
     if not 0 <= beta < 1:
         raise AnalysisError(f"beta={beta!r}: expected 0 <= beta < 1")
     num, den = _terms(ds, reference)
-    mn, md = np.empty_like(num), np.empty_like(den)
-    a = b = 0.0
-    for i, (x, y) in enumerate(zip(num, den)):
-        a = beta * a + (1 - beta) * x
-        b = beta * b + (1 - beta) * y
-        mn[i], md[i] = a, b
-    return _ratio_da(ds, mn, md, f"convexity_ratio_ema{beta:g}", f"EMA({beta:g}) convexity ratio")
+    return _ratio_da(ds, ema(num, beta), ema(den, beta), f"convexity_ratio_ema{beta:g}",
+                     f"EMA({beta:g}) convexity ratio")
 
 
 def _epochs(ds: xr.Dataset, steps_per_epoch: int | None) -> np.ndarray:
@@ -249,6 +252,91 @@ def l0l1_fit(ds: xr.Dataset, l1: float | np.ndarray | None = None, *, points: in
     )
 
 
+# --- what the report draws and tabulates -------------------------------------------------------
+
+
+def ema(values: Any, beta: float) -> np.ndarray:
+    """Bias-corrected exponential moving average: m_k = β·m_{k−1} + (1 − β)·v_k from m = 0, shown
+    as m_k / (1 − β^k) after k finite values. NaNs are skipped (the average carries over them and
+    is NaN until the first finite value)."""
+    if not 0 <= beta < 1:
+        raise AnalysisError(f"ema beta={beta!r}: expected 0 <= beta < 1")
+    v = np.asarray(values, dtype=np.float64)
+    out = np.full(v.shape, np.nan)
+    m, k = 0.0, 0
+    for i, x in enumerate(v):
+        if np.isfinite(x):
+            m = beta * m + (1 - beta) * x
+            k += 1
+        if k:
+            out[i] = m / (1 - beta**k)
+    return out
+
+
+def stability_ratio(ds: xr.Dataset) -> np.ndarray:
+    """The Dataset's ``stability_ratio``, else its registered definition inst_smoothness · lr / 2
+    (lr of param group 0): 1 is the edge of stability of plain gradient descent."""
+    if "stability_ratio" in ds.variables:
+        return np.asarray(ds["stability_ratio"].values, dtype=np.float64)
+    return np.asarray(ds["inst_smoothness"].values * ds["lr"].values / 2, dtype=np.float64)
+
+
+def running_sum(ds: xr.Dataset, name: str) -> np.ndarray:
+    """Σ_{s≤t} ``name``_s over the analyzed pairs (NaN pairs count 0): the Dataset's
+    ``<name>_cumsum`` series variable when it has one (``update_corr_cumsum``,
+    ``loss_change_cumsum``), else the same sum of ``name``."""
+    if f"{name}_cumsum" in ds.variables:
+        return np.asarray(ds[f"{name}_cumsum"].values, dtype=np.float64)
+    return np.nancumsum(np.asarray(ds[name].values, dtype=np.float64))
+
+
+def line_argmin(ds: xr.Dataset) -> np.ndarray:
+    """Per step, the α grid point minimising ℓ(α): the Dataset's ``line_argmin``, else the same
+    argmin of ``loss_line`` (NaN points skipped; α of the first point for an all-NaN line)."""
+    if "line_argmin" in ds.variables:
+        return np.asarray(ds["line_argmin"].values, dtype=np.float64)
+    line = np.asarray(ds["loss_line"].values, dtype=np.float64)
+    alphas = np.asarray(ds["alpha"].values, dtype=np.float64)
+    return alphas[np.argmin(np.where(np.isfinite(line), line, np.inf), axis=1)]
+
+
+def _last_half_median(v: np.ndarray) -> float:
+    return _nanstat(np.nanmedian, v[len(v) // 2:])
+
+
+TABLE_LABELS = {
+    "pairs": "pairs analyzed",
+    "frac_inst_gap_le_0": "pairs with inst_gap ≤ 0 (convex along the step)",
+    "frac_inst_gap_fwd_le_0": "pairs with inst_gap_fwd ≤ 0",
+    "frac_update_corr_gt_0": "pairs with update_corr > 0 (next gradient uphill)",
+    "final_convexity_ratio": "final cumulative convexity_ratio",
+    "median_inst_smoothness": "median inst_smoothness",
+    "median_stability_ratio_last_half": "median stability ratio (inst_smoothness·lr/2), last half",
+    "frac_stability_ratio_gt_1": "pairs with stability ratio > 1",
+    "sum_loss_change": "Σ loss_change",
+    "sum_update_corr": "Σ update_corr",
+    "max_loss_replay_error": "max loss_replay_error",
+    "max_grad_replay_error": "max grad_replay_error",
+}
+"""Row labels of the report's summary table (:func:`table_rows`)."""
+
+
+def table_rows(ds: xr.Dataset) -> dict[str, float]:
+    """The report's summary table for one run: :func:`headline`, the stability ratio (median over
+    the last half, fraction of pairs above 1) and the totals Σ loss_change, Σ update_corr (NaN
+    when no pair defines them)."""
+    rows = dict(headline(ds))
+    if "inst_smoothness" in ds.variables or "stability_ratio" in ds.variables:
+        sr = stability_ratio(ds)
+        rows["median_stability_ratio_last_half"] = _last_half_median(sr)
+        rows["frac_stability_ratio_gt_1"] = fraction(sr, "> 1")
+    for name in ("loss_change", "update_corr"):
+        if name in ds.variables:
+            v = np.asarray(ds[name].values, dtype=np.float64)
+            rows[f"sum_{name}"] = float(running_sum(ds, name)[-1]) if np.isfinite(v).any() else float("nan")
+    return rows
+
+
 # --- summary -------------------------------------------------------------------------------------
 
 
@@ -270,23 +358,22 @@ def summarize(run_or_ds: str | Path | xr.Dataset, *, steps_per_epoch: int | None
         ds = open_metrics(run_or_ds)
     n = int(ds.sizes.get("step", 0))
     out: dict[str, Any] = {"pairs": n, "headline": headline(ds), "holds": holds_fraction(ds)}
-    conv: dict[str, float] = {}
+    conv: dict[str, Any] = {}
     if n and "convexity_num" in ds and "convexity_den" in ds:
         cum = convexity_ratio_cumulative(ds).values
         conv["final_cumulative"] = float(cum[-1])
-        conv["frac_steps_cumulative_gt_0"] = _frac(xr.DataArray(cum), lambda v: v > 0)
+        conv["frac_steps_cumulative_gt_0"] = fraction(cum, "> 0")
         conv[f"final_last{window}"] = float(convexity_ratio_window(ds, window).values[-1])
         for b in betas:
             conv[f"final_ema{b:g}"] = float(convexity_ratio_ema(ds, b).values[-1])
         if steps_per_epoch is not None or "epoch" in ds.coords:
             by = convexity_ratio_by_epoch(ds, steps_per_epoch)
-            conv["by_epoch"] = {int(e): float(v) for e, v in zip(by["epoch"].values, by.values)}
+            conv["by_epoch"] = {int(e): float(v) for e, v in zip(by["epoch"].values, by.values, strict=True)}
     if n and "convexity_ref_num" in ds and "convexity_ref_den" in ds:
         conv["final_cumulative_ref"] = float(convexity_ratio_cumulative(ds, reference=True).values[-1])
     out["convexity_ratio"] = conv
     if n and "stability_ratio" in ds:
-        late = ds["stability_ratio"].values[n // 2:]
-        out["median_stability_ratio_last_half"] = _nanstat(np.nanmedian, late)
+        out["median_stability_ratio_last_half"] = _last_half_median(stability_ratio(ds))
     if "inst_smoothness" in ds:
         out["max_inst_smoothness"] = _nanstat(np.nanmax, ds["inst_smoothness"].values)
     if "sharpness" in ds:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from trajscope.metrics import PairView
+from trajscope.pairs import LayerView, PairView
 from trajscope.registry import metric
 
 
@@ -21,6 +21,6 @@ from trajscope.registry import metric
     holds_if="< 0.1",
     per_layer=True,
 )
-def relative_update(p: PairView) -> float:
+def relative_update(p: PairView | LayerView) -> float:
     x = p.norm("x")
     return p.norm("delta") / x if x > 0 else math.nan
