@@ -94,21 +94,21 @@ def pair_task(snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loaded, prev: Snaps
     ``prev`` (x_{t−1}), ``init`` (x_0) and ``ref`` (x*) are optional neighbours. A damaged
     snapshot skips only this pair (or, as a neighbour, only the terms that need it).
     """
-    snap, nxt, prev, init, ref = (resolved(s) for s in (snap, nxt, prev, init, ref))
+    inputs = [resolved(s) for s in (snap, nxt, prev, init, ref)]
     if placement is not None:
         device = placement.apply()  # this worker's torch threads and GPU
         if device != settings.device:
             settings = dataclasses.replace(settings, device=device)
-        snap, nxt, prev, init, ref = (on_device(s, device) for s in (snap, nxt, prev, init, ref))
+        inputs = [on_device(s, device) for s in inputs]
+    x_t, x_next, x_prev, x_0, x_ref = inputs
     objective = objective_for(source, recorded, objective_key)
-    skip = health.skip_reason(snap, nxt, objective.model)
+    skip = health.skip_reason(x_t, x_next, objective.model)
     if skip is not None:
         return skip
-    prev = health.usable(prev, objective.model)  # a damaged neighbour only costs its terms
-    init = health.usable(init, objective.model)
-    ref = health.usable(ref, objective.model)
-    assert isinstance(snap, Snapshot) and isinstance(nxt, Snapshot)
-    stats = _probe(objective, snap, nxt, settings, prev, init, ref, trainable)
+    assert isinstance(x_t, Snapshot) and isinstance(x_next, Snapshot)
+    # a damaged neighbour only costs its terms
+    prev_ok, init_ok, ref_ok = (health.usable(s, objective.model) for s in (x_prev, x_0, x_ref))
+    stats = _probe(objective, x_t, x_next, settings, prev_ok, init_ok, ref_ok, trainable)
     if out is not None:
         save_pair(Path(out), stats, digest)
     return stats
@@ -134,7 +134,7 @@ def _probe(objective: Objective, snap: Snapshot, nxt: Snapshot, settings: ProbeS
 
 
 def window_graph(r: Run, window: list[int], have: set[int], init_step: int | None, run_token: str,
-                 objective: ObjectiveSource, objective_key: str, settings: ProbeSettings,
+                 objective: ObjectiveSource, objective_key: str | None, settings: ProbeSettings,
                  placement: Placement, digest: str, pairs_dir: Path | None) -> list[Any]:
     """The delayed pair tasks of one window, over the references to the snapshots they read
     (wrapped in load tasks shared by adjacent pairs, except in a local process pool)."""
