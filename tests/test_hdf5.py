@@ -186,7 +186,7 @@ def test_a_row_referenced_before_the_live_recording_appended_more_still_resolves
     """Process pools give pair tasks file references made earlier by the driver. An HDF5
     container grows while a run is recorded; rows already written never change, so a reference
     to one stays valid (a safetensors step file that changes is refused: test_parallel)."""
-    import trajscope.analysis as analysis
+    import trajscope.snapshots as snapshots
 
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -201,11 +201,11 @@ def test_a_row_referenced_before_the_live_recording_appended_more_still_resolves
             opt.step()
             if i == 2:
                 run = open_run(tmp_path / "run")
-                refs = {s: analysis._file_ref(str(run.step_path(s)), params_only=False) for s in (0, 1)}
+                refs = {s: snapshots.SnapshotRef.of(run.storage, s) for s in (0, 1)}
                 want = {s: run.snapshot(s) for s in (0, 1)}
-    assert (tmp_path / "run" / fmt.HDF5_FILE).stat().st_size > refs[1].key[2]  # it grew
-    monkeypatch.setattr(analysis, "_recent", type(analysis._recent)())
+    assert (tmp_path / "run" / fmt.HDF5_FILE).stat().st_size > refs[1].stat[1]  # it grew
+    monkeypatch.setattr(snapshots, "_recent", type(snapshots._recent)())
     for s, ref in refs.items():
-        got = analysis._resolved(ref)
+        got = snapshots.resolved(ref)
         assert got.step == s
         assert all(torch.equal(got.params[k], want[s].params[k]) for k in want[s].params)

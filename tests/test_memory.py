@@ -10,6 +10,7 @@ import pytest
 
 import trajscope
 import trajscope.analysis as analysis
+import trajscope.snapshots as snapshots
 from problems import make_mlp, train_classifier
 
 
@@ -24,7 +25,7 @@ def peak_live_snapshots(run_dir: Path, monkeypatch: pytest.MonkeyPatch, **kw) ->
     live: dict[int, weakref.ref] = {}  # snapshots are unhashable dataclasses: track by id
     peak = [0]
     lock = threading.Lock()
-    real = analysis.ship
+    real = snapshots.ship
 
     def tracked(snap):  # noqa: ANN001, ANN202
         out = real(snap)
@@ -33,8 +34,8 @@ def peak_live_snapshots(run_dir: Path, monkeypatch: pytest.MonkeyPatch, **kw) ->
             peak[0] = max(peak[0], len(live))
         return out
 
-    monkeypatch.setattr(analysis, "ship", tracked)
-    monkeypatch.setattr(analysis, "_recent", type(analysis._recent)())
+    monkeypatch.setattr(snapshots, "ship", tracked)
+    monkeypatch.setattr(snapshots, "_recent", type(snapshots._recent)())
     trajscope.analyze(run_dir, make_mlp, points=3, write=False, progress=False, **kw)
     return peak[0]
 
@@ -50,4 +51,4 @@ def test_snapshots_in_flight_do_not_grow_with_the_run(long_run: Path, monkeypatc
     # and whatever the timing of threads: at most two windows of pairs in flight (their snapshots,
     # the x_0 and x* parameters), plus the small per-process cache
     window = max(analysis.MIN_WINDOW, analysis.PAIRS_PER_WORKER * (2 if kw else 1))
-    assert full <= 2 * (window + 2) + 2 + analysis._RECENT_SNAPSHOTS
+    assert full <= 2 * (window + 2) + 2 + snapshots._RECENT_SNAPSHOTS

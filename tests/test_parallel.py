@@ -10,7 +10,8 @@ import pytest
 import xarray as xr
 
 import trajscope
-import trajscope.analysis as analysis
+import trajscope.snapshots as snapshots
+import trajscope.tasks as tasks
 from problems import make_mlp, train_classifier
 from trajscope.errors import AnalysisError
 
@@ -72,9 +73,11 @@ def test_local_cluster_reached_by_address(run_dir: Path, reference: xr.Dataset) 
 
 def test_each_snapshot_is_read_once(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reads: list[str] = []
-    real = analysis.health.load_snapshot
-    monkeypatch.setattr(analysis.health, "load_snapshot", lambda p: reads.append(Path(p).name) or real(p))
-    monkeypatch.setattr(analysis, "_recent", type(analysis._recent)())
+    from trajscope.run import Storage
+
+    real = Storage.read
+    monkeypatch.setattr(Storage, "read", lambda self, s: reads.append(self.location(s).name) or real(self, s))
+    monkeypatch.setattr(snapshots, "_recent", type(snapshots._recent)())
     trajscope.analyze(run_dir, make_mlp, write=False, progress=False)
     # steps 0..8: each read once although pairs share them (x_t is pair t's start, pair t−1's
     # end and pair t+1's previous step), across window boundaries too
@@ -87,9 +90,9 @@ def test_graph_keys_are_deterministic_and_shared(run_dir: Path) -> None:
     from trajscope.probe import ProbeSettings
 
     def keys(window: list[int]) -> set:
-        tasks = analysis._window_graph(r, window, set(r.steps), 0, "tok", None, "k", ProbeSettings(),
-                                       Placement(), "dig", None)
-        graph = dict(analysis.dask.delayed(tasks).__dask_graph__())
+        graph_tasks = tasks.window_graph(r, window, set(r.steps), 0, "tok", None, "k", ProbeSettings(),
+                                         Placement(), "dig", None)
+        graph = dict(tasks.dask.delayed(graph_tasks).__dask_graph__())
         return {k for k in graph if isinstance(k, tuple)}
 
     k = keys([2, 3, 4])
@@ -148,8 +151,8 @@ def test_snapshots_ship_as_arrays_and_back() -> None:
 
     import torch
 
-    from trajscope.execution import ShippedSnapshot, ship
     from trajscope.run import Snapshot
+    from trajscope.snapshots import ShippedSnapshot, ship
 
     snap = Snapshot(step=3, kind="step", params={"w": torch.randn(3, 2), "h": torch.randn(4).bfloat16()},
                     grads={"w": torch.randn(3, 2)}, rng={"cpu": torch.get_rng_state()},
@@ -201,17 +204,18 @@ def test_process_pools_pass_snapshots_by_path(run_dir: Path, monkeypatch: pytest
 
     import torch
 
-    monkeypatch.setattr(analysis, "_recent", type(analysis._recent)())
-    path = str(trajscope.open_run(run_dir).step_path(3))
-    snap = analysis._load_task(path, by_path=True)
-    blob = pickle.dumps(snap)
+    monkeypatch.setattr(snapshots, "_recent", type(snapshots._recent)())
+    storage = trajscope.open_run(run_dir).storage
+    snap_ref = snapshots.SnapshotRef.of(storage, 3)
+    snap = snap_ref.resolve()
+    blob = pickle.dumps(snap_ref)
     assert len(blob) < 1000  # a reference, not the tensors
     ref = pickle.loads(blob)
-    assert isinstance(ref, analysis._SnapshotFile)  # the driver never reads the file
-    monkeypatch.setattr(analysis, "_recent", type(analysis._recent)())  # another process
-    back = analysis._resolved(ref)
+    assert isinstance(ref, snapshots.SnapshotRef)  # the driver never reads the file
+    monkeypatch.setattr(snapshots, "_recent", type(snapshots._recent)())  # another process
+    back = snapshots.resolved(ref)
     assert back.step == 3 and all(torch.equal(back.params[k], snap.params[k]) for k in snap.params)
-    params = pickle.loads(pickle.dumps(analysis._load_params_task(path, by_path=True))).resolve()
+    params = pickle.loads(pickle.dumps(snapshots.SnapshotRef.of(storage, 3, params_only=True))).resolve()
     assert set(params.params) == set(snap.params) and not params.grads and params.batch is None
 
 
@@ -242,9 +246,9 @@ def test_process_pool_pair_tasks_get_file_references_without_load_tasks(
     settings = ProbeSettings(alphas=(0.0, 1.0))
 
     def graph_keys(by_path: bool) -> set[str]:
-        tasks = analysis._window_graph(r, steps, set(r.steps), 0, "tok", "problems:make_mlp",
-                                       "key", settings, Placement(by_path=by_path), "dig", None)
-        return {k[0] if isinstance(k, tuple) else k for t in tasks for k in dict(t.dask)}
+        graph_tasks = tasks.window_graph(r, steps, set(r.steps), 0, "tok", "problems:make_mlp",
+                                         "key", settings, Placement(by_path=by_path), "dig", None)
+        return {k[0] if isinstance(k, tuple) else k for t in graph_tasks for k in dict(t.dask)}
 
     assert {k for k in graph_keys(False) if k.startswith("load-")}  # in-process: load tasks
     by_path = graph_keys(True)
@@ -252,16 +256,16 @@ def test_process_pool_pair_tasks_get_file_references_without_load_tasks(
     assert {k for k in by_path if k.startswith("pair-")}
 
     path = r.step_path(3)
-    monkeypatch.setattr(analysis, "_recent", type(analysis._recent)())
-    ref = pickle.loads(pickle.dumps(analysis._file_ref(str(path), params_only=False)))
-    assert isinstance(ref, analysis._SnapshotFile) and not analysis._recent  # nothing read yet
-    assert analysis._resolved(ref).step == 3
+    monkeypatch.setattr(snapshots, "_recent", type(snapshots._recent)())
+    ref = pickle.loads(pickle.dumps(snapshots.SnapshotRef.of(r.storage, 3)))
+    assert isinstance(ref, snapshots.SnapshotRef) and not snapshots._recent  # nothing read yet
+    assert snapshots.resolved(ref).step == 3
     st = os.stat(path)
-    ref = analysis._file_ref(str(path), params_only=False)
-    monkeypatch.setattr(analysis, "_recent", type(analysis._recent)())  # a fresh worker
+    ref = snapshots.SnapshotRef.of(r.storage, 3)
+    monkeypatch.setattr(snapshots, "_recent", type(snapshots._recent)())  # a fresh worker
     try:
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten meanwhile
         with pytest.raises(AnalysisError, match="changed during the analysis"):
-            analysis._resolved(ref)
+            snapshots.resolved(ref)
     finally:
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -15,7 +15,8 @@ import pytest
 import xarray as xr
 
 import trajscope
-import trajscope.analysis as analysis
+import trajscope.persist as persist
+import trajscope.tasks as tasks
 from problems import make_mlp, train_classifier
 from trajscope.errors import AnalysisError
 
@@ -46,13 +47,13 @@ def uninterrupted(recorded: Path) -> xr.Dataset:
 def probes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The steps of the pairs probed (synchronous scheduler: in this process)."""
     calls: list[int] = []
-    real = analysis.probe_pair
+    real = tasks.probe_pair
 
     def counting(objective, snap, nxt, settings, **kw):  # noqa: ANN001, ANN003, ANN202
         calls.append(snap.step)
         return real(objective, snap, nxt, settings, **kw)
 
-    monkeypatch.setattr(analysis, "probe_pair", counting)
+    monkeypatch.setattr(tasks, "probe_pair", counting)
     return calls
 
 
@@ -156,7 +157,7 @@ def test_sigkill_mid_way_then_rerun(run: Path, uninterrupted: xr.Dataset, probes
 
 
 def test_a_second_analysis_of_the_same_run_is_refused(run: Path) -> None:
-    with analysis._analysis_lock(run / "analysis"):
+    with persist.analysis_lock(run / "analysis"):
         with pytest.raises(AnalysisError, match=r"another analysis of this run is writing here \(pid \d+"):
             trajscope.analyze(run, make_mlp, steps="0:2", progress=False)
         # reading and analyzing without writing stay possible

@@ -1,29 +1,28 @@
 """Where the analysis graph runs: one small interface over dask's schedulers.
 
-The analyzer (:mod:`trajscope.analysis`) builds the same graph, from the same task functions with
-the same deterministic keys, whatever the scheduler. A backend only decides where tasks run:
+Every scheduler runs the same pair task on the same snapshot references (see
+:mod:`trajscope.tasks`). A backend decides where tasks run, and its :class:`Placement` how
+snapshots reach them:
 
 * ``synchronous``: in the calling thread (debugging, profiling);
 * ``threads``: a pool of N threads in this process (GPUs; no data is copied between tasks);
 * ``processes``: a pool of N spawned processes (CPU-bound models), through dask's multiprocessing
-  scheduler;
-* ``tcp://host:port`` (any dask.distributed address) or a ``distributed.Client``: a cluster.
+  scheduler; pair tasks are given the snapshot references and read the files in their own worker
+  (``Placement.by_path``) rather than receiving loaded snapshots through the driver;
+* ``tcp://host:port`` (any dask.distributed address) or a ``distributed.Client``: a cluster, whose
+  workers see the run directory at the same path; a loaded snapshot that moves between workers
+  pickles as plain arrays (:class:`trajscope.snapshots.ShippedSnapshot`).
 
 Each backend runs one graph at a time (the analyzer feeds it bounded windows of pairs) and calls
 ``on_pair`` once per finished pair, for the progress bar. What each worker needs to know about
 itself (torch threads, which GPU) travels with the tasks as a :class:`Placement` and is applied
 inside the task, so it holds under every backend, including workers that joined a cluster late.
-
-Snapshots cross a cluster's process boundaries as :class:`ShippedSnapshot`, which pickles its
-tensors as plain arrays: about ten times cheaper than torch's own tensor pickling. A local process
-pool passes them by file path instead (``Placement.by_path``, see ``analysis._ByPath``).
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-import dataclasses
 import itertools
 import multiprocessing
 import os
@@ -37,13 +36,11 @@ import dask
 from dask.callbacks import Callback
 
 from trajscope.errors import AnalysisError
-from trajscope.run import Snapshot
 
 __all__ = [
     "LOCAL_SCHEDULERS",
     "Backend",
     "Placement",
-    "ShippedSnapshot",
     "check_device",
     "check_scheduler",
     "open_backend",
@@ -145,8 +142,8 @@ def split_cores(cores: int, procs: int) -> int:
 
     One core is left to the driver (dask's scheduler loop, results, loading) whenever a worker
     would get several threads: a team of intra-op threads spin-waits at every parallel region,
-    and one member preempted by the driver stalls the rest. On 2 cores, one worker with 2
-    threads ran 5 pairs/s against 34 with 1 thread (benchmarks/workers.py).
+    and one member preempted by the driver stalls the rest (measured in docs/performance.md,
+    benchmarks/workers.py).
     """
     if procs >= cores:
         return 1
@@ -163,9 +160,8 @@ def keep_freed_memory() -> bool:
 
     A probe allocates and frees the same few megabytes of activations and tangents for every pair.
     With glibc's defaults, blocks above its (adaptive) mmap threshold are unmapped when freed and
-    the heap top is trimmed back to the OS, so the next pair writes into fresh pages, at ~3 GB/s
-    on the development VM: a large share of the line evaluation for the reference MLP (K = 17,
-    minibatch 64: 14.7 ms per pair with memory kept, 17.9 ms without; benchmarks/line_batching.py
+    the heap top is trimmed back to the OS, so the next pair writes into fresh pages: a large share
+    of the line evaluation for a small model (docs/performance.md; benchmarks/line_batching.py
     --allocator keep|default). Keeping up to 256 MB of freed heap, and serving blocks under 32 MB
     from the heap, is close to what jemalloc and tcmalloc do by default. Peak memory is unchanged;
     memory once freed is kept for the next pair instead of being returned.
@@ -206,8 +202,8 @@ class Placement:
         threads_by_worker: per distributed worker address (a cluster mixes machines).
         slots: distributed worker address → index among the workers of its host.
         pin: page-lock loaded snapshots so host→device copies are asynchronous DMA.
-        by_path: snapshots cross process boundaries as file references, each process reading
-            what it needs (local process pools: one machine, one page cache).
+        by_path: pair tasks are given snapshot references and resolve them in their own
+            process, with no load tasks (local process pools: one machine, one page cache).
     """
 
     device: str = "cpu"
@@ -258,7 +254,7 @@ def _warm_up() -> int:
     import torch
     from torch.func import functional_call, jvp, vmap
 
-    import trajscope.analysis  # noqa: F401  (safetensors, the probe, the metrics)
+    import trajscope.tasks  # noqa: F401  (the pair task: snapshots, the probe, persistence)
 
     lin = torch.nn.Linear(2, 1)
     p = {n: t.detach() for n, t in lin.named_parameters()}
@@ -270,77 +266,6 @@ def _warm_up() -> int:
     with torch.no_grad():
         vmap(lambda a: jvp(f, ({n: t * a for n, t in p.items()},), (p,)))(torch.ones(2))
     return os.getpid()
-
-
-# --- snapshots between processes -----------------------------------------------------------------
-
-
-class ShippedSnapshot(Snapshot):
-    """A :class:`Snapshot` that pickles its tensors as numpy arrays (one memcpy each way).
-
-    Only its pickled form differs: in-process schedulers hand the object itself to the tasks.
-    """
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        fields = {f.name: _to_wire(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        return (_from_fields, (fields,))
-
-
-def ship(snap: Snapshot) -> ShippedSnapshot:
-    if isinstance(snap, ShippedSnapshot):
-        return snap
-    return ShippedSnapshot(**{f.name: getattr(snap, f.name) for f in dataclasses.fields(snap)})
-
-
-def _from_fields(fields: dict[str, Any]) -> ShippedSnapshot:
-    return ShippedSnapshot(**{k: _from_wire(v) for k, v in fields.items()})
-
-
-class _Array:
-    """Wire form of a CPU tensor: a numpy array plus what numpy cannot say (bf16, fp8)."""
-
-    __slots__ = ("array", "dtype", "shape")
-
-    def __init__(self, array: Any, dtype: str | None, shape: tuple[int, ...] | None) -> None:
-        self.array, self.dtype, self.shape = array, dtype, shape
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_Array, (self.array, self.dtype, self.shape))
-
-
-def _to_wire(value: Any) -> Any:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
-        try:
-            return _Array(t.numpy(), None, None)
-        except TypeError:  # no numpy dtype (bfloat16, float8): ship the raw bytes
-            return _Array(t.reshape(-1).view(torch.uint8).numpy(), str(t.dtype), tuple(t.shape))
-    if isinstance(value, dict):
-        return {k: _to_wire(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_wire(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_to_wire(v) for v in value)
-    return value
-
-
-def _from_wire(value: Any) -> Any:
-    import torch
-
-    if isinstance(value, _Array):
-        t = torch.from_numpy(value.array)
-        if value.dtype is not None:
-            t = t.view(getattr(torch, value.dtype.removeprefix("torch."))).reshape(value.shape)
-        return t
-    if isinstance(value, dict):
-        return {k: _from_wire(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_from_wire(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_from_wire(v) for v in value)
-    return value
 
 
 # --- backends ------------------------------------------------------------------------------------
@@ -387,9 +312,9 @@ class _Queued:
     """A process pool as dask's multiprocessing scheduler sees it, ``depth`` times as wide.
 
     That scheduler keeps at most one task per worker submitted and sends a task's dependents
-    only after its result has come back through the driver, a few milliseconds per hop (3.5 ms
-    here). A load followed by its pair left each worker idle ~25% of the time; with a second
-    task queued behind the running one, the worker goes straight on to it. Only queueing
+    only after its result has come back through the driver, a few milliseconds per hop, which
+    leaves each worker idle between tasks; with a second task queued behind the running one, the
+    worker goes straight on to it. Only queueing
     deepens: the pool still runs ``workers`` tasks at once.
     """
 
@@ -414,7 +339,7 @@ class LocalBackend(Backend):
         self.workers = 1 if kind == "synchronous" else (workers or cores)
         # Torch threads per worker: the cores split between the processes that probe at once, so
         # they do not oversubscribe the machine. Thread workers probe one at a time (see
-        # analysis._PROBE_LOCK), so each may use the cores; synchronous keeps the caller's setting.
+        # tasks._PROBE_LOCK), so each may use the cores; synchronous keeps the caller's setting.
         self.threads = None if kind == "synchronous" else split_cores(
             cores, 1 if kind == "threads" else self.workers)
         self.pool: Executor | None = None

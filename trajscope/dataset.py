@@ -1,0 +1,144 @@
+"""The metrics Dataset: pair metrics from :class:`PairStats`, stacked along ``step``, series
+metrics added over it; written atomically to ``analysis/metrics.nc`` and read back.
+
+Metric functions run in the driver: each takes microseconds, less than shipping it to a worker,
+and resumed pairs need them too. The Dataset is written to a temporary file and renamed, so it is
+never seen half-written. Worker processes never import xarray or h5netcdf.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from trajscope import format as fmt
+from trajscope import health
+from trajscope.errors import AnalysisError, RunFormatError
+from trajscope.persist import VERSION
+from trajscope.probe import PairStats, ProbeSettings
+from trajscope.registry import MetricSpec
+from trajscope.run import Run
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+__all__ = ["build_dataset", "import_libraries_in_background",
+           "open_metrics", "write_dataset"]
+
+
+
+def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndarray]],
+                  specs: dict[str, MetricSpec], run: Run, settings: ProbeSettings,
+                  objective_id: str) -> xr.Dataset:
+    """Stack per-pair metric values along ``step`` and add the series metrics. Pure."""
+    values = health.sanitize_values(stats, values, run)  # damage is local: affected metrics NaN, never ±Inf
+    steps = np.array([s.step for s in stats], dtype=np.int64)
+    layers = list(stats[0].layers) if stats else []
+    data_vars: dict[str, Any] = {}
+    for name, spec in specs.items():
+        if spec.kind != "pair":
+            continue
+        data_vars[name] = (("step", *spec.dims), np.stack([v[name] for v in values]), spec.attrs())
+        if spec.per_layer:
+            attrs = spec.attrs() | {"long_name": f"{spec.long_name} (per parameter tensor)"}
+            data_vars[f"{name}_by_layer"] = (
+                ("step", "layer"), np.stack([v[f"{name}_by_layer"] for v in values]), attrs
+            )
+    lr = np.array([s.lr[0] if len(s.lr) else np.nan for s in stats], dtype=np.float64)
+    coords = {
+        "step": ("step", steps, {"long_name": "pair start step t", "units": "optimizer step"}),
+        "alpha": ("alpha", np.asarray(settings.alphas), {"long_name": "line coordinate α",
+                                                        "units": "1",
+                                                        "description": "x_t + αΔ_t"}),
+        "layer": ("layer", np.array(layers, dtype=object), {"long_name": "parameter tensor"}),
+        "lr": ("step", lr, {"long_name": "learning rate (param group 0)", "units": "1"}),
+    }
+    import xarray as xr
+
+    ds = xr.Dataset(data_vars, coords=coords)
+    for name, spec in specs.items():
+        if spec.kind == "series":
+            ds[name] = ("step", np.asarray(spec.fn(ds), dtype=np.float64), spec.attrs())
+    manifest_bytes = (run.path / fmt.MANIFEST).read_bytes()
+    ds.attrs = {
+        "title": f"trajscope metrics of {run.path.name}",
+        "trajscope_version": VERSION,
+        "run": str(run.path.resolve()),
+        "run_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+        "run_status": run.status,
+        "objective": objective_id,
+        "probe": json.dumps(settings.to_json()),
+        "device": settings.device,
+        "eval_dtype": settings.dtype,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return health.add_flags(ds, stats, run)  # pair_flags (non-finite, zero update)
+
+
+def write_dataset(ds: xr.Dataset, path: Path) -> None:
+    """Write to a temp file, fsync, rename: readers see the old Dataset or the new one, whole."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # never write through a symlink planted at the temp name
+    try:
+        ds.to_netcdf(tmp, engine="h5netcdf")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def import_libraries_in_background() -> None:
+    """Import xarray, dask.array and h5netcdf while the pairs are probed, not after.
+
+    The driver needs them only to build and write the Dataset at the end, where their first
+    import (xarray, then the dask.array it probes for duck arrays, then h5netcdf) would be a
+    serial tail after the last pair. Worker processes never import them.
+    """
+    if "h5netcdf" in sys.modules:
+        return
+    # dask.compute imports `distributed` (when installed) to look for a client, in this thread, a
+    # moment from now. Import it first: two threads importing overlapping packages at once can
+    # meet in a circular import, which Python reports as a deadlock error in one of them. After
+    # this, this thread's remaining lazy imports (torch's) share no module with the ones below.
+    with contextlib.suppress(ImportError):
+        import distributed  # noqa: F401
+
+    def work() -> None:
+        with contextlib.suppress(Exception):  # the real import, later, reports any problem
+            import dask.array  # noqa: F401
+            import h5netcdf  # noqa: F401
+            import xarray  # noqa: F401
+
+    threading.Thread(target=work, name="trajscope-import", daemon=True).start()
+
+
+def open_metrics(run: str | Path | Sequence[str | Path]) -> xr.Dataset:
+    """Open the Dataset written by ``trajscope analyze``; several runs concat along ``run``."""
+    import xarray as xr
+
+    if isinstance(run, (list, tuple)):
+        parts = [open_metrics(p) for p in run]
+        names = [Path(p).name for p in run]
+        if len(set(names)) < len(names):  # runs/cnn/sgd and runs/convex/sgd: keep them apart
+            names = [str(p) for p in run]
+        return xr.concat(parts, dim=xr.DataArray(names, dims="run", name="run"), join="outer",
+                         combine_attrs="drop_conflicts")
+    if not Path(run).is_dir():
+        raise RunFormatError(f"{run}: no such run directory")
+    path = Path(run) / fmt.ANALYSIS_DIR / fmt.METRICS_FILE
+    if not path.exists():
+        raise RunFormatError(f"{path}: no analysis found; run `trajscope analyze {run}` first")
+    with xr.open_dataset(path, engine="h5netcdf") as ds:
+        return ds.load()

@@ -1,0 +1,211 @@
+"""What an analysis keeps on disk besides the Dataset: per-pair results and the run's lock.
+
+Each finished pair is persisted under ``analysis/pairs/pair_<t>.safetensors`` by the task that
+computed it, tagged with the digest of the probe settings and objective, so an interrupted
+analysis (even SIGKILL) resumes where it stopped, and new recorded steps only cost their new
+pairs. ``analysis/.lock`` keeps two analyses from writing one run's ``analysis/`` at once.
+:class:`PairTable` holds every pair's results in memory until the Dataset is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trajscope import format as fmt
+from trajscope.errors import AnalysisError
+from trajscope.probe import PairStats, ProbeSettings
+
+__all__ = ["VERSION", "PairTable", "analysis_lock", "load_pair", "pair_path",
+           "remove_stale_temporaries", "save_pair", "settings_digest"]
+
+from trajscope._version import VERSION
+"""The analyzer's version: part of the settings digest, and written into the Dataset."""
+
+
+# --- per-pair partial results --------------------------------------------------------------------
+
+
+def pair_path(pairs_dir: Path, step: int) -> Path:
+    return pairs_dir / f"pair_{step:08d}.safetensors"
+
+
+def save_pair(path: Path, stats: PairStats, digest: str) -> None:
+    import safetensors.numpy
+
+    meta = {"digest": digest, "step": str(stats.step), "layers": json.dumps(list(stats.layers))}
+    data = safetensors.numpy.save(
+        {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in stats.to_tensors().items()},
+        metadata=meta,
+    )
+    # Temp file + rename: a kill at any moment leaves the old state or the whole new file. No
+    # fsync: after a power cut a torn file fails to parse and the pair is simply recomputed.
+    fmt.atomic_write_bytes(path, data)
+
+
+def load_pair(path: Path, digest: str) -> PairStats | None:
+    """A persisted pair if it exists and was computed with the same settings, else None."""
+    import safetensors.numpy
+
+    if not path.exists():
+        return None
+    try:
+        header = fmt.read_safetensors_header(path)
+        meta = header.get("__metadata__", {})
+        if meta.get("digest") != digest:
+            return None
+        tensors = safetensors.numpy.load(path.read_bytes())
+        return PairStats.from_tensors(int(meta["step"]), tuple(json.loads(meta["layers"])), tensors)
+    except Exception:  # noqa: BLE001 - a damaged partial result is simply recomputed
+        return None
+
+
+def settings_digest(settings: ProbeSettings, objective_id: str) -> str:
+    """The tag of persisted pairs: sha256 of the analyzer version, probe settings and objective."""
+    blob = json.dumps({"v": VERSION, "probe": settings.to_json(), "objective": objective_id},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class PairTable:
+    """Every pair's :class:`PairStats`, packed into arrays allocated once per field.
+
+    Why not a dict of PairStats: a pair's results are a few dozen small arrays that live to the
+    end of the analysis, allocated (numpy data, torch storage) in the heap where the probe also
+    allocates and frees megabytes of tensors. Each small survivor pins the freed memory around it
+    (glibc returns a heap region to the OS only when nothing in it is alive), so memory would grow
+    with the run. Copied here as they arrive, a pair's own arrays are freed at once and nothing
+    small stays behind between the probes.
+    """
+
+    def __init__(self, steps: Sequence[int]) -> None:
+        self._row = {t: i for i, t in enumerate(steps)}
+        self._arrays: dict[str, np.ndarray] = {}
+        self._filled: dict[str, np.ndarray] = {}
+        self._layers: dict[int, tuple[str, ...]] = {}
+        self._odd: dict[int, PairStats] = {}  # a pair whose shapes differ from the first (never seen)
+
+    def __contains__(self, step: int) -> bool:
+        return step in self._layers or step in self._odd
+
+    def __len__(self) -> int:
+        return len(self._layers) + len(self._odd)
+
+    def put(self, stats: PairStats) -> None:
+        i = self._row[stats.step]
+        flat = stats.to_tensors()
+        n = len(self._row)
+        for key, value in flat.items():
+            value = np.asarray(value, dtype=np.float64)
+            arr = self._arrays.get(key)
+            if arr is None:
+                arr = self._arrays[key] = np.full((n, *value.shape), np.nan)
+                self._filled[key] = np.zeros(n, dtype=bool)
+            if arr.shape[1:] != value.shape:
+                self._odd[stats.step] = stats
+                return
+        for key, value in flat.items():
+            self._arrays[key][i] = value
+            self._filled[key][i] = True
+        self._layers[stats.step] = tuple(stats.layers)
+
+    def get(self, step: int) -> PairStats:
+        if step in self._odd:
+            return self._odd[step]
+        i = self._row[step]
+        views = {k: a[i] for k, a in self._arrays.items() if self._filled[k][i]}
+        return PairStats.from_tensors(step, self._layers[step], views)
+
+
+def load_persisted(table: PairTable, pairs_dir: Path, steps: Sequence[int], digest: str) -> None:
+    """Put into ``table`` every pair of ``steps`` persisted with the same settings."""
+    for t in steps:
+        s = load_pair(pair_path(pairs_dir, t), digest)
+        if s is not None:
+            table.put(s)
+
+
+# --- one analysis at a time per run --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def analysis_lock(analysis_dir: Path) -> Iterator[None]:
+    """Hold ``analysis/.lock`` for the whole analysis, or fail at once naming the holder.
+
+    An OS lock (flock), not a marker file: the kernel releases it when its holder dies, even by
+    SIGKILL, so a killed analysis never blocks the next one. (On network filesystems without
+    flock support the lock is advisory at best; the per-file writes are atomic regardless.)
+    """
+    analysis_dir.mkdir(parents=True, exist_ok=True)
+    path = analysis_dir / fmt.LOCK_FILE
+    fh = open(path, "a+", encoding="utf-8")
+    try:
+        if not _try_lock(fh):
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown process"
+            raise AnalysisError(
+                f"{analysis_dir}: another analysis of this run is writing here ({holder}); wait "
+                "for it to finish (analyze(..., write=False) computes without writing)"
+            )
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
+            _unlock(fh)
+    finally:
+        fh.close()
+
+
+def _try_lock(fh: Any) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            fh.seek(0)
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _unlock(fh: Any) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        fh.seek(0)
+        msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
+        return
+    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def remove_stale_temporaries(analysis_dir: Path) -> None:
+    """Temp files left by a killed analysis (the lock is ours, so none is being written now)."""
+    for d in (analysis_dir, analysis_dir / fmt.PAIRS_DIR):
+        if d.is_dir():
+            for f in d.glob(".*.tmp-*"):
+                with contextlib.suppress(OSError):
+                    f.unlink()
