@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from trajscope import format as fmt
 from trajscope.errors import AnalysisError, RunFormatError
 from trajscope.figures import (
     FIGURES,
@@ -59,7 +60,7 @@ __all__ = [
     "loss_line_shape",
 ]
 
-REPORT_DIR = "report"
+REPORT_DIR = fmt.REPORT_DIR
 
 summary_rows = table_rows
 """The summary table's numbers for one run (:func:`trajscope.summary.table_rows`)."""

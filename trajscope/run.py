@@ -154,8 +154,8 @@ class Run:
         skipped = sum(1 for s in self.scalars if s.get("skipped"))
         if skipped:
             lines.append(f"skipped    {skipped} step(s) skipped by the optimizer (AMP)")
-        if (self.path / fmt.ANALYSIS_DIR / "metrics.nc").exists():
-            lines.append(f"analysis   {self.path / fmt.ANALYSIS_DIR / 'metrics.nc'}")
+        if (self.path / fmt.ANALYSIS_DIR / fmt.METRICS_FILE).exists():
+            lines.append(f"analysis   {self.path / fmt.ANALYSIS_DIR / fmt.METRICS_FILE}")
         return "\n".join(one_line(line) for line in lines)  # values from the run: no escapes
 
 
