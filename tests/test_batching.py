@@ -1,7 +1,13 @@
-"""Batched line evaluation (vmap over α, in chunks) equals point-by-point evaluation."""
+"""Batched line evaluation (vmap over α, in chunks) equals point-by-point evaluation.
+
+The batched path falls back to the point loop with a ProbeWarning when vmap fails; every test here
+that compares the two turns that warning into an error and checks which path ran, so a broken
+batched path fails them instead of being hidden by the fallback.
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +16,14 @@ import torch
 from torch.func import functional_call
 
 import trajscope
+import trajscope.line as line_mod
 import trajscope.probe as probe
 from problems import make_mlp, make_mlp_dropout, train_classifier
-from trajscope.errors import AnalysisError
+from trajscope.errors import AnalysisError, ProbeWarning
 from trajscope.probe import ProbeSettings, alpha_grid
+
+# A fallback from the batched path is an error in this file unless a test expects it (pytest.warns).
+pytestmark = pytest.mark.filterwarnings("error::trajscope.errors.ProbeWarning")
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +52,20 @@ def line_inputs(run_dir: Path, factory, dtype: torch.dtype, points: int = 9):  #
     return f, x0, delta, alphas, snap.rng
 
 
-def line(inputs, *, batched: bool, chunk: int | None = None, replay: bool = False):  # noqa: ANN001, ANN201
+def line(inputs, *, batched: bool, chunk: int | None = None, replay: bool = False,  # noqa: ANN001, ANN201
+         expect_path: bool = True):
+    """ℓ, ℓ' by the probe's line evaluation; with ``expect_path``, fails unless the path asked
+    for (batched or point by point) is the one that ran, without a fallback warning."""
     f, x0, delta, alphas, rng = inputs
     settings = ProbeSettings(alphas=tuple(alphas.tolist()), batched=batched, chunk_size=chunk,
                              dtype="float64" if alphas.dtype == torch.float64 else "float32")
-    return probe._line(f, x0, delta, alphas, settings, rng, replay)
+    if not expect_path:
+        return probe._line(f, x0, delta, alphas, settings, rng, replay)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProbeWarning)
+        vals, ders, ran_batched = line_mod._line_and_path(f, x0, delta, alphas, settings, rng, replay)
+    assert ran_batched == batched, "the batched path did not run" if batched else "the point loop did not run"
+    return vals, ders
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
@@ -77,7 +96,7 @@ def test_batched_equals_pointwise_with_dropout_replay(runs: dict[str, Path]) -> 
 
 def _oom_above(limit: int, sizes: list[int]):  # noqa: ANN202
     """A vmap that fails like an out-of-memory device for chunks of more than ``limit`` points."""
-    real = probe.vmap
+    real = line_mod.vmap
 
     def fake_vmap(fn, **kw):  # noqa: ANN001, ANN003, ANN202
         batched = real(fn, **kw)
@@ -98,8 +117,8 @@ def test_out_of_memory_halves_the_chunk(runs: dict[str, Path], monkeypatch: pyte
     inputs = line_inputs(runs["mlp"], make_mlp, torch.float64)
     want = line(inputs, batched=False)
     sizes: list[int] = []
-    monkeypatch.setattr(probe, "vmap", _oom_above(5, sizes))
-    monkeypatch.setattr(probe, "_CHUNK_HINTS", {})
+    monkeypatch.setattr(line_mod, "vmap", _oom_above(5, sizes))
+    monkeypatch.setattr(line_mod, "_CHUNK_HINTS", {})
     got = line(inputs, batched=True)
     assert sizes == [17, 8, 4, 4, 4, 4, 1]  # 17 and 8 fail; then chunks of 4 (and the rest)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
@@ -114,25 +133,32 @@ def test_out_of_memory_even_for_one_point_falls_back_then_fails_clearly(
         runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     inputs = line_inputs(runs["mlp"], make_mlp, torch.float64)
     want = line(inputs, batched=False)
-    monkeypatch.setattr(probe, "vmap", _oom_above(0, []))
-    monkeypatch.setattr(probe, "_CHUNK_HINTS", {})
-    got = line(inputs, batched=True)  # vmap cannot run at all: point by point, same numbers
+    monkeypatch.setattr(line_mod, "vmap", _oom_above(0, []))
+    monkeypatch.setattr(line_mod, "_CHUNK_HINTS", {})
+    # vmap cannot run at all: point by point, same numbers, and a warning that says why
+    with pytest.warns(ProbeWarning, match=r"evaluated batched with vmap \(OutOfMemoryError: CUDA out of memory"):
+        got = line(inputs, batched=True, expect_path=False)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12 * np.abs(want[1]).max())
 
     def no_memory(*a, **k):  # noqa: ANN002, ANN003, ANN202
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(probe, "jvp", no_memory)
+    monkeypatch.setattr(line_mod, "jvp", no_memory)
     with pytest.raises(AnalysisError, match=r"device='cpu': out of memory evaluating the loss at a single"):
-        line(inputs, batched=True)
+        line(inputs, batched=True, expect_path=False)  # no fallback warning: the fallback failed too
 
 
-def test_analysis_batched_equals_pointwise(runs: dict[str, Path]) -> None:
+def test_analysis_batched_equals_pointwise(runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = _count_batched_lines(monkeypatch)
     a = trajscope.analyze(runs["mlp"], make_mlp, dtype="float64", write=False, progress=False)
+    assert lines == [a.sizes["step"]], "every pair's line is computed by the batched path"
     b = trajscope.analyze(runs["mlp"], make_mlp, dtype="float64", batched=False, write=False,
                           progress=False)
+    assert lines == [a.sizes["step"]], "batched=False never calls the batched path"
     c = trajscope.analyze(runs["mlp"], make_mlp, dtype="float64", chunk_size=3, write=False,
                           progress=False)
+    assert lines == [2 * a.sizes["step"]]
     loss_scale = np.abs(a.loss_line.values).max()  # residuals ≈ 0 are differences of losses
     for ds in (b, c):
         for name in a.data_vars:
@@ -140,6 +166,29 @@ def test_analysis_batched_equals_pointwise(runs: dict[str, Path]) -> None:
             np.testing.assert_allclose(ds[name].values, want, rtol=1e-9,
                                        atol=1e-12 * max(np.nanmax(np.abs(want)), loss_scale),
                                        equal_nan=True, err_msg=name)
+
+
+def _count_batched_lines(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A one-element list counting the batched line evaluations that returned (a spy)."""
+    count = [0]
+    real = line_mod._line_batched
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        out = real(*args, **kwargs)
+        count[0] += 1
+        return out
+
+    monkeypatch.setattr(line_mod, "_line_batched", spy)
+    return count
+
+
+def test_probe_records_the_path_that_ran(runs: dict[str, Path]) -> None:
+    run = trajscope.open_run(runs["mlp"])
+    snap, nxt = run.snapshot(1), run.snapshot(2)
+    batched = probe.probe_pair(make_mlp(), snap, nxt, ProbeSettings(dtype="float64"))
+    pointwise = probe.probe_pair(make_mlp(), snap, nxt, ProbeSettings(dtype="float64", batched=False))
+    assert batched.extras["line_batched"] == 1.0 and pointwise.extras["line_batched"] == 0.0
+    np.testing.assert_allclose(batched.loss_line, pointwise.loss_line, rtol=1e-12)
 
 
 def test_stacked_parameters_equal_pointwise_bit_for_bit_across_reused_buffers() -> None:
@@ -150,12 +199,12 @@ def test_stacked_parameters_equal_pointwise_bit_for_bit_across_reused_buffers() 
     for k, scale in [(17, 1.0), (17, -3.0), (5, 0.25), (17, 2.0)]:
         delta = {n: scale * torch.randn(t.shape, generator=gen) for n, t in x0.items()}
         alphas = torch.linspace(-0.5, 1.5, k)
-        stacked = probe._stack_on_line(x0, delta, alphas)
+        stacked = line_mod._stack_on_line(x0, delta, alphas)
         assert {n: t.shape for n, t in stacked.items()} == {n: (k, *t.shape) for n, t in x0.items()}
         for i, a in enumerate(alphas):
-            point = probe._on_line(x0, delta, a)
+            point = line_mod._on_line(x0, delta, a)
             for n in x0:
                 assert torch.equal(stacked[n][i], point[n]), (k, scale, i, n)
     # bounded memory: the stacks of the last two chunk shapes only
-    assert len(probe._STACK_BUFFERS) == 2
-    assert {k[0] for k in probe._STACK_BUFFERS} == {5, 17}
+    assert len(line_mod._STACK_BUFFERS) == 2
+    assert {k[0] for k in line_mod._STACK_BUFFERS} == {5, 17}

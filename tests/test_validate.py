@@ -163,7 +163,7 @@ def skipped(ds) -> dict[int, str]:
 
 # Only the synchronous scheduler: under "threads", concurrent torch.func.jvp calls intermittently
 # fail ("no level exists" for forward AD, whose dual levels are process-global in torch); that is a
-# scheduling matter reported to the analysis work (issue 4), not a property of damaged runs.
+# scheduling matter of the analysis, not a property of damaged runs.
 @pytest.mark.parametrize("scheduler", ["synchronous"])
 def test_damaged_step_costs_only_its_pairs(run_dir: Path, intact, scheduler: str) -> None:
     f = step_file(run_dir, 3)

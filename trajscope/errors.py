@@ -20,6 +20,7 @@ __all__ = [
     "MetricRegistrationError",
     "TrajscopeWarning",
     "DamagedRunWarning",
+    "ProbeWarning",
     "one_line",
 ]
 
@@ -54,6 +55,11 @@ class TrajscopeWarning(UserWarning):
 
 class DamagedRunWarning(TrajscopeWarning):
     """Part of a run is missing or damaged; only the affected pairs are skipped."""
+
+
+class ProbeWarning(TrajscopeWarning):
+    """The probe took a slower path with the same numbers (e.g. ``vmap`` could not batch the
+    α points, so they were evaluated one by one)."""
 
 
 def one_line(text: object, limit: int = 2000) -> str:

@@ -26,6 +26,7 @@ import numpy as np
 
 from trajscope import format as fmt
 from trajscope.errors import DamagedRunWarning, RunFormatError, TrajscopeError
+from trajscope.params import first, mismatches, shapes
 
 if TYPE_CHECKING:
     import torch
@@ -107,22 +108,19 @@ def snapshot_problem(snap: Snapshot | BadSnapshot, model: torch.nn.Module) -> st
     """
     if isinstance(snap, BadSnapshot):
         return snap.reason
-    slots = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    for name, shape in slots.items():
-        t = snap.params.get(name)
-        if t is None:
-            return f"step {snap.step}: snapshot lacks parameter {name!r}"
-        if tuple(t.shape) != shape:
-            return (f"step {snap.step}: parameter {name!r} has shape {tuple(t.shape)}, the run's "
-                    f"parameter has {shape}")
-    for name in snap.params:
-        if name not in slots:
-            return f"step {snap.step}: snapshot holds parameter {name!r}, which the run does not have"
-    for name, b in model.named_buffers():
-        t = snap.buffers.get(name)
-        if t is not None and tuple(t.shape) != tuple(b.shape):
-            return (f"step {snap.step}: buffer {name!r} has shape {tuple(t.shape)}, the model's has "
-                    f"{tuple(b.shape)}")
+    slots = shapes(dict(model.named_parameters()))
+    m = first(mismatches(slots, shapes(snap.params)))
+    if m is not None and m.kind == "missing":
+        return f"step {snap.step}: snapshot lacks parameter {m.name!r}"
+    if m is not None and m.kind == "shape":
+        return (f"step {snap.step}: parameter {m.name!r} has shape {m.actual}, the run's "
+                f"parameter has {m.expected}")
+    if m is not None:
+        return f"step {snap.step}: snapshot holds parameter {m.name!r}, which the run does not have"
+    b = first(mismatches(shapes(dict(model.named_buffers())), shapes(snap.buffers)), "shape")
+    if b is not None:
+        return (f"step {snap.step}: buffer {b.name!r} has shape {b.actual}, the model's has "
+                f"{b.expected}")
     return None
 
 

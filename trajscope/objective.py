@@ -29,6 +29,7 @@ import torch
 
 from trajscope.errors import ObjectiveError, TrajscopeError, one_line
 from trajscope.format import MANIFEST
+from trajscope.params import first, mismatches, shapes
 
 __all__ = ["Objective", "load_objective", "resolve_objective", "check_run_objective"]
 
@@ -188,31 +189,29 @@ def check_run_objective(objective: Objective, manifest: dict[str, Any]) -> Objec
     Raises:
         ObjectiveError: naming the first parameter or buffer that differs.
     """
-    slots = {n: tuple(p.shape) for n, p in objective.model.named_parameters()}
+    slots = shapes(dict(objective.model.named_parameters()))
     recorded = {str(q["name"]): tuple(int(d) for d in q["shape"]) for q in manifest["params"]}
-    for name, shape in recorded.items():
-        if name not in slots:
-            raise ObjectiveError(
-                f"parameter {name!r} is recorded but the objective's model has no such "
-                f"parameter (model has {len(slots)}: {_preview(slots)})"
-            )
-        if slots[name] != shape:
-            raise ObjectiveError(
-                f"parameter {name!r}: recorded shape {shape}, objective's model has {slots[name]}"
-            )
-    extra = [n for n in slots if n not in recorded]
-    if extra:
+    m = first(mismatches(recorded, slots))
+    if m is not None and m.kind == "missing":
         raise ObjectiveError(
-            f"parameter {extra[0]!r} of the objective's model was not recorded in the run "
+            f"parameter {m.name!r} is recorded but the objective's model has no such "
+            f"parameter (model has {len(slots)}: {_preview(slots)})"
+        )
+    if m is not None and m.kind == "shape":
+        raise ObjectiveError(
+            f"parameter {m.name!r}: recorded shape {m.expected}, objective's model has {m.actual}"
+        )
+    if m is not None:  # "extra": it would keep its initial value during the replay
+        raise ObjectiveError(
+            f"parameter {m.name!r} of the objective's model was not recorded in the run "
             f"(run has {len(recorded)}: {_preview(recorded)}); is this the model that was trained?"
         )
-    bslots = {n: tuple(b.shape) for n, b in objective.model.named_buffers()}
-    for q in manifest.get("buffers", []):
-        name, shape = str(q["name"]), tuple(int(d) for d in q["shape"])
-        if name in bslots and bslots[name] != shape:
-            raise ObjectiveError(
-                f"buffer {name!r}: recorded shape {shape}, objective's model has {bslots[name]}"
-            )
+    buffers = {str(q["name"]): tuple(int(d) for d in q["shape"]) for q in manifest.get("buffers", [])}
+    b = first(mismatches(buffers, shapes(dict(objective.model.named_buffers()))), "shape")
+    if b is not None:
+        raise ObjectiveError(
+            f"buffer {b.name!r}: recorded shape {b.expected}, objective's model has {b.actual}"
+        )
     return objective
 
 

@@ -79,7 +79,8 @@ class PairStats:
         lr: learning rate of each param group at step t.
         extras: scalar probe results beyond the line: ``loss_ref`` (f(x*; z_t), when a reference
             point was given) and ``sharpness``, ``sharpness_iterations``, ``sharpness_converged``
-            (when asked for). Absent keys read as NaN.
+            (when asked for), and ``line_batched`` (1.0 when ℓ(α), ℓ'(α) came from the batched
+            line evaluation, 0.0 when from the point-by-point one). Absent keys read as NaN.
     """
 
     step: int

@@ -27,26 +27,32 @@ Faithful replay of training conditions (see ``docs/metrics.md``, "Replay fidelit
 * every evaluation (each α chunk, G0, G1, f(x*), the sharpness graph) runs with the RNG state
   captured at the step's forward pass, so dropout draws the mask training drew, and the same mask
   along the whole line (``vmap(randomness="same")`` draws like the unbatched call: tested).
+
+The line evaluation itself (batching, chunking, the point-by-point fallback) is in
+:mod:`trajscope.line`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.func import functional_call, jvp, vmap
+from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from trajscope.errors import AnalysisError, ObjectiveError
+from trajscope.line import _line, _line_and_path, _replayed_rng  # noqa: F401  (_line: re-exported)
 from trajscope.objective import Objective
 from trajscope.pairs import TERMS, VECTORS, PairStats  # re-exported: the probe/metrics contract lives there
+from trajscope.params import first, mismatches, shapes
 from trajscope.run import Snapshot
+from trajscope.trees import tree_map
 
 __all__ = ["ProbeSettings", "PairStats", "TERMS", "VECTORS", "alpha_grid", "probe_pair"]
 
@@ -124,76 +130,38 @@ def check_objective(objective: Objective, params: Mapping[str, torch.Tensor],
                     buffers: Mapping[str, torch.Tensor]) -> None:
     """Raise ObjectiveError unless every recorded tensor has a same-shaped slot in the model."""
     slots = dict(objective.model.named_parameters())
-    for name, t in params.items():
-        if name not in slots:
-            raise ObjectiveError(
-                f"parameter {name!r} is recorded but the objective's model has no such parameter "
-                f"(model has {len(slots)}: {', '.join(list(slots)[:5])}{', …' if len(slots) > 5 else ''})"
-            )
-        if tuple(slots[name].shape) != tuple(t.shape):
-            raise ObjectiveError(
-                f"parameter {name!r}: recorded shape {tuple(t.shape)}, objective's model has "
-                f"{tuple(slots[name].shape)}"
-            )
-    bslots = dict(objective.model.named_buffers())
-    for name, t in buffers.items():
-        if name in bslots and tuple(bslots[name].shape) != tuple(t.shape):
-            raise ObjectiveError(
-                f"buffer {name!r}: recorded shape {tuple(t.shape)}, objective's model has "
-                f"{tuple(bslots[name].shape)}"
-            )
+    m = first(mismatches(shapes(params), shapes(slots)), "missing", "shape")
+    if m is not None and m.kind == "missing":
+        raise ObjectiveError(
+            f"parameter {m.name!r} is recorded but the objective's model has no such parameter "
+            f"(model has {len(slots)}: {', '.join(list(slots)[:5])}{', …' if len(slots) > 5 else ''})"
+        )
+    if m is not None:
+        raise ObjectiveError(
+            f"parameter {m.name!r}: recorded shape {m.expected}, objective's model has {m.actual}"
+        )
+    b = first(mismatches(shapes(buffers), shapes(dict(objective.model.named_buffers()))), "shape")
+    if b is not None:
+        raise ObjectiveError(f"buffer {b.name!r}: recorded shape {b.expected}, objective's model has {b.actual}")
 
 
 def _to(t: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` on ``device``; floating-point tensors also cast to the evaluation ``dtype``."""
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-
-
-def _map_batch(batch: Any, device: str, dtype: torch.dtype) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return _to(batch, device, dtype)
-    if isinstance(batch, tuple):
-        return tuple(_map_batch(b, device, dtype) for b in batch)
-    if isinstance(batch, list):
-        return [_map_batch(b, device, dtype) for b in batch]
-    if isinstance(batch, dict):
-        return {k: _map_batch(v, device, dtype) for k, v in batch.items()}
-    return batch
-
-
-@contextlib.contextmanager
-def _replayed_rng(rng: Mapping[str, torch.Tensor], enabled: bool) -> Iterator[None]:
-    """Run the block with the RNG state captured at the step's forward pass, then restore."""
-    if not enabled or "cpu" not in rng:
-        yield
-        return
-    saved = torch.get_rng_state()
-    cuda_saved = {}
-    try:
-        torch.set_rng_state(rng["cpu"])
-        for key, state in rng.items():
-            if key.startswith("cuda") and torch.cuda.is_available():
-                i = int(key[4:])
-                if i < torch.cuda.device_count():
-                    cuda_saved[i] = torch.cuda.get_rng_state(i)
-                    torch.cuda.set_rng_state(state, i)
-        yield
-    finally:
-        torch.set_rng_state(saved)
-        for i, state in cuda_saved.items():
-            torch.cuda.set_rng_state(state, i)
 
 
 def _layer_terms(vec: Mapping[str, Mapping[str, torch.Tensor | None]],
                  names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Every TERMS inner product ⟨a, b⟩ per layer, summed in float64; NaN where a vector is absent.
+    """Every TERMS inner product ⟨a, b⟩ = Σ_i a_i·b_i per layer, summed in float64; NaN where a
+    vector is absent.
 
     Each vector is cast to float64 once per layer (not once per term), and all the products go
     to the host in one transfer at the end: one device synchronisation per pair instead of one per
-    term and layer (~120 for a small MLP, most of a GPU pair's fixed cost).
+    term and layer.
     """
     out: list[torch.Tensor] = []
     for n in names:
-        device = vec["delta"][n].device  # type: ignore[union-attr]  (Δ_t always exists)
+        device = vec["delta"][n].device  # type: ignore[union-attr]  # Δ_t always exists
         flat: dict[str, torch.Tensor] = {}
         for a, b in TERMS:
             va, vb = vec[a][n], vec[b][n]
@@ -234,6 +202,53 @@ def _batchnorm_replay(model: torch.nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
+@dataclass
+class _Prepared:
+    """A pair ready to evaluate: the points on the evaluation device and dtype, and f.
+
+    Attributes:
+        names: the coordinates of x (parameter names), the order of every per-layer array.
+        x0, x1, delta: x_t, x_{t+1} and Δ_t = x_{t+1} − x_t, per parameter.
+        f: x ↦ f(x; z_t), the loss on the step's minibatch with the step's buffers.
+        model: the objective's model, on the device and in training's mode.
+        replay: whether evaluations run under the RNG state captured at the step's forward pass.
+        device, dtype: where and in which floating-point dtype everything is evaluated.
+    """
+
+    names: list[str]
+    x0: dict[str, torch.Tensor]
+    x1: dict[str, torch.Tensor]
+    delta: dict[str, torch.Tensor]
+    f: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    model: torch.nn.Module
+    replay: bool
+    device: str
+    dtype: torch.dtype
+
+    def on_device(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors[n]`` for every coordinate n, on the evaluation device and dtype."""
+        return {n: _to(tensors[n], self.device, self.dtype) for n in self.names}
+
+
+@dataclass
+class _Evaluation:
+    """What the model re-evaluation produced (the only stage that runs f).
+
+    Attributes:
+        loss_line, dloss_line: ℓ(α) and ℓ'(α) on the α grid (float64).
+        G0, G1: ∇f(x_t; z_t) and ∇f(x_{t+1}; z_t), per parameter.
+        xref: x* (the reference point) per parameter, when one was given.
+        extras: the scalar results that go to :attr:`PairStats.extras`.
+    """
+
+    loss_line: np.ndarray
+    dloss_line: np.ndarray
+    G0: dict[str, torch.Tensor]
+    G1: dict[str, torch.Tensor]
+    xref: dict[str, torch.Tensor] | None
+    extras: dict[str, float]
+
+
 def probe_pair(
     objective: Objective,
     snap: Snapshot,
@@ -247,6 +262,11 @@ def probe_pair(
 ) -> PairStats:
     """Probe the pair (snap.step, nxt.step) and reduce it to :class:`PairStats`.
 
+    Four stages: :func:`_prepare` (checks, points on the device, f), :func:`_evaluate` (ℓ, ℓ',
+    G0, G1, f(x*), sharpness), :func:`_vectors` (the :data:`VECTORS` per layer) and
+    :func:`_layer_terms` (the :data:`TERMS` inner products). ``extras["line_batched"]`` is 1.0
+    when ``vmap`` computed the line, 0.0 when it was evaluated point by point.
+
     Args:
         objective: the model skeleton and loss.
         snap, nxt: snapshots of x_t (with g_t and z_t) and x_{t+1}.
@@ -255,6 +275,31 @@ def probe_pair(
         init: snapshot of x_0, for the distance from initialisation (optional).
         ref: snapshot of the reference point x* of ``convexity_ratio_ref`` (optional).
         trainable: names of the coordinates of x (default: every parameter with a gradient).
+    """
+    prep = _prepare(objective, snap, nxt, settings, ref=ref, trainable=trainable)
+    ev = _evaluate(prep, snap, settings, ref=ref)
+    vec = _vectors(prep, ev, snap, nxt, prev=prev, init=init)
+    return PairStats(
+        step=snap.step,
+        alpha=np.asarray(settings.alphas, dtype=np.float64),
+        loss_line=ev.loss_line,
+        dloss_line=ev.dloss_line,
+        terms=_layer_terms(vec, prep.names),
+        layers=tuple(prep.names),
+        loss_recorded=snap.loss if snap.loss is not None else float("nan"),
+        lr=np.asarray(snap.lr, dtype=np.float64),
+        extras=ev.extras,
+    )
+
+
+def _prepare(objective: Objective, snap: Snapshot, nxt: Snapshot, settings: ProbeSettings, *,
+             ref: Snapshot | None, trainable: list[str] | None) -> _Prepared:
+    """Check the pair, put x_t, x_{t+1} and Δ_t = x_{t+1} − x_t on the device, and build
+    f(x) = loss(model with parameters x and the step's buffers, z_t).
+
+    Raises:
+        AnalysisError: no minibatch, steps not consecutive, a neighbour lacks a coordinate.
+        ObjectiveError: the recorded tensors do not fit the objective's model.
     """
     if snap.batch is None:
         raise AnalysisError(f"step {snap.step}: snapshot holds no minibatch; cannot probe the pair")
@@ -281,7 +326,7 @@ def probe_pair(
     delta = {n: x1[n] - x0[n] for n in names}
     fixed = {f"model.{n}": _to(t, dev, dt) for n, t in snap.params.items() if n not in x0}
     buffers = {f"model.{n}": _to(t, dev, dt) for n, t in snap.buffers.items()}
-    batch = _map_batch(snap.batch, dev, dt)
+    batch = tree_map(lambda t: _to(t, dev, dt), snap.batch, leaf=torch.Tensor)
     replay = bool(snap.training) and bool(snap.rng)
     if replay and str(dev).startswith("cuda") and not any(k.startswith("cuda") for k in snap.rng):
         # Random ops (dropout) on a GPU draw from the CUDA generator, whose state this run did not
@@ -290,7 +335,7 @@ def probe_pair(
         warnings.warn(
             f"the run trained on the CPU but is analyzed on {dev}: random ops (dropout) "
             "cannot be replayed on another device's generator; use --device cpu for exact replay",
-            RuntimeWarning, stacklevel=2,
+            RuntimeWarning, stacklevel=3,
         )
 
     def f(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -307,44 +352,90 @@ def probe_pair(
             )
         return out.reshape(())
 
+    return _Prepared(names, x0, x1, delta, f, model, replay, dev, dt)
+
+
+def _evaluate(prep: _Prepared, snap: Snapshot, settings: ProbeSettings, *,
+              ref: Snapshot | None) -> _Evaluation:
+    """Every evaluation of f for the pair, each under the step's replayed RNG state:
+
+    * ℓ(α) = f(x_t + αΔ_t) and ℓ'(α) = ⟨∇f(x_t + αΔ_t), Δ_t⟩ on the α grid (forward mode);
+    * G0 = ∇f(x_t) and G1 = ∇f(x_{t+1}) (reverse mode);
+    * ``extras["loss_ref"]`` = f(x*) when a reference snapshot is given;
+    * ``extras["sharpness"]`` = λ_max(∇²f(x_t)) and its Lanczos diagnostics, when asked for;
+    * ``extras["line_batched"]``: 1.0 if ``vmap`` computed the line, 0.0 if the point loop did.
+    """
+    f, rng, replay = prep.f, snap.rng, prep.replay
     extras: dict[str, float] = {}
-    alphas = torch.tensor(settings.alphas, dtype=dt, device=dev)
-    with _batchnorm_replay(model):
-        loss_line, dloss_line = _line(f, x0, delta, alphas, settings, snap.rng, replay)
-        with _replayed_rng(snap.rng, replay):
-            G0 = _grad(f, x0)
-        with _replayed_rng(snap.rng, replay):
-            G1 = _grad(f, x1)
+    alphas = torch.tensor(settings.alphas, dtype=prep.dtype, device=prep.device)
+    with _batchnorm_replay(prep.model):
+        loss_line, dloss_line, batched = _line_and_path(f, prep.x0, prep.delta, alphas, settings, rng,
+                                                        replay)
+        with _replayed_rng(rng, replay):
+            G0 = _grad(f, prep.x0)
+        with _replayed_rng(rng, replay):
+            G1 = _grad(f, prep.x1)
         xref: dict[str, torch.Tensor] | None = None
         if ref is not None:
-            xref = {n: _to(ref.params[n], dev, dt) for n in names}
-            with torch.no_grad(), _replayed_rng(snap.rng, replay):
+            xref = prep.on_device(ref.params)
+            with torch.no_grad(), _replayed_rng(rng, replay):
                 extras["loss_ref"] = float(f(xref))
         if settings.sharpness:
-            from trajscope.sharpness import hessian_max_eig
+            extras.update(_sharpness(prep, snap, settings))
+    extras["line_batched"] = float(batched)
+    return _Evaluation(loss_line, dloss_line, G0, G1, xref, extras)
 
-            # The Hessian graph is built by one forward pass under the replayed RNG state: every
-            # Hessian-vector product then differentiates through the same dropout mask and the
-            # same batch statistics as ℓ and G0.
-            try:
-                with _replayed_rng(snap.rng, replay):
-                    res = hessian_max_eig(f, x0, max_iter=settings.sharpness_max_iter,
-                                          tol=settings.lanczos_tol, seed=snap.step)
-            except (ObjectiveError, AnalysisError):
-                raise
-            except RuntimeError as exc:
-                raise AnalysisError(
-                    f"step {snap.step}: sharpness needs Hessian-vector products (double backward) "
-                    f"through the objective, which failed: {exc}; analyze without --sharpness"
-                ) from exc
-            extras["sharpness"] = res.value
-            extras["sharpness_iterations"] = float(res.iterations)
-            extras["sharpness_converged"] = float(res.converged)
+
+def _sharpness(prep: _Prepared, snap: Snapshot, settings: ProbeSettings) -> dict[str, float]:
+    """λ_max(∇²f(x_t; z_t)) by Lanczos: ``sharpness``, ``sharpness_iterations``,
+    ``sharpness_converged`` (1.0/0.0).
+
+    The Hessian graph is built by one forward pass under the replayed RNG state: every
+    Hessian-vector product then differentiates through the same dropout mask and the same batch
+    statistics as ℓ and G0.
+
+    Raises:
+        AnalysisError: the objective does not support double backward.
+    """
+    from trajscope.sharpness import hessian_max_eig
+
+    try:
+        with _replayed_rng(snap.rng, prep.replay):
+            res = hessian_max_eig(prep.f, prep.x0, max_iter=settings.sharpness_max_iter,
+                                  tol=settings.lanczos_tol, seed=snap.step)
+    except (ObjectiveError, AnalysisError):
+        raise
+    except RuntimeError as exc:
+        raise AnalysisError(
+            f"step {snap.step}: sharpness needs Hessian-vector products (double backward) "
+            f"through the objective, which failed: {exc}; analyze without --sharpness"
+        ) from exc
+    return {
+        "sharpness": res.value,
+        "sharpness_iterations": float(res.iterations),
+        "sharpness_converged": float(res.converged),
+    }
+
+
+def _vectors(prep: _Prepared, ev: _Evaluation, snap: Snapshot, nxt: Snapshot, *,
+             prev: Snapshot | None, init: Snapshot | None) -> dict[str, dict[str, torch.Tensor | None]]:
+    """The :data:`VECTORS`, name → parameter → tensor (None where a vector is unavailable).
+
+    Recorded gradients missing for a parameter (unused in the step) count as zero. g_next and
+    dg = g_{t+1} − g_t need a gradient at step t+1; x_dist = x_t − x_0 needs ``init``; g_prev and
+    delta_prev = x_t − x_{t−1} need ``prev`` to be step t−1 with a gradient; x_ref = x_t − x*
+    needs a reference point.
+    """
+    x0, delta, G0, G1, xref = prep.x0, prep.delta, ev.G0, ev.G1, ev.xref
+    has_prev = prev is not None and prev.step == snap.step - 1 and prev.has_grad
+
+    def grad_of(s: Snapshot, n: str) -> torch.Tensor:
+        g = s.grads.get(n)
+        return _to(g, prep.device, prep.dtype) if g is not None else torch.zeros_like(x0[n])
 
     vec: dict[str, dict[str, torch.Tensor | None]] = {k: {} for k in VECTORS}
-    for n in names:
-        g = snap.grads.get(n)
-        g = _to(g, dev, dt) if g is not None else torch.zeros_like(x0[n])  # None grad: unused param
+    for n in prep.names:
+        g = grad_of(snap, n)
         vec["delta"][n] = delta[n]
         vec["G0"][n] = G0[n]
         vec["G1"][n] = G1[n]
@@ -354,34 +445,21 @@ def probe_pair(
         vec["x"][n] = x0[n]
         vec["x_ref"][n] = x0[n] - xref[n] if xref is not None else None
         if nxt.has_grad:
-            gn = nxt.grads.get(n)
-            gn = _to(gn, dev, dt) if gn is not None else torch.zeros_like(x0[n])
+            gn = grad_of(nxt, n)
             vec["g_next"][n] = gn
             vec["dg"][n] = gn - g
         else:
             vec["g_next"][n] = vec["dg"][n] = None
         if init is not None:
-            vec["x_dist"][n] = x0[n] - _to(init.params[n], dev, dt)
+            vec["x_dist"][n] = x0[n] - _to(init.params[n], prep.device, prep.dtype)
         else:
             vec["x_dist"][n] = None
-        if prev is not None and prev.step == snap.step - 1 and prev.has_grad:
-            gp = prev.grads.get(n)
-            vec["g_prev"][n] = _to(gp, dev, dt) if gp is not None else torch.zeros_like(x0[n])
-            vec["delta_prev"][n] = x0[n] - _to(prev.params[n], dev, dt)
+        if has_prev and prev is not None:
+            vec["g_prev"][n] = grad_of(prev, n)
+            vec["delta_prev"][n] = x0[n] - _to(prev.params[n], prep.device, prep.dtype)
         else:
             vec["g_prev"][n] = vec["delta_prev"][n] = None
-    terms = _layer_terms(vec, names)
-    return PairStats(
-        step=snap.step,
-        alpha=np.asarray(settings.alphas, dtype=np.float64),
-        loss_line=loss_line,
-        dloss_line=dloss_line,
-        terms=terms,
-        layers=tuple(names),
-        loss_recorded=snap.loss if snap.loss is not None else float("nan"),
-        lr=np.asarray(snap.lr, dtype=np.float64),
-        extras=extras,
-    )
+    return vec
 
 
 def _grad(f: Any, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -392,141 +470,5 @@ def _grad(f: Any, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     return {
         n: (g.detach() if g is not None else torch.zeros_like(x[n]))
-        for n, g in zip(leaves, grads)
+        for n, g in zip(leaves, grads, strict=True)
     }
-
-
-def _line(f: Any, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
-          alphas: torch.Tensor, settings: ProbeSettings, rng: Mapping[str, torch.Tensor],
-          replay: bool) -> tuple[np.ndarray, np.ndarray]:
-    """ℓ(α) and ℓ'(α) at every grid point.
-
-    Batched (the default): all α points in one ``vmap`` over stacked parameters, in chunks that
-    shrink automatically when a chunk does not fit in memory. Point by point when
-    ``settings.batched`` is False or the model cannot be vmapped (same numbers: both paths build
-    x_t + αΔ_t with the same two roundings and run the same jvp; tested).
-    """
-    with torch.no_grad():
-        if settings.batched:
-            try:
-                return _line_batched(f, x0, delta, alphas, settings.chunk_size, rng, replay,
-                                     settings.device)
-            except ObjectiveError:
-                raise
-            except Exception:  # noqa: BLE001 - modules vmap cannot batch: fall back, same result
-                pass
-        vals, ders = [], []
-        try:
-            for a in alphas:
-                with _replayed_rng(rng, replay):
-                    v, d = jvp(f, (_on_line(x0, delta, a),), (delta,))
-                vals.append(float(v))
-                ders.append(float(d))
-        except Exception as exc:
-            if _is_oom(exc):
-                raise AnalysisError(
-                    f"device={settings.device!r}: out of memory evaluating the loss at a single α "
-                    "point; the model and minibatch do not fit on this device"
-                ) from None
-            raise
-    return np.array(vals, dtype=np.float64), np.array(ders, dtype=np.float64)
-
-
-def _on_line(x0: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
-             a: torch.Tensor) -> dict[str, torch.Tensor]:
-    """x_t + aΔ_t. ``a`` is a 0-d tensor (one point) or shaped ``[k, 1, …]`` (k stacked points):
-    the same elementwise multiply-then-add either way, so batched and pointwise inputs are equal
-    bit for bit."""
-    return {n: x0[n] + a * delta[n] for n in x0}
-
-
-# α points per vmap call known to fit, per (device, parameter count): learned on out-of-memory so
-# that the following pairs start from a size that fits instead of failing again.
-_CHUNK_HINTS: dict[tuple[str, int], int] = {}
-
-
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    msg = str(exc)
-    # CPU allocation failures surface as plain RuntimeErrors from c10's allocator
-    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
-
-
-def _release_cached_memory(device: str) -> None:
-    _STACK_BUFFERS.clear()
-    if device.startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# The [k, …] parameter stacks of the last two chunk shapes (a line split into chunks ends with a
-# shorter one), kept between calls; the probe runs one at a time per process. On the CPU a fresh
-# k × (model size) allocation cost more than the line evaluation itself: memory freshly handed out
-# by glibc was written at ~3 GB/s on the development VM (5.5 ms of the 10.7 ms a batched pair took
-# for the 101k-parameter reference MLP at K = 17 and minibatch 16; 0.4 ms into reused buffers).
-# CUDA's caching allocator already reuses its blocks.
-_STACK_BUFFERS: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
-
-
-def _stack_on_line(x0: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
-                   a: torch.Tensor) -> dict[str, torch.Tensor]:
-    """x_t + aΔ_t for k points at once (``a`` of shape [k]), as [k, …] tensors.
-
-    Computed as ``a·Δ`` then ``+ x_t`` into reused buffers: the same two roundings as
-    :func:`_on_line`, so every slice equals the pointwise parameters bit for bit (tested).
-    """
-    first = next(iter(x0.values()))
-    if first.device.type != "cpu":
-        return {n: x0[n] + a.view((-1,) + (1,) * x0[n].dim()) * delta[n] for n in x0}
-    key = (len(a), first.dtype, tuple((n, tuple(t.shape)) for n, t in x0.items()))
-    bufs = _STACK_BUFFERS.get(key)
-    if bufs is None:
-        while len(_STACK_BUFFERS) >= 2:
-            del _STACK_BUFFERS[next(iter(_STACK_BUFFERS))]
-        bufs = _STACK_BUFFERS[key] = {
-            n: torch.empty((len(a),) + tuple(t.shape), dtype=t.dtype) for n, t in x0.items()
-        }
-    for n, t in x0.items():
-        torch.mul(delta[n], a.view((-1,) + (1,) * t.dim()), out=bufs[n])
-        bufs[n].add_(t)
-    return bufs
-
-
-def _line_batched(f: Any, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
-                  alphas: torch.Tensor, chunk: int | None, rng: Mapping[str, torch.Tensor],
-                  replay: bool, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    # The parameters of a chunk of k points are stacked once, as [k, …] tensors, and vmap maps the
-    # jvp over that leading dim. Stacking outside vmap is cheaper than letting vmap broadcast
-    # x_t + αΔ_t per op, and the tangent Δ_t stays unbatched, so Δ_t·h products become one large
-    # matmul over k·batch rows. randomness="same": one dropout mask for all α, drawn from the
-    # replayed state, which is the mask the unbatched evaluation at that state would draw.
-    batched = vmap(lambda p: jvp(f, (p,), (delta,)), randomness="same" if replay else "error")
-    n = len(alphas)
-    key = (device, sum(t.numel() for t in x0.values()))
-    size = min(n, max(1, chunk) if chunk else n, _CHUNK_HINTS.get(key, n))
-    vals: list[torch.Tensor] = []
-    ders: list[torch.Tensor] = []
-    i = 0
-    while i < n:
-        a = alphas[i : i + size]
-        stacked: dict[str, torch.Tensor] | None = None
-        oom = False
-        try:
-            with _replayed_rng(rng, replay):
-                stacked = _stack_on_line(x0, delta, a)
-                v, d = batched(stacked)
-        except Exception as exc:
-            if size == 1 or not _is_oom(exc):
-                raise
-            oom = True  # handled below, once the exception (and the memory it pins) is released
-        if oom:
-            stacked = None
-            size = max(1, size // 2)
-            _CHUNK_HINTS[key] = size
-            _release_cached_memory(device)
-            continue
-        vals.append(v.detach().double().cpu())
-        ders.append(d.detach().double().cpu())
-        del stacked, v, d
-        i += size
-    return torch.cat(vals).numpy(), torch.cat(ders).numpy()

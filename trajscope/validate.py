@@ -19,6 +19,7 @@ import torch
 from trajscope import format as fmt
 from trajscope import health
 from trajscope.errors import TrajscopeError, one_line
+from trajscope.params import dtypes, mismatches, shapes
 from trajscope.run import Run, Snapshot, _ranges, open_run, read_snapshot
 
 __all__ = ["ValidationReport", "validate_run"]
@@ -156,21 +157,19 @@ def _check_against_manifest(file: Path, snap: Snapshot, run: Run, rep: Validatio
     if final == snap.step and snap.kind != fmt.KIND_FINAL:
         rep.problems.append(f"{file}: the manifest names step {final} final, but the file holds a "
                             "training step")
-    for name, spec in specs.items():
-        t = snap.params.get(name)
-        if t is None:
-            rep.problems.append(f"{file}: parameter {name!r} is missing")
-            continue
-        if list(t.shape) != list(spec["shape"]):
-            rep.problems.append(
-                f"{file}: parameter {name!r} has shape {list(t.shape)}, manifest says {spec['shape']}"
-            )
-        dtype = str(t.dtype).removeprefix("torch.")
-        if spec.get("dtype") not in (None, dtype):
-            rep.problems.append(f"{file}: parameter {name!r} is {dtype}, manifest says {spec['dtype']}")
-    for name in snap.params:
-        if name not in specs:
-            rep.problems.append(f"{file}: parameter {name!r} is not in the manifest")
+    found = mismatches({n: q["shape"] for n, q in specs.items()}, shapes(snap.params),
+                       expected_dtypes={n: q.get("dtype") for n, q in specs.items()},
+                       actual_dtypes=dtypes(snap.params))
+    for mm in found:
+        if mm.kind == "missing":
+            rep.problems.append(f"{file}: parameter {mm.name!r} is missing")
+        elif mm.kind == "shape":
+            rep.problems.append(f"{file}: parameter {mm.name!r} has shape {list(mm.actual)}, manifest says "
+                                f"{specs[mm.name]['shape']}")
+        elif mm.kind == "dtype":
+            rep.problems.append(f"{file}: parameter {mm.name!r} is {mm.actual}, manifest says {mm.expected}")
+        else:
+            rep.problems.append(f"{file}: parameter {mm.name!r} is not in the manifest")
     if snap.kind == fmt.KIND_STEP:
         if snap.batch is None:
             rep.problems.append(f"{file}: training step without its minibatch (batch_tree missing)")

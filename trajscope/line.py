@@ -1,0 +1,223 @@
+"""The line ℓ(α) = f(x_t + αΔ_t; z_t) and ℓ'(α) = ⟨∇f(x_t + αΔ_t; z_t), Δ_t⟩ on the α grid.
+
+Both come from one forward-mode pass per point (``torch.func.jvp``: value and directional
+derivative together). The points are batched with ``torch.func.vmap`` in chunks that shrink when a
+chunk does not fit in memory; a model ``vmap`` cannot batch is evaluated point by point instead,
+with the same numbers and a :class:`~trajscope.errors.ProbeWarning` that names the reason. Every
+evaluation runs under the RNG state captured at the step's forward pass (:func:`_replayed_rng`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import jvp, vmap
+
+from trajscope.errors import AnalysisError, ObjectiveError, ProbeWarning, one_line
+
+__all__: list[str] = []  # private to the probe (trajscope.probe)
+
+Loss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+"""f(x; z_t) of named parameter tensors, a 0-d tensor."""
+
+
+@contextlib.contextmanager
+def _replayed_rng(rng: Mapping[str, torch.Tensor], enabled: bool) -> Iterator[None]:
+    """Run the block with the RNG state captured at the step's forward pass, then restore."""
+    if not enabled or "cpu" not in rng:
+        yield
+        return
+    saved = torch.get_rng_state()
+    cuda_saved = {}
+    try:
+        torch.set_rng_state(rng["cpu"])
+        for key, state in rng.items():
+            if key.startswith("cuda") and torch.cuda.is_available():
+                i = int(key[4:])
+                if i < torch.cuda.device_count():
+                    cuda_saved[i] = torch.cuda.get_rng_state(i)
+                    torch.cuda.set_rng_state(state, i)
+        yield
+    finally:
+        torch.set_rng_state(saved)
+        for i, state in cuda_saved.items():
+            torch.cuda.set_rng_state(state, i)
+
+
+
+
+def _line(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+          alphas: torch.Tensor, settings: Any, rng: Mapping[str, torch.Tensor],
+          replay: bool) -> tuple[np.ndarray, np.ndarray]:
+    """ℓ(α) and ℓ'(α) at every grid point (float64 arrays); see :func:`_line_and_path`."""
+    vals, ders, _ = _line_and_path(f, x0, delta, alphas, settings, rng, replay)
+    return vals, ders
+
+
+def _line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+                   alphas: torch.Tensor, settings: Any, rng: Mapping[str, torch.Tensor],
+                   replay: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+    """ℓ(α), ℓ'(α) at every grid point and whether the batched path computed them.
+
+    Batched (``settings.batched``, the default): all α points in one ``vmap`` over stacked
+    parameters, in chunks (``settings.chunk_size``) that shrink automatically when a chunk does
+    not fit in memory. Point by point when ``settings.batched`` is False, or, with a
+    :class:`~trajscope.errors.ProbeWarning` naming the exception, when the batched path fails
+    (a module ``vmap`` cannot batch). Both paths build x_t + αΔ_t with the same two roundings and
+    run the same jvp, so they give the same numbers (tested). An ObjectiveError (the loss is not
+    a scalar) is raised at once: the point loop would only fail the same way.
+
+    ``settings`` is a :class:`~trajscope.probe.ProbeSettings` (``batched``, ``chunk_size``,
+    ``device``).
+    """
+    fallback: str | None = None
+    with torch.no_grad():
+        if settings.batched:
+            try:
+                vals, ders = _line_batched(f, x0, delta, alphas, settings.chunk_size, rng, replay,
+                                           settings.device)
+                return vals, ders, True
+            except ObjectiveError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - modules vmap cannot batch: the point loop gives the same result
+                # Only the text is kept: the exception's frames would pin the failed chunk's memory.
+                fallback = f"{type(exc).__name__}: {one_line(exc, 300)}"
+        vals, ders = _line_pointwise(f, x0, delta, alphas, settings.device, rng, replay)
+    if fallback is not None:
+        # Warned only once the point loop has succeeded: when it fails too, its error says why.
+        warnings.warn(
+            f"the α points of the line could not be evaluated batched with vmap ({fallback}); they "
+            "were evaluated one by one instead (same numbers, slower)",
+            ProbeWarning, stacklevel=3,
+        )
+    return vals, ders, False
+
+
+def _line_pointwise(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+                    alphas: torch.Tensor, device: str, rng: Mapping[str, torch.Tensor],
+                    replay: bool) -> tuple[np.ndarray, np.ndarray]:
+    """ℓ(α), ℓ'(α) by one jvp per grid point, each under the replayed RNG state."""
+    vals, ders = [], []
+    try:
+        for a in alphas:
+            with _replayed_rng(rng, replay):
+                v, d = jvp(f, (_on_line(x0, delta, a),), (delta,))
+            vals.append(float(v))
+            ders.append(float(d))
+    except Exception as exc:
+        if _is_oom(exc):
+            raise AnalysisError(
+                f"device={device!r}: out of memory evaluating the loss at a single α "
+                "point; the model and minibatch do not fit on this device"
+            ) from None
+        raise
+    return np.array(vals, dtype=np.float64), np.array(ders, dtype=np.float64)
+
+
+def _on_line(x0: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
+             a: torch.Tensor) -> dict[str, torch.Tensor]:
+    """x_t + aΔ_t. ``a`` is a 0-d tensor (one point) or shaped ``[k, 1, …]`` (k stacked points):
+    the same elementwise multiply-then-add either way, so batched and pointwise inputs are equal
+    bit for bit."""
+    return {n: x0[n] + a * delta[n] for n in x0}
+
+
+# α points per vmap call known to fit, per (device, parameter count): learned on out-of-memory so
+# that the following pairs start from a size that fits instead of failing again.
+_CHUNK_HINTS: dict[tuple[str, int], int] = {}
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    msg = str(exc)
+    # CPU allocation failures surface as plain RuntimeErrors from c10's allocator
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def _release_cached_memory(device: str) -> None:
+    _STACK_BUFFERS.clear()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# The [k, …] parameter stacks of the last two chunk shapes (a line split into chunks ends with a
+# shorter one), kept between calls; the probe runs one at a time per process. On the CPU, writing
+# a fresh k × (model size) allocation (memory newly handed out by glibc) can cost more than the
+# line evaluation itself (docs/performance.md); writing into reused buffers does not. CUDA's caching
+# allocator already reuses its blocks.
+_STACK_BUFFERS: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
+
+
+def _stack_on_line(x0: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
+                   a: torch.Tensor) -> dict[str, torch.Tensor]:
+    """x_t + aΔ_t for k points at once (``a`` of shape [k]), as [k, …] tensors.
+
+    Computed as ``a·Δ`` then ``+ x_t`` into reused buffers: the same two roundings as
+    :func:`_on_line`, so every slice equals the pointwise parameters bit for bit (tested).
+    """
+    first = next(iter(x0.values()))
+    if first.device.type != "cpu":
+        return {n: x0[n] + a.view((-1,) + (1,) * x0[n].dim()) * delta[n] for n in x0}
+    key = (len(a), first.dtype, tuple((n, tuple(t.shape)) for n, t in x0.items()))
+    bufs = _STACK_BUFFERS.get(key)
+    if bufs is None:
+        while len(_STACK_BUFFERS) >= 2:
+            del _STACK_BUFFERS[next(iter(_STACK_BUFFERS))]
+        bufs = _STACK_BUFFERS[key] = {
+            n: torch.empty((len(a),) + tuple(t.shape), dtype=t.dtype) for n, t in x0.items()
+        }
+    for n, t in x0.items():
+        torch.mul(delta[n], a.view((-1,) + (1,) * t.dim()), out=bufs[n])
+        bufs[n].add_(t)
+    return bufs
+
+
+def _line_batched(f: Any, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+                  alphas: torch.Tensor, chunk: int | None, rng: Mapping[str, torch.Tensor],
+                  replay: bool, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """ℓ(α), ℓ'(α) by ``vmap(jvp(f))`` over chunks of α points; raises what vmap raises.
+
+    A chunk that runs out of memory is halved (down to one point) and the size that fit is kept
+    in :data:`_CHUNK_HINTS` for the next pairs on this device and model size.
+    """
+    # The parameters of a chunk of k points are stacked once, as [k, …] tensors, and vmap maps the
+    # jvp over that leading dim. Stacking outside vmap is cheaper than letting vmap broadcast
+    # x_t + αΔ_t per op, and the tangent Δ_t stays unbatched, so Δ_t·h products become one large
+    # matmul over k·batch rows. randomness="same": one dropout mask for all α, drawn from the
+    # replayed state, which is the mask the unbatched evaluation at that state would draw.
+    batched = vmap(lambda p: jvp(f, (p,), (delta,)), randomness="same" if replay else "error")
+    n = len(alphas)
+    key = (device, sum(t.numel() for t in x0.values()))
+    size = min(n, max(1, chunk) if chunk else n, _CHUNK_HINTS.get(key, n))
+    vals: list[torch.Tensor] = []
+    ders: list[torch.Tensor] = []
+    i = 0
+    while i < n:
+        a = alphas[i : i + size]
+        stacked: dict[str, torch.Tensor] | None = None
+        oom = False
+        try:
+            with _replayed_rng(rng, replay):
+                stacked = _stack_on_line(x0, delta, a)
+                v, d = batched(stacked)
+        except Exception as exc:
+            if size == 1 or not _is_oom(exc):
+                raise
+            oom = True  # handled below, once the exception (and the memory it pins) is released
+        if oom:
+            stacked = None
+            size = max(1, size // 2)
+            _CHUNK_HINTS[key] = size
+            _release_cached_memory(device)
+            continue
+        vals.append(v.detach().double().cpu())
+        ders.append(d.detach().double().cpu())
+        del stacked, v, d
+        i += size
+    return torch.cat(vals).numpy(), torch.cat(ders).numpy()
