@@ -44,7 +44,7 @@ from trajscope.recorders.capture import (
     optimizer_state_entries,
     unwrap_model,
 )
-from trajscope.recorders.hooks import step_closure, with_capture_after_first_call
+from trajscope.recorders.hooks import BoundHook, step_closure, with_capture_after_first_call
 from trajscope.recorders.manifest import build_manifest, objective_name
 from trajscope.recorders.rundir import open_writer, prepare_run_dir
 from trajscope.recorders.scalars import ScalarsLog
@@ -208,10 +208,13 @@ class Recorder:
             raise RecorderError(f"{self.run_dir}: this Recorder was closed; create a new one")
         if self.is_writer:
             self._open_storage()
+        # BoundHooks, not bound methods: the model and optimizer stay copyable and picklable while
+        # recording, and copies of them carry no live hook (see trajscope.recorders.hooks).
+        opt, model = self.optimizer, self.model
         self._handles = [
-            self.optimizer.register_step_pre_hook(self._pre_step),
-            self.optimizer.register_step_post_hook(self._post_step),
-            self.model.register_forward_pre_hook(self._pre_forward),
+            opt.register_step_pre_hook(BoundHook(self._pre_step, opt)),
+            opt.register_step_post_hook(BoundHook(self._post_step, opt)),
+            model.register_forward_pre_hook(BoundHook(self._pre_forward, model)),
         ]
         self._open = True
 
