@@ -9,10 +9,12 @@ model's would have its RNG state captured for the step, and the replay errors wo
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import json
 import pickle
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,22 @@ def test_no_hook_remains_after_an_exception_in_the_with_block(tmp_path: Path) ->
     assert not _recorder_hooks(model) and not _recorder_hooks(opt)
     assert not model._forward_pre_hooks
     assert (len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)) == (n_pre, n_post)
+
+
+def test_an_open_recorder_stays_alive_without_a_reference_until_closed(tmp_path: Path) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(tmp_path / "run", model, opt)
+    rec.start()
+    ref = weakref.ref(rec)
+    del rec
+    gc.collect()
+    alive = ref()
+    assert alive is not None
+    alive.close()
+    del alive
+    gc.collect()
+    assert ref() is None
 
 
 def test_a_hook_acts_only_for_its_own_module_and_while_its_owner_lives() -> None:
