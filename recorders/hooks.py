@@ -7,7 +7,7 @@ the optimizer. A bound method would drag the recorder (open files, a writer thre
 which fails, or worse, give the copy a live hook whose forward passes are captured as if they were
 the recorded model's. A :class:`BoundHook` holds its method and its target only by weak reference,
 copies and pickles as an :class:`InertHook` (which does nothing), and calls the method only for the
-object it was registered on.
+object it was registered on (and the replicas ``DataParallel`` makes of it for each forward pass).
 
 When ``optimizer.step`` is given a closure (LBFGS, PyTorch Lightning), the gradient only exists
 once the closure has run inside ``step``; the pre-hook then hands ``step`` a wrapped closure that
@@ -43,7 +43,7 @@ class InertHook:
 
 class BoundHook:
     """A hook calling ``method(obj, *args)`` only while ``method``'s owner lives and only when ``obj``
-    is the object the hook was registered on (``target``).
+    is the object the hook was registered on (``target``) or a ``DataParallel`` replica of it.
 
     Both are held by weak reference, so the hook neither keeps the recorder alive nor makes the
     model or optimizer it sits on unpicklable; ``copy.copy``, ``copy.deepcopy`` and pickling give an
@@ -67,7 +67,7 @@ class BoundHook:
     def call(self, obj: object, *args: Any, **kwargs: Any) -> Any:
         """Call the method for ``obj`` if ``obj`` is the target and the method's owner lives."""
         method = self._method()
-        if method is None or obj is not self._target():
+        if method is None or not _is_target(obj, self._target()):
             return None
         return method(obj, *args, **kwargs)
 
@@ -83,6 +83,15 @@ class BoundHook:
     def __repr__(self) -> str:
         method = self._method()
         return f"BoundHook({getattr(method, '__qualname__', 'dead')})"
+
+
+def _is_target(obj: object, target: object) -> bool:
+    """``obj`` is ``target``, or a ``DataParallel`` replica of it (made for one forward pass)."""
+    if obj is target:
+        return True
+    # A replica shares the module's __dict__ entries, its hook dicts included; a copy never does.
+    return (getattr(obj, "_is_replica", False) is True and target is not None
+            and getattr(obj, "_forward_pre_hooks", None) is getattr(target, "_forward_pre_hooks", False))
 
 
 def _call_hook(hook: BoundHook, obj: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -140,9 +140,12 @@ def test_a_hook_acts_only_for_its_own_module_and_while_its_owner_lives() -> None
     assert calls == []
     hook(model, ())
     assert calls == [model]
+    replica = model._replicate_for_data_parallel()  # what DataParallel runs on each device
+    hook(replica, ())
+    assert calls == [model, replica]
     del owner  # the hook holds its owner weakly: no call into a recorder that is gone
     hook(model, ())
-    assert calls == [model]
+    assert calls == [model, replica]
     assert isinstance(copy.copy(hook), InertHook) and isinstance(pickle.loads(pickle.dumps(hook)), InertHook)
 
 
