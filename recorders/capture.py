@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -75,9 +75,9 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     compiled = _compiled_module_type()
     while True:
         if compiled is not None and isinstance(model, compiled):
-            model = model._orig_mod
+            model = cast(torch.nn.Module, model._orig_mod)
         elif isinstance(model, wrappers):
-            model = model.module
+            model = cast(torch.nn.Module, model.module)
         else:
             return model
 

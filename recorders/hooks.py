@@ -53,7 +53,7 @@ class BoundHook:
     __slots__ = ("_method", "_target")
 
     def __init__(self, method: Callable[..., Any], target: object) -> None:
-        self._method = weakref.WeakMethod(method)  # type: ignore[arg-type]
+        self._method = weakref.WeakMethod(method)
         self._target = weakref.ref(target)
 
     def __call__(self, obj: object, *args: Any, **kwargs: Any) -> Any:

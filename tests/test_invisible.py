@@ -16,7 +16,7 @@ import pickle
 import shutil
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -151,7 +151,8 @@ def test_a_hook_acts_only_for_its_own_module_and_while_its_owner_lives() -> None
 
 def test_unwrap_model_removes_compile_and_data_parallel_wrappers() -> None:
     model = mlp()
-    wrapped = torch.nn.DataParallel(torch.compile(torch.nn.DataParallel(model), backend="eager"))
+    compiled = cast(torch.nn.Module, torch.compile(torch.nn.DataParallel(model), backend="eager"))
+    wrapped = torch.nn.DataParallel(compiled)
     assert unwrap_model(wrapped) is model
     assert unwrap_model(model) is model
 
@@ -178,7 +179,8 @@ def _param_names(run_dir: Path) -> list[str]:
 
 def test_a_compiled_model_is_recorded_under_the_plain_model_names(tmp_path: Path) -> None:
     model = make_mlp_dropout().model
-    compiled = torch.compile(model, backend="eager")  # the OptimizedModule naming, without a C compiler
+    # backend="eager": the OptimizedModule wrapper and dynamo's tracing of the hooks, without a C compiler
+    compiled = cast(torch.nn.Module, torch.compile(model, backend="eager"))
     assert next(iter(dict(compiled.named_parameters()))).startswith("_orig_mod.")
     _train_compiled(tmp_path / "run", compiled, model)
     assert _param_names(tmp_path / "run") == [n for n, _ in model.named_parameters()]
@@ -187,6 +189,7 @@ def test_a_compiled_model_is_recorded_under_the_plain_model_names(tmp_path: Path
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
 def test_an_inductor_compiled_model_with_dropout_replays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch._inductor.config as inductor_config
@@ -195,7 +198,7 @@ def test_an_inductor_compiled_model_with_dropout_replays(tmp_path: Path, monkeyp
     # the stream the recorder captures and the replay uses.
     monkeypatch.setattr(inductor_config, "fallback_random", True)
     model = make_mlp_dropout().model
-    compiled = torch.compile(model)
+    compiled = cast(torch.nn.Module, torch.compile(model))
     _train_compiled(tmp_path / "run", compiled, model)
     assert _param_names(tmp_path / "run") == [n for n, _ in model.named_parameters()]
     _check_replay(tmp_path / "run")
