@@ -47,9 +47,9 @@ def _recorder_hooks(obj: Any) -> list[Any]:
     return [h for d in dicts for h in d.values() if isinstance(h, BoundHook)]
 
 
-def _check_replay(run_dir: Path) -> None:
+def _check_replay(run_dir: Path, pairs: int = STEPS) -> None:
     ds = trajscope.analyze(run_dir, make_mlp_dropout, progress=False)
-    assert ds.sizes["step"] == STEPS  # every pair (x_t, x_t+1) of the run, the last one ending at x_T
+    assert ds.sizes["step"] == pairs  # pairs (x_t, x_t+1) of the run, the last one ending at x_T
     for name in ("loss_replay_error", "grad_replay_error"):
         assert not bool(ds[name].isnull().any()), name
     assert float(ds.loss_replay_error.max()) <= LOSS_BOUND
@@ -157,11 +157,11 @@ def test_unwrap_model_removes_compile_and_data_parallel_wrappers() -> None:
     assert unwrap_model(model) is model
 
 
-def _train_compiled(run_dir: Path, compiled: torch.nn.Module, model: torch.nn.Module) -> None:
+def _train_compiled(run_dir: Path, compiled: torch.nn.Module, model: torch.nn.Module, **kwargs: Any) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = dataset()
     idx = batches(STEPS, size=16)
-    with Recorder(run_dir, compiled, opt, objective=make_mlp_dropout) as rec:
+    with Recorder(run_dir, compiled, opt, objective=make_mlp_dropout, **kwargs) as rec:
         for step in range(STEPS):
             opt.zero_grad()
             mb = (x[idx[step]], y[idx[step]])
@@ -178,14 +178,20 @@ def _param_names(run_dir: Path) -> list[str]:
 
 
 def test_a_compiled_model_is_recorded_under_the_plain_model_names(tmp_path: Path) -> None:
+    from torch._dynamo.utils import counters
+
     model = make_mlp_dropout().model
     # backend="eager": the OptimizedModule wrapper and dynamo's tracing of the hooks, without a C compiler
     compiled = cast(torch.nn.Module, torch.compile(model, backend="eager"))
     assert next(iter(dict(compiled.named_parameters()))).startswith("_orig_mod.")
-    _train_compiled(tmp_path / "run", compiled, model)
+    counters.clear()
+    # Recorded steps 0, 1, 3, 4 (and x_5 at close): the hook's decisions change from step to step.
+    _train_compiled(tmp_path / "run", compiled, model, every=3, window=2)
+    # The hook runs outside the graph: dynamo neither traces the recorder nor recompiles per step.
+    assert counters["stats"]["unique_graphs"] == 1
     assert _param_names(tmp_path / "run") == [n for n, _ in model.named_parameters()]
     assert open_run(tmp_path / "run").snapshot(1).rng  # the pre-hook fired under the compiled call
-    _check_replay(tmp_path / "run")
+    _check_replay(tmp_path / "run", pairs=3)
 
 
 @pytest.mark.slow
