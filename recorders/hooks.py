@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BoundHook", "InertHook", "step_closure", "with_capture_after_first_call"]
+__all__ = ["BoundHook", "InertHook", "attach", "detach", "step_closure", "with_capture_after_first_call"]
 
 
 class InertHook:
@@ -83,6 +83,24 @@ class BoundHook:
     def __repr__(self) -> str:
         method = self._method()
         return f"BoundHook({getattr(method, '__qualname__', 'dead')})"
+
+
+_OWNERS: dict[int, object] = {}
+"""Owners whose hooks are attached, by id (owners need not be hashable)."""
+
+
+def attach(owner: object, handles: list[Any]) -> list[Any]:
+    """Keep ``owner`` alive while ``handles`` (its hooks' removable handles) are attached, since its
+    :class:`BoundHook` objects hold it only weakly; returns ``handles``."""
+    _OWNERS[id(owner)] = owner
+    return handles
+
+
+def detach(owner: object, handles: list[Any]) -> None:
+    """Remove ``owner``'s hooks and release the reference :func:`attach` kept."""
+    for h in handles:
+        h.remove()
+    _OWNERS.pop(id(owner), None)
 
 
 def _is_target(obj: object, target: object) -> bool:

@@ -47,7 +47,7 @@ from trajscope.recorders.capture import (
     optimizer_state_entries,
     unwrap_model,
 )
-from trajscope.recorders.hooks import BoundHook, step_closure, with_capture_after_first_call
+from trajscope.recorders.hooks import BoundHook, attach, detach, step_closure, with_capture_after_first_call
 from trajscope.recorders.manifest import build_manifest, objective_name
 from trajscope.recorders.rundir import open_writer, prepare_run_dir
 from trajscope.recorders.scalars import ScalarsLog
@@ -60,10 +60,6 @@ __all__ = ["Recorder", "RecorderStats", "RecorderWarning", "objective_name"]
 
 class RecorderWarning(UserWarning):
     """Recording stopped (``on_error="warn"``) while training goes on; the run is incomplete."""
-
-
-_OPEN: set[Recorder] = set()
-"""Recorders between start() and close(): their hooks hold them only weakly, this keeps them alive."""
 
 
 class Recorder:
@@ -215,15 +211,12 @@ class Recorder:
             raise RecorderError(f"{self.run_dir}: this Recorder was closed; create a new one")
         if self.is_writer:
             self._open_storage()
-        # BoundHooks, not bound methods: the model and optimizer stay copyable and picklable while
-        # recording, and copies of them carry no live hook (see trajscope.recorders.hooks).
-        opt, model = self.optimizer, self.model
-        self._handles = [
+        opt, model = self.optimizer, self.model  # BoundHooks: both stay copyable and picklable
+        self._handles = attach(self, [
             opt.register_step_pre_hook(BoundHook(self._pre_step, opt)),
             opt.register_step_post_hook(BoundHook(self._post_step, opt)),
             model.register_forward_pre_hook(BoundHook(self._pre_forward, model)),
-        ]
-        _OPEN.add(self)
+        ])
         self._open = True
 
     def _open_storage(self) -> None:
@@ -248,10 +241,8 @@ class Recorder:
         """
         if not self._open:
             return
-        for h in self._handles:
-            h.remove()
+        detach(self, self._handles)
         self._handles = []
-        _OPEN.discard(self)
         self._open = False
         self._closed = True
         if not self.is_writer:
