@@ -11,8 +11,9 @@ forward state is held as *pending* until ``rec.batch`` adopts it for the step; s
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -53,12 +54,32 @@ def as_float(loss: Any) -> float | None:
     return float(loss)
 
 
+def _compiled_module_type() -> type | None:
+    """``torch.compile``'s ``OptimizedModule`` class, if dynamo is loaded (a compiled model implies it).
+
+    Looked up in ``sys.modules`` rather than imported: importing ``torch._dynamo`` is slow, and a
+    process that never compiled cannot hold an ``OptimizedModule``.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return getattr(eval_frame, "OptimizedModule", None)
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose parameter names the analyzer's objective uses (DDP/DataParallel unwrapped)."""
-    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
+    """The module whose parameter names the analyzer's objective uses: the plain model under any
+    nesting of ``torch.compile`` (``OptimizedModule._orig_mod``), DDP and DataParallel (``.module``).
+
+    FSDP is not unwrapped: its wrapped module holds flattened, sharded parameters whose names and
+    shapes are not the plain model's, so unwrapping would not make them analyzable.
+    """
+    wrappers: tuple[type, ...] = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    compiled = _compiled_module_type()
+    while True:
+        if compiled is not None and isinstance(model, compiled):
+            model = cast(torch.nn.Module, model._orig_mod)
+        elif isinstance(model, wrappers):
+            model = cast(torch.nn.Module, model.module)
+        else:
+            return model
 
 
 @dataclass

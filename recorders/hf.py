@@ -36,6 +36,7 @@ import torch
 from transformers import TrainerCallback
 
 from trajscope.errors import RecorderError
+from trajscope.recorders.hooks import BoundHook
 from trajscope.recorders.recorder import Recorder
 
 __all__ = ["TrajscopeCallback"]
@@ -92,9 +93,10 @@ class TrajscopeCallback(TrainerCallback):
             **self.recorder_kwargs,
         )
         self.recorder.start()
+        # BoundHooks keep the model copyable and picklable (checkpointing, EMA) while recording.
         self._hooks = [
-            model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
-            model.register_forward_hook(self._post_forward, with_kwargs=True),
+            model.register_forward_pre_hook(BoundHook(self._pre_forward, model), with_kwargs=True),
+            model.register_forward_hook(BoundHook(self._post_forward, model), with_kwargs=True),
         ]
 
     def _pre_forward(self, module: torch.nn.Module, args: tuple[Any, ...],

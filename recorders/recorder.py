@@ -11,6 +11,9 @@ How it hooks in, and why it cannot change training:
   appends the step's line to ``scalars.jsonl``.
 * a forward pre-hook on the model captures, for recorded steps only, the RNG state and the
   buffers as they were when the step's forward pass began (what dropout and BatchNorm used).
+* the hooks are :class:`~trajscope.recorders.hooks.BoundHook` objects: they hold the recorder
+  weakly and copy or pickle as inert hooks, so ``copy.deepcopy(model)``, ``torch.save(model)``
+  and EMA copies work while recording and never call into the recorder.
 
 Every capture is a copy made on the training thread before the optimizer mutates anything; the
 recorder never writes into a parameter, gradient or buffer and never draws random numbers, so
@@ -44,12 +47,12 @@ from trajscope.recorders.capture import (
     optimizer_state_entries,
     unwrap_model,
 )
-from trajscope.recorders.hooks import step_closure, with_capture_after_first_call
+from trajscope.recorders.hooks import BoundHook, attach, detach, step_closure, with_capture_after_first_call
 from trajscope.recorders.manifest import build_manifest, objective_name
 from trajscope.recorders.rundir import open_writer, prepare_run_dir
 from trajscope.recorders.scalars import ScalarsLog
-from trajscope.recorders.stats import RecorderStats
 from trajscope.recorders.schedule import Schedule, as_schedule
+from trajscope.recorders.stats import RecorderStats
 from trajscope.recorders.storage import AsyncWriter, HDF5Writer, SafetensorsWriter, build_image
 
 __all__ = ["Recorder", "RecorderStats", "RecorderWarning", "objective_name"]
@@ -76,8 +79,8 @@ class Recorder:
     Args:
         run_dir: directory to create (or an empty one). An existing run is never overwritten
             unless ``overwrite=True``.
-        model: the module being trained (a DDP/DataParallel wrapper is unwrapped); its parameters
-            are recorded by ``named_parameters`` name.
+        model: the module being trained; a ``torch.compile``, DDP or DataParallel wrapper is
+            unwrapped, so its parameters are recorded by the plain module's ``named_parameters`` names.
         optimizer: the optimizer whose steps define the trajectory.
         objective: ``"module:function"`` (or the function itself) returning a
             :class:`trajscope.Objective`; how the analyzer rebuilds the loss.
@@ -208,11 +211,12 @@ class Recorder:
             raise RecorderError(f"{self.run_dir}: this Recorder was closed; create a new one")
         if self.is_writer:
             self._open_storage()
-        self._handles = [
-            self.optimizer.register_step_pre_hook(self._pre_step),
-            self.optimizer.register_step_post_hook(self._post_step),
-            self.model.register_forward_pre_hook(self._pre_forward),
-        ]
+        opt, model = self.optimizer, self.model  # BoundHooks: both stay copyable and picklable
+        self._handles = attach(self, [
+            opt.register_step_pre_hook(BoundHook(self._pre_step, opt)),
+            opt.register_step_post_hook(BoundHook(self._post_step, opt)),
+            model.register_forward_pre_hook(BoundHook(self._pre_forward, model)),
+        ])
         self._open = True
 
     def _open_storage(self) -> None:
@@ -237,8 +241,7 @@ class Recorder:
         """
         if not self._open:
             return
-        for h in self._handles:
-            h.remove()
+        detach(self, self._handles)
         self._handles = []
         self._open = False
         self._closed = True
