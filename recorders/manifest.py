@@ -46,18 +46,18 @@ def objective_name(objective: str | Callable[..., Any] | None, what: str = "obje
             raise RecorderError(f"{what}={objective!r}: expected 'module:function'")
         return objective
     if callable(objective):
-        mod = getattr(objective, "__module__", None)
-        qual = getattr(objective, "__qualname__", None)
-        if not mod or not qual or "<locals>" in qual or "<lambda>" in qual:
+        module: str | None = getattr(objective, "__module__", None)
+        qual: str | None = getattr(objective, "__qualname__", None)
+        if not module or not qual or "<locals>" in qual or "<lambda>" in qual:
             raise RecorderError(
                 f"{what}={objective!r}: a callable {what} must be a module-level function "
                 "so the analyzer can import it; pass 'module:function' instead"
             )
-        if mod == "__main__":
+        if module == "__main__":
             main_file = getattr(sys.modules.get("__main__"), "__file__", None)
             if main_file:
-                mod = Path(main_file).stem
-        return f"{mod}:{qual}"
+                module = Path(main_file).stem
+        return f"{module}:{qual}"
     raise RecorderError(f"{what}={objective!r}: expected 'module:function' or a function")
 
 

@@ -31,7 +31,7 @@ def combine_losses(parts: WeightedLosses) -> float | None:
     """f = Σ w_i · f_i (exactly rounded), or None when there is no loss or one is missing."""
     if not parts or any(v is None for _, v in parts):
         return None
-    return math.fsum(w * as_float(v) for w, v in parts)  # type: ignore[operator]
+    return math.fsum(w * as_float(v) for w, v in parts)
 
 
 class ScalarsLog:

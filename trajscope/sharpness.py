@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -119,7 +120,8 @@ def hessian_max_eig(f: Callable[[dict[str, torch.Tensor]], torch.Tensor],
         if not live:
             return torch.zeros_like(v)
         with torch.enable_grad():
-            dot = sum((g * pieces[i].view_as(g)).sum() for g, i in live)
+            # (the sum of tensors is a tensor: `live` is not empty here)
+            dot = cast(torch.Tensor, sum((g * pieces[i].view_as(g)).sum() for g, i in live))
             hv = torch.autograd.grad(dot, list(leaves.values()), retain_graph=True, allow_unused=True)
         return torch.cat([
             (h if h is not None else torch.zeros_like(leaves[n])).reshape(-1).to(torch.float64)
