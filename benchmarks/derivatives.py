@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.common import interleaved, machine, median, ratio_line, record_run, set_clock
+from benchmarks.common import interleaved, machine, ratio_line, record_run, set_clock
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -184,7 +184,8 @@ def _line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.
 def _jvp_point(f: Loss, x: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(x), ⟨∇f(x), Δ⟩) by one forward-mode pass."""
-    return jvp(f, (x,), (delta,))
+    out = jvp(f, (x,), (delta,))  # (value, tangent): no aux
+    return out[0], out[1]
 
 
 def _reverse_point(f: Loss, x: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]
@@ -296,7 +297,7 @@ def _line_batched(f: Any, x0: dict[str, torch.Tensor], delta: dict[str, torch.Te
     # x_t + αΔ_t per op, and the tangent Δ_t stays unbatched, so Δ_t·h products become one large
     # matmul over k·batch rows. randomness="same": one dropout mask for all α, drawn from the
     # replayed state, which is the mask the unbatched evaluation at that state would draw.
-    batched = vmap(lambda p: jvp(f, (p,), (delta,)), randomness="same" if replay else "error")
+    batched = vmap(lambda p: _jvp_point(f, p, delta), randomness="same" if replay else "error")
     n = len(alphas)
     key = (device, sum(t.numel() for t in x0.values()))
     size = min(n, max(1, chunk) if chunk else n, _CHUNK_HINTS.get(key, n))

@@ -11,17 +11,21 @@ from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+from torch.func import jvp
+
 from trajscope import health
 from trajscope.errors import AnalysisError, ForwardModeError, RunFormatError, TrajscopeError
 from trajscope.execution import resolve_device
+from trajscope.line import _replayed_rng, forward_ad_failure, sdpa_math_kernel
 from trajscope.objective import Objective
-from trajscope.probe import DERIVATIVES, ProbeSettings, alpha_grid, forward_mode_failure
+from trajscope.probe import DERIVATIVES, ProbeSettings, _batchnorm_replay, _prepare, alpha_grid
 from trajscope.registry import MetricSpec, get_metrics
-from trajscope.run import Run
+from trajscope.run import Run, Snapshot
 from trajscope.tasks import ObjectiveSource, objective_for
 
-__all__ = ["check_derivatives", "objective_id", "pairs_to_analyze", "probe_settings", "resolve_derivatives",
-           "select_metrics", "select_steps", "with_requirements"]
+__all__ = ["check_derivatives", "forward_mode_failure", "objective_id", "pairs_to_analyze", "probe_settings",
+           "resolve_derivatives", "select_metrics", "select_steps", "with_requirements"]
 
 
 def objective_id(source: ObjectiveSource, recorded: str | None) -> str:
@@ -173,7 +177,7 @@ def resolve_derivatives(requested: str, settings: ProbeSettings, r: Run, source:
     """``settings`` with the derivative path of the line probe, decided once for the analysis.
 
     ``"reverse"`` is taken as asked. Otherwise one jvp of f at the first readable pair's x_t
-    (:func:`~trajscope.probe.forward_mode_failure`) decides: forward mode works → ``forward``; an op
+    (:func:`forward_mode_failure`) decides: forward mode works → ``forward``; an op
     without a forward-mode rule → forward again with ``scaled_dot_product_attention`` held to its
     math kernel (exact, still batched) → if that works, ``forward`` with ``sdpa_math``; else
     ``"auto"`` resolves to ``reverse`` and ``"forward"`` raises :class:`ForwardModeError` naming the
@@ -186,7 +190,8 @@ def resolve_derivatives(requested: str, settings: ProbeSettings, r: Run, source:
     trial = settings if local else replace(settings, device="cpu")
     what = _forward_failure(r, source, pairs, trial)
     if what is None:
-        return replace(settings, derivatives="forward", derivatives_reason=requested)
+        return replace(settings, derivatives="forward",
+                       derivatives_reason="requested" if requested == "forward" else "forward-mode AD works")
     with_math = _forward_failure(r, source, pairs, replace(trial, sdpa_math=True))
     if with_math is None:
         return replace(settings, derivatives="forward", sdpa_math=True, derivatives_reason=(
@@ -199,6 +204,29 @@ def resolve_derivatives(requested: str, settings: ProbeSettings, r: Run, source:
             "use --derivatives reverse (or auto)", what)
     return replace(settings, derivatives="reverse",
                    derivatives_reason=f"forward-mode AD is not implemented for {what} used by the loss")
+
+
+def forward_mode_failure(objective: Objective, snap: Snapshot, settings: ProbeSettings,
+                         trainable: list[str] | None = None) -> str | None:
+    """What stops forward mode on this objective, or None when it works: one jvp of f at x_t
+    (tangent x_t itself), evaluated as the line probe evaluates (train mode, BatchNorm replay,
+    replayed RNG, ``settings.sdpa_math``).
+
+    Returns what has no forward-mode rule (see :func:`~trajscope.line.forward_ad_failure`). Any
+    other error propagates: the caller decides whether the pairs should report it.
+    """
+    nxt = replace(snap, step=snap.step + 1)  # f is all that is needed: Δ_t = 0 is fine
+    prep = _prepare(objective, snap, nxt, settings, ref=None, trainable=trainable)
+    try:
+        with (torch.no_grad(), _batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math),
+              _replayed_rng(snap.rng, prep.replay)):
+            jvp(prep.f, (prep.x0,), (prep.x0,))
+    except (NotImplementedError, RuntimeError) as exc:
+        what = forward_ad_failure(exc)
+        if what is None:
+            raise
+        return what
+    return None
 
 
 def _forward_failure(r: Run, source: ObjectiveSource, pairs: list[int], trial: ProbeSettings) -> str | None:

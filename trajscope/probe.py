@@ -5,8 +5,8 @@ For the pair (t, t+1) it evaluates, on the *same* minibatch z_t,
 * ℓ(α) = f(x_t + αΔ_t; z_t) and ℓ'(α) = ⟨∇f(x_t + αΔ_t; z_t), Δ_t⟩ on the α grid, by forward-mode
   AD (``torch.func.jvp``: value and directional derivative in one pass), the grid points batched
   with ``torch.func.vmap`` in chunks; or, for a model an op of which has no forward-mode rule, by
-  one backward pass per point (``ProbeSettings.derivatives``, decided once per analysis from
-  :func:`forward_mode_failure`);
+  one backward pass per point (``ProbeSettings.derivatives``, decided once per analysis by
+  :func:`trajscope.plan.resolve_derivatives`);
 * G0 = ∇f(x_t; z_t) and G1 = ∇f(x_{t+1}; z_t) by reverse-mode autograd;
 
 and reduces everything the metrics need to small float64 numbers: the line arrays and, per
@@ -40,7 +40,7 @@ import contextlib
 import hashlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -49,14 +49,14 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from trajscope.errors import AnalysisError, ForwardModeError, ObjectiveError
-from trajscope.line import _line, _line_and_path, _replayed_rng, forward_ad_failure, sdpa_math_kernel  # noqa: F401
+from trajscope.line import _line, _line_and_path, _replayed_rng, sdpa_math_kernel  # noqa: F401  (_line: re-exported)
 from trajscope.objective import Objective
 from trajscope.pairs import TERMS, VECTORS, PairStats  # re-exported: the probe/metrics contract lives there
 from trajscope.params import first, mismatches, shapes
 from trajscope.run import Snapshot
 from trajscope.trees import tree_map
 
-__all__ = ["ProbeSettings", "PairStats", "TERMS", "VECTORS", "alpha_grid", "forward_mode_failure", "probe_pair"]
+__all__ = ["ProbeSettings", "PairStats", "TERMS", "VECTORS", "alpha_grid", "probe_pair"]
 
 DERIVATIVES = ("auto", "forward", "reverse")
 """The ``derivatives=`` choices of an analysis; a ProbeSettings holds the resolved one."""
@@ -409,31 +409,6 @@ def _evaluate(prep: _Prepared, snap: Snapshot, settings: ProbeSettings, *,
             extras.update(_sharpness(prep, snap, settings))
     extras["line_batched"] = float(batched)
     return _Evaluation(loss_line, dloss_line, G0, G1, xref, extras)
-
-
-def forward_mode_failure(objective: Objective, snap: Snapshot, settings: ProbeSettings,
-                         trainable: list[str] | None = None) -> str | None:
-    """What stops forward mode on this objective, or None when it works: one jvp of f at x_t
-    (tangent x_t itself), evaluated as the line probe evaluates (train mode, BatchNorm replay,
-    replayed RNG, ``settings.sdpa_math``).
-
-    Returns what has no forward-mode rule (see :func:`trajscope.line.forward_ad_failure`). Any
-    other error propagates: the caller decides whether the pairs should report it.
-    """
-    from torch.func import jvp
-
-    nxt = replace(snap, step=snap.step + 1)  # f is all that is needed: Δ_t = 0 is fine
-    prep = _prepare(objective, snap, nxt, settings, ref=None, trainable=trainable)
-    try:
-        with (torch.no_grad(), _batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math),
-              _replayed_rng(snap.rng, prep.replay)):
-            jvp(prep.f, (prep.x0,), (prep.x0,))
-    except (NotImplementedError, RuntimeError) as exc:
-        what = forward_ad_failure(exc)
-        if what is None:
-            raise
-        return what
-    return None
 
 
 def _sharpness(prep: _Prepared, snap: Snapshot, settings: ProbeSettings) -> dict[str, float]:
