@@ -291,3 +291,32 @@ def test_reverse_equals_forward_with_batchnorm_and_dropout(tmp_path: Path) -> No
     assert float(rev.loss_replay_error.max()) <= 1e-12  # the dropout masks training drew
     for name in ("loss_line", "dloss_line"):
         np.testing.assert_allclose(rev[name].values, fwd[name].values, rtol=1e-10, atol=1e-14)
+
+
+def test_probe_pair_forward_failure_names_the_op(softplus_run: Path) -> None:
+    """A pair probed in forward mode (the driver's test skipped) fails with the same clear error,
+    batched or not, and the error crosses process boundaries whole."""
+    import pickle
+
+    from trajscope.probe import ProbeSettings, probe_pair
+
+    run = trajscope.open_run(softplus_run)
+    for batched in (True, False):
+        with pytest.raises(ForwardModeError) as info:
+            probe_pair(make_custom(), run.snapshot(1), run.snapshot(2), ProbeSettings(batched=batched))
+        msg = str(info.value)
+        assert msg.startswith("step 1: ") and "_HandSoftplus" in msg and "--derivatives reverse" in msg
+        assert "\n" not in msg and "\\n" not in msg
+    again = pickle.loads(pickle.dumps(info.value))
+    assert str(again) == msg and again.what == info.value.what
+
+
+def test_forward_ad_failure_reads_torch_messages() -> None:
+    from trajscope.line import forward_ad_failure
+
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(NotImplementedError) as info:
+        torch.func.jvp(lambda t: F.scaled_dot_product_attention(t, t, t, is_causal=True).sum(), (q,), (q,))
+    assert forward_ad_failure(info.value) == "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert forward_ad_failure(RuntimeError("shape mismatch")) is None
+    assert forward_ad_failure(ValueError("forward AD")) is None

@@ -121,11 +121,8 @@ def analyze(
         metrics: metric names (default: every registered metric).
         batched, chunk_size: evaluate the α points together with ``vmap``, at most
             ``chunk_size`` at a time (default: all; halved automatically when out of memory).
-        derivatives: how ℓ'(α) is computed: ``forward`` (forward-mode AD, batched), ``reverse``
-            (one backward pass per α point; works wherever training's backward works) or ``auto``
-            (forward when one jvp of the loss at the first pair works, with attention on its math
-            kernel if that is what it takes, else reverse). Decided once for the analysis; the
-            Dataset attrs ``derivatives`` and ``derivatives_reason`` record the path and why.
+        derivatives: ℓ'(α) by ``forward``-mode AD (batched), ``reverse`` mode (one backward per α
+            point) or ``auto`` (decided once: :func:`trajscope.plan.resolve_derivatives`).
         sharpness: also compute λ_max(∇²f(x_t; z_t)) per pair by Lanczos (at most
             ``sharpness_max_iter`` Hessian-vector products); implied when ``metrics`` names a
             metric that needs it.

@@ -93,6 +93,10 @@ class ProbeSettings:
     sdpa_math: bool = False  # hold scaled_dot_product_attention to its math kernel (forward mode needs it)
     derivatives_reason: str = field(default="", compare=False)  # why this path (Dataset attrs only)
 
+    def __post_init__(self) -> None:
+        if self.derivatives not in ("forward", "reverse"):
+            raise AnalysisError(f"derivatives={self.derivatives!r}: expected forward or reverse (resolved)")
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return {"float32": torch.float32, "float64": torch.float64}[self.dtype]
