@@ -46,7 +46,15 @@ from trajscope.persist import (
     remove_stale_temporaries,
     settings_digest,
 )
-from trajscope.plan import objective_id, pairs_to_analyze, probe_settings, select_metrics, with_requirements
+from trajscope.plan import (
+    check_derivatives,
+    objective_id,
+    pairs_to_analyze,
+    probe_settings,
+    resolve_derivatives,
+    select_metrics,
+    with_requirements,
+)
 from trajscope.probe import PairStats, ProbeSettings
 from trajscope.registry import evaluate_pair
 from trajscope.progress import Progress as _Progress
@@ -85,6 +93,7 @@ def analyze(
     metrics: Iterable[str] | None = None,
     batched: bool = True,
     chunk_size: int | None = None,
+    derivatives: str = "auto",
     sharpness: bool = False,
     sharpness_max_iter: int = 100,
     reference: int | None = None,
@@ -112,6 +121,8 @@ def analyze(
         metrics: metric names (default: every registered metric).
         batched, chunk_size: evaluate the α points together with ``vmap``, at most
             ``chunk_size`` at a time (default: all; halved automatically when out of memory).
+        derivatives: ℓ'(α) by ``forward``-mode AD (batched), ``reverse`` mode (one backward per α
+            point) or ``auto`` (decided once: :func:`trajscope.plan.resolve_derivatives`).
         sharpness: also compute λ_max(∇²f(x_t; z_t)) per pair by Lanczos (at most
             ``sharpness_max_iter`` Hessian-vector products); implied when ``metrics`` names a
             metric that needs it.
@@ -124,15 +135,18 @@ def analyze(
     """
     r = run if isinstance(run, Run) else open_run(run)
     scheduler = _check_arguments(dtype, scheduler, device, chunk_size)
+    check_derivatives(derivatives)
+    local = isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS
     selected, sharpness = select_metrics(metrics, sharpness)
     settings = probe_settings(r, points=points, margin=margin, device=device, dtype=dtype,
                               chunk_size=chunk_size, batched=batched, sharpness=sharpness,
                               sharpness_max_iter=sharpness_max_iter, reference=reference,
-                              resolve=isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS)
+                              resolve=local)
     specs = with_requirements(selected)
     pairs, lost = pairs_to_analyze(r, steps)
     # Resolve once here so import errors and name/shape mismatches surface before any work.
     check_run_objective(objective_for(objective, r.objective), r.manifest)
+    settings = resolve_derivatives(derivatives, settings, r, objective, pairs, local)
     name = objective_id(objective, r.objective)
     analysis_dir = r.path / fmt.ANALYSIS_DIR
     if write:

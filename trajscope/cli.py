@@ -83,6 +83,11 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
 @click.option("--steps", metavar="START:STOP[:STRIDE]", help="Analyze only these pair start steps.")
 @click.option("--metrics", "metric_names", metavar="NAMES",
               help="Comma-separated metric names (default: all).")
+@click.option("--derivatives", type=click.Choice(["auto", "forward", "reverse"]), default="auto",
+              show_default=True,
+              help="How the slope along each step is computed: forward-mode AD (batched), reverse "
+                   "mode (one backward per point; any model training can backpropagate through), or "
+                   "auto (forward when the model supports it, decided once).")
 @click.option("--sharpness", is_flag=True,
               help="Also compute λ_max of the minibatch Hessian at x_t (Lanczos; opt-in, costly).")
 @click.option("--reference", "reference", type=int, metavar="STEP",
@@ -93,8 +98,8 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
               help="No progress bar or summary (the bar is also off when stderr is not a terminal).")
 def analyze(run_dir: str, objective: str | None, points: int, margin: float, device: str,
             dtype: str, scheduler: str, workers: int | None, steps: str | None,
-            metric_names: str | None, sharpness: bool, reference: int | None, force: bool,
-            quiet: bool) -> None:
+            metric_names: str | None, derivatives: str, sharpness: bool, reference: int | None,
+            force: bool, quiet: bool) -> None:
     """Re-evaluate the loss along each recorded step and compute every metric.
 
     Writes RUN_DIR/analysis/metrics.nc; open it with trajscope.open_metrics(RUN_DIR). Each
@@ -107,8 +112,11 @@ def analyze(run_dir: str, objective: str | None, points: int, margin: float, dev
     names = [n.strip() for n in metric_names.split(",") if n.strip()] if metric_names else None
     ds = run_analysis(run_dir, objective, points=points, margin=margin, device=device, dtype=dtype,
                       scheduler=scheduler, workers=workers, steps=steps, metrics=names,
-                      sharpness=sharpness, reference=reference, force=force,
+                      derivatives=derivatives, sharpness=sharpness, reference=reference, force=force,
                       progress=None if not quiet else False)
+    if not quiet and derivatives == "auto" and ds.attrs.get("derivatives", "forward") != "forward":
+        path = "reverse mode" if ds.attrs["derivatives"] == "reverse" else "forward mode"
+        click.echo(f"derivatives: {path} ({ds.attrs.get('derivatives_reason', '')})")
     if not quiet:
         click.echo(f"wrote {run_dir.rstrip('/')}/{fmt.ANALYSIS_DIR}/{fmt.METRICS_FILE}")
         click.echo(format_headline(headline(ds)))

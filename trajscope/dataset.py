@@ -80,6 +80,12 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
         "probe": json.dumps(settings.to_json()),
         "device": settings.device,
         "eval_dtype": settings.dtype,
+        "derivatives": settings.derivatives_label,
+        "derivatives_reason": settings.derivatives_reason,
+        # pairs whose line vmap could not batch (evaluated point by point: same numbers, slower)
+        "line_batched_fallback_pairs": sum(
+            s.extras.get("line_batched") == 0.0 for s in stats
+        ) if settings.batched and settings.derivatives == "forward" else 0,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return health.add_flags(ds, stats, run)  # pair_flags (non-finite, zero update)

@@ -17,6 +17,7 @@ __all__ = [
     "RunFormatError",
     "ObjectiveError",
     "AnalysisError",
+    "ForwardModeError",
     "MetricRegistrationError",
     "TrajscopeWarning",
     "DamagedRunWarning",
@@ -43,6 +44,18 @@ class ObjectiveError(TrajscopeError):
 
 class AnalysisError(TrajscopeError):
     """The analysis cannot proceed with the given settings."""
+
+
+class ForwardModeError(AnalysisError):
+    """The forward-mode derivative path cannot evaluate the loss: an op it uses has no
+    forward-mode AD rule. ``what`` names the op (``aten::…``, a custom ``autograd.Function``)."""
+
+    def __init__(self, message: str, what: str = "an op") -> None:
+        super().__init__(message)
+        self.what = what
+
+    def __reduce__(self) -> tuple[object, ...]:  # crosses process boundaries with its ``what``
+        return (type(self), (str(self), self.what))
 
 
 class MetricRegistrationError(TrajscopeError):

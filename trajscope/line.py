@@ -1,15 +1,26 @@
 """The line ℓ(α) = f(x_t + αΔ_t; z_t) and ℓ'(α) = ⟨∇f(x_t + αΔ_t; z_t), Δ_t⟩ on the α grid.
 
-Both come from one forward-mode pass per point (``torch.func.jvp``: value and directional
-derivative together). The points are batched with ``torch.func.vmap`` in chunks that shrink when a
-chunk does not fit in memory; a model ``vmap`` cannot batch is evaluated point by point instead,
-with the same numbers and a :class:`~trajscope.errors.ProbeWarning` that names the reason. Every
-evaluation runs under the RNG state captured at the step's forward pass (:func:`_replayed_rng`).
+Two derivative paths (``ProbeSettings.derivatives``):
+
+* ``"forward"``: one forward-mode pass per point (``torch.func.jvp``: value and directional
+  derivative together). The points are batched with ``torch.func.vmap`` in chunks that shrink when
+  a chunk does not fit in memory; a model ``vmap`` cannot batch is evaluated point by point
+  instead, with the same numbers and a :class:`~trajscope.errors.ProbeWarning` that names the
+  reason. An op without a forward-mode AD rule raises :class:`~trajscope.errors.ForwardModeError`
+  naming it (:func:`forward_ad_failure`).
+* ``"reverse"``: one forward and one backward pass per point (``torch.autograd.grad``), then
+  ℓ'(α) = Σ_n ⟨∇_n f, Δ_n⟩ summed in float64. Works wherever training's backward works.
+
+Both build x_t + αΔ_t the same way (:func:`_on_line`) and run every evaluation under the RNG state
+captured at the step's forward pass (:func:`_replayed_rng`), so they agree to rounding (tested).
+With ``sdpa_math``, every evaluation runs with ``F.scaled_dot_product_attention`` held to its math
+kernel (:func:`sdpa_math_kernel`), which has forward-mode rules where the fused kernels have none.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -18,12 +29,14 @@ import numpy as np
 import torch
 from torch.func import jvp, vmap
 
-from trajscope.errors import AnalysisError, ObjectiveError, ProbeWarning, one_line
+from trajscope.errors import AnalysisError, ForwardModeError, ObjectiveError, ProbeWarning, one_line
 
 __all__: list[str] = []  # private to the probe (trajscope.probe)
 
 Loss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 """f(x; z_t) of named parameter tensors, a 0-d tensor."""
+Point = Callable[[Loss, dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+"""(f, x, Δ) ↦ (f(x), ⟨∇f(x), Δ⟩) at one point."""
 
 
 @contextlib.contextmanager
@@ -49,6 +62,61 @@ def _replayed_rng(rng: Mapping[str, torch.Tensor], enabled: bool) -> Iterator[No
             torch.cuda.set_rng_state(state, i)
 
 
+def sdpa_math_kernel(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """Hold ``F.scaled_dot_product_attention`` to its math kernel while the block runs (when
+    ``enabled``). The math kernel computes the same attention from ordinary ops, which have
+    forward-mode AD and vmap rules; the fused kernels (flash, memory-efficient) have none."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+_FORWARD_AD_OP = re.compile(r"forward AD with (\S+) that does not support it")
+
+
+def forward_ad_failure(exc: BaseException) -> str | None:
+    """What lacks a forward-mode AD rule, when ``exc`` says that forward mode is not available
+    (an aten op without a forward formula, a custom ``autograd.Function`` without ``jvp`` or
+    ``setup_context``); None for any other error.
+
+    Returns ``"aten::<op>"``, ``"the custom autograd.Function <Name>"`` or, when torch's message
+    does not name it, ``"an op"``.
+    """
+    if not isinstance(exc, (NotImplementedError, RuntimeError)):
+        return None
+    msg = str(exc)
+    m = _FORWARD_AD_OP.search(msg)
+    if m is not None:
+        return f"aten::{m.group(1)}"
+    if ("custom autograd.Function" in msg and "forward mode AD" in msg) or "functorch transforms" in msg:
+        return f"the custom autograd.Function {_custom_function(exc)}"
+    low = msg.lower()
+    if "forward ad" in low or "forward-mode ad" in low or "forward mode ad" in low:
+        return "an op"
+    return None
+
+
+def _custom_function(exc: BaseException) -> str:
+    """The name of the ``autograd.Function`` whose ``apply`` raised ``exc`` (from the traceback)."""
+    tb = exc.__traceback__
+    name = "(unnamed)"
+    while tb is not None:
+        cls = tb.tb_frame.f_locals.get("cls")
+        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function) and cls is not torch.autograd.Function:
+            name = cls.__qualname__
+        tb = tb.tb_next
+    return name
+
+
+def _forward_mode_error(exc: BaseException, what: str) -> ForwardModeError:
+    return ForwardModeError(
+        f"forward-mode AD failed: {what} used by the loss has no forward-mode AD rule "
+        f"({type(exc).__name__}: {one_line(str(exc).splitlines()[0] if str(exc) else '', 200)}); "
+        "use --derivatives reverse (or auto)",
+        what=what,
+    )
 
 
 def _line(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
@@ -72,9 +140,15 @@ def _line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.
     run the same jvp, so they give the same numbers (tested). An ObjectiveError (the loss is not
     a scalar) is raised at once: the point loop would only fail the same way.
 
-    ``settings`` is a :class:`~trajscope.probe.ProbeSettings` (``batched``, ``chunk_size``,
-    ``device``).
+    ``settings`` is a :class:`~trajscope.probe.ProbeSettings` (``derivatives``, ``batched``,
+    ``chunk_size``, ``device``). With ``derivatives="reverse"`` the points are evaluated one by one
+    by :func:`_reverse_point` (the third result is False). A forward-mode failure raises
+    :class:`~trajscope.errors.ForwardModeError` at once, batched or not.
     """
+    if getattr(settings, "derivatives", "forward") == "reverse":
+        with torch.no_grad():
+            vals, ders = _line_pointwise(f, x0, delta, alphas, settings.device, rng, replay, _reverse_point)
+        return vals, ders, False
     fallback: str | None = None
     with torch.no_grad():
         if settings.batched:
@@ -85,9 +159,18 @@ def _line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.
             except ObjectiveError:
                 raise
             except Exception as exc:  # noqa: BLE001 - modules vmap cannot batch: the point loop gives the same result
+                what = forward_ad_failure(exc)
+                if what is not None:  # the point loop would fail the same way
+                    raise _forward_mode_error(exc, what) from None
                 # Only the text is kept: the exception's frames would pin the failed chunk's memory.
                 fallback = f"{type(exc).__name__}: {one_line(exc, 300)}"
-        vals, ders = _line_pointwise(f, x0, delta, alphas, settings.device, rng, replay)
+        try:
+            vals, ders = _line_pointwise(f, x0, delta, alphas, settings.device, rng, replay, _jvp_point)
+        except (NotImplementedError, RuntimeError) as exc:
+            what = forward_ad_failure(exc)
+            if what is None:
+                raise
+            raise _forward_mode_error(exc, what) from None
     if fallback is not None:
         # Warned only once the point loop has succeeded: when it fails too, its error says why.
         warnings.warn(
@@ -98,15 +181,38 @@ def _line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.
     return vals, ders, False
 
 
+def _jvp_point(f: Loss, x: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f(x), ⟨∇f(x), Δ⟩) by one forward-mode pass."""
+    out = jvp(f, (x,), (delta,))  # (value, tangent): no aux
+    return out[0], out[1]
+
+
+def _reverse_point(f: Loss, x: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f(x), ⟨∇f(x), Δ⟩) by one forward and one backward pass: ⟨∇f, Δ⟩ = Σ_n Σ_i ∂f/∂x_{n,i}·Δ_{n,i},
+    summed in float64. A parameter the loss does not use contributes 0."""
+    leaves = {n: t.detach().requires_grad_(True) for n, t in x.items()}
+    with torch.enable_grad():
+        v = f(leaves)
+        grads = torch.autograd.grad(v, list(leaves.values()), allow_unused=True)
+    d = torch.zeros((), dtype=torch.float64, device=v.device)
+    for (n, _), g in zip(leaves.items(), grads, strict=True):
+        if g is not None:
+            d = d + torch.dot(g.reshape(-1).double(), delta[n].reshape(-1).double())
+    return v.detach(), d
+
+
 def _line_pointwise(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
                     alphas: torch.Tensor, device: str, rng: Mapping[str, torch.Tensor],
-                    replay: bool) -> tuple[np.ndarray, np.ndarray]:
-    """ℓ(α), ℓ'(α) by one jvp per grid point, each under the replayed RNG state."""
+                    replay: bool, point: Point = _jvp_point) -> tuple[np.ndarray, np.ndarray]:
+    """ℓ(α), ℓ'(α) by one ``point`` evaluation per grid point (:func:`_jvp_point` or
+    :func:`_reverse_point`), each under the replayed RNG state."""
     vals, ders = [], []
     try:
         for a in alphas:
             with _replayed_rng(rng, replay):
-                v, d = jvp(f, (_on_line(x0, delta, a),), (delta,))
+                v, d = point(f, _on_line(x0, delta, a), delta)
             vals.append(float(v))
             ders.append(float(d))
     except Exception as exc:
@@ -191,7 +297,7 @@ def _line_batched(f: Any, x0: dict[str, torch.Tensor], delta: dict[str, torch.Te
     # x_t + αΔ_t per op, and the tangent Δ_t stays unbatched, so Δ_t·h products become one large
     # matmul over k·batch rows. randomness="same": one dropout mask for all α, drawn from the
     # replayed state, which is the mask the unbatched evaluation at that state would draw.
-    batched = vmap(lambda p: jvp(f, (p,), (delta,)), randomness="same" if replay else "error")
+    batched = vmap(lambda p: _jvp_point(f, p, delta), randomness="same" if replay else "error")
     n = len(alphas)
     key = (device, sum(t.numel() for t in x0.values()))
     size = min(n, max(1, chunk) if chunk else n, _CHUNK_HINTS.get(key, n))

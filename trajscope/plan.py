@@ -1,25 +1,31 @@
 """What an analysis will compute, decided before any work: which pairs (``--steps``), which
 metrics (with the series they read and the optional probes they need), the probe settings, and
-the name of the objective that tags persisted pairs.
+the name of the objective that tags persisted pairs, and the derivative path of the line probe
+(:func:`resolve_derivatives`, once per analysis).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
-from trajscope import health
-from trajscope.errors import AnalysisError, RunFormatError
-from trajscope.execution import resolve_device
-from trajscope.objective import Objective
-from trajscope.probe import ProbeSettings, alpha_grid
-from trajscope.registry import MetricSpec, get_metrics
-from trajscope.run import Run
-from trajscope.tasks import ObjectiveSource
+import torch
+from torch.func import jvp
 
-__all__ = ["objective_id", "pairs_to_analyze", "probe_settings", "select_metrics", "select_steps",
-           "with_requirements"]
+from trajscope import health
+from trajscope.errors import AnalysisError, ForwardModeError, RunFormatError, TrajscopeError
+from trajscope.execution import resolve_device
+from trajscope.line import _replayed_rng, forward_ad_failure, sdpa_math_kernel
+from trajscope.objective import Objective
+from trajscope.probe import DERIVATIVES, ProbeSettings, _batchnorm_replay, _prepare, alpha_grid
+from trajscope.registry import MetricSpec, get_metrics
+from trajscope.run import Run, Snapshot
+from trajscope.tasks import ObjectiveSource, objective_for
+
+__all__ = ["check_derivatives", "forward_mode_failure", "objective_id", "pairs_to_analyze", "probe_settings",
+           "resolve_derivatives", "select_metrics", "select_steps", "with_requirements"]
 
 
 def objective_id(source: ObjectiveSource, recorded: str | None) -> str:
@@ -158,3 +164,83 @@ def pairs_to_analyze(r: Run, steps: str | slice | Iterable[int] | None) -> tuple
             "snapshots of two consecutive steps; check the schedule's window >= 2 or --steps)"
         )
     return pairs, lost
+
+
+def check_derivatives(derivatives: str) -> None:
+    """Raise AnalysisError unless ``derivatives`` is one of :data:`~trajscope.probe.DERIVATIVES`."""
+    if derivatives not in DERIVATIVES:
+        raise AnalysisError(f"derivatives={derivatives!r}: expected one of {', '.join(DERIVATIVES)}")
+
+
+def resolve_derivatives(requested: str, settings: ProbeSettings, r: Run, source: ObjectiveSource,
+                        pairs: list[int], local: bool) -> ProbeSettings:
+    """``settings`` with the derivative path of the line probe, decided once for the analysis.
+
+    ``"reverse"`` is taken as asked. Otherwise one jvp of f at the first readable pair's x_t
+    (:func:`forward_mode_failure`) decides: forward mode works → ``forward``; an op
+    without a forward-mode rule → forward again with ``scaled_dot_product_attention`` held to its
+    math kernel (exact, still batched) → if that works, ``forward`` with ``sdpa_math``; else
+    ``"auto"`` resolves to ``reverse`` and ``"forward"`` raises :class:`ForwardModeError` naming the
+    op. Any other failure of the loss is left to the pairs, which report it per step. The test runs
+    on ``settings.device`` for a ``local`` scheduler, else on the CPU (the driver of a cluster may
+    have no GPU).
+    """
+    if requested == "reverse":
+        return replace(settings, derivatives="reverse", derivatives_reason="requested")
+    trial = settings if local else replace(settings, device="cpu")
+    what = _forward_failure(r, source, pairs, trial)
+    if what is None:
+        return replace(settings, derivatives="forward",
+                       derivatives_reason="requested" if requested == "forward" else "forward-mode AD works")
+    with_math = _forward_failure(r, source, pairs, replace(trial, sdpa_math=True))
+    if with_math is None:
+        return replace(settings, derivatives="forward", sdpa_math=True, derivatives_reason=(
+            f"forward-mode AD is not implemented for {what} used by the loss; attention runs on "
+            "scaled_dot_product_attention's math kernel"))
+    what = with_math  # what still fails with attention on its math kernel
+    if requested == "forward":
+        raise ForwardModeError(
+            f"derivatives='forward': {what} used by the loss has no forward-mode AD rule; "
+            "use --derivatives reverse (or auto)", what)
+    return replace(settings, derivatives="reverse",
+                   derivatives_reason=f"forward-mode AD is not implemented for {what} used by the loss")
+
+
+def forward_mode_failure(objective: Objective, snap: Snapshot, settings: ProbeSettings,
+                         trainable: list[str] | None = None) -> str | None:
+    """What stops forward mode on this objective, or None when it works: one jvp of f at x_t
+    (tangent x_t itself), evaluated as the line probe evaluates (train mode, BatchNorm replay,
+    replayed RNG, ``settings.sdpa_math``).
+
+    Returns what has no forward-mode rule (see :func:`~trajscope.line.forward_ad_failure`). Any
+    other error propagates: the caller decides whether the pairs should report it.
+    """
+    nxt = replace(snap, step=snap.step + 1)  # f is all that is needed: Δ_t = 0 is fine
+    prep = _prepare(objective, snap, nxt, settings, ref=None, trainable=trainable)
+    try:
+        with (torch.no_grad(), _batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math),
+              _replayed_rng(snap.rng, prep.replay)):
+            jvp(prep.f, (prep.x0,), (prep.x0,))
+    except (NotImplementedError, RuntimeError) as exc:
+        what = forward_ad_failure(exc)
+        if what is None:
+            raise
+        return what
+    return None
+
+
+def _forward_failure(r: Run, source: ObjectiveSource, pairs: list[int], trial: ProbeSettings) -> str | None:
+    """What stops forward mode at the first readable pair's x_t (None: it works, or no pair's
+    snapshot is readable, or the loss fails otherwise; the pairs then report the trouble)."""
+    for t in pairs[:3]:  # a damaged snapshot costs only its pair: try the next one
+        try:
+            snap = r.snapshot(t)
+        except TrajscopeError:
+            continue
+        if snap.batch is None:
+            continue
+        try:
+            return forward_mode_failure(objective_for(source, r.objective), snap, trial, r.trainable)
+        except Exception:  # noqa: BLE001 - not a forward-mode failure: the pair tasks report it in context
+            return None
+    return None

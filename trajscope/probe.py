@@ -4,7 +4,9 @@ For the pair (t, t+1) it evaluates, on the *same* minibatch z_t,
 
 * ℓ(α) = f(x_t + αΔ_t; z_t) and ℓ'(α) = ⟨∇f(x_t + αΔ_t; z_t), Δ_t⟩ on the α grid, by forward-mode
   AD (``torch.func.jvp``: value and directional derivative in one pass), the grid points batched
-  with ``torch.func.vmap`` in chunks;
+  with ``torch.func.vmap`` in chunks; or, for a model an op of which has no forward-mode rule, by
+  one backward pass per point (``ProbeSettings.derivatives``, decided once per analysis by
+  :func:`trajscope.plan.resolve_derivatives`);
 * G0 = ∇f(x_t; z_t) and G1 = ∇f(x_{t+1}; z_t) by reverse-mode autograd;
 
 and reduces everything the metrics need to small float64 numbers: the line arrays and, per
@@ -38,7 +40,7 @@ import contextlib
 import hashlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,8 +48,8 @@ import torch
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from trajscope.errors import AnalysisError, ObjectiveError
-from trajscope.line import _line, _line_and_path, _replayed_rng  # noqa: F401  (_line: re-exported)
+from trajscope.errors import AnalysisError, ForwardModeError, ObjectiveError
+from trajscope.line import _line, _line_and_path, _replayed_rng, sdpa_math_kernel  # noqa: F401  (_line: re-exported)
 from trajscope.objective import Objective
 from trajscope.pairs import TERMS, VECTORS, PairStats  # re-exported: the probe/metrics contract lives there
 from trajscope.params import first, mismatches, shapes
@@ -55,6 +57,10 @@ from trajscope.run import Snapshot
 from trajscope.trees import tree_map
 
 __all__ = ["ProbeSettings", "PairStats", "TERMS", "VECTORS", "alpha_grid", "probe_pair"]
+
+DERIVATIVES = ("auto", "forward", "reverse")
+"""The ``derivatives=`` choices of an analysis; a ProbeSettings holds the resolved one."""
+
 
 def alpha_grid(points: int = 9, margin: float = 0.5) -> np.ndarray:
     """The α grid: ``points`` equally spaced points on [0, 1] extended by ``margin`` on each side.
@@ -83,6 +89,13 @@ class ProbeSettings:
     sharpness_max_iter: int = 100  # Lanczos iterations (Hessian-vector products) at most
     sharpness_tol: float | None = None  # Ritz residual / max|Ritz value|; None: 1e-5 f32, 1e-8 f64
     reference_step: int | None = None  # x* of convexity_ratio_ref (the snapshot passed as ``ref``)
+    derivatives: str = "forward"  # ℓ'(α) by "forward" (jvp, batched) or "reverse" (one backward per point)
+    sdpa_math: bool = False  # hold scaled_dot_product_attention to its math kernel (forward mode needs it)
+    derivatives_reason: str = field(default="", compare=False)  # why this path (Dataset attrs only)
+
+    def __post_init__(self) -> None:
+        if self.derivatives not in ("forward", "reverse"):
+            raise AnalysisError(f"derivatives={self.derivatives!r}: expected forward or reverse (resolved)")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -111,7 +124,18 @@ class ProbeSettings:
         if self.sharpness:
             out["sharpness_max_iter"] = self.sharpness_max_iter
             out["sharpness_tol"] = self.lanczos_tol
+        # Only a path other than plain forward mode is named: the digest of pairs persisted under
+        # plain forward mode stays what it is, and a pair persisted under another path is not reused.
+        if self.derivatives != "forward":
+            out["derivatives"] = self.derivatives
+        if self.sdpa_math:
+            out["sdpa_math"] = True
         return out
+
+    @property
+    def derivatives_label(self) -> str:
+        """The resolved path in words: ``forward``, ``forward (sdpa math kernel)`` or ``reverse``."""
+        return self.derivatives + (" (sdpa math kernel)" if self.sdpa_math else "")
 
 
 class _Bound(torch.nn.Module):
@@ -357,9 +381,11 @@ def _prepare(objective: Objective, snap: Snapshot, nxt: Snapshot, settings: Prob
 
 def _evaluate(prep: _Prepared, snap: Snapshot, settings: ProbeSettings, *,
               ref: Snapshot | None) -> _Evaluation:
-    """Every evaluation of f for the pair, each under the step's replayed RNG state:
+    """Every evaluation of f for the pair, each under the step's replayed RNG state (and, with
+    ``settings.sdpa_math``, with attention held to its math kernel):
 
-    * ℓ(α) = f(x_t + αΔ_t) and ℓ'(α) = ⟨∇f(x_t + αΔ_t), Δ_t⟩ on the α grid (forward mode);
+    * ℓ(α) = f(x_t + αΔ_t) and ℓ'(α) = ⟨∇f(x_t + αΔ_t), Δ_t⟩ on the α grid
+      (``settings.derivatives``: forward or reverse mode);
     * G0 = ∇f(x_t) and G1 = ∇f(x_{t+1}) (reverse mode);
     * ``extras["loss_ref"]`` = f(x*) when a reference snapshot is given;
     * ``extras["sharpness"]`` = λ_max(∇²f(x_t)) and its Lanczos diagnostics, when asked for;
@@ -368,9 +394,12 @@ def _evaluate(prep: _Prepared, snap: Snapshot, settings: ProbeSettings, *,
     f, rng, replay = prep.f, snap.rng, prep.replay
     extras: dict[str, float] = {}
     alphas = torch.tensor(settings.alphas, dtype=prep.dtype, device=prep.device)
-    with _batchnorm_replay(prep.model):
-        loss_line, dloss_line, batched = _line_and_path(f, prep.x0, prep.delta, alphas, settings, rng,
-                                                        replay)
+    with _batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math):
+        try:
+            loss_line, dloss_line, batched = _line_and_path(f, prep.x0, prep.delta, alphas, settings, rng,
+                                                            replay)
+        except ForwardModeError as exc:
+            raise ForwardModeError(f"step {snap.step}: {exc}", exc.what) from None
         with _replayed_rng(rng, replay):
             G0 = _grad(f, prep.x0)
         with _replayed_rng(rng, replay):
