@@ -52,6 +52,7 @@ from trajscope.registry import evaluate_pair
 from trajscope.progress import Progress as _Progress
 from trajscope.run import Run, open_run
 from trajscope.tasks import ObjectiveSource, objective_for, window_graph
+from trajscope.unwrap import unwrapped
 
 if TYPE_CHECKING:  # imported where a Dataset is built or read: worker processes never need it
     import xarray as xr
@@ -134,7 +135,9 @@ def analyze(
     specs = with_requirements(selected)
     pairs, lost = pairs_to_analyze(r, steps)
     # Resolve once here so import errors and name/shape mismatches surface before any work.
-    check_run_objective(objective_for(objective, r.objective), r.manifest)
+    model = objective_for(objective, r.objective, run=r).model
+    r = unwrapped(r, model)  # a run recorded through torch.compile/DDP: the model's plain names
+    check_run_objective(objective_for(objective, r.objective, run=r), r.manifest)
     name = objective_id(objective, r.objective)
     analysis_dir = r.path / fmt.ANALYSIS_DIR
     if write:
