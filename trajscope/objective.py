@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
@@ -40,8 +40,11 @@ from trajscope.errors import ObjectiveError, TrajscopeError, one_line
 from trajscope.format import MANIFEST
 from trajscope.params import first, mismatches, shapes, strip_prefix, wrapper_prefix
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # trajscope.run imports this module: Run is only named in annotations
     from trajscope.run import Run
+
+RunArgument: TypeAlias = "Run | Callable[[], Run] | None"
+"""What a factory taking the run is called with: the run, or a function that opens it."""
 
 __all__ = ["Objective", "load_objective", "resolve_objective", "check_run_objective", "takes_run"]
 
@@ -69,10 +72,11 @@ class Objective:
             raise ObjectiveError(f"Objective.loss: expected a callable, got {type(self.loss).__name__}")
 
 
-def load_objective(spec: str, run: Run | str | Path | None = None) -> Objective:
+def load_objective(spec: str, run: RunArgument = None) -> Objective:
     """Import ``"module:function"``, call it and check that it returns an :class:`Objective`.
 
-    A factory that takes the run (:func:`takes_run`) is called with ``run``, opened if it is a path.
+    A factory that takes the run (:func:`takes_run`) is called with ``run`` (a :class:`Run`, or
+    a function returning it, called only then).
 
     The name is resolved by :func:`import_named` (dotted identifiers only, never from a run
     directory).
@@ -186,19 +190,15 @@ def takes_run(factory: Any) -> bool:
     return first_positional.default is inspect.Parameter.empty or first_positional.name == "run"
 
 
-def _opened(run: Run | str | Path | None, what: str) -> Run:
+def _opened(run: RunArgument, what: str) -> Run:
     if run is None:
         raise ObjectiveError(
             f"objective {what}: takes an argument (the run), but no run was given to call it with"
         )
-    if isinstance(run, (str, Path)):
-        from trajscope.run import open_run  # trajscope.run imports this module
-
-        return open_run(run)
-    return run
+    return run() if callable(run) else run
 
 
-def _call_factory(factory: Any, what: str, run: Run | str | Path | None = None) -> Objective:
+def _call_factory(factory: Any, what: str, run: RunArgument = None) -> Objective:
     if isinstance(factory, Objective):
         return factory
     if not callable(factory):
@@ -271,10 +271,11 @@ def _preview(names: dict[str, Any]) -> str:
 
 
 def resolve_objective(objective: str | Callable[..., Objective] | Objective | None,
-                      recorded: str | None, run: Run | str | Path | None = None) -> Objective:
+                      recorded: str | None, run: RunArgument = None) -> Objective:
     """The objective to analyze with: the explicit one if given, else the run's recorded name.
 
-    ``run`` (the run, or its path) is what a factory that takes an argument is called with.
+    ``run`` is what a factory that takes an argument is called with: the :class:`Run`, or a
+    function returning it (a worker process opens the run only for such a factory).
     """
     if objective is None:
         if recorded is None:

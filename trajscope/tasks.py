@@ -36,7 +36,7 @@ from trajscope.errors import ObjectiveError, TrajscopeError, one_line
 from trajscope.objective import Objective, resolve_objective
 from trajscope.persist import pair_path, save_pair
 from trajscope.probe import PairStats, ProbeSettings, probe_pair
-from trajscope.run import Run, Snapshot
+from trajscope.run import Run, Snapshot, open_run
 from trajscope.snapshots import Loaded, SnapshotRef, on_device, resolved
 
 if TYPE_CHECKING:
@@ -78,7 +78,9 @@ def objective_for(source: ObjectiveSource, recorded: str | None, key: str | None
         # never touch the caller's instance: the probe moves it and sets its train mode
         obj = Objective(model=copy.deepcopy(source.model), loss=source.loss)
     else:
-        obj = resolve_objective(source, recorded, run)
+        # a path is opened only if the factory takes the run
+        opener = functools.partial(open_run, run) if isinstance(run, (str, Path)) else run
+        obj = resolve_objective(source, recorded, opener)
     cache[key] = obj
     while len(cache) > _OBJECTIVES_PER_THREAD:
         cache.popitem(last=False)
