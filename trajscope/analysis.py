@@ -174,7 +174,7 @@ class _Job:
 def _check_arguments(dtype: str | None, scheduler: Any, device: str, chunk_size: int | None) -> Any:
     """Validate the arguments checked before the run is read further; returns the scheduler."""
     if dtype not in (None, "auto", "float32", "float64"):
-        raise AnalysisError(f"dtype={dtype!r}: expected float32, float64, auto or None")
+        raise AnalysisError(f"dtype={dtype!r}: expected float32 or float64 (or None or 'auto': the run's)")
     scheduler = check_scheduler(scheduler)
     check_device(device)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
