@@ -135,9 +135,9 @@ def analyze(
     specs = with_requirements(selected)
     pairs, lost = pairs_to_analyze(r, steps)
     # Resolve once here so import errors and name/shape mismatches surface before any work.
-    model = objective_for(objective, r.objective, run=r).model
-    r = unwrapped(r, model)  # a run recorded through torch.compile/DDP: the model's plain names
-    check_run_objective(objective_for(objective, r.objective, run=r), r.manifest)
+    obj = objective_for(objective, r.objective, run=r)
+    r = unwrapped(r, obj.model)  # a run recorded through torch.compile/DDP: the model's plain names
+    check_run_objective(obj, r.manifest)
     name = objective_id(objective, r.objective)
     analysis_dir = r.path / fmt.ANALYSIS_DIR
     if write:
