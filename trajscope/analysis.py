@@ -60,6 +60,7 @@ from trajscope.registry import evaluate_pair
 from trajscope.progress import Progress as _Progress
 from trajscope.run import Run, open_run
 from trajscope.tasks import ObjectiveSource, objective_for, window_graph
+from trajscope.unwrap import unwrapped
 
 if TYPE_CHECKING:  # imported where a Dataset is built or read: worker processes never need it
     import xarray as xr
@@ -86,7 +87,7 @@ def analyze(
     points: int = 9,
     margin: float = 0.5,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str | None = None,
     scheduler: Any = "synchronous",
     workers: int | None = None,
     steps: str | slice | Iterable[int] | None = None,
@@ -110,7 +111,9 @@ def analyze(
         points, margin: α grid (``points`` on [0, 1], extended by ``margin`` on both sides).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available). With several
             GPUs, ``cuda``/``auto`` gives each worker its own GPU (set ``workers`` to the count).
-        dtype: evaluation dtype, ``float32`` or ``float64`` (independent of the training dtype).
+        dtype: evaluation dtype, ``float32`` or ``float64``; None (or ``"auto"``): float64 when
+            every floating parameter the run recorded is float64, else float32 (bf16/fp16/float32
+            runs). The Dataset's ``eval_dtype`` attribute says which was used.
         scheduler: ``synchronous`` (this thread), ``threads``, ``processes``, a dask.distributed
             scheduler address (``tcp://host:8786``) or a ``distributed.Client``. The results
             are the same under every scheduler. A cluster's workers must see the run directory
@@ -145,7 +148,9 @@ def analyze(
     specs = with_requirements(selected)
     pairs, lost = pairs_to_analyze(r, steps)
     # Resolve once here so import errors and name/shape mismatches surface before any work.
-    check_run_objective(objective_for(objective, r.objective), r.manifest)
+    obj = objective_for(objective, r.objective, run=r)
+    r = unwrapped(r, obj.model)  # a run recorded through torch.compile/DDP: the model's plain names
+    check_run_objective(obj, r.manifest)
     settings = resolve_derivatives(derivatives, settings, r, objective, pairs, local)
     name = objective_id(objective, r.objective)
     analysis_dir = r.path / fmt.ANALYSIS_DIR
@@ -180,10 +185,10 @@ class _Job:
     """Where pairs are persisted (None: nothing is written)."""
 
 
-def _check_arguments(dtype: str, scheduler: Any, device: str, chunk_size: int | None) -> Any:
+def _check_arguments(dtype: str | None, scheduler: Any, device: str, chunk_size: int | None) -> Any:
     """Validate the arguments checked before the run is read further; returns the scheduler."""
-    if dtype not in ("float32", "float64"):
-        raise AnalysisError(f"dtype={dtype!r}: expected float32 or float64")
+    if dtype not in (None, "auto", "float32", "float64"):
+        raise AnalysisError(f"dtype={dtype!r}: expected float32 or float64 (or None or 'auto': the run's)")
     scheduler = check_scheduler(scheduler)
     check_device(device)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):

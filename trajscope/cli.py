@@ -70,8 +70,9 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
 @click.option("--device", default="auto", show_default=True, callback=_check_device,
               help="cpu, cuda, cuda:N or auto (CUDA when available). With several GPUs, cuda or "
                    "auto gives each worker its own.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
-              show_default=True, help="Evaluation dtype (independent of the training dtype).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float64"]), default="auto",
+              show_default=True, help="Evaluation dtype; auto: float64 when the run's floating "
+                                      "parameters are all float64, else float32.")
 @click.option("--scheduler", default="synchronous", show_default=True, callback=_check_scheduler,
               metavar="synchronous|threads|processes|ADDRESS",
               help="Where pairs are probed: this thread, a thread pool (one GPU), a process pool "
@@ -110,7 +111,8 @@ def analyze(run_dir: str, objective: str | None, points: int, margin: float, dev
     from trajscope.summary import format_headline, headline
 
     names = [n.strip() for n in metric_names.split(",") if n.strip()] if metric_names else None
-    ds = run_analysis(run_dir, objective, points=points, margin=margin, device=device, dtype=dtype,
+    ds = run_analysis(run_dir, objective, points=points, margin=margin, device=device,
+                      dtype=None if dtype == "auto" else dtype,
                       scheduler=scheduler, workers=workers, steps=steps, metrics=names,
                       derivatives=derivatives, sharpness=sharpness, reference=reference, force=force,
                       progress=None if not quiet else False)

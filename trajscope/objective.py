@@ -9,7 +9,15 @@ A user writes, in any importable module::
             return F.cross_entropy(model(x), y)
         return trajscope.Objective(model=model, loss=loss)
 
-and names it ``"mymodule:make_objective"``. Only the analyzing user's own environment is imported
+and names it ``"mymodule:make_objective"``. A factory that takes one argument is called with the
+opened :class:`~trajscope.run.Run` (see :func:`takes_run`), so that it can build the model from the configuration
+the run recorded (``run.metadata``, the ``Recorder(..., metadata=...)`` dict)::
+
+    def make_objective(run) -> trajscope.Objective:
+        model = MyNet(**run.metadata["config"])
+        ...
+
+Only the analyzing user's own environment is imported
 (the current directory is put on ``sys.path`` first, as ``python -m`` does); nothing inside a run
 directory is ever imported or unpickled.
 """
@@ -18,20 +26,27 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
 from trajscope.errors import ObjectiveError, TrajscopeError, one_line
 from trajscope.format import MANIFEST
-from trajscope.params import first, mismatches, shapes
+from trajscope.params import first, mismatches, shapes, strip_prefix, wrapper_prefix
 
-__all__ = ["Objective", "load_objective", "resolve_objective", "check_run_objective"]
+if TYPE_CHECKING:  # trajscope.run imports this module: Run is only named in annotations
+    from trajscope.run import Run
+
+RunArgument: TypeAlias = "Run | Callable[[], Run] | None"
+"""What a factory taking the run is called with: the run, or a function that opens it."""
+
+__all__ = ["Objective", "load_objective", "resolve_objective", "check_run_objective", "takes_run"]
 
 
 @dataclass(frozen=True)
@@ -57,8 +72,11 @@ class Objective:
             raise ObjectiveError(f"Objective.loss: expected a callable, got {type(self.loss).__name__}")
 
 
-def load_objective(spec: str) -> Objective:
+def load_objective(spec: str, run: RunArgument = None) -> Objective:
     """Import ``"module:function"``, call it and check that it returns an :class:`Objective`.
+
+    A factory that takes the run (:func:`takes_run`) is called with ``run`` (a :class:`Run`, or
+    a function returning it, called only then).
 
     The name is resolved by :func:`import_named` (dotted identifiers only, never from a run
     directory).
@@ -67,7 +85,7 @@ def load_objective(spec: str) -> Objective:
         ObjectiveError: naming ``spec`` and what went wrong (bad name, import failure, an exception
             raised by the module or the factory, a result that is not an Objective).
     """
-    return _call_factory(import_named(spec, "objective"), repr(spec))
+    return _call_factory(import_named(spec, "objective"), repr(spec), run)
 
 
 def import_named(spec: str, what: str = "objective") -> Any:
@@ -154,7 +172,33 @@ def _refuse_run_dir_module(top: str, spec: str, what: str = "objective") -> None
             )
 
 
-def _call_factory(factory: Any, what: str) -> Objective:
+def takes_run(factory: Any) -> bool:
+    """Whether ``factory`` is called with the run: its first positional parameter has no default
+    or is named ``run`` (``def make_objective(run)``, ``def make_objective(run=None)``).
+
+    A factory whose parameters all have defaults (``def make_objective(seed=0)``) is called with
+    no argument, as is a callable whose signature cannot be read (some builtins).
+    """
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    first_positional = next((p for p in params if p.kind in positional), None)
+    if first_positional is None:
+        return False
+    return first_positional.default is inspect.Parameter.empty or first_positional.name == "run"
+
+
+def _opened(run: RunArgument, what: str) -> Run:
+    if run is None:
+        raise ObjectiveError(
+            f"objective {what}: takes an argument (the run), but no run was given to call it with"
+        )
+    return run() if callable(run) else run
+
+
+def _call_factory(factory: Any, what: str, run: RunArgument = None) -> Objective:
     if isinstance(factory, Objective):
         return factory
     if not callable(factory):
@@ -162,8 +206,9 @@ def _call_factory(factory: Any, what: str) -> Objective:
             f"objective {what}: is a {type(factory).__name__}, expected a function returning "
             "trajscope.Objective"
         )
+    args = (_opened(run, what),) if takes_run(factory) else ()
     try:
-        result = factory()
+        result = factory(*args)
     except TrajscopeError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's factory failed
@@ -184,13 +229,17 @@ def check_run_objective(objective: Objective, manifest: dict[str, Any]) -> Objec
 
     ``manifest`` is the run's (validated) manifest. A recorded parameter the model lacks, a model
     parameter the run did not record (it would silently keep its initial value during the replay)
-    and a shape mismatch are all errors.
+    and a shape mismatch are all errors. Names recorded from a wrapped model (``_orig_mod.NAME``
+    of ``torch.compile``, ``module.NAME`` of DDP) match the plain model's names when one prefix,
+    stripped from every name, makes them match (:func:`trajscope.params.wrapper_prefix`).
 
     Raises:
         ObjectiveError: naming the first parameter or buffer that differs.
     """
     slots = shapes(dict(objective.model.named_parameters()))
     recorded = {str(q["name"]): tuple(int(d) for d in q["shape"]) for q in manifest["params"]}
+    prefix = wrapper_prefix(recorded, slots)
+    recorded = {strip_prefix(n, prefix): s for n, s in recorded.items()}
     m = first(mismatches(recorded, slots))
     if m is not None and m.kind == "missing":
         raise ObjectiveError(
@@ -206,7 +255,8 @@ def check_run_objective(objective: Objective, manifest: dict[str, Any]) -> Objec
             f"parameter {m.name!r} of the objective's model was not recorded in the run "
             f"(run has {len(recorded)}: {_preview(recorded)}); is this the model that was trained?"
         )
-    buffers = {str(q["name"]): tuple(int(d) for d in q["shape"]) for q in manifest.get("buffers", [])}
+    buffers = {strip_prefix(str(q["name"]), prefix): tuple(int(d) for d in q["shape"])
+               for q in manifest.get("buffers", [])}
     b = first(mismatches(buffers, shapes(dict(objective.model.named_buffers()))), "shape")
     if b is not None:
         raise ObjectiveError(
@@ -220,16 +270,20 @@ def _preview(names: dict[str, Any]) -> str:
     return shown + (", …" if len(names) > 5 else "")
 
 
-def resolve_objective(objective: str | Callable[[], Objective] | Objective | None,
-                      recorded: str | None) -> Objective:
-    """The objective to analyze with: the explicit one if given, else the run's recorded name."""
+def resolve_objective(objective: str | Callable[..., Objective] | Objective | None,
+                      recorded: str | None, run: RunArgument = None) -> Objective:
+    """The objective to analyze with: the explicit one if given, else the run's recorded name.
+
+    ``run`` is what a factory that takes an argument is called with: the :class:`Run`, or a
+    function returning it (a worker process opens the run only for such a factory).
+    """
     if objective is None:
         if recorded is None:
             raise ObjectiveError(
                 "no objective: the run's manifest names none; pass --objective MODULE:FUNCTION "
                 "(or objective=... in Python)"
             )
-        return load_objective(recorded)
+        return load_objective(recorded, run)
     if isinstance(objective, str):
-        return load_objective(objective)
-    return _call_factory(objective, getattr(objective, "__qualname__", repr(objective)))
+        return load_objective(objective, run)
+    return _call_factory(objective, getattr(objective, "__qualname__", repr(objective)), run)

@@ -8,11 +8,12 @@ problem). Torch-free: shapes are tuples of ints, dtypes strings such as ``"float
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Mismatch", "mismatches", "first", "shapes", "dtypes"]
+__all__ = ["WRAPPER_PREFIXES", "Mismatch", "mismatches", "first", "shapes", "dtypes", "strip_prefix",
+           "wrapper_prefix"]
 
 Kind = Literal["missing", "shape", "dtype", "extra"]
 
@@ -74,3 +75,43 @@ def mismatches(expected: Mapping[str, Sequence[int]], actual: Mapping[str, Seque
 def first(found: Iterator[Mismatch], *kinds: Kind) -> Mismatch | None:
     """The first mismatch of one of ``kinds`` (all kinds if none given), or None."""
     return next((m for m in found if not kinds or m.kind in kinds), None)
+
+
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+"""What a wrapper puts before its model's names: ``torch.compile`` (``_orig_mod.``), DDP and
+DataParallel (``module.``), in any combination (``module._orig_mod.``)."""
+
+
+def wrapper_prefix(recorded: Iterable[str], model: Collection[str]) -> str:
+    """The wrapper prefix to strip from ``recorded`` names so that each is one of ``model``'s
+    names, or ``""`` when none applies.
+
+    One applies when some recorded name is not in ``model``, every recorded name starts with the
+    same run of :data:`WRAPPER_PREFIXES` components, and removing that run (the longest that
+    works: a model may itself hold a submodule named ``module``) leaves only names ``model`` has.
+    """
+    names = list(recorded)
+    if not names or all(n in model for n in names):
+        return ""
+    for prefix in reversed(_prefix_runs(names[0])):
+        if all(n.startswith(prefix) and n[len(prefix):] in model for n in names):
+            return prefix
+    return ""
+
+
+def _prefix_runs(name: str) -> list[str]:
+    """The wrapper prefixes ``name`` starts with, shortest first (``"module._orig_mod.w"`` →
+    ``["module.", "module._orig_mod."]``)."""
+    runs: list[str] = []
+    rest = name
+    while True:
+        part = next((p for p in WRAPPER_PREFIXES if rest.startswith(p)), None)
+        if part is None:
+            return runs
+        rest = rest[len(part):]
+        runs.append(name[: len(name) - len(rest)])
+
+
+def strip_prefix(name: str, prefix: str) -> str:
+    """``name`` without ``prefix`` (unchanged when it does not start with it)."""
+    return name[len(prefix):] if prefix and name.startswith(prefix) else name

@@ -24,7 +24,7 @@ from trajscope.registry import MetricSpec, get_metrics
 from trajscope.run import Run, Snapshot
 from trajscope.tasks import ObjectiveSource, objective_for
 
-__all__ = ["check_derivatives", "forward_mode_failure", "objective_id", "pairs_to_analyze", "probe_settings",
+__all__ = ["check_derivatives", "eval_dtype", "forward_mode_failure", "objective_id", "pairs_to_analyze", "probe_settings",
            "resolve_derivatives", "select_metrics", "select_steps", "with_requirements"]
 
 
@@ -125,17 +125,37 @@ def with_requirements(selected: dict[str, MetricSpec]) -> dict[str, MetricSpec]:
     return _with_requirements(selected, get_metrics())
 
 
-def probe_settings(r: Run, *, points: int, margin: float, device: str, dtype: str, chunk_size: int | None,
-                   batched: bool, sharpness: bool, sharpness_max_iter: int, reference: int | None,
-                   resolve: bool) -> ProbeSettings:
+def eval_dtype(r: Run, dtype: str | None) -> str:
+    """The evaluation dtype: ``dtype`` when it names one, else (None or ``"auto"``) the run's.
+
+    A run whose recorded floating-point parameters are all float64 evaluates in float64: its
+    objective may hold float64 constants, and float64 replays it near exactly. Any other run
+    (float32, bf16, fp16, mixed, or a manifest without dtypes) evaluates in float32.
+    """
+    if dtype is not None and dtype != "auto":
+        return dtype
+    floating = [q.get("dtype") for q in r.manifest["params"] if _floating(q.get("dtype"))]
+    known = all(isinstance(q.get("dtype"), str) and q.get("dtype") for q in r.manifest["params"])
+    return "float64" if floating and known and all(d == "float64" for d in floating) else "float32"
+
+
+def _floating(dtype: object) -> bool:
+    """Whether a manifest dtype name (``"float32"``, ``"bfloat16"``, ``"float8_e4m3fn"``) is a
+    floating-point type."""
+    return isinstance(dtype, str) and dtype.startswith(("float", "bfloat"))
+
+
+def probe_settings(r: Run, *, points: int, margin: float, device: str, dtype: str | None,
+                   chunk_size: int | None, batched: bool, sharpness: bool, sharpness_max_iter: int,
+                   reference: int | None, resolve: bool) -> ProbeSettings:
     """The probe's settings. ``resolve``: a local scheduler resolves ``device`` here, so that a
     missing GPU fails before any work; a cluster's workers resolve the spec themselves (this
-    machine may have no GPU at all)."""
+    machine may have no GPU at all). ``dtype``: see :func:`eval_dtype`."""
     ref_step = _reference_step(r, reference)
     return ProbeSettings(
         alphas=tuple(float(a) for a in alpha_grid(points, margin)),
         device=resolve_device(device) if resolve else device,
-        dtype=dtype,
+        dtype=eval_dtype(r, dtype),
         chunk_size=chunk_size,
         batched=batched,
         sharpness=sharpness,
@@ -240,7 +260,7 @@ def _forward_failure(r: Run, source: ObjectiveSource, pairs: list[int], trial: P
         if snap.batch is None:
             continue
         try:
-            return forward_mode_failure(objective_for(source, r.objective), snap, trial, r.trainable)
+            return forward_mode_failure(objective_for(source, r.objective, run=r), snap, trial, r.trainable)
         except Exception:  # noqa: BLE001 - not a forward-mode failure: the pair tasks report it in context
             return None
     return None

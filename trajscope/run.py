@@ -56,6 +56,12 @@ class Run:
         return self.manifest.get("objective")
 
     @property
+    def metadata(self) -> dict[str, Any]:
+        """The user metadata given as ``Recorder(..., metadata={...})`` (empty if none)."""
+        meta = self.manifest.get("metadata")
+        return meta if isinstance(meta, dict) else {}
+
+    @property
     def final_step(self) -> int | None:
         fs = self.manifest.get("final_step")
         return fs if isinstance(fs, int) and fs in self.steps else None

@@ -39,8 +39,9 @@ _RECENT_SNAPSHOTS = 4
 """Snapshots kept per process: enough for a window boundary and the shared x_0 and x* parameters,
 few enough that memory stays bounded whatever the run length."""
 
-# Keyed by (location, mtime, size, parameters only): a rewritten snapshot is never served stale.
-_CacheKey = tuple[str, int, int, bool]
+# Keyed by (location, mtime, size, parameters only, wrapper prefix stripped from its names): a
+# rewritten snapshot is never served stale, nor one named for another model (trajscope.unwrap).
+_CacheKey = tuple[str, int, int, bool, str]
 _recent: collections.OrderedDict[_CacheKey, Snapshot] = collections.OrderedDict()
 _recent_lock = threading.Lock()
 
@@ -91,7 +92,7 @@ def resolved(value: Any) -> Any:
 
 def _read_cached(ref: SnapshotRef, pin: bool) -> tuple[Stat, Loaded]:
     stat = ref.storage.stat(ref.step)
-    key = (str(ref.storage.location(ref.step)), *stat, ref.params_only)
+    key = (str(ref.storage.location(ref.step)), *stat, ref.params_only, getattr(ref.storage, "strip_prefix", ""))
     with _recent_lock:
         snap = _recent.get(key)
         if snap is not None:

@@ -36,7 +36,7 @@ from trajscope.errors import ObjectiveError, TrajscopeError, one_line
 from trajscope.objective import Objective, resolve_objective
 from trajscope.persist import pair_path, save_pair
 from trajscope.probe import PairStats, ProbeSettings, probe_pair
-from trajscope.run import Run, Snapshot
+from trajscope.run import Run, Snapshot, open_run
 from trajscope.snapshots import Loaded, SnapshotRef, on_device, resolved
 
 if TYPE_CHECKING:
@@ -44,16 +44,21 @@ if TYPE_CHECKING:
 
 __all__ = ["ObjectiveSource", "objective_for", "pair_task", "window_graph"]
 
-ObjectiveSource = str | Callable[[], Objective] | Objective | None
+ObjectiveSource = str | Callable[..., Objective] | Objective | None
 
 _local = threading.local()
 _OBJECTIVES_PER_THREAD = 4
 _PROBE_LOCK = threading.Lock()
 
 
-def objective_for(source: ObjectiveSource, recorded: str | None, key: str | None = None) -> Objective:
-    """One Objective per (thread, source): a module's parameters are swapped during a call, so
-    concurrent threads must never share a model.
+def objective_for(source: ObjectiveSource, recorded: str | None, key: str | None = None,
+                  run: Run | str | Path | None = None) -> Objective:
+    """One Objective per (thread, source, run): a module's parameters are swapped during a call,
+    so concurrent threads must never share a model.
+
+    ``run`` (the run, or its path: a worker process is given the path and opens the run only if
+    the factory takes it) is what a factory taking an argument is called with; it is part of the
+    cache key, since such a factory builds a different model for another run's configuration.
 
     ``key`` names the source stably: a function or Objective shipped to a worker process arrives as
     a new object with every task, so its ``id`` cannot be the key (the cache would grow by one
@@ -64,6 +69,8 @@ def objective_for(source: ObjectiveSource, recorded: str | None, key: str | None
         cache = _local.objectives = collections.OrderedDict()
     if key is None:
         key = source if isinstance(source, str) else (recorded if source is None else str(id(source)))
+    if run is not None:
+        key = f"{key}@{run.path if isinstance(run, Run) else run}"
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
@@ -71,7 +78,9 @@ def objective_for(source: ObjectiveSource, recorded: str | None, key: str | None
         # never touch the caller's instance: the probe moves it and sets its train mode
         obj = Objective(model=copy.deepcopy(source.model), loss=source.loss)
     else:
-        obj = resolve_objective(source, recorded)
+        # a path is opened only if the factory takes the run
+        opener = functools.partial(open_run, run) if isinstance(run, (str, Path)) else run
+        obj = resolve_objective(source, recorded, opener)
     cache[key] = obj
     while len(cache) > _OBJECTIVES_PER_THREAD:
         cache.popitem(last=False)
@@ -88,8 +97,10 @@ def pair_task(snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loaded, prev: Snaps
               init: SnapshotRef | Loaded | None, source: ObjectiveSource, recorded: str | None,
               settings: ProbeSettings, trainable: list[str], out: str | None, digest: str,
               ref: SnapshotRef | Loaded | None = None, placement: Placement | None = None,
-              objective_key: str | None = None) -> PairStats | health.SkippedPair:
+              objective_key: str | None = None, run_path: str | None = None) -> PairStats | health.SkippedPair:
     """Probe the pair (x_t, x_{t+1}) = (``snap``, ``nxt``) and persist its PairStats to ``out``.
+
+    ``run_path`` is the run a factory that takes the run is called with (opened in this process).
 
     ``prev`` (x_{t−1}), ``init`` (x_0) and ``ref`` (x*) are optional neighbours. A damaged
     snapshot skips only this pair (or, as a neighbour, only the terms that need it).
@@ -101,7 +112,7 @@ def pair_task(snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loaded, prev: Snaps
             settings = dataclasses.replace(settings, device=device)
         inputs = [on_device(s, device) for s in inputs]
     x_t, x_next, x_prev, x_0, x_ref = inputs
-    objective = objective_for(source, recorded, objective_key)
+    objective = objective_for(source, recorded, objective_key, run_path)
     skip = health.skip_reason(x_t, x_next, objective.model)
     if skip is not None:
         return skip
@@ -166,7 +177,7 @@ def window_graph(r: Run, window: list[int], have: set[int], init_step: int | Non
     probe = dask.delayed(
         functools.partial(pair_task, source=objective, recorded=r.objective, settings=settings,
                           trainable=r.trainable, digest=digest, placement=placement,
-                          objective_key=objective_key),
+                          objective_key=objective_key, run_path=str(r.path)),
         pure=True, name=f"pair-task-{digest}",
     )
     tasks = []

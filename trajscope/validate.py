@@ -98,7 +98,7 @@ def validate_run(path: str | Path, *, objective: Any = None, quick: bool = False
         from trajscope.objective import check_run_objective, resolve_objective
 
         try:
-            check_run_objective(resolve_objective(objective, run.objective), run.manifest)
+            check_run_objective(resolve_objective(objective, run.objective, run), run.manifest)
         except TrajscopeError as exc:
             rep.problems.append(f"objective: {exc}")
     lost = health.lost_pairs(run)
