@@ -137,8 +137,7 @@ def analyze(
         progress: show a progress bar (default: when stderr is a terminal).
     """
     r = run if isinstance(run, Run) else open_run(run)
-    scheduler = _check_arguments(dtype, scheduler, device, chunk_size)
-    check_derivatives(derivatives)
+    scheduler = _check_arguments(dtype, scheduler, device, chunk_size, derivatives)
     local = isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS
     selected, sharpness = select_metrics(metrics, sharpness)
     settings = probe_settings(r, points=points, margin=margin, device=device, dtype=dtype,
@@ -147,11 +146,7 @@ def analyze(
                               resolve=local)
     specs = with_requirements(selected)
     pairs, lost = pairs_to_analyze(r, steps)
-    # Resolve once here so import errors and name/shape mismatches surface before any work.
-    obj = objective_for(objective, r.objective, run=r)
-    r = unwrapped(r, obj.model)  # a run recorded through torch.compile/DDP: the model's plain names
-    check_run_objective(obj, r.manifest)
-    settings = resolve_derivatives(derivatives, settings, r, objective, pairs, local)
+    r, settings = _resolve_objective(r, objective, settings, derivatives, pairs, local)
     name = objective_id(objective, r.objective)
     analysis_dir = r.path / fmt.ANALYSIS_DIR
     if write:
@@ -185,8 +180,10 @@ class _Job:
     """Where pairs are persisted (None: nothing is written)."""
 
 
-def _check_arguments(dtype: str | None, scheduler: Any, device: str, chunk_size: int | None) -> Any:
+def _check_arguments(dtype: str | None, scheduler: Any, device: str, chunk_size: int | None,
+                     derivatives: str) -> Any:
     """Validate the arguments checked before the run is read further; returns the scheduler."""
+    check_derivatives(derivatives)
     if dtype not in (None, "auto", "float32", "float64"):
         raise AnalysisError(f"dtype={dtype!r}: expected float32 or float64 (or None or 'auto': the run's)")
     scheduler = check_scheduler(scheduler)
@@ -194,6 +191,17 @@ def _check_arguments(dtype: str | None, scheduler: Any, device: str, chunk_size:
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise AnalysisError(f"chunk_size={chunk_size!r}: expected an int >= 1 or None")
     return scheduler
+
+
+def _resolve_objective(r: Run, objective: ObjectiveSource, settings: ProbeSettings, derivatives: str,
+                       pairs: list[int], local: bool) -> tuple[Run, ProbeSettings]:
+    """The run as the objective's model names it, and the settings with the derivative path
+    decided. Resolved once, before any work, so import errors and name/shape mismatches surface
+    at once."""
+    obj = objective_for(objective, r.objective, run=r)
+    r = unwrapped(r, obj.model)  # a run recorded through torch.compile/DDP: the model's plain names
+    check_run_objective(obj, r.manifest)
+    return r, resolve_derivatives(derivatives, settings, r, objective, pairs, local)
 
 
 def _compute_pairs(job: _Job, pairs: list[int], lost: dict[int, str], scheduler: Any, workers: int | None,
