@@ -188,3 +188,61 @@ def test_amp_unscale_then_clip_records_the_clip_alone(tmp_path: Path) -> None:
     assert all(s.clip_factor is not None and s.clip_factor < 1 and s.clip_uniform for s in snaps)
     ds = trajscope.analyze(tmp_path / "run", make_mlp, **FAST)
     assert float(ds.grad_replay_error.max()) <= 1e-4
+
+
+class _TinyHF(torch.nn.Module):
+    """A plain module the HF Trainer can train: forward(**inputs) -> {"loss", "logits"}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.net(x)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def _hf_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    return model(**batch)["loss"]
+
+
+def make_tiny_hf() -> trajscope.Objective:
+    return trajscope.Objective(model=_TinyHF(), loss=_hf_loss)
+
+
+class _Rows(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __init__(self, rows: list[dict[str, torch.Tensor]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.rows[i]
+
+
+def test_hf_trainer_default_clipping_is_recorded(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from trajscope.recorders.hf import TrajscopeCallback
+
+    x, y = dataset()
+    rows = [{"x": x[i], "labels": y[i]} for i in range(40)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, learning_rate=0.05,
+        use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0, seed=0, max_steps=4, gradient_accumulation_steps=2,
+    )
+    # The Trainer clips by default (max_grad_norm = 1.0, clip_grad_norm_ through accelerate); this
+    # model's gradient norm is below 1, so a smaller bound makes every step clip.
+    assert args.max_grad_norm == 1.0
+    args.max_grad_norm = 0.05
+    trainer = transformers.Trainer(model=_TinyHF(), args=args, train_dataset=_Rows(rows),
+                                   callbacks=[TrajscopeCallback(tmp_path / "run", objective=make_tiny_hf)])
+    trainer.train()
+    snaps = _metas(tmp_path / "run")
+    clipped = [s for s in snaps if s.clip_factor is not None]
+    assert len(clipped) == len(snaps) == 4 and all(s.clip_uniform and s.clip_factor < 1 for s in clipped)
+    ds = trajscope.analyze(tmp_path / "run", make_tiny_hf, **FAST)
+    assert float(ds.loss_replay_error.max()) <= 1e-5
+    assert float(ds.grad_replay_error.max()) <= 1e-4
+    assert headline(ds).get("pairs_clipped") == len(clipped)
