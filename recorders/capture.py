@@ -272,8 +272,9 @@ class PreclipNorms:
         With c = ‖g_consumed‖ / ‖g_preclip‖ over the parameters whose gradient both saw:
         ``grad_norm_preclip`` (‖g_preclip‖), ``clip_factor`` (c) and ``clip_uniform`` (every
         parameter's own ratio equals c within rounding, as ``clip_grad_norm_`` scales). Nothing is
-        added when c = 1 within rounding, or when c is an exact power of two: that is a loss-scale
-        unscale (AMP ``GradScaler``), not a clip. The pre-clip norms are divided by
+        added for a uniform c that is 1 within rounding, or an exact power of two: that is a
+        loss-scale unscale (AMP ``GradScaler``), not a clip. A non-uniform rescale is recorded
+        whatever its global c. The pre-clip norms are divided by
         ``grad_scaler``'s scale S (the scale the backward's gradients carried; 1 without a scaler).
         """
         if not self._handles:
@@ -298,11 +299,11 @@ class PreclipNorms:
         pre_norm, factor, spread = torch.stack([pre_sum.sqrt(), c, dev_i.max()]).tolist()
         eps = max(torch.finfo(p.grad.dtype).eps for p, _ in pairs)  # type: ignore[union-attr]
         tol = 8 * eps  # the rescale rounds each element once: ratios agree to ~eps
-        if not (math.isfinite(factor) and pre_norm > 0) or abs(factor - 1.0) <= tol:
+        if not (math.isfinite(factor) and factor > 0 and pre_norm > 0):
             return
-        uniform = spread <= tol
+        uniform = bool(spread <= tol)
         if uniform and abs(math.log2(factor) - round(math.log2(factor))) <= tol:
-            return  # an exact power of two: a GradScaler's unscale, not a clip
+            return  # c = 1, or an exact power of two: a GradScaler's unscale, not a clip
         meta["grad_norm_preclip"] = pre_norm
         meta["clip_factor"] = factor
         meta["clip_uniform"] = bool(uniform)
