@@ -33,6 +33,7 @@ __all__ = [
     "unwrap_model",
     "gradient_entries",
     "batch_entries",
+    "micro_weights",
     "optimizer_state_entries",
     "PreclipNorms",
 ]
@@ -179,6 +180,14 @@ class StepCapture:
         """The state to store with the step: the step's own, else one captured since its batch."""
         return self.of_step if self.of_step is not None else self.pending
 
+    def entries(self, model: torch.nn.Module, meta: dict[str, Any]) -> Entries:
+        """The snapshot's forward-state entries; sets ``meta["training"]`` and
+        ``meta["captured_at"]`` (``forward``, or ``step`` when no forward pass was seen)."""
+        forward = self.for_snapshot()
+        meta["training"] = forward.training if forward is not None else model.training
+        meta["captured_at"] = "forward" if forward is not None else "step"
+        return list(forward.tensors.items()) if forward is not None else []
+
     def clear(self) -> None:
         """The step was taken: nothing captured so far belongs to the next one."""
         self.pending = self.of_step = None
@@ -193,6 +202,13 @@ def gradient_entries(trainable: list[tuple[str, torch.nn.Parameter]], step: int)
                 raise RecorderError(f"step {step}: gradient of {name!r} is sparse; not supported")
             out.append((fmt.GRAD + name, p.grad))
     return out
+
+
+def micro_weights(micro: list[dict[str, Any]], reduction: str) -> list[float]:
+    """Each micro-batch's weight w_i in the step's loss f = Σ w_i · f_i: its own ``weight``, else
+    1/m over the m micro-batches (``reduction="mean"``) or 1 (``"sum"``)."""
+    default = 1.0 / len(micro) if reduction == "mean" else 1.0
+    return [float(mb["weight"]) if mb["weight"] is not None else default for mb in micro]
 
 
 def batch_entries(micro: list[dict[str, Any]], as_micro: bool, meta: dict[str, Any]) -> Entries:
@@ -240,7 +256,9 @@ class PreclipNorms:
     post-accumulate-grad hook (armed on recorded steps only) and keeps ‖∂f/∂p‖² as backward
     completed it: with gradient accumulation each micro-batch's firing overwrites the last, so
     the step sees the accumulated gradient. The squares stay float64 tensors on the parameter's
-    device; :meth:`measure` syncs with the host once per recorded step.
+    device; :meth:`measure` syncs with the host once per recorded step. The recorder arms the
+    hooks in a single process only: under data parallelism ``p.grad`` is averaged over the ranks
+    after its hook fired, so the two norms would not describe the same gradient.
     """
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:

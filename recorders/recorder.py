@@ -7,9 +7,8 @@ How it hooks in, and why it cannot change training:
   ``GradScaler.unscale_`` and gradient clipping done before ``step``). When ``step`` is given a
   closure (LBFGS, PyTorch Lightning), the gradient only exists once the closure has run inside
   ``step``: the pre-hook then wraps the closure and captures right after its first call.
-* on recorded steps only, a post-accumulate-grad hook on each trainable parameter measures the
-  gradient norm before clipping; a step whose consumed gradient is a rescaled one records the
-  clip factor (:class:`~trajscope.recorders.capture.PreclipNorms`).
+* on recorded steps only, each trainable parameter's post-accumulate-grad hook measures the
+  gradient before clipping (:class:`~trajscope.recorders.capture.PreclipNorms`).
 * ``optimizer.register_step_post_hook`` fires after the update; it advances the step counter and
   appends the step's line to ``scalars.jsonl``.
 * a forward pre-hook on the model captures, for recorded steps only, the RNG state and the
@@ -48,6 +47,7 @@ from trajscope.recorders.capture import (
     batch_entries,
     capture_forward,
     gradient_entries,
+    micro_weights,
     optimizer_state_entries,
     unwrap_model,
 )
@@ -408,16 +408,10 @@ class Recorder:
             self._timed(t0, c0)
 
     def _arm_grad_hooks(self) -> None:
-        # Pre-clip norms on recorded steps only; single-process only: under data parallelism
-        # p.grad is averaged over the ranks after its hook fired, so the norms would differ.
+        """Arm the pre-clip hooks for a recorded step of a single-process run (:class:`PreclipNorms`)."""
         self._preclip.arm(self._open and not self._failed and self.world_size == 1 and self.schedule(self.step))
 
     # --- capturing --------------------------------------------------------------------------------
-
-    def _weights(self) -> list[float]:
-        m = len(self._micro)
-        default = 1.0 / m if self.accumulation_reduction == "mean" else 1.0
-        return [float(mb["weight"]) if mb["weight"] is not None else default for mb in self._micro]
 
     def _capture_step(self) -> None:
         if not self._micro:
@@ -425,7 +419,7 @@ class Recorder:
                 f"step {self.step}: optimizer.step() was called without rec.batch(...) for a "
                 "recorded step; call rec.batch(batch, loss=loss) before every optimizer.step()"
             )
-        weights = self._weights()
+        weights = micro_weights(self._micro, self.accumulation_reduction)
         micro = [{"batch": mb["batch"], "weight": w, "loss": as_float(mb["loss"])}
                  for mb, w in zip(self._micro, weights)]
         if self.world_size > 1:
@@ -471,13 +465,7 @@ class Recorder:
         tensors += batch_entries(micro, as_micro, meta)
         if self.batch_fn is not None:
             meta["batch_fn"] = self.batch_fn
-        forward = self._capture.for_snapshot()
-        meta["training"] = forward.training if forward is not None else self.model.training
-        if forward is not None:
-            tensors += list(forward.tensors.items())
-            meta["captured_at"] = "forward"
-        else:
-            meta["captured_at"] = "step"
+        tensors += self._capture.entries(self.model, meta)
         if self.optimizer_state:
             tensors += optimizer_state_entries(self.optimizer, self._index.trainable, meta)
         return tensors
@@ -497,7 +485,7 @@ class Recorder:
         }
         if self.accumulation > 1:
             line["micro_batches"] = len(self._micro)
-        weights = self._weights() if self._micro else []
+        weights = micro_weights(self._micro, self.accumulation_reduction) if self._micro else []
         assert self._scalars is not None  # only the writing rank writes scalars
         self._scalars.add(line, [(w, mb["loss"]) for w, mb in zip(weights, self._micro)])
 

@@ -70,6 +70,7 @@ FLAGS: dict[str, tuple[int, str]] = {
 
 NONFINITE = 1 | 2 | 4 | 8 | 16 | 128
 CLIPPED = 256 | 512
+"""The bits that describe training (a clip) rather than a problem."""
 
 
 # --- damage is local -----------------------------------------------------------------------------
@@ -264,7 +265,7 @@ def pair_flags(stats: PairStats, loss_given: bool = False, next_has_grad: bool =
         elif np.any(dd == 0.0):
             flags |= 64
     if np.isfinite(stats.extras.get("clip_factor", np.nan)):
-        flags |= 256 if stats.extras.get("clip_uniform") == 1.0 else 512
+        flags |= FLAGS["clipped"][0] if stats.extras.get("clip_uniform") == 1.0 else FLAGS["clipped_nonuniform"][0]
     return flags
 
 
@@ -313,7 +314,8 @@ def add_flags(ds: xr.Dataset, stats: Sequence[PairStats], run: Run | None = None
         "flag_masks": np.array([FLAGS[n][0] for n in names], dtype=np.int16),
         "flag_meanings": " ".join(names),
         "description": "bitwise OR of: " + "; ".join(f"{FLAGS[n][0]} {n}: {FLAGS[n][1]}" for n in names)
-                       + ". Metrics affected by a non-finite input are NaN.",
+                       + f". Metrics affected by a non-finite input are NaN. The clipped bits describe "
+                       f"training, not a problem: (pair_flags & ~{CLIPPED}) == 0 keeps the clean pairs.",
         "holds_if": "== 0",
     })
     return ds

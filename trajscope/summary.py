@@ -31,6 +31,7 @@ import numpy as np
 import xarray as xr
 
 from trajscope.errors import AnalysisError
+from trajscope.health import FLAGS
 from trajscope.registry import holds
 
 __all__ = [
@@ -53,9 +54,8 @@ def fraction(values: Any, condition: str) -> float:
     return float(np.mean(ok[finite])) if finite.any() else float("nan")
 
 
-_ZERO_UPDATE, _CLIPPED = 32, 256 | 512
-"""``pair_flags`` bits (:data:`trajscope.health.FLAGS`): ``zero_update``; ``clipped`` and
-``clipped_nonuniform``."""
+_ZERO_UPDATE = FLAGS["zero_update"][0]
+_CLIPPED = FLAGS["clipped"][0] | FLAGS["clipped_nonuniform"][0]
 
 
 def _flags(ds: xr.Dataset) -> np.ndarray:
