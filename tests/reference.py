@@ -198,7 +198,7 @@ class Reference:
             "loss_replay_error": abs(ell[i0] - rec) / abs(rec),
             # a uniform recorded clip c: training consumed g_t = c·G0
             "grad_replay_error": float((clip * G0 - g).norm() / g.norm()),
-            "clip_factor": snap.clip_factor if snap.clip_factor is not None else nan,
+            "clip_factor": snap.clip_factor if snap.clip_factor is not None else 1.0,
             "grad_replay_cos": cos(G0, g),
         }
         out |= self._by_layer(g=g, d=d, G0=G0, G1=G1, x0=x0, x_dist=x0 - x_init if x_init is not None else None,

@@ -352,10 +352,12 @@ def grad_replay_error(p: PairView) -> float:
 
 @metric("clip_factor", long_name="gradient clip factor", units="1",
         description="c = ‖g_t‖ / ‖g_preclip‖ as recorded when training rescaled the gradient between "
-                    "backward and the optimizer step (gradient clipping); NaN for an unclipped step "
-                    "(pair_flags tells a uniform clip from a non-uniform one)")
+                    "backward and the optimizer step (gradient clipping); 1 for a step recorded "
+                    "unclipped (pair_flags tells an unclipped, a uniformly and a non-uniformly "
+                    "clipped step apart)")
 def clip_factor(p: PairView) -> float:
-    return p.extra("clip_factor")
+    c = p.extra("clip_factor")
+    return c if np.isfinite(c) else 1.0
 
 
 @metric("grad_replay_cos", long_name="gradient replay cosine", units="1", holds_if=">= 0.9999",
