@@ -19,6 +19,7 @@ import torch
 
 from trajscope import format as fmt
 from trajscope.errors import RecorderError
+from trajscope.recorders.hooks import grad_hooks
 from trajscope.recorders.manifest import jsonable
 from trajscope.recorders.storage import dtype_name
 
@@ -32,7 +33,9 @@ __all__ = [
     "unwrap_model",
     "gradient_entries",
     "batch_entries",
+    "micro_weights",
     "optimizer_state_entries",
+    "PreclipNorms",
 ]
 
 Entries = list[tuple[str, torch.Tensor]]
@@ -177,6 +180,14 @@ class StepCapture:
         """The state to store with the step: the step's own, else one captured since its batch."""
         return self.of_step if self.of_step is not None else self.pending
 
+    def entries(self, model: torch.nn.Module, meta: dict[str, Any]) -> Entries:
+        """The snapshot's forward-state entries; sets ``meta["training"]`` and
+        ``meta["captured_at"]`` (``forward``, or ``step`` when no forward pass was seen)."""
+        forward = self.for_snapshot()
+        meta["training"] = forward.training if forward is not None else model.training
+        meta["captured_at"] = "forward" if forward is not None else "step"
+        return list(forward.tensors.items()) if forward is not None else []
+
     def clear(self) -> None:
         """The step was taken: nothing captured so far belongs to the next one."""
         self.pending = self.of_step = None
@@ -191,6 +202,13 @@ def gradient_entries(trainable: list[tuple[str, torch.nn.Parameter]], step: int)
                 raise RecorderError(f"step {step}: gradient of {name!r} is sparse; not supported")
             out.append((fmt.GRAD + name, p.grad))
     return out
+
+
+def micro_weights(micro: list[dict[str, Any]], reduction: str) -> list[float]:
+    """Each micro-batch's weight w_i in the step's loss f = Σ w_i · f_i: its own ``weight``, else
+    1/m over the m micro-batches (``reduction="mean"``) or 1 (``"sum"``)."""
+    default = 1.0 / len(micro) if reduction == "mean" else 1.0
+    return [float(mb["weight"]) if mb["weight"] is not None else default for mb in micro]
 
 
 def batch_entries(micro: list[dict[str, Any]], as_micro: bool, meta: dict[str, Any]) -> Entries:
@@ -227,3 +245,88 @@ def optimizer_state_entries(optimizer: torch.optim.Optimizer, trainable: list[tu
     if scalars:
         meta["optimizer_scalars"] = scalars
     return out
+
+
+class PreclipNorms:
+    """The pre-clip gradient norm of a recorded step, and the clip the optimizer step saw.
+
+    Clipping (``clip_grad_norm_``, ``clip_grad_value_``) rescales ``p.grad`` in place after
+    backward and before ``optimizer.step()``, so the stored g_t is the clipped gradient while the
+    analyzer's replayed ∇f(x_t; z_t) is not. :meth:`on_grad` runs from each trainable parameter's
+    post-accumulate-grad hook (armed on recorded steps only) and keeps ‖∂f/∂p‖² as backward
+    completed it: with gradient accumulation each micro-batch's firing overwrites the last, so
+    the step sees the accumulated gradient. The squares stay float64 tensors on the parameter's
+    device; :meth:`measure` syncs with the host once per recorded step. The recorder arms the
+    hooks in a single process only: under data parallelism ``p.grad`` is averaged over the ranks
+    after its hook fired, so the two norms would not describe the same gradient.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self._params = params
+        self._sq: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def arm(self, on: bool) -> None:
+        """Register the parameters' hooks (``on``, the coming step is recorded) or remove them."""
+        if on and not self._handles:
+            self._handles = grad_hooks(self.on_grad, self._params)
+        elif not on and self._handles:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+        self.clear()
+
+    def on_grad(self, p: torch.Tensor) -> None:
+        """A post-accumulate-grad hook fired for ``p``: keep ‖p.grad‖² (float64, on its device)."""
+        if p.grad is not None and p.grad.layout == torch.strided:
+            self._sq[id(p)] = _sq_norm(p.grad)
+
+    def clear(self) -> None:
+        self._sq.clear()
+
+    def measure(self, grad_scaler: Any, meta: dict[str, Any]) -> None:
+        """Add the clip fields to ``meta`` when the consumed gradient is a rescaled pre-clip one.
+
+        With c = ‖g_consumed‖ / ‖g_preclip‖ over the parameters whose gradient both saw:
+        ``grad_norm_preclip`` (‖g_preclip‖), ``clip_factor`` (c) and ``clip_uniform`` (every
+        parameter's own ratio equals c within rounding, as ``clip_grad_norm_`` scales). Nothing is
+        added for a uniform c that is 1 within rounding, or an exact power of two: that is a
+        loss-scale unscale (AMP ``GradScaler``), not a clip. A non-uniform rescale is recorded
+        whatever its global c. The pre-clip norms are divided by
+        ``grad_scaler``'s scale S (the scale the backward's gradients carried; 1 without a scaler).
+        """
+        if not self._handles:
+            return
+        loss_scale = 1.0
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            loss_scale = float(grad_scaler.get_scale())  # update() runs after step: S of this backward
+        pairs = [(p, self._sq[id(p)]) for p in self._params
+                 if p.grad is not None and p.grad.layout == torch.strided and id(p) in self._sq]
+        self.clear()
+        if not pairs:
+            return
+        dev = pairs[0][1].device
+        pre = torch.stack([s.to(dev) for _, s in pairs]) / (float(loss_scale) ** 2)
+        post = torch.stack([_sq_norm(p.grad).to(dev) for p, _ in pairs])  # type: ignore[arg-type]
+        pre_sum, post_sum = pre.sum(), post.sum()
+        c = torch.sqrt(post_sum / pre_sum)
+        # Per-parameter deviation of the ratio from c (relative); a parameter whose pre-clip
+        # gradient is 0 but whose consumed one is not was not rescaled at all: infinite.
+        ratio = torch.sqrt(post / torch.where(pre > 0, pre, torch.ones_like(pre)))
+        dev_i = torch.where(pre > 0, (ratio - c).abs() / c, torch.where(post > 0, torch.inf, 0.0))
+        pre_norm, factor, spread = torch.stack([pre_sum.sqrt(), c, dev_i.max()]).tolist()
+        eps = max(torch.finfo(p.grad.dtype).eps for p, _ in pairs)  # type: ignore[union-attr]
+        tol = 8 * eps  # the rescale rounds each element once: ratios agree to ~eps
+        if not (math.isfinite(factor) and factor > 0 and pre_norm > 0):
+            return
+        uniform = bool(spread <= tol)
+        if uniform and abs(math.log2(factor) - round(math.log2(factor))) <= tol:
+            return  # c = 1, or an exact power of two: a GradScaler's unscale, not a clip
+        meta["grad_norm_preclip"] = pre_norm
+        meta["clip_factor"] = factor
+        meta["clip_uniform"] = bool(uniform)
+
+
+def _sq_norm(g: torch.Tensor) -> torch.Tensor:
+    """‖g‖² in float64, on g's device."""
+    return torch.linalg.vector_norm(g.detach(), dtype=torch.float64).square()

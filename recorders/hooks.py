@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["BoundHook", "InertHook", "attach", "detach", "step_closure", "with_capture_after_first_call"]
+__all__ = [
+    "BoundHook", "InertHook", "attach", "detach", "grad_hooks", "step_closure", "with_capture_after_first_call",
+]
 
 
 class InertHook:
@@ -101,6 +103,16 @@ def detach(owner: object, handles: list[Any]) -> None:
     for h in handles:
         h.remove()
     _OWNERS.pop(id(owner), None)
+
+
+def grad_hooks(method: Callable[[torch.Tensor], None], params: list[torch.nn.Parameter]) -> list[Any]:
+    """Register ``method(p)`` as each parameter's post-accumulate-grad hook, as :class:`BoundHook`
+    objects (a copied or pickled parameter carries an :class:`InertHook`); the removable handles.
+
+    The hook fires when backward has finished accumulating ``p.grad``: before any clipping or
+    unscaling that happens between backward and ``optimizer.step()``.
+    """
+    return [p.register_post_accumulate_grad_hook(BoundHook(method, p)) for p in params]
 
 
 def _is_target(obj: object, target: object) -> bool:

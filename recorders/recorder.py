@@ -7,6 +7,8 @@ How it hooks in, and why it cannot change training:
   ``GradScaler.unscale_`` and gradient clipping done before ``step``). When ``step`` is given a
   closure (LBFGS, PyTorch Lightning), the gradient only exists once the closure has run inside
   ``step``: the pre-hook then wraps the closure and captures right after its first call.
+* on recorded steps only, each trainable parameter's post-accumulate-grad hook measures the
+  gradient before clipping (:class:`~trajscope.recorders.capture.PreclipNorms`).
 * ``optimizer.register_step_post_hook`` fires after the update; it advances the step counter and
   appends the step's line to ``scalars.jsonl``.
 * a forward pre-hook on the model captures, for recorded steps only, the RNG state and the
@@ -39,11 +41,13 @@ from trajscope.recorders.arguments import check_arguments, json_metadata
 from trajscope.recorders.capture import (
     Entries,
     ParamIndex,
+    PreclipNorms,
     StepCapture,
     as_float,
     batch_entries,
     capture_forward,
     gradient_entries,
+    micro_weights,
     optimizer_state_entries,
     unwrap_model,
 )
@@ -108,6 +112,8 @@ class Recorder:
             filesystem supports it. None (default) and True try it and fall back; False never.
         metadata: JSON-serialisable user metadata stored in the manifest.
         overwrite: replace an existing run in ``run_dir`` (its analysis included).
+        grad_scaler: the AMP ``GradScaler`` of a loop that clips unscaled gradients: its scale
+            divides the pre-clip norm, so the recorded clip factor is the clip's alone.
     """
 
     def __init__(
@@ -131,6 +137,7 @@ class Recorder:
         direct_io: bool | None = None,
         metadata: Mapping[str, Any] | None = None,
         overwrite: bool = False,
+        grad_scaler: Any = None,
     ) -> None:
         check_arguments(model, optimizer, format, accumulation, accumulation_reduction, on_error, max_pending)
         self.run_dir = Path(run_dir)
@@ -155,6 +162,8 @@ class Recorder:
         self.step = 0  # index of the next optimizer step: it moves x_step to x_{step+1}
         self._micro: list[dict[str, Any]] = []  # micro-batches named for the coming step
         self._capture = StepCapture()
+        self.grad_scaler = grad_scaler
+        self._preclip = PreclipNorms([p for _, p in self._index.trainable])
         # Storage and hooks, set up by start(); storage only on the writing rank.
         self._scalars: ScalarsLog | None = None
         self._writer: AsyncWriter | None = None
@@ -218,6 +227,7 @@ class Recorder:
             model.register_forward_pre_hook(BoundHook(self._pre_forward, model)),
         ])
         self._open = True
+        self._arm_grad_hooks()
 
     def _open_storage(self) -> None:
         prepare_run_dir(self.run_dir, self.format, overwrite=self._overwrite)
@@ -244,6 +254,7 @@ class Recorder:
         detach(self, self._handles)
         self._handles = []
         self._open = False
+        self._arm_grad_hooks()
         self._closed = True
         if not self.is_writer:
             return
@@ -391,16 +402,16 @@ class Recorder:
             self._micro = []
             self.step += 1
             self._capture.clear()
+            self._arm_grad_hooks()
             self._check_writer()
         finally:
             self._timed(t0, c0)
 
-    # --- capturing --------------------------------------------------------------------------------
+    def _arm_grad_hooks(self) -> None:
+        """Arm the pre-clip hooks for a recorded step of a single-process run (:class:`PreclipNorms`)."""
+        self._preclip.arm(self._open and not self._failed and self.world_size == 1 and self.schedule(self.step))
 
-    def _weights(self) -> list[float]:
-        m = len(self._micro)
-        default = 1.0 / m if self.accumulation_reduction == "mean" else 1.0
-        return [float(mb["weight"]) if mb["weight"] is not None else default for mb in self._micro]
+    # --- capturing --------------------------------------------------------------------------------
 
     def _capture_step(self) -> None:
         if not self._micro:
@@ -408,7 +419,7 @@ class Recorder:
                 f"step {self.step}: optimizer.step() was called without rec.batch(...) for a "
                 "recorded step; call rec.batch(batch, loss=loss) before every optimizer.step()"
             )
-        weights = self._weights()
+        weights = micro_weights(self._micro, self.accumulation_reduction)
         micro = [{"batch": mb["batch"], "weight": w, "loss": as_float(mb["loss"])}
                  for mb, w in zip(self._micro, weights)]
         if self.world_size > 1:
@@ -448,18 +459,13 @@ class Recorder:
     def _step_entries(self, step: int, micro: list[dict[str, Any]], meta: dict[str, Any]) -> Entries:
         """A recorded step's entries besides x_t: g_t, z_t, the forward state, the optimizer state."""
         tensors = gradient_entries(self._index.trainable, step)
+        self._preclip.measure(self.grad_scaler, meta)
         as_micro = (self.accumulation > 1 or self.world_size > 1
                     or any(mb["weight"] != 1.0 for mb in micro))
         tensors += batch_entries(micro, as_micro, meta)
         if self.batch_fn is not None:
             meta["batch_fn"] = self.batch_fn
-        forward = self._capture.for_snapshot()
-        meta["training"] = forward.training if forward is not None else self.model.training
-        if forward is not None:
-            tensors += list(forward.tensors.items())
-            meta["captured_at"] = "forward"
-        else:
-            meta["captured_at"] = "step"
+        tensors += self._capture.entries(self.model, meta)
         if self.optimizer_state:
             tensors += optimizer_state_entries(self.optimizer, self._index.trainable, meta)
         return tensors
@@ -479,7 +485,7 @@ class Recorder:
         }
         if self.accumulation > 1:
             line["micro_batches"] = len(self._micro)
-        weights = self._weights() if self._micro else []
+        weights = micro_weights(self._micro, self.accumulation_reduction) if self._micro else []
         assert self._scalars is not None  # only the writing rank writes scalars
         self._scalars.add(line, [(w, mb["loss"]) for w, mb in zip(weights, self._micro)])
 

@@ -151,6 +151,7 @@ class Reference:
         rec = snap.loss if snap.loss is not None else float("nan")
         nan = float("nan")
         lr = snap.lr[0]
+        clip = snap.clip_factor if snap.clip_factor is not None and snap.clip_uniform else 1.0
         # neighbours: x_{t−1} (a recorded step, not the final state), x_0, the reference x*
         prev = run.snapshot(t - 1) if (t - 1) in run.steps and t - 1 != run.final_step else None
         x_init = self.flat(run.snapshot(0).params) if 0 in run.steps else None
@@ -195,7 +196,9 @@ class Reference:
             "effective_lr": float(d.norm() / g.norm()),
             "replay_grad_norm": float(G0.norm()),
             "loss_replay_error": abs(ell[i0] - rec) / abs(rec),
-            "grad_replay_error": float((G0 - g).norm() / g.norm()),
+            # a uniform recorded clip c: training consumed g_t = c·G0
+            "grad_replay_error": float((clip * G0 - g).norm() / g.norm()),
+            "clip_factor": snap.clip_factor if snap.clip_factor is not None else 1.0,
             "grad_replay_cos": cos(G0, g),
         }
         out |= self._by_layer(g=g, d=d, G0=G0, G1=G1, x0=x0, x_dist=x0 - x_init if x_init is not None else None,

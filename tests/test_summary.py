@@ -19,6 +19,9 @@ from trajscope.summary import (
     convexity_ratio_ema,
     convexity_ratio_window,
     holds_fraction,
+    format_headline,
+    format_summary,
+    headline,
     l0l1_fit,
     summarize,
 )
@@ -147,3 +150,28 @@ def test_one_ema_and_the_report_reads_the_datasets_derived_variables() -> None:
                       coords={"alpha": [0.0, 0.5, 1.0]})
     np.testing.assert_allclose(line_argmin(line), [0.5, 1.0])
     np.testing.assert_allclose(line_argmin(line.assign(line_argmin=("step", [0.0, 0.0]))), [0.0, 0.0])
+
+
+def test_headline_leaves_zero_update_pairs_out_and_counts_clipped_pairs() -> None:
+    from trajscope.health import FLAGS
+
+    zero, clipped, nonuniform = (FLAGS[n][0] for n in ("zero_update", "clipped", "clipped_nonuniform"))
+    # lr = 0 warm-up: two pairs with Δ = 0, where inst_gap = 0 would read as "convex"
+    ds = make_ds([1] * 5, [1] * 5, inst_gap=([0, 0, 1, -1, 1], "<= 0"),
+                 update_corr=([0, 0, 1, 1, -1], "> 0"))
+    ds = ds.assign_coords(pair_flags=("step", np.array([zero, zero, clipped, clipped, nonuniform], np.int16)))
+    h = headline(ds)
+    assert h["pairs"] == 5 and h["pairs_moved"] == 3
+    assert h["frac_inst_gap_le_0"] == pytest.approx(1 / 3)
+    assert h["frac_update_corr_gt_0"] == pytest.approx(2 / 3)
+    assert h["pairs_clipped"] == 3
+    text = format_headline(h)
+    assert "clipped on 3 of 5 pairs" in text
+    assert holds_fraction(ds)["inst_gap"] == pytest.approx(1 / 3)
+    assert "clipped on 3 of 5 pairs" in format_summary(summarize(ds))
+    # without flags (or with none set) nothing is left out and nothing is said about clipping
+    plain = make_ds([1] * 3, [1] * 3, inst_gap=([0, 1, -1], "<= 0"))
+    h = headline(plain)
+    assert "pairs_moved" not in h and "pairs_clipped" not in h
+    assert h["frac_inst_gap_le_0"] == pytest.approx(2 / 3)
+    assert "clipped" not in format_headline(h)

@@ -62,10 +62,15 @@ FLAGS: dict[str, tuple[int, str]] = {
     "zero_update": (32, "Δ_t = 0: x_{t+1} = x_t, so ratios over ‖Δ_t‖ are NaN"),
     "zero_update_layer": (64, "some (not all) parameter tensors have a zero update"),
     "nonfinite_next_grad": (128, "the next step's recorded gradient g_{t+1} holds NaN/Inf"),
+    "clipped": (256, "training clipped g_t uniformly (clip_factor c): the replay compares c·G0 with g_t"),
+    "clipped_nonuniform": (512, "training clipped g_t non-uniformly (e.g. clip_grad_value_): the "
+                                "replay compares the unclipped G0 with g_t, so grad_replay_error shows it"),
 }
-"""``pair_flags`` bits: name → (mask, meaning)."""
+"""``pair_flags`` bits: name → (mask, meaning). The clip bits describe training, not a problem."""
 
 NONFINITE = 1 | 2 | 4 | 8 | 16 | 128
+CLIPPED = 256 | 512
+"""The bits that describe training (a clip) rather than a problem."""
 
 
 # --- damage is local -----------------------------------------------------------------------------
@@ -259,6 +264,8 @@ def pair_flags(stats: PairStats, loss_given: bool = False, next_has_grad: bool =
             flags |= 32
         elif np.any(dd == 0.0):
             flags |= 64
+    if np.isfinite(stats.extras.get("clip_factor", np.nan)):
+        flags |= FLAGS["clipped"][0] if stats.extras.get("clip_uniform") == 1.0 else FLAGS["clipped_nonuniform"][0]
     return flags
 
 
@@ -307,7 +314,8 @@ def add_flags(ds: xr.Dataset, stats: Sequence[PairStats], run: Run | None = None
         "flag_masks": np.array([FLAGS[n][0] for n in names], dtype=np.int16),
         "flag_meanings": " ".join(names),
         "description": "bitwise OR of: " + "; ".join(f"{FLAGS[n][0]} {n}: {FLAGS[n][1]}" for n in names)
-                       + ". Metrics affected by a non-finite input are NaN.",
+                       + f". Metrics affected by a non-finite input are NaN. The clipped bits describe "
+                       f"training, not a problem: (pair_flags & ~{CLIPPED}) == 0 keeps the clean pairs.",
         "holds_if": "== 0",
     })
     return ds

@@ -338,10 +338,26 @@ def loss_replay_error(p: PairView) -> float:
 
 
 @metric("grad_replay_error", long_name="gradient replay error", units="1", holds_if="<= 1e-4",
-        description="‖G0 − g_t‖ / ‖g_t‖ (large when clipping, dropout RNG, BatchNorm mode or AMP "
-                    "differ between training and replay)")
+        description="‖c·G0 − g_t‖ / ‖g_t‖ with c the recorded uniform clip factor (clip_factor; c = 1 "
+                    "for an unclipped or non-uniformly clipped step): large when dropout RNG, "
+                    "BatchNorm mode, AMP or an unrecorded rescaling differ between training and replay")
 def grad_replay_error(p: PairView) -> float:
-    return _ratio(p.norm("G0_err"), p.norm("g"))
+    c = p.extra("clip_factor")
+    if not (np.isfinite(c) and p.extra("clip_uniform") == 1.0):
+        return _ratio(p.norm("G0_err"), p.norm("g"))
+    # ‖cG0 − g‖² = c²⟨G0, G0⟩ − 2c⟨G0, g⟩ + ⟨g, g⟩ (≥ 0; rounding can take it just below)
+    sq = c * c * p.sq("G0") - 2.0 * c * p.dot("G0", "g") + p.sq("g")
+    return _ratio(float(np.sqrt(max(sq, 0.0))), p.norm("g"))
+
+
+@metric("clip_factor", long_name="gradient clip factor", units="1",
+        description="c = ‖g_t‖ / ‖g_preclip‖ as recorded when training rescaled the gradient between "
+                    "backward and the optimizer step (gradient clipping); 1 for a step recorded "
+                    "unclipped (pair_flags tells an unclipped, a uniformly and a non-uniformly "
+                    "clipped step apart)")
+def clip_factor(p: PairView) -> float:
+    c = p.extra("clip_factor")
+    return c if np.isfinite(c) else 1.0
 
 
 @metric("grad_replay_cos", long_name="gradient replay cosine", units="1", holds_if=">= 0.9999",

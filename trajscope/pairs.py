@@ -80,7 +80,10 @@ class PairStats:
         extras: scalar probe results beyond the line: ``loss_ref`` (f(x*; z_t), when a reference
             point was given) and ``sharpness``, ``sharpness_iterations``, ``sharpness_converged``
             (when asked for), and ``line_batched`` (1.0 when ℓ(α), ℓ'(α) came from the batched
-            line evaluation, 0.0 when from the point-by-point one). Absent keys read as NaN.
+            line evaluation, 0.0 when from the point-by-point one), and, when training clipped
+            step t's gradient, ``clip_factor`` (c = ‖g_t‖ / ‖g_preclip‖, as recorded) and
+            ``clip_uniform`` (1.0 when g_t = c·∇f(x_t; z_t), 0.0 for a non-uniform clip such as
+            ``clip_grad_value_``). Absent keys read as NaN.
     """
 
     step: int

@@ -389,7 +389,8 @@ def _evaluate(prep: _Prepared, snap: Snapshot, settings: ProbeSettings, *,
     * G0 = ∇f(x_t) and G1 = ∇f(x_{t+1}) (reverse mode);
     * ``extras["loss_ref"]`` = f(x*) when a reference snapshot is given;
     * ``extras["sharpness"]`` = λ_max(∇²f(x_t)) and its Lanczos diagnostics, when asked for;
-    * ``extras["line_batched"]``: 1.0 if ``vmap`` computed the line, 0.0 if the point loop did.
+    * ``extras["line_batched"]``: 1.0 if ``vmap`` computed the line, 0.0 if the point loop did;
+    * ``extras["clip_factor"]``, ``extras["clip_uniform"]`` when the step's gradient was clipped.
     """
     f, rng, replay = prep.f, snap.rng, prep.replay
     extras: dict[str, float] = {}
@@ -412,6 +413,9 @@ def _evaluate(prep: _Prepared, snap: Snapshot, settings: ProbeSettings, *,
         if settings.sharpness:
             extras.update(_sharpness(prep, snap, settings))
     extras["line_batched"] = float(batched)
+    if snap.clip_factor is not None:  # the recorded gradient clip: g_t = c·G0 when uniform
+        extras["clip_factor"] = snap.clip_factor
+        extras["clip_uniform"] = float(bool(snap.clip_uniform))
     return _Evaluation(loss_line, dloss_line, G0, G1, xref, extras)
 
 

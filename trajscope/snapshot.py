@@ -9,6 +9,7 @@ knows no storage format, so the storage backends and :mod:`trajscope.run` both i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,12 @@ class Snapshot:
     """The stored sample indices when the run was recorded with ``batch_fn`` (``batch`` is rebuilt)."""
     optimizer_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     """Per-parameter optimizer state (``optimizer_state=True`` runs), as the update at t used it."""
+    clip_factor: float | None = None
+    """c = ‖g_t‖ / ‖g_preclip‖ when the optimizer consumed a rescaled gradient (gradient clipping);
+    None when the step was not clipped, or the run was recorded without clip measurement."""
+    clip_uniform: bool | None = None
+    """True when every parameter's gradient was scaled by the same c (``clip_grad_norm_``), so
+    g_t = c·∇f(x_t; z_t); False for a non-uniform clip (``clip_grad_value_``); None unclipped."""
 
     @property
     def has_grad(self) -> bool:
@@ -147,6 +154,7 @@ def snapshot_from_raw(meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
         indices = batch
         batch = [fn(ix) for ix in batch] if weights is not None else fn(batch)
     loss = meta.get("loss")
+    clip = meta.get("clip_factor")
     return Snapshot(
         step=meta["step"],
         kind=meta.get("kind", fmt.KIND_STEP),
@@ -161,6 +169,8 @@ def snapshot_from_raw(meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
         micro_weights=weights,
         batch_indices=indices,
         optimizer_state=optim,
+        clip_factor=float(clip) if clip is not None else None,
+        clip_uniform=bool(meta.get("clip_uniform", False)) if clip is not None else None,
     )
 
 
@@ -185,6 +195,11 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
         raise RunFormatError(f"{path}: snapshot 'loss' must be a number or null")
     if not (meta.get("training") is None or isinstance(meta["training"], bool)):
         raise RunFormatError(f"{path}: snapshot 'training' must be true, false or null")
+    clip = meta.get("clip_factor")
+    if not (clip is None or (_is_number(clip) and math.isfinite(clip) and clip > 0)):
+        raise RunFormatError(f"{path}: snapshot 'clip_factor' must be a positive number")
+    if not isinstance(meta.get("clip_uniform", False), bool):
+        raise RunFormatError(f"{path}: snapshot 'clip_uniform' must be true or false")
     return meta
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import xarray as xr
 
 from trajscope.errors import AnalysisError
+from trajscope.health import FLAGS
 from trajscope.registry import holds
 
 __all__ = [
@@ -53,17 +54,44 @@ def fraction(values: Any, condition: str) -> float:
     return float(np.mean(ok[finite])) if finite.any() else float("nan")
 
 
+_ZERO_UPDATE = FLAGS["zero_update"][0]
+_CLIPPED = FLAGS["clipped"][0] | FLAGS["clipped_nonuniform"][0]
+
+
+def _flags(ds: xr.Dataset) -> np.ndarray:
+    """``pair_flags`` as int64 (0 for every pair of a Dataset without it)."""
+    if "pair_flags" in ds.variables:
+        return np.asarray(ds["pair_flags"].values, dtype=np.int64)
+    return np.zeros(int(ds.sizes.get("step", 0)), dtype=np.int64)
+
+
 def headline(ds: xr.Dataset) -> dict[str, float]:
     """Fraction of pairs with ``inst_gap`` ≤ 0, with ``update_corr`` > 0, the final cumulative
-    ``convexity_ratio``, median ``inst_smoothness`` and the worst replay errors (NaN when a
-    variable is absent or all-NaN)."""
-    out: dict[str, float] = {"pairs": float(ds.sizes.get("step", 0))}
+    ``convexity_ratio``, median ``inst_smoothness``, the worst replay errors (NaN when a variable
+    is absent or all-NaN) and, when training clipped gradients, the clipped pairs.
+
+    The fractions leave out zero-update pairs (``pair_flags`` bit ``zero_update``: x_{t+1} = x_t,
+    e.g. lr = 0 during warm-up), where inst_gap = 0 would count as "convex along the step" without
+    a step. ``pairs_moved`` is their denominator, present when it differs from ``pairs``.
+    ``pairs_clipped`` counts the pairs whose step training clipped (uniformly or not), present
+    when there are some.
+    """
+    n = int(ds.sizes.get("step", 0))
+    out: dict[str, float] = {"pairs": float(n)}
+    flags = _flags(ds)
+    moved = (flags & _ZERO_UPDATE) == 0
+    if not moved.all():
+        out["pairs_moved"] = float(moved.sum())
+
+    def frac(name: str, cond: str) -> float:
+        return fraction(np.asarray(ds[name].values, dtype=np.float64)[moved], cond)
+
     if "inst_gap" in ds:
-        out["frac_inst_gap_le_0"] = fraction(ds["inst_gap"].values, "<= 0")
+        out["frac_inst_gap_le_0"] = frac("inst_gap", "<= 0")
     if "inst_gap_fwd" in ds:
-        out["frac_inst_gap_fwd_le_0"] = fraction(ds["inst_gap_fwd"].values, "<= 0")
+        out["frac_inst_gap_fwd_le_0"] = frac("inst_gap_fwd", "<= 0")
     if "update_corr" in ds:
-        out["frac_update_corr_gt_0"] = fraction(ds["update_corr"].values, "> 0")
+        out["frac_update_corr_gt_0"] = frac("update_corr", "> 0")
     if "convexity_ratio" in ds and ds.sizes.get("step", 0):
         out["final_convexity_ratio"] = float(ds["convexity_ratio"].values[-1])
     if "inst_smoothness" in ds:
@@ -71,6 +99,9 @@ def headline(ds: xr.Dataset) -> dict[str, float]:
     for name in ("loss_replay_error", "grad_replay_error"):
         if name in ds:
             out[f"max_{name}"] = _nanstat(np.nanmax, ds[name].values)
+    clipped = int(np.count_nonzero(flags & _CLIPPED))
+    if clipped:
+        out["pairs_clipped"] = float(clipped)
     return out
 
 
@@ -81,6 +112,8 @@ def _nanstat(fn: Callable[[np.ndarray], Any], v: Any) -> float:
 
 _LABELS = {
     "pairs": "pairs analyzed",
+    "pairs_moved": "pairs with an update (the fractions' denominator)",
+    "pairs_clipped": "gradient clipping",
     "frac_inst_gap_le_0": "pairs with inst_gap <= 0 (convex along the step)",
     "frac_inst_gap_fwd_le_0": "pairs with inst_gap_fwd <= 0",
     "frac_update_corr_gt_0": "pairs with update_corr > 0 (next gradient uphill)",
@@ -95,7 +128,9 @@ def format_headline(h: dict[str, float]) -> str:
     lines = []
     for k, v in h.items():
         label = _LABELS.get(k, k)
-        if k == "pairs":
+        if k == "pairs_clipped":
+            lines.append(f"  {label:<52} clipped on {int(v)} of {int(h.get('pairs', v))} pairs")
+        elif k in ("pairs", "pairs_moved"):
             lines.append(f"  {label:<52} {int(v)}")
         elif k.startswith("frac_"):
             lines.append(f"  {label:<52} {v:.1%}")
@@ -110,12 +145,14 @@ def format_headline(h: dict[str, float]) -> str:
 def holds_fraction(ds: xr.Dataset) -> dict[str, float]:
     """For every step-only variable whose ``holds_if`` is a comparison (``"<= 0"``, ``"> 0"``, …):
     the fraction of pairs, among those where it is defined (finite), that satisfy it. NaN when it
-    is nowhere defined. ``bounded`` and empty conditions are not fractions and are skipped."""
+    is nowhere defined. ``bounded`` and empty conditions are not fractions and are skipped.
+    Zero-update pairs (``pair_flags``) are left out, as in :func:`headline`."""
     out: dict[str, float] = {}
+    moved = (_flags(ds) & _ZERO_UPDATE) == 0
     for name, da in ds.data_vars.items():
         cond = str(da.attrs.get("holds_if", ""))
         if da.dims == ("step",) and holds(cond, []) is not None:
-            out[str(name)] = fraction(da.values, cond)
+            out[str(name)] = fraction(np.asarray(da.values, dtype=np.float64)[moved], cond)
     return out
 
 
@@ -306,6 +343,8 @@ def _last_half_median(v: np.ndarray) -> float:
 
 TABLE_LABELS = {
     "pairs": "pairs analyzed",
+    "pairs_moved": "pairs with an update (the fractions' denominator)",
+    "pairs_clipped": "pairs whose gradient training clipped",
     "frac_inst_gap_le_0": "pairs with inst_gap ≤ 0 (convex along the step)",
     "frac_inst_gap_fwd_le_0": "pairs with inst_gap_fwd ≤ 0",
     "frac_update_corr_gt_0": "pairs with update_corr > 0 (next gradient uphill)",
@@ -430,4 +469,9 @@ def format_summary(s: dict[str, Any]) -> str:
     rep = [(k, h[k]) for k in ("max_loss_replay_error", "max_grad_replay_error") if k in h]
     if rep:
         lines += ["", "replay fidelity:"] + [f"  {k:<34} {v:.3g}" for k, v in rep]
+    if "pairs_clipped" in h:
+        lines.append(f"  gradient clipping: clipped on {int(h['pairs_clipped'])} of {s['pairs']} pairs "
+                     "(replayed as c·G0 where the clip was uniform)")
+    if "pairs_moved" in h:
+        lines.append(f"  fractions over the {int(h['pairs_moved'])} of {s['pairs']} pairs with an update")
     return "\n".join(lines)
