@@ -9,6 +9,7 @@ paths must give the same line to rounding.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -188,22 +189,34 @@ def make_gpt() -> trajscope.Objective:
     return trajscope.Objective(model=TinyGPT(), loss=gpt_loss)
 
 
-def test_small_gpt_with_sdpa_analyzes_with_no_flags(tmp_path: Path) -> None:
+def _compiled(model: nn.Module) -> nn.Module:
+    """``torch.compile`` as people train: inductor where a C compiler is there, else the eager backend
+    (the same OptimizedModule wrapper and ``_orig_mod.`` names, no code generation)."""
+    return torch.compile(model) if shutil.which("cc") else torch.compile(model, backend="eager")
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_small_gpt_with_sdpa_analyzes_with_no_flags(tmp_path: Path, compiled: bool) -> None:
+    """SDPA attention, weight tying, no dropout; two micro-batches per step, clipping that rescales
+    every step, and optionally torch.compile: analyzed with no flags, replay exact."""
     model = TinyGPT()
+    trained = _compiled(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(2)
-    with Recorder(tmp_path / "run", model, opt, objective=make_gpt, every=1, accumulation=2) as rec:
+    with Recorder(tmp_path / "run", trained, opt, objective=make_gpt, every=1, accumulation=2) as rec:
         for _ in range(3):
             opt.zero_grad()
             for _ in range(2):  # two micro-batches per step
                 idx = torch.randint(0, VOCAB, (4, CTX + 1), generator=g)
-                loss = gpt_loss(model, (idx[:, :-1], idx[:, 1:]))
+                loss = gpt_loss(trained, (idx[:, :-1], idx[:, 1:]))
                 (loss / 2).backward()
                 rec.batch((idx[:, :-1], idx[:, 1:]), loss=loss)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
             opt.step()
     ds = trajscope.analyze(tmp_path / "run", make_gpt, **FAST)
     assert ds.sizes["step"] == 3
     assert ds.attrs["derivatives"] in ("forward (sdpa math kernel)", "reverse")
+    assert (ds.clip_factor.values < 1).all()  # every step was clipped, and the clip was recorded
     assert float(ds.loss_replay_error.max()) <= 1e-6
     assert float(ds.grad_replay_error.max()) <= 1e-4
 
@@ -241,16 +254,17 @@ def test_hf_gpt2_default_attention_analyzes_with_no_flags(tmp_path: Path) -> Non
     g = torch.Generator().manual_seed(3)
     rows = [{"input_ids": (ids := torch.randint(0, 64, (12,), generator=g)), "labels": ids.clone()}
             for _ in range(16)]
-    # max_grad_norm=0: no clipping, so the recorded gradient is the replayed one
+    # the Trainer clips by default (max_grad_norm=1.0); 0.05 makes every step of this tiny model clip
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, learning_rate=1e-2,
         use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, seed=0, max_grad_norm=0.0, max_steps=3)
+        dataloader_num_workers=0, seed=0, max_grad_norm=0.05, max_steps=3)
     trainer = transformers.Trainer(model=make_hf_gpt2().model, args=args, train_dataset=_Rows(rows),
                                    callbacks=[TrajscopeCallback(tmp_path / "run", objective=make_hf_gpt2)])
     trainer.train()
     ds = trajscope.analyze(tmp_path / "run", make_hf_gpt2, **FAST)
     assert ds.sizes["step"] == 3
+    assert (ds.clip_factor.values < 1).all()
     assert float(ds.loss_replay_error.max()) <= 1e-6
     assert float(ds.grad_replay_error.max()) <= 1e-4
 
