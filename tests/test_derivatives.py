@@ -85,6 +85,7 @@ def _train_softplus(path: Path, steps: int = 4) -> Path:
             loss = xent(model, (x, y))
             loss.backward()
             rec.batch((x, y), loss=loss)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)  # clips every step
             opt.step()
     return path
 
@@ -103,6 +104,9 @@ def test_custom_function_reverse_matches_forward_twin(softplus_run: Path) -> Non
     for name in ("loss_line", "dloss_line"):
         np.testing.assert_allclose(rev[name].values, twin[name].values, rtol=1e-6, atol=0)
     assert float(np.abs(rev.dloss_line).min()) > 0  # a non-trivial slope was compared
+    assert (rev.clip_factor.values < 1).all()
+    assert float(rev.loss_replay_error.max()) <= 1e-6
+    assert float(rev.grad_replay_error.max()) <= 1e-4
 
 
 def test_custom_function_forward_requested_is_one_clear_error(softplus_run: Path) -> None:
@@ -117,8 +121,6 @@ def test_custom_function_forward_requested_is_one_clear_error(softplus_run: Path
 
 
 def test_cli_auto_says_reverse(softplus_run: Path, tmp_path: Path) -> None:
-    import shutil
-
     run = shutil.copytree(softplus_run, tmp_path / "run")
     result = CliRunner().invoke(cli, ["analyze", str(run), "--objective", "test_derivatives:make_custom",
                                       "--points", "3", "--margin", "0"])
