@@ -18,15 +18,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import (FACTORIES, interleaved, machine, median, ratio_line, record_run,
-                               set_clock)
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import trajscope  # noqa: E402
-from benchmarks.hand_loop import hand_loop  # noqa: E402
-from trajscope.probe import alpha_grid  # noqa: E402
+import trajscope
+from benchmarks.common import FACTORIES, interleaved, machine, median, ratio_line, record_run, set_clock
+from benchmarks.hand_loop import hand_loop
+from trajscope.probe import alpha_grid
 
 
 def run_case(run_dir: Path, model: str, pairs: int, device: str, repeats: int, points: int,

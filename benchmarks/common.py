@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/x.py` as well as `python -m benchmarks.x`
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from trajscope import Objective, Recorder  # noqa: E402
+from trajscope import Objective, Recorder
 
 D_IN, HIDDEN, D_OUT = 128, 256, 10
 OBJECTIVE = "benchmarks.common:make_mlp"

@@ -15,12 +15,11 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from benchmarks.common import interleaved, machine, ratio_line, record_run, set_clock
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from trajscope.probe import PairStats, ProbeSettings, probe_pair  # noqa: E402
+from trajscope.probe import PairStats, ProbeSettings, probe_pair
 
 
 def pair_case(run_dir: Path, settings: ProbeSettings):

@@ -28,9 +28,9 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import ROOT, machine
+import torch
 
-import torch  # noqa: E402
+from benchmarks.common import ROOT, machine
 
 
 class _Tee(io.TextIOBase):
@@ -55,7 +55,7 @@ def section(title: str, fn: Callable[[], None]) -> None:
     t = time.perf_counter()
     try:
         fn()
-    except BaseException as exc:  # noqa: BLE001 - report, then go on with the next section
+    except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
         traceback.print_exc(file=sys.stdout)
@@ -94,13 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     log = None
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        log = open(Path(args.out) / "gpu_bench.txt", "w", encoding="utf-8")  # noqa: SIM115
+        log = open(Path(args.out) / "gpu_bench.txt", "w", encoding="utf-8")
     with contextlib.redirect_stdout(_Tee(sys.stdout, *(log,) if log else ())):
         print(f"# trajscope benchmarks on {machine()}")
         work = Path(tempfile.mkdtemp(prefix="trajscope-bench-"))
         reps = 3 if args.quick else 5
         if torch.cuda.is_available():
-            from benchmarks import analyze_throughput, line_batching
+            from benchmarks import line_batching
 
             section("GPU: batched vs point-by-point line evaluation", lambda: line_batching.main(
                 ["--device", "cuda", "--batch-sizes", "64,1024", "--repeats", str(2 * reps),

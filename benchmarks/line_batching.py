@@ -13,13 +13,12 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch.func import functional_call
+
 from benchmarks.common import interleaved, machine, median, ratio_line, record_run, set_clock
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.func import functional_call  # noqa: E402
-
-from trajscope.probe import ProbeSettings, _Bound, _line, _to, alpha_grid  # noqa: E402
+from trajscope.probe import ProbeSettings, _Bound, _line, _to, alpha_grid
 
 
 def line_case(run_dir: Path, factory: str, device: str, points: int, batched: bool):

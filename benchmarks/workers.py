@@ -19,12 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+import trajscope
+import trajscope.analysis as analysis
 from benchmarks.common import machine, median, record_run
-
-import torch  # noqa: E402
-
-import trajscope  # noqa: E402
-import trajscope.analysis as analysis  # noqa: E402
 
 
 class _Timestamps(analysis._Progress):

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import xarray as xr
+from _common import digits_flat, example_main, finish, report_and_time
 from torch import nn
 
 import trajscope
-from _common import digits_flat, example_main, finish, report_and_time
 
 
 @dataclass
@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         acc = train(run_dir, name, cfg, x, y)
         # float64 evaluation: with steps this small, a float32 line can round a gap of -1e-9 to
         # +1e-8, and a convexity check should not be decided by rounding.
-        ds = trajscope.analyze(run_dir, make_objective, points=cfg.points, margin=cfg.margin, dtype="float64", progress=False)
+        ds = trajscope.analyze(run_dir, make_objective, points=cfg.points, margin=cfg.margin, dtype="float64",
+                               progress=False)
         results[name] = findings(ds) | {"train_accuracy": acc}
         runs.append(run_dir)
     report_and_time(args, results, runs, t0)

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import xarray as xr
+from _common import digits_flat, example_main, finish, report_and_time
 from torch import nn
 
 import trajscope
-from _common import digits_flat, example_main, finish, report_and_time
 
 
 @dataclass
@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, scaled in (("plain", False), ("scaled", True)):
         run_dir = args.out / name
         scales, final = train(run_dir, scaled, cfg, x, y)
-        ds = trajscope.analyze(run_dir, make_objective, points=cfg.points, margin=cfg.margin, dtype="float64", progress=False)
+        ds = trajscope.analyze(run_dir, make_objective, points=cfg.points, margin=cfg.margin, dtype="float64",
+                               progress=False)
         results[name] = findings(ds, scales, final)
         runs.append(run_dir)
     report_and_time(args, results, runs, t0)

@@ -126,7 +126,7 @@ class Recorder:
         every: int = 1,
         window: int = 2,
         schedule: Schedule | list[int] | None = None,
-        format: str = "safetensors",  # noqa: A002 - the public name the docs use
+        format: str = "safetensors",
         accumulation: int = 1,
         accumulation_reduction: str = "mean",
         batch_fn: str | Callable[[Any], Any] | None = None,

@@ -94,7 +94,8 @@ def make_mlp_dropout() -> Objective:
     return Objective(model=MLP(dropout=0.3), loss=ce_loss)
 
 
-def classification_data(n: int = 256, d_in: int = 10, d_out: int = 4, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+def classification_data(n: int = 256, d_in: int = 10, d_out: int = 4,
+                        seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(n, d_in, generator=gen)
     W = torch.randn(d_in, d_out, generator=gen)

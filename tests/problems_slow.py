@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 
 from problems import MLP, ce_loss
+
 from trajscope import Objective
 
 DELAY = 0.05  # seconds per loss evaluation; a probe evaluates the loss 3 times (line, G0, G1)
 
 
-def slow_ce_loss(model, batch):  # noqa: ANN001, ANN201
+def slow_ce_loss(model, batch):
     time.sleep(DELAY)
     return ce_loss(model, batch)
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from problems import ce_loss, digits
+
 from trajscope import Objective, Recorder
 
 

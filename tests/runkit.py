@@ -17,7 +17,6 @@ from typing import Any
 
 import safetensors.torch
 import torch
-
 from problems import train_quadratic
 
 

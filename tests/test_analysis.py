@@ -7,9 +7,9 @@ import pytest
 import torch
 import xarray as xr
 from click.testing import CliRunner
+from problems import digits, make_mlp, make_softmax, train_classifier
 
 import trajscope
-from problems import digits, make_mlp, make_softmax, train_classifier
 from trajscope.cli import cli, main
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from problems import EIGS, A, make_quadratic, quad_loss, train_quadratic
 
 import trajscope
-from problems import EIGS, A, make_quadratic, quad_loss, train_quadratic
 from trajscope.registry import get_metrics, markdown_table
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -23,13 +23,13 @@ from recorder_objectives import (
 )
 
 import trajscope
-from trajscope.validate import validate_run
 from trajscope.cli import main
 from trajscope.errors import RecorderError
 from trajscope.recorders import RecorderWarning
 from trajscope.recorders import storage as storage_mod
 from trajscope.recorders.backends import safetensors as safetensors_backend
 from trajscope.run import open_run
+from trajscope.validate import validate_run
 
 # A model big enough (~0.4M parameters, ~3.5 MB per snapshot) that writes take a while, so a kill
 # at a random moment often lands in the middle of one.

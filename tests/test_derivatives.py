@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from recorder_objectives import one_torch_thread  # noqa: F401
 from torch import nn
-from trajscope.recorders import Recorder
 
 import trajscope
 from trajscope.cli import cli
 from trajscope.errors import ForwardModeError
+from trajscope.recorders import Recorder
 
 FAST: dict[str, Any] = {"progress": False, "points": 5, "margin": 0.25, "write": False}
 

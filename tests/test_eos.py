@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from problems import digits
 
 import trajscope
-from problems import digits
 from trajscope import Objective, Recorder
 
 LR = 0.4

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-
-import trajscope
 from problems import make_quadratic, quad_loss
 from runkit import cli, copy_run, edit_manifest, quad_run, rewrite_snapshot, step_file
+
+import trajscope
 from trajscope.errors import (
     AnalysisError,
     ObjectiveError,

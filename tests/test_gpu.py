@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-import trajscope
 from conftest import requires_cuda
 from problems import MLP, classification_data, make_mlp, train_classifier
+
+import trajscope
 
 pytestmark = [requires_cuda, pytest.mark.gpu]
 

@@ -7,11 +7,11 @@ import weakref
 from pathlib import Path
 
 import pytest
+from problems import make_mlp, train_classifier
 
 import trajscope
 import trajscope.analysis as analysis
 import trajscope.snapshots as snapshots
-from problems import make_mlp, train_classifier
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +21,13 @@ def long_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def peak_live_snapshots(run_dir: Path, monkeypatch: pytest.MonkeyPatch, **kw) -> int:  # noqa: ANN003
+def peak_live_snapshots(run_dir: Path, monkeypatch: pytest.MonkeyPatch, **kw) -> int:
     live: dict[int, weakref.ref] = {}  # snapshots are unhashable dataclasses: track by id
     peak = [0]
     lock = threading.Lock()
     real = snapshots.ship
 
-    def tracked(snap):  # noqa: ANN001, ANN202
+    def tracked(snap):
         out = real(snap)
         with lock:
             live[id(out)] = weakref.ref(out, lambda _, k=id(out): live.pop(k, None))

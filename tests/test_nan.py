@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 import xarray as xr
+from problems import B_MEAN, DIM, QuadModel, make_quadratic, quad_loss
+from runkit import copy_run, quad_run, rewrite_snapshot, step_file
 
 import trajscope
-from problems import DIM, B_MEAN, QuadModel, make_quadratic, quad_loss
-from runkit import copy_run, quad_run, rewrite_snapshot, step_file
 from trajscope.health import FLAGS
 from trajscope.recorders import Recorder
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from problems import make_mlp, train_classifier
 
 import trajscope
 import trajscope.snapshots as snapshots
 import trajscope.tasks as tasks
-from problems import make_mlp, train_classifier
 from trajscope.errors import AnalysisError
 
 STEPS = 8

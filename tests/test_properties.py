@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from runkit import no_hang, quad_run, step_file
+
 from trajscope import format as fmt
 from trajscope.errors import TrajscopeError
 from trajscope.recorders import Recorder

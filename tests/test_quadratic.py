@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from problems import A, make_quadratic, train_quadratic
 
 import trajscope
-from problems import A, make_quadratic, train_quadratic
 
 
 @pytest.fixture(scope="module")

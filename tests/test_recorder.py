@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from problems import MLP, make_mlp, make_mlp_dropout, train_classifier
 
 import trajscope
-from problems import MLP, make_mlp, make_mlp_dropout, train_classifier
 from trajscope.errors import RecorderError
 
 
@@ -130,7 +130,8 @@ def test_recorders_import_is_light() -> None:
     code = (
         "import sys, trajscope.recorders, trajscope\n"
         "trajscope.Recorder\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'xarray', 'h5py', 'distributed', 'matplotlib'))\n"
+        "heavy = sorted(m for m in sys.modules\n"
+        "               if m.split('.')[0] in ('dask', 'xarray', 'h5py', 'distributed', 'matplotlib'))\n"
         "assert not heavy, heavy\n"
         "print('ok')\n"
     )

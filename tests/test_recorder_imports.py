@@ -63,4 +63,5 @@ def test_format_module_imports_neither_torch_nor_the_recorder() -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, check=True)
     # trajscope._version reads the package metadata with the standard library only
-    assert proc.stdout.strip() == "['trajscope', 'trajscope._version', 'trajscope.errors', 'trajscope.format']", proc.stdout
+    expected = ["trajscope", "trajscope._version", "trajscope.errors", "trajscope.format"]
+    assert proc.stdout.strip() == str(expected), proc.stdout

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import trajscope
 from problems import make_mlp, train_classifier
 from reference import PROPERTY_CHECKS, Reference
+
+import trajscope
 from trajscope.probe import alpha_grid
 
 POINTS = 5

@@ -15,17 +15,17 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import types
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 from click.testing import CliRunner
+from problems import make_quadratic, train_quadratic
 
 import trajscope
-from problems import make_quadratic, train_quadratic
 from trajscope import registry
 from trajscope.cli import cli
 from trajscope.errors import MetricRegistrationError

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, vmap
-
-import trajscope
 from problems import classification_data, make_mlp
 from reference import Reference
 from replay_problems import make_cnn, train_cnn
 from test_reference import assert_matches_reference
+from torch.func import functional_call, vmap
+
+import trajscope
 from trajscope.errors import ProbeWarning
 from trajscope.probe import ProbeSettings, _batchnorm_replay, probe_pair
 from trajscope.recorders import Recorder

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from problems import make_mlp, train_classifier
 
 import trajscope
 import trajscope.persist as persist
 import trajscope.tasks as tasks
-from problems import make_mlp, train_classifier
 from trajscope.errors import AnalysisError
 
 TESTS = Path(__file__).parent
@@ -49,7 +49,7 @@ def probes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = tasks.probe_pair
 
-    def counting(objective, snap, nxt, settings, **kw):  # noqa: ANN001, ANN003, ANN202
+    def counting(objective, snap, nxt, settings, **kw):
         calls.append(snap.step)
         return real(objective, snap, nxt, settings, **kw)
 

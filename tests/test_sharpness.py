@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from problems import classification_data, make_mlp, make_mlp_dropout, train_classifier
+from reference import Reference
 from torch.func import functional_call
 
 import trajscope
-from problems import classification_data, make_mlp, make_mlp_dropout, train_classifier
-from reference import Reference
 from trajscope.sharpness import hessian_max_eig, lanczos_max_eig
 
 

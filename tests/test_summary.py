@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import xarray as xr
 from click.testing import CliRunner
+from problems import train_quadratic
 
 import trajscope
-from problems import train_quadratic
 from trajscope.cli import cli
 from trajscope.errors import AnalysisError
 from trajscope.summary import (
@@ -18,10 +18,10 @@ from trajscope.summary import (
     convexity_ratio_cumulative,
     convexity_ratio_ema,
     convexity_ratio_window,
-    holds_fraction,
     format_headline,
     format_summary,
     headline,
+    holds_fraction,
     l0l1_fit,
     summarize,
 )

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
-import trajscope
 from problems import make_quadratic
 from runkit import cli, copy_run, edit_manifest, quad_run, rewrite_snapshot, step_file
+
+import trajscope
 from trajscope.errors import DamagedRunWarning
 from trajscope.objective import Objective
 from trajscope.validate import validate_run

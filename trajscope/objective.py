@@ -121,7 +121,7 @@ def import_named(spec: str, what: str = "objective") -> Any:
             f"{what} {spec!r}: cannot import module {mod_name!r} ({one_line(exc)}){hint}; run "
             "from the directory that holds it or pass --objective MODULE:FUNCTION"
         ) from exc
-    except Exception as exc:  # noqa: BLE001 - the user's module raised while being imported
+    except Exception as exc:
         raise ObjectiveError(
             f"{what} {spec!r}: importing module {mod_name!r} raised "
             f"{type(exc).__name__}: {one_line(exc)}"
@@ -211,7 +211,7 @@ def _call_factory(factory: Any, what: str, run: RunArgument = None) -> Objective
         result = factory(*args)
     except TrajscopeError:
         raise
-    except Exception as exc:  # noqa: BLE001 - the user's factory failed
+    except Exception as exc:
         raise ObjectiveError(
             f"objective {what}: calling it raised {type(exc).__name__}: {one_line(exc)}"
         ) from exc

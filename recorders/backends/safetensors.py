@@ -86,7 +86,7 @@ class SafetensorsStorage(Storage):
                           for k in fh.keys() if k.startswith(fmt.PARAM)}
         except RunFormatError:
             raise
-        except Exception as exc:  # noqa: BLE001 - safetensors' own errors for a damaged buffer
+        except Exception as exc:
             raise RunFormatError(f"{p}: damaged safetensors file ({exc})") from exc
         return Snapshot(step=meta["step"], kind=str(meta.get("kind", fmt.KIND_STEP)), params=params)
 
