@@ -141,6 +141,8 @@ def skip_reason(snap: Snapshot | BadSnapshot, nxt: Snapshot | BadSnapshot,
         why = snapshot_problem(s, model)
         if why is not None:
             return SkippedPair(step, why)
+    if isinstance(snap, BadSnapshot):  # reported by snapshot_problem above
+        return SkippedPair(step, snap.reason)
     if snap.batch is None:
         return SkippedPair(step, f"step {step}: snapshot holds no minibatch")
     return None
@@ -149,7 +151,9 @@ def skip_reason(snap: Snapshot | BadSnapshot, nxt: Snapshot | BadSnapshot,
 def usable(snap: Snapshot | BadSnapshot | None, model: torch.nn.Module) -> Snapshot | None:
     """``snap`` if it can serve as a neighbour (x_{t-1}, x_0) of a pair, else None: a damaged
     neighbour costs only the terms that need it (they are NaN), not the pair."""
-    return None if snap is None or snapshot_problem(snap, model) is not None else snap
+    if snap is None or isinstance(snap, BadSnapshot) or snapshot_problem(snap, model) is not None:
+        return None
+    return snap
 
 
 def missing_steps(run: Run) -> list[int]:

@@ -210,7 +210,7 @@ def _from_wire(value: Any) -> Any:
 
     if isinstance(value, _Array):
         t = torch.from_numpy(value.array)
-        if value.dtype is not None:
+        if value.dtype is not None and value.shape is not None:  # set together (see _to_wire)
             t = t.view(getattr(torch, value.dtype.removeprefix("torch."))).reshape(value.shape)
         return t
     if isinstance(value, dict):
