@@ -1,5 +1,6 @@
 """What every example shares: the command line (``--small``, ``--out``, ``--no-report``,
-``--threads``), the flattened digits, and the ending (report, wall time, ``findings.json``)."""
+``--threads``, plus an example's own options), the flattened digits, and the ending (report, wall
+time, ``findings.json``)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import torch
 
 
 def example_main(argv: list[str] | None, *, doc: str, name: str,
-                 run: Callable[[argparse.Namespace], dict[str, Any]]) -> dict[str, Any]:
-    """Parse the shared options, run ``run(args)`` with the requested torch threads, restore them."""
+                 run: Callable[[argparse.Namespace], dict[str, Any]],
+                 options: Callable[[argparse.ArgumentParser], None] | None = None) -> dict[str, Any]:
+    """Parse the shared options (and the example's own, added by ``options(parser)``), run
+    ``run(args)`` with the requested torch threads, restore them."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny run for the test suite")
     ap.add_argument("--out", type=Path, default=Path("runs") / name, help="output directory")
@@ -23,6 +26,8 @@ def example_main(argv: list[str] | None, *, doc: str, name: str,
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: models this small gain nothing from intra-op "
                          "threads, and on a busy machine spinning OpenMP threads slow them down)")
+    if options is not None:
+        options(ap)
     args = ap.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)

@@ -3,15 +3,22 @@ Python standard library's own source code (text already on disk; nothing is down
 
 The paper's third setting (GPT-2 pretraining with AdamW) at laptop scale: a two-layer, pre-norm,
 causal transformer in the style of nanoGPT, trained on the characters of the ``.py`` files under
-``sysconfig.get_paths()["stdlib"]``. Recording a window of two steps every ``every`` steps keeps
-the run small while still giving a pair (t, t+1) to analyze at regular intervals. The findings are
-the paper's questions: is the step convex along its own line (``inst_gap`` ≤ 0), does the
-cumulative ``convexity_ratio`` stay positive, how often does the next batch's gradient point uphill
-(``update_corr`` > 0), and how large is the instantaneous smoothness compared with what a
-descent-lemma analysis at this learning rate would need?
+``sysconfig.get_paths()["stdlib"]``. It trains the way such models are trained: attention through
+``F.scaled_dot_product_attention(..., is_causal=True)``, the model wrapped in ``torch.compile``
+(when a C compiler is on the PATH; ``--no-compile`` runs eager), and the gradient clipped to norm
+``--clip`` (default 1.0; 0 turns clipping off) before each AdamW step. Recording a window of two
+steps every ``every`` steps keeps the run small while still giving a pair (t, t+1) to analyze at
+regular intervals. The findings are the paper's questions: is the step convex along its own line
+(``inst_gap`` ≤ 0), does the cumulative ``convexity_ratio`` stay positive, how often does the next
+batch's gradient point uphill (``update_corr`` > 0), and how large is the instantaneous smoothness
+compared with what a descent-lemma analysis at this learning rate would need?
 
     python examples/charlm.py            # default size
     python examples/charlm.py --small    # what the test suite runs
+
+Under clipping the recorded g_t is the clipped gradient while the replay recomputes the unclipped
+one, so ``max_grad_replay_error`` is the clip rescale 1/c − 1 (c = max_norm/‖g‖) of the most
+clipped recorded step, not a replay failure; ``frac_clipped`` says how many steps were clipped.
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -49,6 +59,8 @@ class Config:
     seed: int = 0
     points: int = 9  # analysis grid: points on [0, 1], plus a margin on both sides
     margin: float = 0.5
+    clip: float = 1.0  # max gradient norm (clip_grad_norm_); 0: no clipping
+    compile: bool = True  # torch.compile the training model
 
 
 SMALL = Config(steps=60, warmup=10, every=10, text_chars=200_000, points=5, margin=0.25)
@@ -120,13 +132,10 @@ class CausalSelfAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
-        # explicit causal attention (not scaled_dot_product_attention): forward-mode AD and vmap,
-        # which the analyzer's line probe uses, support every op here on every backend
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(d // self.n_head)
-        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(b, t, d)
-        return self.proj(y)
+        # softmax(q·kᵀ/√d_head + causal mask)·v; the analyzer's forward-mode probe runs it on
+        # SDPA's math kernel (--derivatives auto), since the fused kernels lack forward-mode AD
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
 class Block(nn.Module):
@@ -174,8 +183,24 @@ def make_objective() -> trajscope.Objective:
     return trajscope.Objective(model=model, loss=loss)
 
 
-def train(run_dir: Path, cfg: Config, data: torch.Tensor) -> list[float]:
-    """AdamW with linear warmup then cosine decay (the pretraining recipe, scaled down)."""
+@contextmanager
+def compiled(model: nn.Module, cfg: Config) -> Iterator[nn.Module]:
+    """``torch.compile(model)`` when ``cfg.compile``, else ``model`` itself, for the training loop
+    inside the ``with`` block (compilation happens at the first call)."""
+    if not cfg.compile:
+        yield model
+        return
+    import torch._inductor.config as inductor_config
+
+    # inductor draws dropout masks from its own generator, not the RNG state the recorder
+    # captures; torch's own random ops keep a model with dropout replayable
+    with inductor_config.patch(fallback_random=True):
+        yield cast(nn.Module, torch.compile(model))
+
+
+def train(run_dir: Path, cfg: Config, data: torch.Tensor) -> tuple[list[float], list[bool]]:
+    """AdamW with linear warmup then cosine decay and gradient clipping (the pretraining recipe,
+    scaled down). Returns each step's loss (nats per character) and whether it was clipped."""
     obj = make_objective()
     model = obj.model
     # nanoGPT's split: weight decay on matrices, none on biases, LayerNorm gains and embeddings
@@ -184,9 +209,11 @@ def train(run_dir: Path, cfg: Config, data: torch.Tensor) -> list[float]:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
-    losses = []
-    with trajscope.Recorder(run_dir, model, opt, objective=make_objective, every=cfg.every, window=2,
-                            overwrite=True, metadata={"example": "charlm"}) as rec:
+    losses, clipped = [], []
+    # the loop calls the compiled model; the run names the plain model's parameters
+    with compiled(model, cfg) as net, trajscope.Recorder(
+            run_dir, net, opt, objective=make_objective, every=cfg.every, window=2, overwrite=True,
+            metadata={"example": "charlm", "config": asdict(cfg)}) as rec:
         for step in range(cfg.steps):
             warm = (step + 1) / cfg.warmup
             cos = 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
@@ -194,15 +221,18 @@ def train(run_dir: Path, cfg: Config, data: torch.Tensor) -> list[float]:
                 g["lr"] = cfg.lr * (warm if step < cfg.warmup else 0.1 + 0.9 * cos)
             batch = get_batch(data, cfg, gen)
             opt.zero_grad()
-            loss = obj.loss(model, batch)
+            loss = obj.loss(net, batch)
             loss.backward()
+            if cfg.clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                clipped.append(bool(norm > cfg.clip))
             rec.batch(batch, loss=loss)
             opt.step()
             losses.append(float(loss.detach()))
-    return losses
+    return losses, clipped
 
 
-def findings(ds: xr.Dataset, losses: list[float]) -> dict[str, float]:
+def findings(ds: xr.Dataset, losses: list[float], clipped: list[bool]) -> dict[str, float]:
     gap, uc = ds["inst_gap"].values, ds["update_corr"].values
     ratio = ds["inst_smoothness"].values * ds["lr"].values / 2  # metrics.md: stability_ratio
     k = max(1, len(losses) // 10)
@@ -221,30 +251,45 @@ def findings(ds: xr.Dataset, losses: list[float]) -> dict[str, float]:
                                               / np.min(ds["inst_smoothness"].values)),
         "median_stability_ratio": float(np.median(ratio)),
         "max_loss_replay_error": float(np.nanmax(ds["loss_replay_error"].values)),
+        # under clipping: the clip rescale 1/c − 1 of the most clipped recorded step
         "max_grad_replay_error": float(np.nanmax(ds["grad_replay_error"].values)),
+        "frac_clipped": float(np.mean(clipped)) if clipped else 0.0,
     }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train, analyze, report; print and return the findings."""
-    return example_main(argv, doc=__doc__, name="charlm", run=run)
+    return example_main(argv, doc=__doc__, name="charlm", run=run, options=options)
+
+
+def options(ap: argparse.ArgumentParser) -> None:
+    """The example's own flags: ``--clip`` and ``--no-compile``."""
+    ap.add_argument("--clip", type=float, default=Config.clip,
+                    help="clip the gradient to this norm before each step (clip_grad_norm_); 0: no clipping")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="train the eager model (default: torch.compile when a C compiler is on the PATH)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The example proper: record, analyze, report, print the findings."""
-    cfg = SMALL if args.small else Config()
+    # inductor generates C++ on the CPU: without a C compiler the example trains eager
+    can_compile = shutil.which("cc") is not None or shutil.which("gcc") is not None
+    cfg = replace(SMALL if args.small else Config(), clip=args.clip, compile=can_compile and not args.no_compile)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     data = load_text(cfg.text_chars)
     run_dir = args.out / "adamw"
-    losses = train(run_dir, cfg, data)
+    losses, clipped = train(run_dir, cfg, data)
     ds = trajscope.analyze(run_dir, make_objective, points=cfg.points, margin=cfg.margin, progress=False)
-    results: dict[str, Any] = {"config": asdict(cfg), "adamw": findings(ds, losses)}
+    results: dict[str, Any] = {"config": asdict(cfg), "adamw": findings(ds, losses, clipped)}
     report_and_time(args, results, [run_dir], t0)
 
     r = results["adamw"]
-    print(f"charlm: {GPT_CONFIG.n_layer}-layer GPT, {sum(p.numel() for p in make_objective().model.parameters()):,} "
-          f"parameters, AdamW, {len(data):,} characters of stdlib source")
+    n_params = sum(p.numel() for p in make_objective().model.parameters())
+    mode = "compiled" if cfg.compile else "eager"
+    clip = f"clip {cfg.clip:g} ({r['frac_clipped']:.0%} of steps clipped)" if cfg.clip > 0 else "no clipping"
+    print(f"charlm: {GPT_CONFIG.n_layer}-layer GPT, {n_params:,} parameters, {mode}, AdamW, {clip}, "
+          f"{len(data):,} characters of stdlib source")
     print(f"  loss {r['loss_first_tenth']:.3f} -> {r['loss_last_tenth']:.3f} nats/char over {cfg.steps} steps; "
           f"{r['pairs']} pairs analyzed")
     print(f"  inst_gap<=0: {r['frac_inst_gap_le_0']:.1%}  convexity_ratio final={r['final_convexity_ratio']:.3f} "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -135,17 +136,39 @@ def test_cnn_convexity_identities_hold_along_the_path(tmp_path: Path) -> None:
     check_report(res, [tmp_path / "sgd", tmp_path / "adamw"])
 
 
-def test_charlm_trains_and_is_convex_along_its_steps(tmp_path: Path) -> None:
-    """The character-level GPT learns (loss falls by over a nat per character) and its steps are
-    mostly convex along their line, with a positive cumulative convexity ratio."""
-    res = run_example("charlm", tmp_path)
+def check_charlm(res: dict[str, Any]) -> None:
+    """The character-level GPT learns (loss falls by over a nat per character), its steps are
+    mostly convex along their line with a positive cumulative convexity ratio, and the replay of
+    the eager model reproduces the training losses."""
     r = res["adamw"]
     assert r["pairs"] >= 5
     assert r["loss_last_tenth"] < r["loss_first_tenth"] - 1.0
     assert r["frac_inst_gap_le_0"] > 0.5
     assert r["final_convexity_ratio"] > 0
     assert r["max_loss_replay_error"] < 1e-4
+
+
+def test_charlm_trains_and_is_convex_along_its_steps(tmp_path: Path) -> None:
+    """Eager (compiling costs a minute on the CPU: the compiled run is the slow test below), with
+    gradient clipping and SDPA attention."""
+    res = example("charlm").main(["--small", "--no-compile", "--out", str(tmp_path)])
+    assert not res["config"]["compile"] and res["config"]["clip"] == 1.0
+    check_charlm(res)
     check_report(res, [tmp_path / "adamw"])
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
+def test_charlm_compiled_records_the_plain_model_and_replays(tmp_path: Path) -> None:
+    """As people train it: torch.compile (inductor) and clipping. The run names the plain model's
+    parameters and the eager replay reproduces the compiled model's losses."""
+    res = example("charlm").main(["--small", "--no-report", "--out", str(tmp_path)])
+    assert res["config"]["compile"]
+    check_charlm(res)
+    manifest = json.loads((tmp_path / "adamw" / "trajscope.json").read_text())
+    names = [p["name"] for p in manifest["params"]]
+    assert names == [n for n, _ in example("charlm").make_objective().model.named_parameters()]
 
 
 # --- explore: the script, and the notebook made of the same cells --------------------------------

@@ -114,9 +114,6 @@ def _gpt2() -> torch.nn.Module:
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1,
                                      n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    # eager attention: the analyzer's line probe uses forward-mode AD, which torch's CPU flash
-    # attention kernel (the SDPA default) does not implement
-    config._attn_implementation = "eager"
     return transformers.GPT2LMHeadModel(config)
 
 
