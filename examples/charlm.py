@@ -16,9 +16,9 @@ compared with what a descent-lemma analysis at this learning rate would need?
     python examples/charlm.py            # default size
     python examples/charlm.py --small    # what the test suite runs
 
-Under clipping the recorded g_t is the clipped gradient while the replay recomputes the unclipped
-one, so ``max_grad_replay_error`` is the clip rescale 1/c − 1 (c = max_norm/‖g‖) of the most
-clipped recorded step, not a replay failure; ``frac_clipped`` says how many steps were clipped.
+Gradient clipping is on: the recorder stores the clip factor c = max_norm/‖g‖ of each clipped
+recorded step and the analyzer compares the replayed gradient clipped the same way, so
+``max_grad_replay_error`` stays at rounding level; ``frac_clipped`` says how many steps were clipped.
 """
 
 from __future__ import annotations
