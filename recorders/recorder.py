@@ -206,16 +206,15 @@ class Recorder:
     # --- lifecycle ------------------------------------------------------------------------------
 
     def __enter__(self) -> Recorder:
-        self.start()
-        return self
+        return self.start()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.close(crashed=exc_type is not None)
 
-    def start(self) -> None:
-        """Create the run directory, write the manifest, start the writer and attach the hooks."""
+    def start(self) -> Recorder:
+        """Create the run directory, write the manifest, start the writer, attach the hooks; returns self."""
         if self._open:
-            return
+            return self
         if self._closed:
             raise RecorderError(f"{self.run_dir}: this Recorder was closed; create a new one")
         if self.is_writer:
@@ -228,6 +227,7 @@ class Recorder:
         ])
         self._open = True
         self._arm_grad_hooks()
+        return self
 
     def _open_storage(self) -> None:
         prepare_run_dir(self.run_dir, self.format, overwrite=self._overwrite)

@@ -131,11 +131,10 @@ def train(out_dir: Path, compile_backend: str) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2),
                                   weight_decay=weight_decay)
     model = torch.compile(model, backend=compile_backend)  # type: ignore[assignment]
-    rec = Recorder(out_dir / "trajscope", model, optimizer, objective="test_nanogpt_style:make_objective",  # +
-                   every=3, accumulation=gradient_accumulation_steps, metadata={"config": config})  # +
     X, Y = get_batch()
     iter_num = 0
-    rec.start()  # +
+    rec = Recorder(out_dir / "trajscope", model, optimizer, objective="test_nanogpt_style:make_objective",  # +
+                   every=3, accumulation=gradient_accumulation_steps, metadata={"config": config}).start()  # +
     while True:
         lr = get_lr(iter_num)
         for param_group in optimizer.param_groups:
