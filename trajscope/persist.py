@@ -144,10 +144,16 @@ def analysis_lock(analysis_dir: Path) -> Iterator[None]:
     An OS lock (flock), not a marker file: the kernel releases it when its holder dies, even by
     SIGKILL, so a killed analysis never blocks the next one. (On network filesystems without
     flock support the lock is advisory at best; the per-file writes are atomic regardless.)
+    The holder's note is written into the lock file, so the file is opened only if it is a
+    regular file of its own inside the run (see :func:`trajscope.format.open_lock_file`).
+
+    Raises:
+        AnalysisError: if another analysis holds the lock.
+        RunFormatError: naming ``analysis/`` or ``analysis/.lock`` if either is a symlink or
+            not a plain directory/file.
     """
-    analysis_dir.mkdir(parents=True, exist_ok=True)
-    path = analysis_dir / fmt.LOCK_FILE
-    fh = open(path, "a+", encoding="utf-8")
+    fmt.safe_output_dir(analysis_dir.parent, analysis_dir.name)
+    fh = fmt.open_lock_file(analysis_dir / fmt.LOCK_FILE)
     try:
         if not _try_lock(fh):
             fh.seek(0)
