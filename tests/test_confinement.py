@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from runkit import cli, copy_run, edit_manifest, fingerprint, no_hang, quad_run
 
 import trajscope
-from runkit import cli, copy_run, edit_manifest, fingerprint, no_hang, quad_run
 from trajscope import format as fmt
 from trajscope.convert import convert_run
 from trajscope.errors import RunFormatError
