@@ -189,3 +189,10 @@ def test_stopped_analysis_leaves_no_process_behind(long_run: Path, tmp_path: Pat
             proc.kill()
             proc.wait()
         _reap_leftovers(children)
+
+
+def test_scalars_with_nonfinite_strings_read_as_numbers(run_dir: Path) -> None:
+    scalars = run_dir / "scalars.jsonl"
+    scalars.write_text(scalars.read_text() + '{"step": 99, "loss": "NaN", "lr": ["Infinity", "-Infinity"]}\n')
+    last = open_run(run_dir).scalars[-1]
+    assert last["loss"] != last["loss"] and last["lr"] == [float("inf"), float("-inf")]

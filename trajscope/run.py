@@ -223,10 +223,24 @@ def _read_scalars(path: Path, bad: list[str] | None = None) -> list[dict[str, An
                         break
                     reject(f"{path}:{i}: expected an object with an integer 'step'")
                     continue
-                out.append(rec)
+                out.append(_decode_nonfinite(rec))
         except OSError as exc:
             raise RunFormatError(f"{path}: cannot read ({exc.strerror})") from exc
     return out
+
+
+_NONFINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def _decode_nonfinite(rec: dict[str, Any]) -> dict[str, Any]:
+    """Read a non-finite number written as the string ``"NaN"``, ``"Infinity"`` or
+    ``"-Infinity"`` (strict JSON has no such numbers) in a value or a list of values; the bare
+    ``NaN``/``Infinity`` tokens of older files are parsed by ``json`` itself."""
+
+    def num(v: Any) -> Any:
+        return _NONFINITE.get(v, v) if isinstance(v, str) else v
+
+    return {k: [num(x) for x in v] if isinstance(v, list) else num(v) for k, v in rec.items()}
 
 
 def open_run(path: str | Path) -> Run:
