@@ -364,7 +364,8 @@ def check_name(name: Any, where: str) -> str:
     return name
 
 
-def _link_error(path: Path) -> RunFormatError:
+def link_error(path: Path) -> RunFormatError:
+    """The error for a symlink where trajscope writes inside a run."""
     return RunFormatError(
         f"{path}: is a symlink; trajscope writes only inside the run directory and will not follow "
         "it (remove the link)"
@@ -385,7 +386,7 @@ def safe_output_dir(root: Path, *parts: str) -> Path:
             raise RunFormatError(f"{path}: refusing output directory component {part!r}")
         path = path / part
         if path.is_symlink():
-            raise _link_error(path)
+            raise link_error(path)
         if path.exists() and not path.is_dir():
             raise RunFormatError(f"{path}: expected a directory, found a file")
         try:
@@ -409,51 +410,21 @@ def check_replaceable(path: Path) -> None:
     except OSError as exc:
         raise RunFormatError(f"{path}: cannot inspect ({exc.strerror})") from exc
     if stat.S_ISLNK(mode):
-        raise _link_error(path)
+        raise link_error(path)
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise RunFormatError(f"{path}: expected a regular file or a directory, found a special file")
 
 
 def remove_entry(path: Path) -> None:
-    """Remove the file or directory tree at ``path`` (absent is fine) after
-    :func:`check_replaceable`; ``shutil.rmtree`` never follows links found inside the tree."""
+    """Remove the file or directory tree at ``path`` (absent is fine) after :func:`check_replaceable`
+    (``shutil.rmtree`` never follows links found inside the tree)."""
     import shutil
 
     check_replaceable(path)
     try:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     except OSError as exc:
         raise RunFormatError(f"{path}: cannot remove ({exc.strerror})") from exc
-
-
-def open_lock_file(path: Path) -> IO[str]:
-    """Open (creating it) the regular file ``path`` for reading and writing, never through a
-    symlink, never blocking on a FIFO, and never a file with other hard links (its holder's note
-    is written into it, so a link to a file elsewhere would be overwritten).
-
-    Raises:
-        RunFormatError: naming ``path`` if it is a symlink, not a regular file, or unopenable.
-    """
-    if os.path.islink(path):  # also where O_NOFOLLOW does not exist
-        raise _link_error(path)
-    flags = (os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-             | getattr(os, "O_CLOEXEC", 0))
-    try:
-        fd = os.open(path, flags, 0o644)
-    except OSError as exc:
-        if os.path.islink(path):
-            raise _link_error(path) from None
-        raise RunFormatError(f"{path}: cannot open the lock file ({exc.strerror})") from exc
-    st = os.fstat(fd)
-    problem = ("expected a regular file, found a FIFO or special file" if not stat.S_ISREG(st.st_mode)
-               else f"has {st.st_nlink} hard links; expected a file of its own" if st.st_nlink > 1 else "")
-    if problem:
-        os.close(fd)
-        raise RunFormatError(f"{path}: {problem} (remove it)")
-    return os.fdopen(fd, "r+", encoding="utf-8")
 
 
 # --- safetensors encoding (writer side) ------------------------------------------------------------
