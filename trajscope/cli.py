@@ -23,6 +23,11 @@ from trajscope import format as fmt
 from trajscope.errors import TrajscopeError, one_line
 
 _RUN_DIR = click.Path(file_okay=True, dir_okay=True, path_type=str)
+MAX_POINTS = 10001
+"""Upper bound of ``--points``: each pair holds (points × layers) float64 arrays per field."""
+MAX_MARGIN = 100.0
+"""Upper bound of ``--margin`` (in units of the step): beyond it the grid leaves any region where
+the loss along the step says something about the step, and huge values overflow to inf."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,9 +68,9 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
 @click.argument("run_dir", type=_RUN_DIR)
 @click.option("--objective", metavar="MODULE:FUNCTION",
               help="Objective factory to rebuild the loss (default: the one the run recorded).")
-@click.option("--points", default=9, show_default=True, type=click.IntRange(min=2),
+@click.option("--points", default=9, show_default=True, type=click.IntRange(min=2, max=MAX_POINTS),
               help="Grid points on [0, 1] along each step.")
-@click.option("--margin", default=0.5, show_default=True, type=click.FloatRange(min=0),
+@click.option("--margin", default=0.5, show_default=True, type=click.FloatRange(min=0, max=MAX_MARGIN),
               help="Grid extension beyond [0, 1] on both sides, in units of the step.")
 @click.option("--device", default="auto", show_default=True, callback=_check_device,
               help="cpu, cuda, cuda:N or auto (CUDA when available). With several GPUs, cuda or "
@@ -236,17 +241,40 @@ def report(run_dirs: tuple[str, ...], out: str | None, ema_beta: float, window: 
 @click.option("--out", type=click.Path(file_okay=False, path_type=str),
               help="Write a converted copy to this (new or empty) directory instead of in place.")
 @click.option("--keep", is_flag=True, help="In place: keep the old storage next to the new one.")
-def convert(run_dir: str, to: str, out: str | None, keep: bool) -> None:
+@click.option("--force", is_flag=True,
+              help="In place: convert a run still marked 'recording' (only if its recorder is gone).")
+def convert(run_dir: str, to: str, out: str | None, keep: bool, force: bool) -> None:
     """Rewrite a run's snapshots as HDF5 or safetensors (tensors copied bit for bit)."""
     from trajscope.convert import convert_run
     from trajscope.run import open_run
 
     before = open_run(run_dir).storage.kind
-    dest = convert_run(run_dir, to, out=out, keep=keep)
+    dest = convert_run(run_dir, to, out=out, keep=keep, force=force)
     if out is None and before == to:
         click.echo(f"{run_dir}: already stored as {to}")
     else:
         click.echo(f"{dest}: stored as {to}")
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Make SIGTERM (``kill``, a job scheduler's stop) shut down as Ctrl-C does: finished pairs
+    are kept, worker pools are shut down, and the exit is one line with code 130. The previous
+    handler is restored afterwards (``main`` may be called in-process, e.g. by tests)."""
+    import signal
+    import threading
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signal() works only there
+        yield
+        return
+    saved = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, saved)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -262,10 +290,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(code)
 
     try:
-        with _cli_warnings():
+        with _sigterm_as_interrupt(), _cli_warnings():
             cli.main(args=args, prog_name="trajscope", standalone_mode=False)
-    except click.exceptions.Abort:
-        fail("aborted", 130)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C (and SIGTERM) into Abort
+        kept = " (finished pairs are kept; re-run to resume)" if args[:1] == ["analyze"] else ""
+        fail(f"interrupted{kept}", 130)
     except click.ClickException as exc:  # usage errors: exit 2, click's own one-line message
         if debug:
             traceback.print_exc()
@@ -273,8 +302,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except TrajscopeError as exc:
         fail(f"error: {one_line(exc)}")
-    except KeyboardInterrupt:
-        fail("interrupted (finished pairs are kept; re-run to resume)", 130)
     except MemoryError:
         fail("error: out of memory (try fewer --workers, a smaller --steps range, or --device cpu)")
     except OSError as exc:  # the environment, not the run: disk full, permissions, ...

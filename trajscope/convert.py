@@ -4,11 +4,16 @@ The stored tensors and metadata are copied bit for bit (bf16/fp16 included); onl
 changes. In place, the new storage is written under temporary names, moved into place, and the
 manifest switched to it before the old storage is removed, so a conversion killed at any point
 leaves a run that reads correctly (in one format or the other).
+
+Every name the conversion writes, renames or removes inside the run (the storage of either
+format and its temporary name) must be a regular file, a real directory or absent: a symlink
+planted there is refused before anything is written, so nothing outside the run is touched. A
+run whose manifest says it is still ``recording`` is refused unless ``force=True``: its recorder
+may still be writing the storage that the conversion would remove.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from trajscope import format as fmt
@@ -41,12 +46,11 @@ def _write_all(run: Run, to: str, dest: Path, tmp_name: str) -> Path:
 
     slot = Slot()
     target = dest / tmp_name
+    fmt.remove_entry(target)  # a leftover of a killed conversion; a planted link is refused
     if to == fmt.STORAGE_HDF5:
-        target.unlink(missing_ok=True)
         writer = HDF5Writer(target, _declared(run), {"trajscope_storage": fmt.STORAGE_HDF5,
                                                      "format_version": fmt.FORMAT_VERSION})
     else:
-        shutil.rmtree(target, ignore_errors=True)
         writer = SafetensorsWriter(dest, direct_io=False, steps_dir=target)
     try:
         for step in run.steps:
@@ -60,7 +64,7 @@ def _write_all(run: Run, to: str, dest: Path, tmp_name: str) -> Path:
 
 
 def convert_run(run_dir: str | Path, to: str, *, out: str | Path | None = None,
-                keep: bool = False) -> Path:
+                keep: bool = False, force: bool = False) -> Path:
     """Convert the run in ``run_dir`` to storage ``to`` (``"hdf5"`` or ``"safetensors"``).
 
     Args:
@@ -70,12 +74,16 @@ def convert_run(run_dir: str | Path, to: str, *, out: str | Path | None = None,
             Without it the run is converted in place.
         keep: in place, keep the old storage files next to the new ones (the manifest names which
             one is read).
+        force: in place, convert a run whose manifest status is ``recording`` (only when its
+            recorder is known to be gone, e.g. killed).
 
     Returns:
         The directory holding the converted run.
 
     Raises:
-        RunFormatError: for an unknown format, an unreadable source, or a non-empty ``out``.
+        RunFormatError: for an unknown format, an unreadable source, a non-empty ``out``, a
+            symlink or special file where the conversion writes, or (without ``force``) a run
+            still marked ``recording``.
     """
     if to not in fmt.STORAGES:
         raise RunFormatError(f"to={to!r}: expected one of {', '.join(fmt.STORAGES)}")
@@ -85,33 +93,34 @@ def convert_run(run_dir: str | Path, to: str, *, out: str | Path | None = None,
         return run.path
     manifest = dict(run.manifest)
     manifest["storage"] = to
+    final_name = fmt.HDF5_FILE if to == fmt.STORAGE_HDF5 else fmt.STEPS_DIR
     if out is not None:
         dest = Path(out)
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise RunFormatError(f"{dest}: already exists and is not an empty directory")
         dest.mkdir(parents=True, exist_ok=True)
-        final_name = fmt.HDF5_FILE if to == fmt.STORAGE_HDF5 else fmt.STEPS_DIR
         tmp = _write_all(run, to, dest, f".{final_name}.converting")
         tmp.rename(dest / final_name)
-        if (run.path / fmt.SCALARS).exists():
-            shutil.copyfile(run.path / fmt.SCALARS, dest / fmt.SCALARS)
+        scalars = run.path / fmt.SCALARS
+        if scalars.exists():  # read as the reader does: a regular file (a FIFO would block)
+            fmt.atomic_write_bytes(dest / fmt.SCALARS, fmt.read_file_bytes(scalars, "scalars"))
         fmt.atomic_write_json(dest / fmt.MANIFEST, manifest)
         return dest
+    if run.status == fmt.STATUS_RECORDING and not force:
+        raise RunFormatError(
+            f"{run.path / fmt.MANIFEST}: status is 'recording': the run may still be being recorded, "
+            "and converting it in place would remove the storage its recorder writes; wait for the "
+            "recorder to close, convert a copy with --out, or pass --force if the recorder is gone"
+        )
     dest = run.path
-    final_name = fmt.HDF5_FILE if to == fmt.STORAGE_HDF5 else fmt.STEPS_DIR
+    old_name = fmt.STEPS_DIR if src_kind == fmt.STORAGE_SAFETENSORS else fmt.HDF5_FILE
+    for name in (f".{final_name}.converting", final_name, old_name):
+        fmt.check_replaceable(dest / name)  # refuse planted links before writing anything
     tmp = _write_all(run, to, dest, f".{final_name}.converting")
     final = dest / final_name
-    if final.exists():  # a leftover of an earlier conversion with keep=True
-        if final.is_dir():
-            shutil.rmtree(final)
-        else:
-            final.unlink()
+    fmt.remove_entry(final)  # a leftover of an earlier conversion with keep=True
     tmp.rename(final)
     fmt.atomic_write_json(dest / fmt.MANIFEST, manifest)  # the switch: readers now use `to`
     if not keep:
-        old = dest / (fmt.STEPS_DIR if src_kind == fmt.STORAGE_SAFETENSORS else fmt.HDF5_FILE)
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink(missing_ok=True)
+        fmt.remove_entry(dest / old_name)
     return dest

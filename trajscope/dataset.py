@@ -144,7 +144,8 @@ def open_metrics(run: str | Path | Sequence[str | Path]) -> xr.Dataset:
     if not Path(run).is_dir():
         raise RunFormatError(f"{run}: no such run directory")
     path = Path(run) / fmt.ANALYSIS_DIR / fmt.METRICS_FILE
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise RunFormatError(f"{path}: no analysis found; run `trajscope analyze {run}` first")
+    fmt.open_regular(path, "metrics Dataset").close()  # a FIFO there would block the open below
     with xr.open_dataset(path, engine="h5netcdf") as ds:
         return ds.load()

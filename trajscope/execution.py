@@ -236,8 +236,9 @@ class Placement:
 
 def _init_process(threads: int, counter: Any) -> None:
     """Initializer of a pool process: its torch threads (the environment variables too, for any
-    library that reads them later) and its slot among the workers."""
+    library that reads them later), its slot among the workers, and its death with the driver."""
     global _process_slot
+    _die_with_parent()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["MKL_NUM_THREADS"] = str(threads)
     import torch
@@ -246,6 +247,35 @@ def _init_process(threads: int, counter: Any) -> None:
     with counter.get_lock():
         _process_slot = counter.value
         counter.value += 1
+
+
+def _die_with_parent() -> None:
+    """End this pool process as soon as the process that started it is gone, even by SIGKILL.
+
+    Otherwise a killed ``trajscope analyze`` leaves its workers computing (and holding its stdout,
+    so ``trajscope analyze ... | grep`` never returns). On Linux the kernel sends SIGKILL when the
+    parent dies (``PR_SET_PDEATHSIG``; the pool's processes are all started by the thread that
+    runs the analysis, which outlives them). Everywhere, a daemon thread exits the process once
+    ``os.getppid()`` changes (the orphan is re-parented), checked every 0.2 s.
+    """
+    import signal
+    import sys
+    import time
+
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):  # no libc prctl: the watchdog still works
+            import ctypes
+
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="trajscope-parent-watch", daemon=True).start()
 
 
 def _warm_up() -> int:

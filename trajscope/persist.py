@@ -14,15 +14,16 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from trajscope import format as fmt
-from trajscope.errors import AnalysisError
+from trajscope.errors import AnalysisError, RunFormatError
 from trajscope.probe import PairStats, ProbeSettings
 
 __all__ = ["VERSION", "PairTable", "analysis_lock", "load_pair", "pair_path",
@@ -144,10 +145,16 @@ def analysis_lock(analysis_dir: Path) -> Iterator[None]:
     An OS lock (flock), not a marker file: the kernel releases it when its holder dies, even by
     SIGKILL, so a killed analysis never blocks the next one. (On network filesystems without
     flock support the lock is advisory at best; the per-file writes are atomic regardless.)
+    The holder's note is written into the lock file, so the file is opened only if it is a
+    regular file of its own inside the run (see :func:`_open_lock_file`).
+
+    Raises:
+        AnalysisError: if another analysis holds the lock.
+        RunFormatError: naming ``analysis/`` or ``analysis/.lock`` if either is a symlink or
+            not a plain directory/file.
     """
-    analysis_dir.mkdir(parents=True, exist_ok=True)
-    path = analysis_dir / fmt.LOCK_FILE
-    fh = open(path, "a+", encoding="utf-8")
+    fmt.safe_output_dir(analysis_dir.parent, analysis_dir.name)
+    fh = _open_lock_file(analysis_dir / fmt.LOCK_FILE)
     try:
         if not _try_lock(fh):
             fh.seek(0)
@@ -169,6 +176,33 @@ def analysis_lock(analysis_dir: Path) -> Iterator[None]:
             _unlock(fh)
     finally:
         fh.close()
+
+
+def _open_lock_file(path: Path) -> IO[str]:
+    """Open (creating it) the regular file ``path`` for reading and writing, never through a
+    symlink, never blocking on a FIFO, and never a file with other hard links (its holder's note
+    is written into it, so a link to a file elsewhere would be overwritten).
+
+    Raises:
+        RunFormatError: naming ``path`` if it is a symlink, not a regular file, or unopenable.
+    """
+    if os.path.islink(path):  # also where O_NOFOLLOW does not exist
+        raise fmt.link_error(path)
+    flags = (os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise fmt.link_error(path) from None
+        raise RunFormatError(f"{path}: cannot open the lock file ({exc.strerror})") from exc
+    st = os.fstat(fd)
+    problem = ("expected a regular file, found a FIFO or special file" if not stat.S_ISREG(st.st_mode)
+               else f"has {st.st_nlink} hard links; expected a file of its own" if st.st_nlink > 1 else "")
+    if problem:
+        os.close(fd)
+        raise RunFormatError(f"{path}: {problem} (remove it)")
+    return os.fdopen(fd, "r+", encoding="utf-8")
 
 
 def _try_lock(fh: Any) -> bool:

@@ -45,9 +45,18 @@ def objective_id(source: ObjectiveSource, recorded: str | None) -> str:
 
 def select_steps(pairs: list[int], steps: str | slice | Iterable[int] | None) -> list[int]:
     """The pairs of ``pairs`` (start steps) that ``steps`` selects: ``"START:STOP[:STRIDE]"``, a
-    slice, or step numbers; None selects all."""
+    slice, or step numbers; None selects all.
+
+    START and STOP are optimizer step numbers, not Python indices: a negative one (``-1:`` read
+    as "the last") and an empty range (``5:2``) are errors rather than silently selecting all
+    pairs or none.
+
+    Raises:
+        AnalysisError: naming ``steps`` for a malformed, negative or empty range.
+    """
     if steps is None:
         return pairs
+    given = steps  # named in errors as the user wrote it
     if isinstance(steps, str):
         parts = steps.split(":")
         try:
@@ -62,7 +71,14 @@ def select_steps(pairs: list[int], steps: str | slice | Iterable[int] | None) ->
         stop = steps.stop if steps.stop is not None else float("inf")
         stride = 1 if steps.step is None else steps.step
         if stride < 1:
-            raise AnalysisError(f"steps={steps!r}: the stride must be >= 1")
+            raise AnalysisError(f"steps={given!r}: the stride must be >= 1")
+        if start < 0 or stop < 0:
+            raise AnalysisError(
+                f"steps={given!r}: START and STOP are optimizer step numbers (>= 0), not indices "
+                "from the end; give the step numbers (trajscope info lists them)"
+            )
+        if start >= stop:
+            raise AnalysisError(f"steps={given!r}: empty range (START must be less than STOP)")
         return [t for t in pairs if start <= t < stop and (t - start) % stride == 0]
     wanted = set(steps)
     return [t for t in pairs if t in wanted]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -189,9 +190,11 @@ def write_report(
         first = runs[0] if isinstance(runs, Sequence) and not isinstance(runs, str) and runs else runs
         if not isinstance(first, (str, Path)):
             raise AnalysisError("report: pass out=DIR when the runs are given as Datasets")
-        out = Path(first) / REPORT_DIR
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        # Inside the run: `report` must be a real directory there, never a planted symlink.
+        out_dir = fmt.safe_output_dir(Path(first), REPORT_DIR)
+    else:
+        out_dir = Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
     rep = Report(out_dir=out_dir, index=out_dir / "index.html")
     options = {"beta": beta, "window": window}
     for spec in FIGURES:
@@ -201,11 +204,13 @@ def write_report(
             continue
         fig = spec.draw(have, **{k: options[k] for k in spec.options})
         path = out_dir / f"{spec.name}.png"
-        fig.savefig(path, dpi=dpi)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi)
+        fmt.atomic_write_bytes(path, buf.getvalue())  # replaces a planted link, never writes through it
         rep.figures[spec.name] = path
         rep.data[spec.name] = figure_data(fig)
     rep.summary = {label: table_rows(ds) for label, ds in loaded.items()}
-    rep.index.write_text(_html(loaded, rep), encoding="utf-8")
+    fmt.atomic_write_bytes(rep.index, _html(loaded, rep).encode("utf-8"))
     return rep
 
 

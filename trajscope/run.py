@@ -157,12 +157,28 @@ class Run:
             f"pairs      {len(self.pairs)} analyzable (t, t+1)",
             f"final      {self.final_step if self.final_step is not None else '(none: run incomplete)'}",
         ]
-        skipped = sum(1 for s in self.scalars if s.get("skipped"))
+        rows, bad = self._scalars_lenient()
+        if bad:  # `info` describes a damaged run rather than refusing it, as `analyze` goes on
+            lines.append(f"scalars    {len(bad)} unreadable line(s) ignored; first: {bad[0]}")
+        skipped = sum(1 for s in rows if s.get("skipped"))
         if skipped:
             lines.append(f"skipped    {skipped} step(s) skipped by the optimizer (AMP)")
         if (self.path / fmt.ANALYSIS_DIR / fmt.METRICS_FILE).exists():
             lines.append(f"analysis   {self.path / fmt.ANALYSIS_DIR / fmt.METRICS_FILE}")
         return "\n".join(one_line(line) for line in lines)  # values from the run: no escapes
+
+
+    def _scalars_lenient(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """The readable lines of ``scalars.jsonl`` and a message per line (or for the whole
+        file) that could not be read."""
+        path = self.path / fmt.SCALARS
+        if not path.exists() and not path.is_symlink():
+            return [], []
+        bad: list[str] = []
+        try:
+            return _read_scalars(path, bad), bad
+        except RunFormatError as exc:  # the file as a whole: a FIFO, an over-long line
+            return [], [str(exc)]
 
 
 def read_snapshot(path: str | Path) -> Snapshot:
@@ -176,8 +192,16 @@ def read_snapshot(path: str | Path) -> Snapshot:
     return snapshot_from_raw(*read_raw(p), where=p)
 
 
-def _read_scalars(path: Path) -> list[dict[str, Any]]:
+def _read_scalars(path: Path, bad: list[str] | None = None) -> list[dict[str, Any]]:
+    """The records of ``scalars.jsonl``, dropping a torn last line. A bad line raises, or with
+    ``bad`` given is skipped and its message appended there."""
     out: list[dict[str, Any]] = []
+
+    def reject(message: str) -> None:
+        if bad is None:
+            raise RunFormatError(message)
+        bad.append(message)
+
     limit = fmt.MAX_SCALARS_LINE_BYTES
     with fmt.open_regular(path, "scalars") as fh:
         try:
@@ -193,19 +217,36 @@ def _read_scalars(path: Path) -> list[dict[str, Any]]:
                     continue
                 try:
                     rec = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                except (ValueError, RecursionError) as exc:  # also an int of too many digits
                     if torn:
                         break
-                    why = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
-                    raise RunFormatError(f"{path}:{i}: invalid JSON ({why})") from None
+                    why = (exc.msg if isinstance(exc, json.JSONDecodeError)
+                           else one_line(exc, 200) if type(exc) is ValueError else type(exc).__name__)
+                    reject(f"{path}:{i}: invalid JSON ({why})")
+                    continue
                 if not isinstance(rec, dict) or not is_nonneg_int(rec.get("step")):
                     if torn:
                         break
-                    raise RunFormatError(f"{path}:{i}: expected an object with an integer 'step'")
-                out.append(rec)
+                    reject(f"{path}:{i}: expected an object with an integer 'step'")
+                    continue
+                out.append(_decode_nonfinite(rec))
         except OSError as exc:
             raise RunFormatError(f"{path}: cannot read ({exc.strerror})") from exc
     return out
+
+
+_NONFINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def _decode_nonfinite(rec: dict[str, Any]) -> dict[str, Any]:
+    """Read a non-finite number written as the string ``"NaN"``, ``"Infinity"`` or
+    ``"-Infinity"`` (strict JSON has no such numbers) in a value or a list of values; the bare
+    ``NaN``/``Infinity`` tokens of older files are parsed by ``json`` itself."""
+
+    def num(v: Any) -> Any:
+        return _NONFINITE.get(v, v) if isinstance(v, str) else v
+
+    return {k: [num(x) for x in v] if isinstance(v, list) else num(v) for k, v in rec.items()}
 
 
 def open_run(path: str | Path) -> Run:
@@ -227,6 +268,8 @@ def open_run(path: str | Path) -> Run:
         manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunFormatError(f"{mpath}: invalid JSON ({exc})") from exc
+    except ValueError as exc:  # an integer of more digits than Python converts (sys.int_info)
+        raise RunFormatError(f"{mpath}: invalid manifest ({exc})") from None
     except RecursionError:
         raise RunFormatError(f"{mpath}: invalid JSON (nested too deeply)") from None
     validate_manifest(manifest, mpath)
