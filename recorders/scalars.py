@@ -88,7 +88,20 @@ class ScalarsLog:
 
     def _emit(self, line: dict[str, Any]) -> None:
         try:
-            self._fh.write(json.dumps(line, allow_nan=True) + "\n")
+            self._fh.write(json.dumps(_strict(line), allow_nan=False) + "\n")
             self._fh.flush()
         except OSError as exc:
             self._on_error(f"step {line['step']}: writing {fmt.SCALARS} failed ({exc.strerror or exc})", exc)
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float written as the string ``"NaN"``, ``"Infinity"`` or
+    ``"-Infinity"``: strict JSON has no such numbers, and parsers other than Python's reject the bare
+    tokens. The reader turns the strings back into floats."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value

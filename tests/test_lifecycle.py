@@ -196,3 +196,25 @@ def test_scalars_with_nonfinite_strings_read_as_numbers(run_dir: Path) -> None:
     scalars.write_text(scalars.read_text() + '{"step": 99, "loss": "NaN", "lr": ["Infinity", "-Infinity"]}\n')
     last = open_run(run_dir).scalars[-1]
     assert last["loss"] != last["loss"] and last["lr"] == [float("inf"), float("-inf")]
+
+
+def test_recorder_writes_strict_json_for_a_nonfinite_loss(tmp_path: Path) -> None:
+    import json
+
+    import torch
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with trajscope.Recorder(tmp_path / "run", model, opt) as rec:
+        for loss in (float("inf"), float("nan"), 1.5):
+            rec.batch(torch.zeros(1, 2), loss=torch.tensor(loss))
+            opt.step()
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not strict JSON: {token}")
+
+    lines = (tmp_path / "run" / "scalars.jsonl").read_text().splitlines()
+    parsed = [json.loads(line, parse_constant=refuse) for line in lines]  # strict: no bare NaN/Infinity
+    assert [p["loss"] for p in parsed] == ["Infinity", "NaN", 1.5]
+    read = [s["loss"] for s in open_run(tmp_path / "run").scalars]
+    assert read[0] == float("inf") and read[1] != read[1] and read[2] == 1.5
