@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -53,7 +53,7 @@ from trajscope.recorders.capture import (
 )
 from trajscope.recorders.hooks import BoundHook, attach, detach, step_closure, with_capture_after_first_call
 from trajscope.recorders.manifest import build_manifest, objective_name
-from trajscope.recorders.rundir import open_writer, prepare_run_dir
+from trajscope.recorders.rundir import open_writer, prepare_run_dir, release_lock
 from trajscope.recorders.scalars import ScalarsLog
 from trajscope.recorders.schedule import Schedule, as_schedule
 from trajscope.recorders.stats import RecorderStats
@@ -168,13 +168,13 @@ class Recorder:
         self._scalars: ScalarsLog | None = None
         self._writer: AsyncWriter | None = None
         self._store: SafetensorsWriter | HDF5Writer | None = None
+        self._lock: IO[bytes] | None = None  # the run's recording lock, held from start to close
         self._handles: list[Any] = []
         self._status = fmt.STATUS_RECORDING
         self._stats = RecorderStats()
         self._failed = False  # recording stopped after an error (on_error="warn")
         self._error: str | None = None
-        self._open = False
-        self._closed = False
+        self._open = self._closed = False
 
     @property
     def stats(self) -> RecorderStats:
@@ -191,9 +191,7 @@ class Recorder:
     def flush(self) -> None:
         """Block until every snapshot taken so far is written (e.g. before analyzing a live run).
 
-        Raises:
-            RecorderError: a write failed and ``on_error="raise"``.
-        """
+        Raises RecorderError if a write failed and ``on_error="raise"``."""
         if self._writer is not None:
             self._writer.flush()
         self._check_writer()
@@ -230,7 +228,7 @@ class Recorder:
         return self
 
     def _open_storage(self) -> None:
-        prepare_run_dir(self.run_dir, self.format, overwrite=self._overwrite)
+        self._lock = prepare_run_dir(self.run_dir, self.format, overwrite=self._overwrite)
         self._write_manifest()
         self._scalars = ScalarsLog(self.run_dir / fmt.SCALARS, self._fail)
         pin = torch.cuda.is_available() and any(p.is_cuda for _, p in self._index.params)
@@ -298,6 +296,7 @@ class Recorder:
         except OSError as exc:
             if pending is None and self.on_error == "raise" and not crashed:
                 pending = RecorderError(f"{self.run_dir / fmt.MANIFEST}: cannot write ({exc})")
+        release_lock(self._lock)  # after the final manifest: until then the run is being recorded
         return pending
     # --- the per-step calls ---------------------------------------------------------------------
 

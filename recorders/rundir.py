@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from trajscope import format as fmt
 from trajscope.errors import RecorderError
 from trajscope.recorders.storage import AsyncWriter, HDF5Writer, SafetensorsWriter, SlotPool
 
-__all__ = ["prepare_run_dir", "open_writer"]
+__all__ = ["RECORDING_LOCK", "open_writer", "prepare_run_dir", "recorder_alive", "release_lock"]
 
 
-def prepare_run_dir(run_dir: Path, storage: str, *, overwrite: bool) -> None:
-    """Create ``run_dir`` (or empty an existing run in it when ``overwrite``) for a new run.
+RECORDING_LOCK = ".recording.lock"
+"""Held (``flock``, exclusive) by a live recorder from start to close: a command that rewrites a
+run tells a live recording from one whose recorder died before it could close the run."""
+
+
+def prepare_run_dir(run_dir: Path, storage: str, *, overwrite: bool) -> IO[bytes] | None:
+    """Create ``run_dir`` (or empty an existing run in it when ``overwrite``) for a new run, and
+    take its :data:`RECORDING_LOCK` (the open lock file; None where there is no ``flock``). The
+    recorder keeps it until the final manifest is written (:func:`release_lock`).
 
     Raises:
         RecorderError: ``run_dir`` holds a run and ``overwrite`` is False.
@@ -35,6 +45,55 @@ def prepare_run_dir(run_dir: Path, storage: str, *, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if storage == fmt.STORAGE_SAFETENSORS:
         (run_dir / fmt.STEPS_DIR).mkdir(exist_ok=True)
+    return _take_lock(run_dir / RECORDING_LOCK)
+
+
+def _take_lock(path: Path) -> IO[bytes] | None:
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): commands fall back to the manifest's status
+        return None
+    try:  # O_NOFOLLOW: a planted symlink is never followed out of the run
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError:
+        return None  # recording goes on; only the liveness check is lost
+    fh = os.fdopen(fd, "r+b")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held by another recorder of this directory: it is the one that is alive
+        fh.close()
+        return None
+    return fh
+
+
+def release_lock(fh: IO[bytes] | None) -> None:
+    """Give up the recording lock (closing the file releases the ``flock``); the file stays."""
+    if fh is not None:
+        fh.close()
+
+
+def recorder_alive(run_dir: Path) -> bool | None:
+    """Whether a live recorder holds ``run_dir``'s :data:`RECORDING_LOCK`: True, False, or None when
+    it cannot be told (no lock file, as in runs recorded without one, or no ``flock``)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(run_dir / RECORDING_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def open_writer(

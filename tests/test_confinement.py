@@ -21,6 +21,7 @@ from trajscope import format as fmt
 from trajscope.convert import convert_run
 from trajscope.errors import RunFormatError
 from trajscope.figures import FIGURES
+from trajscope.recorders.rundir import RECORDING_LOCK, recorder_alive
 
 TARGETS = ("file", "dir", "dangling", "other_run")
 
@@ -162,8 +163,10 @@ def test_lock_is_released_and_reused(analyzed: Path, tmp_path: Path) -> None:
 
 
 def test_convert_refuses_a_recording_run_unless_forced(analyzed: Path, tmp_path: Path, capsys) -> None:
+    """A run marked ``recording`` with no recording lock to test (recorded without one)."""
     _, run = _area(tmp_path, analyzed)
     edit_manifest(run, lambda m: m.update(status=fmt.STATUS_RECORDING, final_step=None))
+    (run / RECORDING_LOCK).unlink(missing_ok=True)
     steps = sorted(p.name for p in (run / "steps").iterdir())
     code, _, err = cli(["convert", str(run), "--to", "hdf5"], capsys)
     assert code == 1 and "trajscope.json: status is 'recording'" in err and "--force" in err
@@ -180,3 +183,39 @@ def test_convert_copy_of_a_recording_run_is_allowed(analyzed: Path, tmp_path: Pa
     out = convert_run(run, "hdf5", out=tmp_path / "copy")
     assert trajscope.open_run(out).steps == trajscope.open_run(run).steps
     assert (run / "steps").is_dir()
+
+
+def test_convert_refuses_a_run_whose_recorder_is_alive_even_forced(tmp_path: Path, capsys) -> None:
+    import torch
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = trajscope.Recorder(tmp_path / "run", model, opt).start()
+    for _ in range(2):
+        x = torch.randn(4, 2)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        rec.batch(x, loss=loss)
+        opt.step()
+    rec.flush()
+    assert recorder_alive(tmp_path / "run") is True
+    for force in ([], ["--force"]):
+        code, _, err = cli(["convert", str(tmp_path / "run"), "--to", "hdf5", *force], capsys)
+        assert code == 1 and ".recording.lock: the run is being recorded" in err, err
+    assert (tmp_path / "run" / "steps").is_dir()
+    rec.close()
+    assert recorder_alive(tmp_path / "run") is False
+    assert trajscope.open_run(tmp_path / "run").status == fmt.STATUS_COMPLETE
+    code, _, err = cli(["convert", str(tmp_path / "run"), "--to", "hdf5"], capsys)
+    assert code == 0, err
+
+
+def test_convert_takes_a_run_whose_recorder_died(analyzed: Path, tmp_path: Path, capsys) -> None:
+    """Marked ``recording`` but nobody holds its lock (the recorder was killed): no --force needed."""
+    _, run = _area(tmp_path, analyzed)
+    edit_manifest(run, lambda m: m.update(status=fmt.STATUS_RECORDING, final_step=None))
+    assert recorder_alive(run) is False
+    code, _, err = cli(["convert", str(run), "--to", "hdf5"], capsys)
+    assert code == 0, err
+    assert trajscope.open_run(run).storage.kind == "hdf5"

@@ -8,8 +8,8 @@ leaves a run that reads correctly (in one format or the other).
 Every name the conversion writes, renames or removes inside the run (the storage of either
 format and its temporary name) must be a regular file, a real directory or absent: a symlink
 planted there is refused before anything is written, so nothing outside the run is touched. A
-run whose manifest says it is still ``recording`` is refused unless ``force=True``: its recorder
-may still be writing the storage that the conversion would remove.
+run that is being recorded (its recorder holds ``RUN/.recording.lock``) is refused: the recorder
+would go on writing the storage that the conversion removes.
 """
 
 from __future__ import annotations
@@ -63,6 +63,32 @@ def _write_all(run: Run, to: str, dest: Path, tmp_name: str) -> Path:
     return target
 
 
+def _check_not_recording(run: Run, force: bool) -> None:
+    """Refuse to rewrite a run in place while its recorder may still write it.
+
+    A live recorder holds ``RUN/.recording.lock``: such a run is refused even with ``force``. A
+    run marked ``recording`` whose lock nobody holds lost its recorder (killed) and is converted.
+    Without a lock to test (runs recorded without one), ``force`` says the recorder is gone.
+    """
+    from trajscope.recorders.rundir import RECORDING_LOCK, recorder_alive
+
+    if run.status != fmt.STATUS_RECORDING:
+        return
+    alive = recorder_alive(run.path)
+    if alive:
+        raise RunFormatError(
+            f"{run.path / RECORDING_LOCK}: the run is being recorded (its recorder holds this lock); "
+            "converting it in place would remove the storage the recorder writes: wait for the "
+            "recorder to close, or convert a copy with --out"
+        )
+    if alive is None and not force:
+        raise RunFormatError(
+            f"{run.path / fmt.MANIFEST}: status is 'recording': the run may still be being recorded, "
+            "and converting it in place would remove the storage its recorder writes; wait for the "
+            "recorder to close, convert a copy with --out, or pass --force if the recorder is gone"
+        )
+
+
 def convert_run(run_dir: str | Path, to: str, *, out: str | Path | None = None,
                 keep: bool = False, force: bool = False) -> Path:
     """Convert the run in ``run_dir`` to storage ``to`` (``"hdf5"`` or ``"safetensors"``).
@@ -74,8 +100,8 @@ def convert_run(run_dir: str | Path, to: str, *, out: str | Path | None = None,
             Without it the run is converted in place.
         keep: in place, keep the old storage files next to the new ones (the manifest names which
             one is read).
-        force: in place, convert a run whose manifest status is ``recording`` (only when its
-            recorder is known to be gone, e.g. killed).
+        force: in place, convert a run whose manifest status is ``recording`` and that has no
+            recording lock to test (a run with a live recorder is refused even so).
 
     Returns:
         The directory holding the converted run.
@@ -106,12 +132,7 @@ def convert_run(run_dir: str | Path, to: str, *, out: str | Path | None = None,
             fmt.atomic_write_bytes(dest / fmt.SCALARS, fmt.read_file_bytes(scalars, "scalars"))
         fmt.atomic_write_json(dest / fmt.MANIFEST, manifest)
         return dest
-    if run.status == fmt.STATUS_RECORDING and not force:
-        raise RunFormatError(
-            f"{run.path / fmt.MANIFEST}: status is 'recording': the run may still be being recorded, "
-            "and converting it in place would remove the storage its recorder writes; wait for the "
-            "recorder to close, convert a copy with --out, or pass --force if the recorder is gone"
-        )
+    _check_not_recording(run, force)
     dest = run.path
     old_name = fmt.STEPS_DIR if src_kind == fmt.STORAGE_SAFETENSORS else fmt.HDF5_FILE
     for name in (f".{final_name}.converting", final_name, old_name):
