@@ -311,7 +311,7 @@ def add_flags(ds: xr.Dataset, stats: Sequence[PairStats], run: Run | None = None
     flags = flags_for(list(stats), run)
     names = list(FLAGS)
     # A coordinate, not a data variable: it travels with every metric DataArray selected from the
-    # Dataset (``ds.inst_smoothness.where(ds.pair_flags == 0)``) and is not mistaken for a metric.
+    # Dataset (``ds.inst_smoothness.where(ds.pair_flags & ~768 == 0)``) and is not mistaken for a metric.
     ds.coords["pair_flags"] = ("step", flags, {
         "long_name": "pair health flags",
         "units": "1",
