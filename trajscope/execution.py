@@ -379,8 +379,10 @@ class LocalBackend(Backend):
         elif kind == "processes":
             ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools is unsafe
             counter = ctx.Value("i", 0)
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_process,
-                                            initargs=(self.threads, counter))
+            # (typeshed types the initializer as taking no arguments)
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx,
+                                            initializer=_init_process,  # type: ignore[arg-type]
+                                            initargs=(self.threads, counter))  # type: ignore[arg-type]
             # Start every process now: they import torch while the driver scans the run.
             self._warm = [self.pool.submit(_warm_up) for _ in range(self.workers)]
 
@@ -393,6 +395,7 @@ class LocalBackend(Backend):
         if self.pool is not None:
             kw["pool"] = self.pool
         if self.name == "processes":
+            assert self.pool is not None  # made in __init__ for processes
             kw["pool"] = _Queued(self.pool, depth=4)
             kw["chunksize"] = 1  # a pair is much more work than a dispatch: balance, do not batch
         return list(dask.compute(*tasks, **kw))

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import stat
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -206,9 +207,7 @@ def _open_lock_file(path: Path) -> IO[str]:
 
 
 def _try_lock(fh: Any) -> bool:
-    try:
-        import fcntl
-    except ImportError:  # Windows
+    if sys.platform == "win32":  # no flock: a byte-range lock on the first byte
         import msvcrt
 
         try:
@@ -217,6 +216,8 @@ def _try_lock(fh: Any) -> bool:
             return True
         except OSError:
             return False
+    import fcntl
+
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
@@ -225,14 +226,14 @@ def _try_lock(fh: Any) -> bool:
 
 
 def _unlock(fh: Any) -> None:
-    try:
-        import fcntl
-    except ImportError:  # Windows
+    if sys.platform == "win32":
         import msvcrt
 
         fh.seek(0)
         msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
         return
+    import fcntl
+
     fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 

@@ -106,7 +106,8 @@ def load_runs(runs: str | Path | xr.Dataset | Sequence[str | Path | xr.Dataset] 
                     names = [str(r) for r in item["run"].values] if "run" in item.coords else []
                     for j in range(item.sizes["run"]):
                         part = item.isel(run=j, drop=True)
-                        keep = np.isfinite(part["loss_line"]).any("alpha") if "loss_line" in part else None
+                        # |ℓ| < inf: finite (NaN compares false), and stays an xarray DataArray
+                        keep = (abs(part["loss_line"]) < np.inf).any("alpha") if "loss_line" in part else None
                         label = names[j] if names else f"run{j}"
                         if label in out:  # open_metrics labels by directory name only
                             label = f"{label} ({j})"

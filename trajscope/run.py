@@ -298,7 +298,7 @@ def validate_manifest(manifest: Any, mpath: Path) -> None:
     if not isinstance(manifest, dict):
         raise RunFormatError(f"{mpath}: expected a JSON object")
     version = manifest.get("format_version")
-    if not is_nonneg_int(version) or version < 1:
+    if not isinstance(version, int) or not is_nonneg_int(version) or version < 1:
         raise RunFormatError(f"{mpath}: 'format_version' missing or not a positive integer")
     if version > fmt.FORMAT_VERSION:
         raise RunFormatError(
@@ -349,7 +349,7 @@ def _ranges(steps: list[int]) -> str:
         return "none"
     parts = []
     start = prev = steps[0]
-    for s in steps[1:] + [None]:  # type: ignore[list-item]
+    for s in [*steps[1:], None]:
         if s is not None and s == prev + 1:
             prev = s
             continue
