@@ -112,3 +112,40 @@ def train_sgd(run_dir: Path | None, *, steps: int = 6, lr: float = 0.1, momentum
         if rec is not None:
             rec.close()
     return model
+
+
+# --- Hugging Face Trainer ------------------------------------------------------------------------------
+
+
+class TinyHF(nn.Module):
+    """A plain module the HF Trainer can train: forward(**inputs) -> {"loss", "logits"}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.net(x)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def hf_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The loss an HF model returns for its keyword inputs (what the Trainer minimises)."""
+    return model(**batch)["loss"]
+
+
+def make_hf_objective() -> trajscope.Objective:
+    return trajscope.Objective(model=TinyHF(), loss=hf_loss)
+
+
+class Rows(torch.utils.data.Dataset):
+    """A list of keyword-input dicts as a map-style dataset for the Trainer."""
+
+    def __init__(self, rows: list[dict[str, torch.Tensor]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.rows[i]

@@ -16,8 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from recorder_objectives import (
+    Rows,
+    TinyHF,
     batches,
     dataset,
+    make_hf_objective,
     make_mlp,
     mlp,
     one_torch_thread,  # noqa: F401 - autouse fixture
@@ -193,37 +196,6 @@ def test_amp_unscale_then_clip_records_the_clip_alone(tmp_path: Path) -> None:
     assert float(ds.grad_replay_error.max()) <= 1e-4
 
 
-class _TinyHF(torch.nn.Module):
-    """A plain module the HF Trainer can train: forward(**inputs) -> {"loss", "logits"}."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = mlp()
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.net(x)
-        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
-
-
-def _hf_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    return model(**batch)["loss"]
-
-
-def make_tiny_hf() -> trajscope.Objective:
-    return trajscope.Objective(model=_TinyHF(), loss=_hf_loss)
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict[str, torch.Tensor]]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.rows[i]
-
-
 def test_hf_trainer_default_clipping_is_recorded(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     from trajscope.recorders.hf import TrajscopeCallback
@@ -239,13 +211,13 @@ def test_hf_trainer_default_clipping_is_recorded(tmp_path: Path) -> None:
     # model's gradient norm is below 1, so a smaller bound makes every step clip.
     assert args.max_grad_norm == 1.0
     args.max_grad_norm = 0.05
-    trainer = transformers.Trainer(model=_TinyHF(), args=args, train_dataset=_Rows(rows),
-                                   callbacks=[TrajscopeCallback(tmp_path / "run", objective=make_tiny_hf)])
+    trainer = transformers.Trainer(model=TinyHF(), args=args, train_dataset=Rows(rows),
+                                   callbacks=[TrajscopeCallback(tmp_path / "run", objective=make_hf_objective)])
     trainer.train()
     snaps = _metas(tmp_path / "run")
     factors = [s.clip_factor for s in snaps if s.clip_factor is not None and s.clip_uniform]
     assert len(factors) == len(snaps) == 4 and all(c < 1 for c in factors)
-    ds = trajscope.analyze(tmp_path / "run", make_tiny_hf, **FAST)
+    ds = trajscope.analyze(tmp_path / "run", make_hf_objective, **FAST)
     assert float(ds.loss_replay_error.max()) <= 1e-5
     assert float(ds.grad_replay_error.max()) <= 1e-4
     assert headline(ds).get("pairs_clipped") == len(factors)

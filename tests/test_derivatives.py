@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from recorder_objectives import one_torch_thread  # noqa: F401
+from recorder_objectives import Rows, hf_loss, one_torch_thread  # noqa: F401
 from torch import nn
 
 import trajscope
@@ -234,21 +234,6 @@ def make_hf_gpt2() -> trajscope.Objective:
     return trajscope.Objective(model=transformers.GPT2LMHeadModel(config), loss=hf_loss)
 
 
-def hf_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    return model(**batch)["loss"]
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict[str, torch.Tensor]]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.rows[i]
-
-
 def test_hf_gpt2_default_attention_analyzes_with_no_flags(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     from trajscope.recorders.hf import TrajscopeCallback
@@ -261,7 +246,7 @@ def test_hf_gpt2_default_attention_analyzes_with_no_flags(tmp_path: Path) -> Non
         output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, learning_rate=1e-2,
         use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, seed=0, max_grad_norm=0.05, max_steps=3)
-    trainer = transformers.Trainer(model=make_hf_gpt2().model, args=args, train_dataset=_Rows(rows),
+    trainer = transformers.Trainer(model=make_hf_gpt2().model, args=args, train_dataset=Rows(rows),
                                    callbacks=[TrajscopeCallback(tmp_path / "run", objective=make_hf_gpt2)])
     trainer.train()
     ds = trajscope.analyze(tmp_path / "run", make_hf_gpt2, **FAST)

@@ -227,7 +227,7 @@ def test_explore_notebook_cells_run_and_agree_with_numpy(convex_run: tuple[Path,
     ns: dict[str, Any] = {"__name__": "__main__", "__file__": str(EXAMPLES / "explore.py")}
     for c in nb["cells"]:
         if c["cell_type"] == "code":
-            exec(compile("".join(c["source"]), "explore.ipynb", "exec"), ns)  # noqa: S102
+            exec(compile("".join(c["source"]), "explore.ipynb", "exec"), ns)
     f = ns["FINDINGS"]
 
     ds = trajscope.open_metrics(out / "sgd")

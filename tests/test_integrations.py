@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from recorder_objectives import N_IN, N_OUT, dataset, mlp, one_torch_thread  # noqa: F401
+from recorder_objectives import (  # noqa: F401
+    N_IN,
+    N_OUT,
+    Rows,
+    TinyHF,
+    dataset,
+    hf_loss,
+    make_hf_objective,
+    mlp,
+    one_torch_thread,
+)
 
 import trajscope
 from trajscope.run import open_run
@@ -86,26 +96,6 @@ def test_lightning_callback_with_accumulation_and_clipping(tmp_path: Path) -> No
 # --- Hugging Face Trainer ----------------------------------------------------------------------------
 
 
-class TinyHF(torch.nn.Module):
-    """A plain module the Trainer can train: forward(**inputs) -> {"loss", "logits"}."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = mlp()
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.net(x)
-        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
-
-
-def hf_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    return model(**batch)["loss"]
-
-
-def make_hf_objective() -> trajscope.Objective:
-    return trajscope.Objective(model=TinyHF(), loss=hf_loss)
-
-
 def make_gpt2_objective() -> trajscope.Objective:
     return trajscope.Objective(model=_gpt2(), loss=hf_loss)
 
@@ -115,17 +105,6 @@ def _gpt2() -> torch.nn.Module:
     config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1,
                                      n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return transformers.GPT2LMHeadModel(config)
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict[str, torch.Tensor]]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.rows[i]
 
 
 def _args(tmp_path: Path, **kw: Any) -> Any:
@@ -144,7 +123,7 @@ def test_hf_trainer_callback_mean_accumulation(tmp_path: Path) -> None:
     rows = [{"x": x[i], "labels": y[i]} for i in range(40)]
     trainer = transformers.Trainer(
         model=TinyHF(), args=_args(tmp_path, max_steps=5, gradient_accumulation_steps=2),
-        train_dataset=_Rows(rows),
+        train_dataset=Rows(rows),
         callbacks=[TrajscopeCallback(tmp_path / "run", objective=make_hf_objective)],
     )
     trainer.train()
@@ -173,7 +152,7 @@ def test_hf_trainer_callback_token_normalised_accumulation(tmp_path: Path) -> No
         rows.append({"input_ids": ids, "labels": labels})
     trainer = transformers.Trainer(
         model=_gpt2(), args=_args(tmp_path, max_steps=3, gradient_accumulation_steps=2),
-        train_dataset=_Rows(rows),
+        train_dataset=Rows(rows),
         callbacks=[TrajscopeCallback(tmp_path / "run", objective=make_gpt2_objective)],
     )
     trainer.train()
