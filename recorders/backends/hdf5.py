@@ -227,24 +227,21 @@ class _DirectChunks:
             self._stage = raw[off : off + n]
         return self._stage[:n]
 
-    def write(self, d: Any, first: tuple[int, ...], data: np.ndarray) -> bool:
-        """Write ``data`` (uint8, a multiple of :data:`_DIO` bytes) as the consecutive chunks
-        of ``d`` from chunk coordinate ``first`` on (along axis 0); False where that is not possible
-        (nothing written, the caller writes through HDF5)."""
-        if self.fd is None:
-            return False
-        chunk = int(np.prod(d.chunks)) * d.dtype.itemsize
-        if len(data) % chunk or len(data) % _DIO:
+    def write(self, dsid: Any, first: tuple[int, ...], step: int, chunk: int, data: np.ndarray) -> bool:
+        """Write ``data`` (uint8, whole chunks of ``chunk`` bytes) as consecutive chunks of the
+        dataset ``dsid`` (an h5py ``DatasetID``): the first at element coordinate ``first``, each
+        next one ``step`` further along axis 0. False where that is not possible (nothing needs to
+        be undone: the caller writes the same bytes through HDF5)."""
+        if self.fd is None or len(data) % chunk or chunk % _DIO:
             return False
         if data.ctypes.data % _DIO:
             src = self.staged(len(data))
             src[: len(data)] = data
             data = src[: len(data)]
-        step = d.chunks[0]
         # Runs of chunks that lie next to each other in the file go out in one write.
         runs: list[list[int]] = []
         for k in range(len(data) // chunk):
-            info = d.id.get_chunk_info_by_coord((first[0] + k * step, *first[1:]))
+            info = dsid.get_chunk_info_by_coord((first[0] + k * step, *first[1:]))
             addr = info.byte_offset
             if addr is None or addr % _DIO or info.size != chunk:
                 return False
@@ -281,7 +278,24 @@ class _Rows:
     dtype: str
     shape: tuple[int, ...]
     direct: bool  # rows go out with O_DIRECT (aligned, early-allocated chunks)
+    nbytes: int  # bytes of one row (one chunk)
     rows: int = 0  # the dataset's length (kept here: asking h5py costs a library call)
+
+
+def _extend(dsid: Any, shape: tuple[int, ...]) -> None:
+    """Give the dataset ``dsid`` (an h5py ``DatasetID``) the shape ``shape`` (h5py's ``resize``
+    costs several times HDF5's own call)."""
+    dsid.set_extent(shape)
+
+
+def _put(dsid: Any, start: tuple[int, ...], arr: np.ndarray) -> None:
+    """Write ``arr`` (of the dataset's dtype) into the dataset ``dsid`` at ``start`` with HDF5's
+    own calls (h5py's slicing costs several times the write)."""
+    from h5py import h5s
+
+    fspace = dsid.get_space()
+    fspace.select_hyperslab(start, arr.shape)
+    dsid.write(h5s.create_simple(arr.shape), fspace, arr)
 
 
 def _early_allocation() -> dict[str, Any]:
@@ -307,7 +321,9 @@ class HDF5Writer:
     Rows of :data:`_DIRECT_MIN` bytes or more (a multiple of :data:`DIRECT_IO_ALIGN`), and blob
     regions of a chunk or more, are written with ``O_DIRECT`` (:class:`_DirectChunks`); a large blob
     region therefore starts at a chunk boundary of ``blob``. ``direct_io=False`` writes everything
-    through HDF5 (buffered).
+    through HDF5 (buffered). :attr:`image_align` is the alignment this writer asks of the images
+    (:meth:`~trajscope.recorders.storage.SlotPool.align_tensors`): a row whose bytes are aligned in
+    the slot is written from there; any other is staged in an aligned buffer first.
 
     The file is in SWMR mode (single writer, multiple readers): readers can open it while training
     runs, and a writer killed at any moment leaves a file that opens (with ``swmr=True``) with every
@@ -325,6 +341,8 @@ class HDF5Writer:
         f = self._f
         self._direct = _DirectChunks(path, direct_io is not False)
         early = _early_allocation() if self._direct.fd is not None else {}
+        # Asked of the slots by AsyncWriter: tensors at aligned offsets go out without a copy.
+        self.image_align = _DIO if early else 0
         for k, v in attrs.items():
             f.attrs[k] = v
         self._ds: dict[str, _Rows] = {}
@@ -340,7 +358,7 @@ class HDF5Writer:
             d = f.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape), chunks=(1, *shape),
                                  dtype=H5_STORE[dtype], **(early if direct else {}))
             d.attrs["dtype"] = dtype
-            self._ds[key] = _Rows(d, dtype, tuple(shape), direct)
+            self._ds[key] = _Rows(d, dtype, tuple(shape), direct, n)
         self._blob = f.create_dataset("blob", shape=(0,), maxshape=(None,), chunks=(_BLOB_CHUNK,),
                                       dtype="u1", **early)
         self._meta = f.create_dataset("meta", shape=(0,), maxshape=(None,), chunks=(1 << 16,),
@@ -374,14 +392,14 @@ class HDF5Writer:
         mbytes = np.frombuffer(json.dumps(meta, allow_nan=True, separators=(",", ":")).encode(),
                                dtype=np.uint8)
         m0 = self._meta_end
-        self._meta.resize(m0 + len(mbytes), axis=0)
-        self._meta[m0:] = mbytes
+        _extend(self._meta.id, (m0 + len(mbytes),))
+        _put(self._meta.id, (m0,), mbytes)
         for d, value in ((self._i_meta, (m0, len(mbytes))), (self._i_blob, (b0, total))):
-            d.resize(row + 1, axis=0)
-            d[row] = value
+            _extend(d.id, (row + 1, 2))
+            _put(d.id, (row, 0), np.array([value], dtype="<i8"))
         # The commit: a row exists for readers once index/step covers it (written last).
-        self._i_step.resize(row + 1, axis=0)
-        self._i_step[row] = image.step
+        _extend(self._i_step.id, (row + 1,))
+        _put(self._i_step.id, (row,), np.array([image.step], dtype="<i8"))
         self._f.flush()
         self._rows += 1
         self._meta_end = m0 + len(mbytes)
@@ -389,12 +407,13 @@ class HDF5Writer:
 
     def _write_row(self, r: _Rows, row: int, data: np.ndarray) -> None:
         """Row ``row`` of ``r``'s dataset: ``data``, the tensor's raw bytes, as the row's chunk."""
+        dsid = r.d.id
         if r.rows <= row:
-            r.d.resize(row + 1, axis=0)
             r.rows = row + 1
+            _extend(dsid, (r.rows, *r.shape))
         first = (row,) + (0,) * len(r.shape)
-        if not (r.direct and self._direct.write(r.d, first, data)):
-            r.d.id.write_direct_chunk(first, data)
+        if not (r.direct and self._direct.write(dsid, first, 1, r.nbytes, data)):
+            dsid.write_direct_chunk(first, data)
 
     def _write_blob(self, image: StepImage, entries: list[Entry]) -> tuple[dict[str, list[Any]], int, int]:
         """Append ``entries`` to ``blob``; their table of contents (offsets relative to the row's
@@ -414,20 +433,21 @@ class HDF5Writer:
         b0 = -(-self._blob_end // _BLOB_CHUNK) * _BLOB_CHUNK if direct else self._blob_end
         end = -(-total // _BLOB_CHUNK) * _BLOB_CHUNK if direct else total
         region = self._direct.staged(end)[:end] if direct else None
-        self._blob.resize(b0 + total, axis=0)
+        blob = self._blob.id
+        _extend(blob, (b0 + total,))
         pos = 0
         for e in entries:
             n = e.end - e.begin
             if n and region is not None:
                 region[pos : pos + n] = image.array(e)
             elif n:
-                self._blob[b0 + pos : b0 + pos + n] = image.array(e)
+                _put(blob, (b0 + pos,), image.array(e))
             toc[e.key] = [e.dtype, list(e.shape), pos, n]
             pos += n
         if region is not None:
             region[total:] = 0
-            if not self._direct.write(self._blob, (b0,), region):
-                self._blob[b0 : b0 + total] = region[:total]
+            if not self._direct.write(blob, (b0,), _BLOB_CHUNK, _BLOB_CHUNK, region):
+                _put(blob, (b0,), region[:total])
         self._blob_end = b0 + end
         return toc, b0, total
 
