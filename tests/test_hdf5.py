@@ -261,3 +261,21 @@ def test_a_filesystem_refusing_the_direct_write_falls_back_to_hdf5(
     monkeypatch.setattr(os, "pwrite", real)
     assert len(calls) <= 1  # refused once, then never tried again
     _raw_equal(tmp_path / "want", tmp_path / "got")
+
+
+def test_an_aligned_slot_places_every_large_tensor_at_a_multiple_of_the_alignment() -> None:
+    from trajscope.recorders.storage import SlotPool, build_image
+
+    pool = SlotPool(1)
+    pool.align_tensors(4096)
+    tensors = [("param/w", torch.arange(3000, dtype=torch.float32)), ("param/b", torch.ones(3)),
+               ("batch/0", torch.arange(1500, dtype=torch.int64)), ("x", torch.zeros(5, dtype=torch.bool)),
+               ("param/v", torch.arange(1024, dtype=torch.float16))]
+    image = build_image(pool.acquire(), 2, fmt.KIND_STEP, {"step": 2}, tensors)
+    assert image.header_len == 0 and image.slot.array.ctypes.data % 4096 == 0
+    for e in image.entries:
+        if e.end - e.begin >= 4096:
+            assert e.begin % 4096 == 0, e.key
+        assert torch.equal(image.tensor(e), dict(tensors)[e.key]), e.key
+    spans = sorted((e.begin, e.end) for e in image.entries)
+    assert all(a[1] <= b[0] for a, b in zip(spans[:-1], spans[1:], strict=True)) and image.size == spans[-1][1]

@@ -1,4 +1,4 @@
-"""The HDF5 storage: one file ``trajectory.h5``, one row per snapshot (``docs/format-hdf5.md``).
+"""The HDF5 storage: one file ``trajectory.h5``, one row per snapshot (``docs/format.md``, storage ``hdf5``).
 
 h5py is imported only inside the functions that use it, so that ``import trajscope.recorders``
 (which imports this module through the backend registry) does not load it.
@@ -144,7 +144,7 @@ def read_row(h5path: Path, step: int) -> Raw:
 
 @register
 class HDF5Storage(Storage):
-    """``trajectory.h5``: one row per snapshot (layout in ``docs/format-hdf5.md``)."""
+    """``trajectory.h5``: one row per snapshot (layout in ``docs/format.md``)."""
 
     kind = fmt.STORAGE_HDF5
 
