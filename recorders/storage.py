@@ -10,7 +10,8 @@ Why it is shaped this way (see ``docs/recording.md`` and ``docs/performance.md``
   (a :class:`Slot`) laid out as the step's safetensors file (header included). The background
   writer then hands that buffer to the OS in one write, with ``O_DIRECT`` where the filesystem
   allows it: a buffered write costs a second full copy into the page cache (measurements in
-  ``docs/performance.md``).
+  ``docs/performance.md``). The HDF5 writer writes tensor by tensor, also with ``O_DIRECT``, and
+  has its slots lay the tensors out aligned instead (:meth:`SlotPool.align_tensors`).
 * Copies happen on the training thread, before ``optimizer.step`` mutates anything, so recording
   cannot change training; only I/O moves to the background thread.
 * The pool holds ``max_pending`` slots. When all are waiting to be written, the training thread
