@@ -119,7 +119,7 @@ def run_block(cfg: dict[str, Any] | None, model: nn.Module, opt: torch.optim.Opt
     elapsed = t_end - t0
     cpu = time.process_time() - c0
     edges = [t0, *marks, t_end]
-    cycles = [b - a for a, b in zip(edges, edges[1:])]
+    cycles = [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
     if hook is not None:
         hook.remove()
     stats: dict[str, float] = {"cpu_s": cpu}
@@ -213,7 +213,7 @@ def physical_floor(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
     dst = np.empty(total, dtype=np.uint8)
     views = []
     off = 0
-    for t, n in zip(tensors, sizes):
+    for t, n in zip(tensors, sizes, strict=True):
         views.append((dst[off : off + n].view(t.numpy().dtype).reshape(t.shape), t.numpy()))
         off += n
     flat_src = np.random.default_rng(0).integers(0, 255, total, dtype=np.uint8)
@@ -337,6 +337,15 @@ def main() -> None:
               f"{per['write_s']:.2f} / {per['write_cpu_s']:.2f} | "
               + (f"{mb:.2f}" if mb else "–") + " |")
     print()
+    # Each storage's recording ratios beside its idle recorder's: the idle recorder costs next to
+    # nothing, so how far its ratio strays from 1 is this run's noise floor.
+    for storage in ("safetensors", "hdf5"):
+        idle = f"idle {storage}"
+        recording = [n for n in others if n.endswith(" " + storage) and n != idle]
+        if idle in summary and recording:
+            print(f"{storage}: " + ", ".join(
+                f"{n.removesuffix(' ' + storage)} {summary[n]['wall_ratio_median']:.3f}" for n in recording)
+                + f" (median ratios); idle {summary[idle]['wall_ratio_median']:.3f} (this run's noise floor)")
     print(f"physical floor (isolated): {floor_s * 1e3:.2f} ms per recorded step "
           f"({floor_bytes / 1e6:.2f} MB); 2x floor = {2 * floor_s * 1e3:.2f} ms")
     # The last overhead target, in its own units: what one recorded step adds to training.

@@ -10,7 +10,8 @@ Why it is shaped this way (see ``docs/recording.md`` and ``docs/performance.md``
   (a :class:`Slot`) laid out as the step's safetensors file (header included). The background
   writer then hands that buffer to the OS in one write, with ``O_DIRECT`` where the filesystem
   allows it: a buffered write costs a second full copy into the page cache (measurements in
-  ``docs/performance.md``).
+  ``docs/performance.md``). The HDF5 writer writes tensor by tensor, also with ``O_DIRECT``, and
+  has its slots lay the tensors out aligned instead (:meth:`SlotPool.align_tensors`).
 * Copies happen on the training thread, before ``optimizer.step`` mutates anything, so recording
   cannot change training; only I/O moves to the background thread.
 * The pool holds ``max_pending`` slots. When all are waiting to be written, the training thread
@@ -77,11 +78,13 @@ class Entry:
 
 @dataclass
 class StepImage:
-    """One snapshot, laid out in a slot exactly as its safetensors file.
+    """One snapshot, laid out in a slot exactly as its safetensors file (or, in a slot with
+    ``align``, as its tensors each at an aligned offset: see :meth:`SlotPool.align_tensors`).
 
     ``slot.buf[:size]`` is the complete file: the header (``header_len`` bytes, metadata included)
-    followed by the tensors at ``entries``. ``event`` is a CUDA event to wait for before reading the
-    buffer when some tensor was copied from a GPU without blocking.
+    followed by the tensors at ``entries``; an aligned image has no header (``header_len`` 0) and
+    gaps between its tensors. ``event`` is a CUDA event to wait for before reading the buffer when
+    some tensor was copied from a GPU without blocking.
     """
 
     step: int
@@ -123,6 +126,7 @@ class Slot:
 
     def __init__(self, pin: bool = False) -> None:
         self.pin = pin
+        self.align = 0  # > 0: images are laid out with aligned tensors (SlotPool.align_tensors)
         self.capacity = 0
         self._raw = torch.empty(0, dtype=torch.uint8)
         self.buf = self._raw
@@ -148,9 +152,18 @@ class SlotPool:
         if size < 1:
             raise RecorderError(f"max_pending={size!r}: expected an int >= 1")
         self._free: queue.Queue[Slot] = queue.Queue()
-        for _ in range(size):
-            self._free.put(Slot(pin))
+        self._slots = [Slot(pin) for _ in range(size)]
+        for slot in self._slots:
+            self._free.put(slot)
         self.size = size
+
+    def align_tensors(self, align: int) -> None:
+        """Lay the images built in these slots out for a writer that sends tensors to disk straight
+        from the slot with ``O_DIRECT`` (:attr:`HDF5Writer.image_align`): every tensor of ``align``
+        bytes or more starts at a multiple of ``align``, and no safetensors header is built. 0
+        restores the safetensors layout."""
+        for slot in self._slots:
+            slot.align = align
 
     def acquire(self) -> Slot:
         return self._free.get()
@@ -196,13 +209,18 @@ def build_image(slot: Slot, step: int, kind: str, meta: dict[str, Any],
                                 "(strided) tensors can be recorded")
         specs.append((key, dtype_name(t.dtype), tuple(t.shape)))
     layout, data_len = fmt.safetensors_layout(specs)
-    header = fmt.safetensors_header(
-        layout, {"trajscope": json.dumps(meta, allow_nan=True, separators=(",", ":"))}
-    )
-    h = len(header)
-    size = h + data_len
-    slot.ensure(size)
-    slot.array[:h] = np.frombuffer(header, dtype=np.uint8)
+    if slot.align:
+        layout, size = _aligned(layout, slot.align)
+        h = 0
+        slot.ensure(size)
+    else:
+        header = fmt.safetensors_header(
+            layout, {"trajscope": json.dumps(meta, allow_nan=True, separators=(",", ":"))}
+        )
+        h = len(header)
+        size = h + data_len
+        slot.ensure(size)
+        slot.array[:h] = np.frombuffer(header, dtype=np.uint8)
     by_key = dict(tensors)
     entries = []
     in_flight = False
@@ -217,6 +235,21 @@ def build_image(slot: Slot, step: int, kind: str, meta: dict[str, Any],
         event.record()
     return StepImage(step=step, kind=kind, meta=meta, slot=slot, header_len=h, size=size,
                      entries=entries, event=event)
+
+
+def _aligned(layout: list[tuple[str, str, tuple[int, ...], int, int]], align: int
+             ) -> tuple[list[tuple[str, str, tuple[int, ...], int, int]], int]:
+    """``layout`` (the safetensors order) moved so that every tensor of ``align`` bytes or more
+    starts at a multiple of ``align``; the new layout and its end."""
+    out = []
+    pos = 0
+    for key, dtype, shape, begin, end in layout:
+        n = end - begin
+        if n >= align:
+            pos += -pos % align
+        out.append((key, dtype, shape, pos, pos + n))
+        pos += n
+    return out, pos
 
 
 # --- the background writer -------------------------------------------------------------------------
@@ -257,6 +290,11 @@ class AsyncWriter:
     _thread: threading.Thread | None = None
 
     def __post_init__(self) -> None:
+        # A writer that sends tensors to disk straight from the slot says how it wants them laid
+        # out (HDF5Writer.image_align); the pool is built before the writer is known.
+        align = getattr(getattr(self.write, "__self__", None), "image_align", 0)
+        if align:
+            self.pool.align_tensors(align)
         if self.threaded:
             self._thread = threading.Thread(target=self._run, name="trajscope-writer", daemon=True)
             self._thread.start()

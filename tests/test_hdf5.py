@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -209,3 +211,71 @@ def test_a_row_referenced_before_the_live_recording_appended_more_still_resolves
         got = snapshots.resolved(ref)
         assert got.step == s
         assert all(torch.equal(got.params[k], want[s].params[k]) for k in want[s].params)
+
+
+def _train_large(run_dir: Path, steps: int = 3) -> None:
+    """Rows large enough for the O_DIRECT path: a 128 KiB weight (one aligned chunk per row), a
+    400-byte weight and odd-sized biases (through HDF5), a 300 KiB minibatch (a blob region of
+    more than one blob chunk)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.Tanh(), torch.nn.Linear(256, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    with Recorder(run_dir, model, opt, format="hdf5") as rec:
+        for _ in range(steps):
+            x, y = torch.randn(600, 128, generator=g), torch.randint(0, 3, (600,), generator=g)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            rec.batch((x, y), loss=loss)
+            opt.step()
+
+
+def test_large_rows_written_directly_equal_rows_written_through_hdf5(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _train_large(tmp_path / "direct")
+    with h5py.File(tmp_path / "direct" / fmt.HDF5_FILE, "r", swmr=True) as f:
+        d = f["param/0.weight"]
+        assert d.shape[0] == 4
+        for r in range(4):  # the rows this writer wrote with O_DIRECT (where the filesystem allows)
+            assert d.id.get_chunk_info_by_coord((r, 0, 0)).byte_offset % 4096 == 0
+        b0s = [int(b0) for b0, n in f["index/blob"][:] if n >= 1 << 18]
+        assert len(b0s) == 3 and all(b0 % (1 << 18) == 0 for b0 in b0s)  # blob chunk boundaries
+    with monkeypatch.context() as m:
+        m.delattr(os, "O_DIRECT", raising=False)  # no O_DIRECT: every write goes through HDF5
+        _train_large(tmp_path / "buffered")
+    _raw_equal(tmp_path / "direct", tmp_path / "buffered")
+
+
+def test_a_filesystem_refusing_the_direct_write_falls_back_to_hdf5(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _train_large(tmp_path / "want")
+    real, calls = os.pwrite, []
+
+    def refuse(fd: int, data: object, offset: int) -> int:
+        calls.append(offset)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "pwrite", refuse)
+    _train_large(tmp_path / "got")
+    monkeypatch.setattr(os, "pwrite", real)
+    assert len(calls) <= 1  # refused once, then never tried again
+    _raw_equal(tmp_path / "want", tmp_path / "got")
+
+
+def test_an_aligned_slot_places_every_large_tensor_at_a_multiple_of_the_alignment() -> None:
+    from trajscope.recorders.storage import SlotPool, build_image
+
+    pool = SlotPool(1)
+    pool.align_tensors(4096)
+    tensors = [("param/w", torch.arange(3000, dtype=torch.float32)), ("param/b", torch.ones(3)),
+               ("batch/0", torch.arange(1500, dtype=torch.int64)), ("x", torch.zeros(5, dtype=torch.bool)),
+               ("param/v", torch.arange(1024, dtype=torch.float16))]
+    image = build_image(pool.acquire(), 2, fmt.KIND_STEP, {"step": 2}, tensors)
+    assert image.header_len == 0 and image.slot.array.ctypes.data % 4096 == 0
+    for e in image.entries:
+        if e.end - e.begin >= 4096:
+            assert e.begin % 4096 == 0, e.key
+        assert torch.equal(image.tensor(e), dict(tensors)[e.key]), e.key
+    spans = sorted((e.begin, e.end) for e in image.entries)
+    assert all(a[1] <= b[0] for a, b in zip(spans[:-1], spans[1:], strict=True)) and image.size == spans[-1][1]

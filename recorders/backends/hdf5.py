@@ -1,4 +1,4 @@
-"""The HDF5 storage: one file ``trajectory.h5``, one row per snapshot (``docs/format-hdf5.md``).
+"""The HDF5 storage: one file ``trajectory.h5``, one row per snapshot (``docs/format.md``, storage ``hdf5``).
 
 h5py is imported only inside the functions that use it, so that ``import trajscope.recorders``
 (which imports this module through the backend registry) does not load it.
@@ -6,8 +6,11 @@ h5py is imported only inside the functions that use it, so that ``import trajsco
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +19,7 @@ import torch
 
 from trajscope import format as fmt
 from trajscope.errors import RunFormatError
-from trajscope.recorders.backends.base import DTYPES, Raw, Storage, int_view, register, stat_path
+from trajscope.recorders.backends.base import DIRECT_IO_ALIGN, DTYPES, Raw, Storage, int_view, register, stat_path
 
 if TYPE_CHECKING:
     from trajscope.recorders.storage import Entry, StepImage
@@ -42,6 +45,11 @@ H5_STORE: dict[str, str] = {name: _store_type(name) for name in DTYPES}
 """torch dtype name → the numpy type string HDF5 stores it as (the HDF5 format's dtype map)."""
 
 _H5_MAX_ROW = 1 << 30  # a row is one HDF5 chunk (limit 4 GiB); larger tensors go to the blob
+_DIO = DIRECT_IO_ALIGN
+_DIRECT_MIN = 1 << 16
+"""Chunks this large or larger are aligned in the file and written with ``O_DIRECT``; smaller
+ones cost little through the page cache."""
+_BLOB_CHUNK = 1 << 18
 
 
 # --- reading -----------------------------------------------------------------------------------------
@@ -136,7 +144,7 @@ def read_row(h5path: Path, step: int) -> Raw:
 
 @register
 class HDF5Storage(Storage):
-    """``trajectory.h5``: one row per snapshot (layout in ``docs/format-hdf5.md``)."""
+    """``trajectory.h5``: one row per snapshot (layout in ``docs/format.md``)."""
 
     kind = fmt.STORAGE_HDF5
 
@@ -184,8 +192,124 @@ class HDF5Storage(Storage):
 # --- writing -----------------------------------------------------------------------------------------
 
 
+class _DirectChunks:
+    """Whole chunks written with ``O_DIRECT`` at the file addresses HDF5 allocated for them.
+
+    Why: a buffered write of new file data costs the page-cache allocation of every page, several
+    times the cost of copying the bytes (``docs/performance.md``); the safetensors writer avoids it
+    with ``O_DIRECT``, and so does this, for the bulk of a row. HDF5 keeps writing its own metadata
+    and the small datasets through the page cache. A dataset written here is created with early
+    allocation and no fill: resizing it allocates its new chunks (aligned to :data:`DIRECT_IO_ALIGN`
+    by the file's alignment property) without writing them, and their addresses come from
+    ``get_chunk_info_by_coord``. The kernel keeps the page cache coherent with direct writes, so
+    SWMR readers see the data.
+
+    ``fd`` is None where the filesystem refuses ``O_DIRECT`` (tmpfs) or the first direct write fails
+    with EINVAL: then every chunk goes through HDF5 (``write_direct_chunk``) as a buffered write.
+    """
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.fd: int | None = None
+        if enabled and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            except OSError:
+                self.fd = None
+        self._stage = np.empty(0, np.uint8)  # aligned staging buffer, reused (see staged)
+
+    def staged(self, nbytes: int) -> np.ndarray:
+        """An aligned, reused buffer of ``nbytes`` (rounded up to the alignment), for sources
+        that are not aligned themselves."""
+        n = -(-nbytes // _DIO) * _DIO
+        if len(self._stage) < n:
+            raw = np.zeros(n + _DIO, np.uint8)  # zeros: touch the pages once, here
+            off = -raw.ctypes.data % _DIO
+            self._stage = raw[off : off + n]
+        return self._stage[:n]
+
+    def write(self, dsid: Any, first: tuple[int, ...], step: int, chunk: int, data: np.ndarray) -> bool:
+        """Write ``data`` (uint8, whole chunks of ``chunk`` bytes) as consecutive chunks of the
+        dataset ``dsid`` (an h5py ``DatasetID``): the first at element coordinate ``first``, each
+        next one ``step`` further along axis 0. False where that is not possible (nothing needs to
+        be undone: the caller writes the same bytes through HDF5)."""
+        if self.fd is None or len(data) % chunk or chunk % _DIO:
+            return False
+        if data.ctypes.data % _DIO:
+            src = self.staged(len(data))
+            src[: len(data)] = data
+            data = src[: len(data)]
+        # Runs of chunks that lie next to each other in the file go out in one write.
+        runs: list[list[int]] = []
+        for k in range(len(data) // chunk):
+            info = dsid.get_chunk_info_by_coord((first[0] + k * step, *first[1:]))
+            addr = info.byte_offset
+            if addr is None or addr % _DIO or info.size != chunk:
+                return False
+            if runs and runs[-1][0] + runs[-1][2] == addr:
+                runs[-1][2] += chunk
+            else:
+                runs.append([addr, k * chunk, chunk])
+        view = memoryview(data)
+        try:
+            for addr, begin, n in runs:
+                done = 0
+                while done < n:
+                    done += os.pwrite(self.fd, view[begin + done : begin + n], addr + done)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # Alignment stricter than this filesystem allows: HDF5 writes from now on, and
+            # rewrites whatever part of these chunks went out.
+            self.close()
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@dataclass
+class _Rows:
+    """A declared tensor's dataset: one row per snapshot, one chunk per row."""
+
+    d: Any
+    dtype: str
+    shape: tuple[int, ...]
+    direct: bool  # rows go out with O_DIRECT (aligned, early-allocated chunks)
+    nbytes: int  # bytes of one row (one chunk)
+    rows: int = 0  # the dataset's length (kept here: asking h5py costs a library call)
+
+
+def _extend(dsid: Any, shape: tuple[int, ...]) -> None:
+    """Give the dataset ``dsid`` (an h5py ``DatasetID``) the shape ``shape`` (h5py's ``resize``
+    costs several times HDF5's own call)."""
+    dsid.set_extent(shape)
+
+
+def _put(dsid: Any, start: tuple[int, ...], arr: np.ndarray) -> None:
+    """Write ``arr`` (of the dataset's dtype) into the dataset ``dsid`` at ``start`` with HDF5's
+    own calls (h5py's slicing costs several times the write)."""
+    from h5py import h5s
+
+    fspace = dsid.get_space()
+    fspace.select_hyperslab(start, arr.shape)
+    dsid.write(h5s.create_simple(arr.shape), fspace, arr)
+
+
+def _early_allocation() -> dict[str, Any]:
+    """``create_dataset`` arguments for chunks allocated on resize and never filled: their file
+    addresses exist before their bytes are written (:class:`_DirectChunks`)."""
+    from h5py import h5d, h5p
+
+    dcpl = h5p.create(h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
+    return {"dcpl": dcpl, "fill_time": "never"}
+
+
 class HDF5Writer:
-    """The HDF5 storage (``trajectory.h5``, layout in ``docs/format-hdf5.md``).
+    """The HDF5 storage (``trajectory.h5``, layout in ``docs/format.md``).
 
     Every tensor declared when the file is created (parameters, gradients, buffers) gets an
     extendable dataset ``<kind>/<name>`` of shape ``(rows, *shape)``, chunked one row per chunk;
@@ -194,21 +318,34 @@ class HDF5Writer:
     with a table of contents in the row's JSON metadata (dataset ``meta``). ``index/step`` is
     appended last and the file flushed: a row exists for readers once ``index/step`` covers it.
 
+    Rows of :data:`_DIRECT_MIN` bytes or more (a multiple of :data:`DIRECT_IO_ALIGN`), and blob
+    regions of a chunk or more, are written with ``O_DIRECT`` (:class:`_DirectChunks`); a large blob
+    region therefore starts at a chunk boundary of ``blob``. ``direct_io=False`` writes everything
+    through HDF5 (buffered). :attr:`image_align` is the alignment this writer asks of the images
+    (:meth:`~trajscope.recorders.storage.SlotPool.align_tensors`): a row whose bytes are aligned in
+    the slot is written from there; any other is staged in an aligned buffer first.
+
     The file is in SWMR mode (single writer, multiple readers): readers can open it while training
     runs, and a writer killed at any moment leaves a file that opens (with ``swmr=True``) with every
     flushed row intact. SWMR forbids creating objects later, hence the fixed declared set.
     """
 
     def __init__(self, path: Path, declared: Iterable[tuple[str, str, tuple[int, ...]]],
-                 attrs: dict[str, Any]) -> None:
+                 attrs: dict[str, Any], *, direct_io: bool | None = None) -> None:
         import h5py
 
         self.path = path
-        self._f = h5py.File(path, "w", libver="latest")
+        # Objects of _DIRECT_MIN bytes or more start at multiples of _DIO: O_DIRECT needs that.
+        self._f = h5py.File(path, "w", libver="latest", alignment_threshold=_DIRECT_MIN,
+                            alignment_interval=_DIO)
         f = self._f
+        self._direct = _DirectChunks(path, direct_io is not False)
+        early = _early_allocation() if self._direct.fd is not None else {}
+        # Asked of the slots by AsyncWriter: tensors at aligned offsets go out without a copy.
+        self.image_align = _DIO if early else 0
         for k, v in attrs.items():
             f.attrs[k] = v
-        self._ds: dict[str, tuple[Any, str, tuple[int, ...]]] = {}
+        self._ds: dict[str, _Rows] = {}
         for key, dtype, shape in declared:
             if dtype not in H5_STORE:
                 continue
@@ -217,12 +354,13 @@ class HDF5Writer:
                 n *= s
             if n == 0 or n > _H5_MAX_ROW or key in self._ds:
                 continue
-            d = f.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape),
-                                 chunks=(1, *shape), dtype=H5_STORE[dtype])
+            direct = bool(early) and n >= _DIRECT_MIN and n % _DIO == 0
+            d = f.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape), chunks=(1, *shape),
+                                 dtype=H5_STORE[dtype], **(early if direct else {}))
             d.attrs["dtype"] = dtype
-            self._ds[key] = (d, dtype, tuple(shape))
-        self._blob = f.create_dataset("blob", shape=(0,), maxshape=(None,), chunks=(1 << 18,),
-                                      dtype="u1")
+            self._ds[key] = _Rows(d, dtype, tuple(shape), direct, n)
+        self._blob = f.create_dataset("blob", shape=(0,), maxshape=(None,), chunks=(_BLOB_CHUNK,),
+                                      dtype="u1", **early)
         self._meta = f.create_dataset("meta", shape=(0,), maxshape=(None,), chunks=(1 << 16,),
                                       dtype="u1")
         self._i_step = f.create_dataset("index/step", shape=(0,), maxshape=(None,),
@@ -242,12 +380,9 @@ class HDF5Writer:
         rows: list[str] = []
         blob_entries: list[Entry] = []
         for e in image.entries:
-            declared = self._ds.get(e.key)
-            if declared is not None and declared[1] == e.dtype and declared[2] == e.shape:
-                d = declared[0]
-                if d.shape[0] <= row:
-                    d.resize(row + 1, axis=0)
-                d.id.write_direct_chunk((row,) + (0,) * len(e.shape), image.array(e))
+            r = self._ds.get(e.key)
+            if r is not None and r.dtype == e.dtype and r.shape == e.shape:
+                self._write_row(r, row, image.array(e))
                 rows.append(e.key)
             else:
                 blob_entries.append(e)
@@ -257,39 +392,66 @@ class HDF5Writer:
         mbytes = np.frombuffer(json.dumps(meta, allow_nan=True, separators=(",", ":")).encode(),
                                dtype=np.uint8)
         m0 = self._meta_end
-        self._meta.resize(m0 + len(mbytes), axis=0)
-        self._meta[m0:] = mbytes
+        _extend(self._meta.id, (m0 + len(mbytes),))
+        _put(self._meta.id, (m0,), mbytes)
         for d, value in ((self._i_meta, (m0, len(mbytes))), (self._i_blob, (b0, total))):
-            d.resize(row + 1, axis=0)
-            d[row] = value
+            _extend(d.id, (row + 1, 2))
+            _put(d.id, (row, 0), np.array([value], dtype="<i8"))
         # The commit: a row exists for readers once index/step covers it (written last).
-        self._i_step.resize(row + 1, axis=0)
-        self._i_step[row] = image.step
+        _extend(self._i_step.id, (row + 1,))
+        _put(self._i_step.id, (row,), np.array([image.step], dtype="<i8"))
         self._f.flush()
         self._rows += 1
-        self._blob_end = b0 + total
         self._meta_end = m0 + len(mbytes)
         return self.path
 
+    def _write_row(self, r: _Rows, row: int, data: np.ndarray) -> None:
+        """Row ``row`` of ``r``'s dataset: ``data``, the tensor's raw bytes, as the row's chunk."""
+        dsid = r.d.id
+        if r.rows <= row:
+            r.rows = row + 1
+            _extend(dsid, (r.rows, *r.shape))
+        first = (row,) + (0,) * len(r.shape)
+        if not (r.direct and self._direct.write(dsid, first, 1, r.nbytes, data)):
+            dsid.write_direct_chunk(first, data)
+
     def _write_blob(self, image: StepImage, entries: list[Entry]) -> tuple[dict[str, list[Any]], int, int]:
         """Append ``entries`` to ``blob``; their table of contents (offsets relative to the row's
-        start ``b0``), ``b0`` and the bytes appended."""
+        start ``b0``), ``b0`` and the bytes appended.
+
+        A region of at least one chunk starts at a chunk boundary and is staged whole chunks long
+        (the tail zeroed) so that it goes out with ``O_DIRECT``; the next region starts after
+        those chunks. Smaller regions follow the previous one directly.
+        """
         toc: dict[str, list[Any]] = {}
-        b0 = pos = self._blob_end
         total = sum(e.end - e.begin for e in entries)
-        if total:
-            self._blob.resize(b0 + total, axis=0)
-            for e in entries:
-                n = e.end - e.begin
-                if n:
-                    self._blob[pos : pos + n] = image.array(e)
-                toc[e.key] = [e.dtype, list(e.shape), pos - b0, n]
-                pos += n
-        else:
+        if not total:
             for e in entries:
                 toc[e.key] = [e.dtype, list(e.shape), 0, 0]
+            return toc, self._blob_end, 0
+        direct = total >= _BLOB_CHUNK and self._direct.fd is not None
+        b0 = -(-self._blob_end // _BLOB_CHUNK) * _BLOB_CHUNK if direct else self._blob_end
+        end = -(-total // _BLOB_CHUNK) * _BLOB_CHUNK if direct else total
+        region = self._direct.staged(end)[:end] if direct else None
+        blob = self._blob.id
+        _extend(blob, (b0 + total,))
+        pos = 0
+        for e in entries:
+            n = e.end - e.begin
+            if n and region is not None:
+                region[pos : pos + n] = image.array(e)
+            elif n:
+                _put(blob, (b0 + pos,), image.array(e))
+            toc[e.key] = [e.dtype, list(e.shape), pos, n]
+            pos += n
+        if region is not None:
+            region[total:] = 0
+            if not self._direct.write(blob, (b0,), _BLOB_CHUNK, _BLOB_CHUNK, region):
+                _put(blob, (b0,), region[:total])
+        self._blob_end = b0 + end
         return toc, b0, total
 
     def close(self) -> None:
+        self._direct.close()
         if self._f.id.valid:
             self._f.close()
