@@ -113,13 +113,17 @@ def open_writer(
         slots: snapshot buffers; the training thread waits when all hold unwritten snapshots.
         pin: page-lock the buffers (fast copies from a GPU).
         threaded: write on a background thread.
-        direct_io: see :class:`SafetensorsWriter`.
+        direct_io: write with ``O_DIRECT`` where the filesystem allows (:class:`SafetensorsWriter`,
+            :class:`HDF5Writer`).
     """
     pool = SlotPool(slots, pin=pin)
     store: SafetensorsWriter | HDF5Writer
     if storage == fmt.STORAGE_HDF5:
         store = HDF5Writer(run_dir / fmt.HDF5_FILE, declared,
-                           {"trajscope_storage": fmt.STORAGE_HDF5, "format_version": fmt.FORMAT_VERSION})
+                           {"trajscope_storage": fmt.STORAGE_HDF5, "format_version": fmt.FORMAT_VERSION},
+                           direct_io=direct_io)
+        if store.image_align:  # it writes tensors straight from the slot: lay them out aligned
+            pool.align_tensors(store.image_align)
         where: Callable[[int], str] = lambda s: f"{fmt.HDF5_FILE} (step {s})"  # noqa: E731
     else:
         store = SafetensorsWriter(run_dir, direct_io=direct_io)

@@ -290,11 +290,6 @@ class AsyncWriter:
     _thread: threading.Thread | None = None
 
     def __post_init__(self) -> None:
-        # A writer that sends tensors to disk straight from the slot says how it wants them laid
-        # out (HDF5Writer.image_align); the pool is built before the writer is known.
-        align = getattr(getattr(self.write, "__self__", None), "image_align", 0)
-        if align:
-            self.pool.align_tensors(align)
         if self.threaded:
             self._thread = threading.Thread(target=self._run, name="trajscope-writer", daemon=True)
             self._thread.start()
