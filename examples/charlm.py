@@ -39,10 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import xarray as xr
+from _common import example_main, finish, report_and_time
 from torch import nn
 
 import trajscope
-from _common import example_main, finish, report_and_time
 
 
 @dataclass

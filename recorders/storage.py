@@ -104,7 +104,7 @@ class StepImage:
 
     def view(self) -> memoryview:
         """The file image, ``size`` bytes."""
-        return memoryview(self.slot.array)[: self.size]
+        return self.slot.array.data[: self.size]  # (1-D uint8: the buffer itself)
 
     def array(self, entry: Entry) -> np.ndarray:
         """The raw bytes of one tensor (a uint8 view into the slot)."""

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from problems import B_MEAN, DIM, make_quadratic, quad_loss
+from runkit import cli, copy_run, edit_manifest, fingerprint, no_hang, quad_run, rewrite_snapshot, step_file
 
 import trajscope
-from problems import DIM, B_MEAN, make_quadratic, quad_loss
-from runkit import (cli, copy_run, edit_manifest, fingerprint, no_hang, quad_run,
-                    rewrite_snapshot, step_file)
 from trajscope import format as fmt
 from trajscope.errors import ObjectiveError, RunFormatError
 from trajscope.objective import load_objective

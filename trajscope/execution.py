@@ -334,7 +334,7 @@ class Backend(abc.ABC):
     def submit(self, tasks: Sequence[Any], on_pair: Callable[[], None]) -> Callable[[], list[Any]]:
         """Start computing ``tasks``; the returned function waits for and returns their results."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing to release
         pass
 
 

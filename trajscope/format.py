@@ -464,7 +464,7 @@ HEADER_ALIGN = 8
 which keeps every tensor aligned to its element size when tensors are ordered by element size."""
 
 
-def safetensors_layout(specs: list[tuple[str, str, tuple[int, ...]]]) -> tuple[list[tuple[str, str, tuple[int, ...], int, int]], int]:
+def safetensors_layout(specs: list[tuple[str, str, tuple[int, ...]]]) -> tuple[list[tuple[str, str, tuple[int, ...], int, int]], int]:  # noqa: E501
     """Order tensors and assign their byte ranges in the data section.
 
     Args:

@@ -261,7 +261,8 @@ Generated {esc(when)}. Variables and formulas: <code>trajscope metrics</code>.</
 <h2>Summary</h2>
 <table><tr><th></th>{head}</tr>{body}</table>
 <h2>Runs</h2>
-<table><tr><th>run</th><th>path</th><th>objective</th><th>pairs</th><th>eval dtype</th><th>analyzed</th></tr>{prov}</table>
+<table><tr><th>run</th><th>path</th><th>objective</th><th>pairs</th><th>eval dtype</th>
+<th>analyzed</th></tr>{prov}</table>
 {figs}
 {f"<h2>Not shown</h2><ul>{skipped}</ul>" if skipped else ""}
 </body></html>

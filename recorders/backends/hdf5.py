@@ -249,7 +249,7 @@ class _DirectChunks:
                 runs[-1][2] += chunk
             else:
                 runs.append([addr, k * chunk, chunk])
-        view = memoryview(data)
+        view = data.data  # (1-D uint8: the buffer itself)
         try:
             for addr, begin, n in runs:
                 done = 0
