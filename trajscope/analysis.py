@@ -218,8 +218,8 @@ def _compute_pairs(job: _Job, pairs: list[int], lost: dict[int, str], scheduler:
     bar = _Progress(len(pairs), len(done), sys.stderr.isatty() if progress is None else progress)
     try:
         if todo:
-            import_libraries_in_background()
             with open_backend(scheduler, workers) as backend:
+                import_libraries_in_background()
                 _run_pairs(backend, job, todo, done, skipped, bar.pair_done)
     finally:
         bar.close()

@@ -106,26 +106,30 @@ def write_dataset(ds: xr.Dataset, path: Path) -> None:
 
 
 def import_libraries_in_background() -> None:
-    """Import xarray, dask.array and h5netcdf while the pairs are probed, not after.
+    """Import xarray, dask.array, h5netcdf and distributed while the pairs are probed, not after.
 
     The driver needs them only to build and write the Dataset at the end, where their first
-    import (xarray, then the dask.array it probes for duck arrays, then h5netcdf) would be a
-    serial tail after the last pair. Worker processes never import them.
+    import (xarray, then the dask.array it probes for duck arrays, h5netcdf, and the
+    `distributed` that writing asks dask about) would be a serial tail after the last pair.
+    Worker processes never import them.
     """
     if "h5netcdf" in sys.modules:
         return
-    # dask.compute imports `distributed` (when installed) to look for a client, in this thread, a
-    # moment from now. Import it first: two threads importing overlapping packages at once can
-    # meet in a circular import, which Python reports as a deadlock error in one of them. After
-    # this, this thread's remaining lazy imports (torch's) share no module with the ones below.
-    with contextlib.suppress(ImportError):
-        import distributed  # noqa: F401
+    # Called once the scheduler is set up (a cluster's `distributed` imported): two threads
+    # importing overlapping packages at once can meet in a circular import, which Python reports
+    # as a deadlock error in one of them. This thread's remaining lazy imports (torch's) share no
+    # module with the ones below.
 
     def work() -> None:
         with contextlib.suppress(Exception):  # the real import, later, reports any problem
             import dask.array  # noqa: F401
             import h5netcdf  # noqa: F401
             import xarray  # noqa: F401
+
+            # xarray's to_netcdf asks dask for the active scheduler, which imports `distributed`
+            # to look for a client: import it here too (the pairs never import it: local
+            # schedulers are passed to dask.compute as functions, see trajscope.execution)
+            import distributed  # noqa: F401
 
     threading.Thread(target=work, name="trajscope-import", daemon=True).start()
 

@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dask
+import dask.local
+import dask.multiprocessing
+import dask.threaded
 from dask.callbacks import Callback
 
 from trajscope.errors import AnalysisError
@@ -48,6 +51,14 @@ __all__ = [
 ]
 
 LOCAL_SCHEDULERS = ("synchronous", "threads", "processes")
+
+# Each local scheduler's function. dask.compute is given the function, not its name: given a name,
+# it imports `distributed` to look for a client, which a local analysis never has.
+_LOCAL_GET: dict[str, Callable[..., Any]] = {
+    "synchronous": dask.local.get_sync,
+    "threads": dask.threaded.get,
+    "processes": dask.multiprocessing.get,
+}
 
 
 # --- scheduler and device specifications ---------------------------------------------------------
@@ -391,7 +402,7 @@ class LocalBackend(Backend):
         return Placement(device=device, threads=self.threads, pin=pin and not procs, by_path=procs)
 
     def _compute(self, tasks: Sequence[Any], on_pair: Callable[[], None]) -> list[Any]:
-        kw: dict[str, Any] = {"scheduler": self.name, "callbacks": [_PairCallback(on_pair)._callback]}
+        kw: dict[str, Any] = {"scheduler": _LOCAL_GET[self.name], "callbacks": [_PairCallback(on_pair)._callback]}
         if self.pool is not None:
             kw["pool"] = self.pool
         if self.name == "processes":
