@@ -1,0 +1,86 @@
+"""Start-up: ``trajscope analyze`` of a one-pair run against ``python -c "import torch"``.
+
+Records a one-pair run of a small linear model into a temporary directory, then runs, alternately
+and ``--repeats`` times each, a fresh ``python -c "import torch"`` and a fresh
+``trajscope analyze RUN --force -q`` (the pair is recomputed every time, the Dataset written), and
+prints the median wall time of each and their difference: what trajscope adds to the import of
+torch that any analysis pays. The two commands alternate so machine noise hits both alike.
+
+Run: ``python -m benchmarks.startup [--repeats 7]``. Numbers: ``docs/performance.md``, section
+"Start-up".
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OBJECTIVE = '''
+import torch
+import trajscope
+
+
+def loss(model, batch):
+    return model(batch).pow(2).mean()
+
+
+def make():
+    torch.manual_seed(0)
+    return trajscope.Objective(model=torch.nn.Linear(8, 4), loss=loss)
+'''
+
+
+def record(where: Path) -> Path:
+    """A one-pair run (steps 0 and 1, and the final state) of objective ``startup_obj:make``."""
+    import torch
+
+    from trajscope.recorders import Recorder
+
+    (where / "startup_obj.py").write_text(OBJECTIVE)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Recorder(where / "run", model, opt, objective="startup_obj:make") as rec:
+        for _ in range(2):
+            x = torch.randn(16, 8)
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            rec.batch(x, loss=loss)
+            opt.step()
+    return where / "run"
+
+
+def timed(cmd: list[str], cwd: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args(argv)
+    trajscope_cli = [sys.executable, "-m", "trajscope.cli"]
+    with tempfile.TemporaryDirectory() as tmp:
+        where = Path(tmp)
+        run = record(where)
+        timed([*trajscope_cli, "analyze", str(run), "-q"], where)  # warm the page cache and .pyc files
+        torch_s, analyze_s = [], []
+        for _ in range(args.repeats):
+            torch_s.append(timed([sys.executable, "-c", "import torch"], where))
+            analyze_s.append(timed([*trajscope_cli, "analyze", str(run), "--force", "-q"], where))
+    t, a = statistics.median(torch_s), statistics.median(analyze_s)
+    print(f"import torch:                    median {t:.2f} s  (min {min(torch_s):.2f})")
+    print(f"trajscope analyze (one pair):    median {a:.2f} s  (min {min(analyze_s):.2f})")
+    print(f"added by trajscope:              median {a - t:.2f} s  (target <= 1.0 s), "
+          f"paired median {statistics.median(x - y for x, y in zip(analyze_s, torch_s)):.2f} s")
+
+
+if __name__ == "__main__":
+    main()
