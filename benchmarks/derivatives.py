@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     set_clock(args.clock)
     torch.set_num_threads(args.threads)
-    from trajscope.execution import keep_freed_memory
+    from trajscope.process import keep_freed_memory
 
     keep_freed_memory()  # as the analyzer sets it in its workers
     print(f"# derivative paths, reference MLP, minibatch {args.batch_size}, K = 17, device cpu")

@@ -60,14 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     ap.add_argument("--allocator", default="keep", choices=["keep", "default"],
                     help="keep: glibc keeps freed memory, as the analyzer sets it in its workers "
-                    "(trajscope.execution.keep_freed_memory); default: glibc's own settings")
+                    "(trajscope.process.keep_freed_memory); default: glibc's own settings")
     ap.add_argument("--clock", default="wall", help="wall, or cpu (process CPU time: robust on a "
                     "shared machine)")
     args = ap.parse_args(argv)
     set_clock(args.clock)
     torch.set_num_threads(args.threads)
     if args.allocator == "keep":
-        from trajscope.execution import keep_freed_memory
+        from trajscope.process import keep_freed_memory
 
         keep_freed_memory()
     if args.device.startswith("cuda") and not torch.cuda.is_available():

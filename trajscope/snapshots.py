@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from trajscope import health
 from trajscope.errors import AnalysisError, RunFormatError
 from trajscope.run import Snapshot
+from trajscope.trees import tree_map
 
 if TYPE_CHECKING:
     from trajscope.run import Storage
@@ -127,13 +128,7 @@ def _map_tensors(snap: Snapshot, fn: Callable[[Any], Any]) -> Snapshot:
     import torch
 
     def walk(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return fn(x)
-        if isinstance(x, dict):
-            return {k: walk(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return type(x)(walk(v) for v in x)
-        return x
+        return tree_map(fn, x, leaf=torch.Tensor)
 
     return dataclasses.replace(snap, params=walk(snap.params), grads=walk(snap.grads),
                                buffers=walk(snap.buffers), batch=walk(snap.batch))
@@ -190,33 +185,23 @@ class _Array:
 def _to_wire(value: Any) -> Any:
     import torch
 
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
+    def encode(tensor: torch.Tensor) -> _Array:
+        t = tensor.detach().cpu().contiguous()
         try:
             return _Array(t.numpy(), None, None)
         except TypeError:  # no numpy dtype (bfloat16, float8): ship the raw bytes
             return _Array(t.reshape(-1).view(torch.uint8).numpy(), str(t.dtype), tuple(t.shape))
-    if isinstance(value, dict):
-        return {k: _to_wire(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_wire(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_to_wire(v) for v in value)
-    return value
+
+    return tree_map(encode, value, leaf=torch.Tensor)
 
 
 def _from_wire(value: Any) -> Any:
     import torch
 
-    if isinstance(value, _Array):
-        t = torch.from_numpy(value.array)
-        if value.dtype is not None and value.shape is not None:  # set together (see _to_wire)
-            t = t.view(getattr(torch, value.dtype.removeprefix("torch."))).reshape(value.shape)
+    def decode(a: _Array) -> torch.Tensor:
+        t = torch.from_numpy(a.array)
+        if a.dtype is not None and a.shape is not None:  # set together (see _to_wire)
+            t = t.view(getattr(torch, a.dtype.removeprefix("torch."))).reshape(a.shape)
         return t
-    if isinstance(value, dict):
-        return {k: _from_wire(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_from_wire(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_from_wire(v) for v in value)
-    return value
+
+    return tree_map(decode, value, leaf=_Array)
