@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import sys
 import uuid
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from trajscope.dataset import (
     open_metrics,
 )
 from trajscope.dataset import write_dataset as _write_dataset
-from trajscope.errors import AnalysisError, RunFormatError
+from trajscope.errors import AnalysisError, RunFormatError, TrajscopeWarning
 from trajscope.execution import LOCAL_SCHEDULERS, Backend, check_device, check_scheduler, open_backend
 from trajscope.objective import check_run_objective
 from trajscope.persist import (
@@ -161,7 +162,17 @@ def analyze(
         health.record_skipped(ds, skipped, len(pairs) + len(lost))
         if write:
             _write_dataset(ds, analysis_dir / fmt.METRICS_FILE)
+    _warn_replay(ds)
     return ds
+
+
+def _warn_replay(ds: xr.Dataset) -> None:
+    """A :class:`TrajscopeWarning` when the replay gate fails (:func:`summary.replay_failures`)."""
+    from trajscope.summary import replay_failures, replay_warning
+
+    check = replay_failures(ds)
+    if not check.ok:
+        warnings.warn(replay_warning(check), TrajscopeWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)

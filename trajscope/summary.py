@@ -24,6 +24,7 @@ Everything runs over the *analyzed pairs* in step order. With a sparse recording
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,10 @@ import xarray as xr
 
 from trajscope.errors import AnalysisError
 from trajscope.health import FLAGS
-from trajscope.registry import holds
+from trajscope.registry import get_metrics, holds, holds_bound
 
 __all__ = [
-    "headline", "format_headline", "holds_fraction", "fraction", "convexity_ratio_window",
+    "headline", "format_headline", "ReplayCheck", "replay_failures", "replay_warning", "holds_fraction", "fraction", "convexity_ratio_window",
     "convexity_ratio_ema", "convexity_ratio_by_epoch", "convexity_ratio_cumulative", "l0l1_fit",
     "summarize", "format_summary", "ema", "stability_ratio", "running_sum", "line_argmin",
     "table_rows", "TABLE_LABELS",
@@ -74,7 +75,9 @@ def headline(ds: xr.Dataset) -> dict[str, float]:
     e.g. lr = 0 during warm-up), where inst_gap = 0 would count as "convex along the step" without
     a step. ``pairs_moved`` is their denominator, present when it differs from ``pairs``.
     ``pairs_clipped`` counts the pairs whose step training clipped (uniformly or not), present
-    when there are some.
+    when there are some. ``pairs_replay_failed`` counts the pairs whose replay disagrees with the
+    recorded loss or gradient, present when the replay gate fails (:func:`replay_failures`): the
+    other numbers may then not describe the training run.
     """
     n = int(ds.sizes.get("step", 0))
     out: dict[str, float] = {"pairs": float(n)}
@@ -102,7 +105,72 @@ def headline(ds: xr.Dataset) -> dict[str, float]:
     clipped = int(np.count_nonzero(flags & _CLIPPED))
     if clipped:
         out["pairs_clipped"] = float(clipped)
+    failed = replay_failures(ds)
+    if not failed.ok:
+        out["pairs_replay_failed"] = float(failed.failed)
     return out
+
+
+REPLAY_METRICS = ("loss_replay_error", "grad_replay_error")
+REPLAY_FAIL_FRACTION = 0.1
+"""The replay gate fails when more than this fraction of the analyzed pairs (and at least one)
+replay above a ``holds_if`` bound of :data:`REPLAY_METRICS`."""
+_NONUNIFORM = FLAGS["clipped_nonuniform"][0]
+
+
+@dataclass(frozen=True)
+class ReplayCheck:
+    """How well the replay f(x_t; z_t), G0 reproduces the recorded loss and gradient.
+
+    ``failed`` counts the pairs where ``loss_replay_error`` or ``grad_replay_error`` exceeds its
+    ``holds_if`` bound; a non-uniformly clipped pair (``pair_flags`` bit ``clipped_nonuniform``)
+    whose only excess is ``grad_replay_error`` is expected (the replay compares the unclipped G0)
+    and is counted in ``nonuniform`` instead. ``ok`` is False when ``failed`` ≥ 1 and
+    ``failed`` > :data:`REPLAY_FAIL_FRACTION` · ``pairs``.
+    """
+
+    failed: int
+    pairs: int
+    nonuniform: int
+
+    @property
+    def ok(self) -> bool:
+        return not (self.failed >= 1 and self.failed > REPLAY_FAIL_FRACTION * self.pairs)
+
+
+def _exceeds(ds: xr.Dataset, name: str, n: int) -> np.ndarray:
+    spec = get_metrics().get(name)
+    bound = holds_bound(spec.holds_if if spec is not None else None)
+    if name not in ds or bound is None:
+        return np.zeros(n, dtype=bool)
+    v = np.asarray(ds[name].values, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(v) & (v > bound)
+
+
+def replay_failures(ds: xr.Dataset) -> ReplayCheck:
+    """Count the pairs whose replay disagrees with the recorded loss or gradient (:class:`ReplayCheck`)."""
+    n = int(ds.sizes.get("step", 0))
+    loss_bad = _exceeds(ds, "loss_replay_error", n)
+    grad_bad = _exceeds(ds, "grad_replay_error", n)
+    nonuniform = (_flags(ds) & _NONUNIFORM) != 0
+    expected = nonuniform & grad_bad & ~loss_bad
+    failed = (loss_bad | grad_bad) & ~expected
+    return ReplayCheck(int(failed.sum()), n, int(expected.sum()))
+
+
+def replay_warning(check: ReplayCheck) -> str:
+    """The one-line warning of a failed replay gate, with the likely causes."""
+    specs = get_metrics()
+    bounds = " or ".join(f"{m} {specs[m].holds_if}".replace("<=", ">") for m in REPLAY_METRICS if m in specs)
+    text = (f"replay failed on {check.failed} of {check.pairs} pairs ({bounds}): the metrics may not "
+            "describe the training run. Likely causes: a wrong objective, or one that differs from "
+            "training's; a missing zero_grad (gradients accumulate); a data pipeline that is not "
+            "reproducible, or a batch changed after rec.batch; unrecorded randomness")
+    if check.nonuniform:
+        text += (f" ({check.nonuniform} non-uniformly clipped pairs exceed grad_replay_error's bound "
+                 "as expected and are not counted)")
+    return text
 
 
 def _nanstat(fn: Callable[[np.ndarray], Any], v: Any) -> float:
@@ -124,10 +192,17 @@ _LABELS = {
 }
 
 
+def _untrusted(failed: float, pairs: float) -> str:
+    return (f"replay failed on {int(failed)} of {int(pairs)} pairs: the findings below may not "
+            "describe the training run")
+
+
 def format_headline(h: dict[str, float]) -> str:
-    lines = []
+    lines = [_untrusted(h["pairs_replay_failed"], h.get("pairs", 0))] if "pairs_replay_failed" in h else []
     for k, v in h.items():
         label = _LABELS.get(k, k)
+        if k == "pairs_replay_failed":
+            continue
         if k == "pairs_clipped":
             lines.append(f"  {label:<52} clipped on {int(v)} of {int(h.get('pairs', v))} pairs")
         elif k in ("pairs", "pairs_moved"):
@@ -396,7 +471,8 @@ def summarize(run_or_ds: str | Path | xr.Dataset, *, steps_per_epoch: int | None
 
         ds = open_metrics(run_or_ds)
     n = int(ds.sizes.get("step", 0))
-    out: dict[str, Any] = {"pairs": n, "headline": headline(ds), "holds": holds_fraction(ds)}
+    out: dict[str, Any] = {"pairs": n, "replay_ok": replay_failures(ds).ok, "headline": headline(ds),
+                           "holds": holds_fraction(ds)}
     conv: dict[str, Any] = {}
     if n and "convexity_num" in ds and "convexity_den" in ds:
         cum = convexity_ratio_cumulative(ds).values
@@ -433,7 +509,9 @@ def summarize(run_or_ds: str | Path | xr.Dataset, *, steps_per_epoch: int | None
 
 def format_summary(s: dict[str, Any]) -> str:
     """The text of ``trajscope summary``."""
-    lines = [f"pairs analyzed: {s['pairs']}", "", "where the theory holds (fraction of pairs):"]
+    h = s.get("headline", {})
+    lines = [_untrusted(h["pairs_replay_failed"], s["pairs"])] if "pairs_replay_failed" in h else []
+    lines += [f"pairs analyzed: {s['pairs']}", "", "where the theory holds (fraction of pairs):"]
     from trajscope.registry import get_metrics
 
     specs = get_metrics()
@@ -465,7 +543,6 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  tightest median: L1 = {f['best_l1']:.4g}, L0 = {f['best_l0']:.4g}, median "
             f"looseness {f['looseness_median_best']:.3g}x",
         ]
-    h = s.get("headline", {})
     rep = [(k, h[k]) for k in ("max_loss_replay_error", "max_grad_replay_error") if k in h]
     if rep:
         lines += ["", "replay fidelity:"] + [f"  {k:<34} {v:.3g}" for k, v in rep]
