@@ -36,7 +36,8 @@ from trajscope.health import FLAGS
 from trajscope.registry import get_metrics, holds, holds_bound
 
 __all__ = [
-    "headline", "format_headline", "ReplayCheck", "replay_failures", "replay_warning", "holds_fraction", "fraction", "convexity_ratio_window",
+    "headline", "format_headline", "ReplayCheck", "replay_failures", "replay_warning",
+    "holds_fraction", "fraction", "convexity_ratio_window",
     "convexity_ratio_ema", "convexity_ratio_by_epoch", "convexity_ratio_cumulative", "l0l1_fit",
     "summarize", "format_summary", "ema", "stability_ratio", "running_sum", "line_argmin",
     "table_rows", "TABLE_LABELS",
