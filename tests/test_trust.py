@@ -64,3 +64,45 @@ def test_cli_prints_one_replay_warning(tmp_path: Path, capsys: pytest.CaptureFix
     code, out, err = cli(["summary", str(run), "--json"], capsys)
     assert code == 0
     assert json.loads(out)["replay_ok"] is False
+
+
+# --- a pair whose loss fails is skipped ---------------------------------------------------------
+
+
+def _mlp_run(path: Path, steps: int = 6) -> Path:
+    from problems import make_mlp, train_classifier
+
+    train_classifier(path, make_mlp, steps=steps, objective="problems:make_mlp")
+    return path
+
+
+def _corrupt_labels(run: Path, step: int) -> None:
+    from runkit import rewrite_snapshot, step_file
+
+    def edit(tensors: dict[str, torch.Tensor], meta: dict[str, object]) -> None:
+        tensors["batch/1"] = tensors["batch/1"].clone()
+        tensors["batch/1"][0] = 16711681
+
+    rewrite_snapshot(step_file(run, step), edit)
+
+
+def test_a_pair_whose_loss_fails_is_skipped(tmp_path: Path) -> None:
+    run = _mlp_run(tmp_path / "run")
+    _corrupt_labels(run, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = trajscope.analyze(run)
+    assert list(ds["step"].values) == [0, 1, 2, 4, 5]
+    skipped = json.loads(ds.attrs["skipped_pairs"])
+    assert len(skipped) == 1 and "step 3" in str(skipped) and "out of bounds" in str(skipped)
+
+
+def test_a_loss_failing_on_the_first_pair_stops_the_analysis(tmp_path: Path) -> None:
+    from trajscope.errors import ObjectiveError
+
+    run = _mlp_run(tmp_path / "run")
+    _corrupt_labels(run, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ObjectiveError, match="step 0: evaluating the objective's loss failed"):
+            trajscope.analyze(run, write=False)

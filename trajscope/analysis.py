@@ -264,7 +264,7 @@ def _run_pairs(backend: Backend, job: _Job, todo: list[int], done: PairTable, sk
     in_flight: collections.deque[Callable[[], list[Any]]] = collections.deque()
     for i in range(0, len(todo), size):
         tasks = window_graph(r, todo[i : i + size], have, init_step, run_token, job.objective,
-                             objective_key, settings, placement, job.digest, job.pairs_dir)
+                             objective_key, settings, placement, job.digest, job.pairs_dir, todo[0])
         in_flight.append(backend.submit(tasks, on_pair))
         if len(in_flight) == 2:
             _collect(in_flight.popleft()(), done, skipped)
