@@ -115,7 +115,7 @@ def headline(ds: xr.Dataset) -> dict[str, float]:
 REPLAY_METRICS = ("loss_replay_error", "grad_replay_error")
 REPLAY_FAIL_FRACTION = 0.1
 """The replay gate fails when more than this fraction of the analyzed pairs (and at least one)
-replay above a ``holds_if`` bound of :data:`REPLAY_METRICS`."""
+replay above the bound (:func:`replay_bound`) of a metric of :data:`REPLAY_METRICS`."""
 _NONUNIFORM = FLAGS["clipped_nonuniform"][0]
 
 
@@ -124,7 +124,7 @@ class ReplayCheck:
     """How well the replay f(x_t; z_t), G0 reproduces the recorded loss and gradient.
 
     ``failed`` counts the pairs where ``loss_replay_error`` or ``grad_replay_error`` exceeds its
-    ``holds_if`` bound; a non-uniformly clipped pair (``pair_flags`` bit ``clipped_nonuniform``)
+    bound (:func:`replay_bound`); a non-uniformly clipped pair (``pair_flags`` bit ``clipped_nonuniform``)
     whose only excess is ``grad_replay_error`` is expected (the replay compares the unclipped G0)
     and is counted in ``nonuniform`` instead. ``ok`` is False when ``failed`` ≥ 1 and
     ``failed`` > :data:`REPLAY_FAIL_FRACTION` · ``pairs``.
@@ -139,9 +139,23 @@ class ReplayCheck:
         return not (self.failed >= 1 and self.failed > REPLAY_FAIL_FRACTION * self.pairs)
 
 
-def _exceeds(ds: xr.Dataset, name: str, n: int) -> np.ndarray:
+ROUNDING_FACTOR = 16.0
+"""A run trained in low precision replays only to its rounding: the gate's bound of a replay error
+is max(its ``holds_if`` bound, ROUNDING_FACTOR · u), u the Dataset's ``training_rounding``
+attribute (the unit roundoff of the training dtype: 2⁻⁸ for bfloat16)."""
+
+
+def replay_bound(ds: xr.Dataset, name: str) -> float | None:
+    """The replay gate's bound of the metric ``name`` (None: it has no comparison bound)."""
     spec = get_metrics().get(name)
     bound = holds_bound(spec.holds_if if spec is not None else None)
+    if bound is None:
+        return None
+    return max(bound, ROUNDING_FACTOR * float(ds.attrs.get("training_rounding", 0.0)))
+
+
+def _exceeds(ds: xr.Dataset, name: str, n: int) -> np.ndarray:
+    bound = replay_bound(ds, name)
     if name not in ds or bound is None:
         return np.zeros(n, dtype=bool)
     v = np.asarray(ds[name].values, dtype=np.float64)
@@ -160,10 +174,9 @@ def replay_failures(ds: xr.Dataset) -> ReplayCheck:
     return ReplayCheck(int(failed.sum()), n, int(expected.sum()))
 
 
-def replay_warning(check: ReplayCheck) -> str:
+def replay_warning(check: ReplayCheck, ds: xr.Dataset) -> str:
     """The one-line warning of a failed replay gate, with the likely causes."""
-    specs = get_metrics()
-    bounds = " or ".join(f"{m} {specs[m].holds_if}".replace("<=", ">") for m in REPLAY_METRICS if m in specs)
+    bounds = " or ".join(f"{m} > {b:.3g}" for m in REPLAY_METRICS if (b := replay_bound(ds, m)) is not None)
     text = (f"replay failed on {check.failed} of {check.pairs} pairs ({bounds}): the metrics may not "
             "describe the training run. Likely causes: a wrong objective, or one that differs from "
             "training's; a missing zero_grad (gradients accumulate); a data pipeline that is not "

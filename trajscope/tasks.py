@@ -75,7 +75,7 @@ def objective_for(source: ObjectiveSource, recorded: str | None, key: str | None
         key = f"{key}@{run.path if isinstance(run, Run) else run}"
     if key in cache:
         cache.move_to_end(key)
-        return cache[key]
+        return cache[key][0]
     if isinstance(source, Objective):
         # never touch the caller's instance: the probe moves it and sets its train mode
         obj = Objective(model=copy.deepcopy(source.model), loss=source.loss)
@@ -83,7 +83,9 @@ def objective_for(source: ObjectiveSource, recorded: str | None, key: str | None
         # a path is opened only if the factory takes the run
         opener = functools.partial(open_run, run) if isinstance(run, (str, Path)) else run
         obj = resolve_objective(source, recorded, opener)
-    cache[key] = obj
+    # The source is kept with its Objective: while cached, its id (the key of a source given
+    # without one) cannot be reused by another object.
+    cache[key] = (obj, source)
     while len(cache) > _OBJECTIVES_PER_THREAD:
         cache.popitem(last=False)
     return obj
