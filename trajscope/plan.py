@@ -293,8 +293,10 @@ def _forward_failure(r: Run, source: ObjectiveSource, pairs: list[int], trial: P
     return None
 
 
-REPLAY_RTOL = {"float32": 1e-6, "float64": 1e-12}
-"""Relative tolerance of :func:`persisted_objective_change`, per evaluation dtype."""
+REPLAY_RTOL = {"float32": 1e-5, "float64": 1e-12}
+"""Relative tolerance of :func:`persisted_objective_change`, per evaluation dtype. The probe
+evaluates ℓ(0) batched (vmap) and the check evaluates f once: in float32 the two reductions differ
+by a few ulps (a few 1e-7 relative with dropout); 1e-5 is ``loss_replay_error``'s own bound."""
 
 
 def replayed_loss(objective: Objective, snap: Snapshot, settings: ProbeSettings,
