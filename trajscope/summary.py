@@ -445,6 +445,7 @@ TABLE_LABELS = {
     "sum_update_corr": "Σ update_corr",
     "max_loss_replay_error": "max loss_replay_error",
     "max_grad_replay_error": "max grad_replay_error",
+    "pairs_replay_failed": "pairs whose replay failed (the findings may not describe the training run)",
 }
 """Row labels of the report's summary table (:func:`table_rows`)."""
 
