@@ -192,7 +192,7 @@ def _replay_ds(loss: list[float], grad: list[float], flags: list[int], **attrs: 
 
 
 def test_the_replay_gate_counts_pairs_over_their_bounds() -> None:
-    from trajscope.summary import replay_failures
+    from trajscope.health import replay_failures
 
     # one of twenty over the bound: within the 10% the gate tolerates
     assert replay_failures(_replay_ds([1e-3] + [0.0] * 19, [0.0] * 20, [0] * 20)).ok

@@ -170,12 +170,10 @@ def analyze(
 
 
 def _warn_replay(ds: xr.Dataset) -> None:
-    """A :class:`TrajscopeWarning` when the replay gate fails (:func:`summary.replay_failures`)."""
-    from trajscope.summary import replay_failures, replay_warning
-
-    check = replay_failures(ds)
+    """A :class:`TrajscopeWarning` when the replay gate fails (:func:`health.replay_failures`)."""
+    check = health.replay_failures(ds)
     if not check.ok:
-        warnings.warn(replay_warning(check, ds), TrajscopeWarning, stacklevel=3)
+        warnings.warn(health.replay_warning(check, ds), TrajscopeWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
