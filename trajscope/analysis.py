@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import sys
 import uuid
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,9 @@ from trajscope.dataset import (
     open_metrics,
 )
 from trajscope.dataset import write_dataset as _write_dataset
-from trajscope.errors import AnalysisError, RunFormatError
+from trajscope.errors import AnalysisError, RunFormatError, TrajscopeWarning
 from trajscope.execution import LOCAL_SCHEDULERS, Backend, check_device, check_scheduler, open_backend
-from trajscope.objective import check_run_objective
+from trajscope.objective import check_run_objective, objective_digest
 from trajscope.persist import (
     VERSION,
     PairTable,
@@ -50,9 +51,11 @@ from trajscope.plan import (
     check_derivatives,
     objective_id,
     pairs_to_analyze,
+    persisted_objective_change,
     probe_settings,
     resolve_derivatives,
     select_metrics,
+    training_rounding,
     with_requirements,
 )
 from trajscope.probe import PairStats, ProbeSettings
@@ -146,22 +149,31 @@ def analyze(
                               resolve=local)
     specs = with_requirements(selected)
     pairs, lost = pairs_to_analyze(r, steps)
-    r, settings = _resolve_objective(r, objective, settings, derivatives, pairs, local)
+    r, settings, code = _resolve_objective(r, objective, settings, derivatives, pairs, local)
     name = objective_id(objective, r.objective)
     analysis_dir = r.path / fmt.ANALYSIS_DIR
     if write:
         fmt.safe_output_dir(r.path, fmt.ANALYSIS_DIR, fmt.PAIRS_DIR)  # no symlinked way out
-    job = _Job(r, objective, name, settings, device, settings_digest(settings, name),
-               analysis_dir / fmt.PAIRS_DIR if write else None)
+    job = _Job(r, objective, name, settings, device, settings_digest(settings, name, code),
+               analysis_dir / fmt.PAIRS_DIR if write else None, local)
     with analysis_lock(analysis_dir) if write else contextlib.nullcontext():
         done, skipped = _compute_pairs(job, pairs, lost, scheduler, workers, force, progress)
         ordered = _finished(r, [done.get(t) for t in pairs if t in done], skipped)
         values = [evaluate_pair(s, list(specs.values())) for s in ordered]
         ds = build_dataset(ordered, values, specs, r, settings, name)
         health.record_skipped(ds, skipped, len(pairs) + len(lost))
+        ds.attrs["training_rounding"] = training_rounding(r)  # scales the replay gate's bounds
         if write:
             _write_dataset(ds, analysis_dir / fmt.METRICS_FILE)
+    _warn_replay(ds)
     return ds
+
+
+def _warn_replay(ds: xr.Dataset) -> None:
+    """A :class:`TrajscopeWarning` when the replay gate fails (:func:`health.replay_failures`)."""
+    check = health.replay_failures(ds)
+    if not check.ok:
+        warnings.warn(health.replay_warning(check, ds), TrajscopeWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -178,6 +190,8 @@ class _Job:
     """Tags persisted pairs and names the pair tasks: see :func:`persist.settings_digest`."""
     pairs_dir: Path | None
     """Where pairs are persisted (None: nothing is written)."""
+    local: bool = True
+    """The scheduler runs on this machine (the driver may check on ``settings.device``)."""
 
 
 def _check_arguments(dtype: str | None, scheduler: Any, device: str, chunk_size: int | None,
@@ -194,14 +208,14 @@ def _check_arguments(dtype: str | None, scheduler: Any, device: str, chunk_size:
 
 
 def _resolve_objective(r: Run, objective: ObjectiveSource, settings: ProbeSettings, derivatives: str,
-                       pairs: list[int], local: bool) -> tuple[Run, ProbeSettings]:
-    """The run as the objective's model names it, and the settings with the derivative path
-    decided. Resolved once, before any work, so import errors and name/shape mismatches surface
-    at once."""
+                       pairs: list[int], local: bool) -> tuple[Run, ProbeSettings, str]:
+    """The run as the objective's model names it, the settings with the derivative path decided,
+    and the digest of what the objective computes (:func:`objective_digest`). Resolved once,
+    before any work, so import errors and name/shape mismatches surface at once."""
     obj = objective_for(objective, r.objective, run=r)
     r = unwrapped(r, obj.model)  # a run recorded through torch.compile/DDP: the model's plain names
     check_run_objective(obj, r.manifest)
-    return r, resolve_derivatives(derivatives, settings, r, objective, pairs, local)
+    return r, resolve_derivatives(derivatives, settings, r, objective, pairs, local), objective_digest(obj)
 
 
 def _compute_pairs(job: _Job, pairs: list[int], lost: dict[int, str], scheduler: Any, workers: int | None,
@@ -213,6 +227,7 @@ def _compute_pairs(job: _Job, pairs: list[int], lost: dict[int, str], scheduler:
         remove_stale_temporaries(job.pairs_dir.parent)
         if not force:
             load_persisted(done, job.pairs_dir, pairs, job.digest)
+            done = _unchanged(job, done, pairs)
     todo = [t for t in pairs if t not in done]
     skipped = dict(lost)
     bar = _Progress(len(pairs), len(done), sys.stderr.isatty() if progress is None else progress)
@@ -224,6 +239,20 @@ def _compute_pairs(job: _Job, pairs: list[int], lost: dict[int, str], scheduler:
     finally:
         bar.close()
     return done, skipped
+
+
+def _unchanged(job: _Job, done: PairTable, pairs: list[int]) -> PairTable:
+    """``done``, unless the objective no longer computes its first pair's ℓ(0) (a change its digest
+    cannot see, e.g. a global constant): then an empty table, and one warning naming the change."""
+    first = next((t for t in pairs if t in done), None)
+    if first is None:
+        return done
+    what = persisted_objective_change(job.run, job.objective, job.settings, done.get(first), job.local)
+    if what is None:
+        return done
+    warnings.warn(f"objective changed since the persisted pairs were computed: {what}; recomputing",
+                  TrajscopeWarning, stacklevel=4)
+    return PairTable(pairs)
 
 
 def _finished(r: Run, ordered: list[PairStats], skipped: dict[int, str]) -> list[PairStats]:
@@ -253,7 +282,7 @@ def _run_pairs(backend: Backend, job: _Job, todo: list[int], done: PairTable, sk
     in_flight: collections.deque[Callable[[], list[Any]]] = collections.deque()
     for i in range(0, len(todo), size):
         tasks = window_graph(r, todo[i : i + size], have, init_step, run_token, job.objective,
-                             objective_key, settings, placement, job.digest, job.pairs_dir)
+                             objective_key, settings, placement, job.digest, job.pairs_dir, todo[0])
         in_flight.append(backend.submit(tasks, on_pair))
         if len(in_flight) == 2:
             _collect(in_flight.popleft()(), done, skipped)

@@ -11,6 +11,11 @@ values, zero-length updates.
   bit by bit, in the CF ``flag_masks``/``flag_meanings`` convention (:func:`pair_flags`).
 * A zero-length update (Δ_t = 0) makes ratio metrics 0/0: they are NaN and flagged
   ``zero_update`` (whole step) or ``zero_update_layer`` (some parameter tensors did not move).
+* A replay that disagrees with training (wrong objective, missing ``zero_grad``, a batch changed
+  after ``rec.batch``) does not stop the analysis either, but is never silent: the replay gate
+  (:func:`replay_failures`) counts the pairs whose ``loss_replay_error`` or ``grad_replay_error``
+  exceeds its bound, and the analysis warns (:func:`replay_warning`) and the headline says so
+  when there are more than a few.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 from trajscope import format as fmt
 from trajscope.errors import DamagedRunWarning, RunFormatError, TrajscopeError
 from trajscope.params import first, mismatches, shapes
+from trajscope.registry import get_metrics, holds_bound
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +57,10 @@ __all__ = [
     "sanitize_values",
     "add_flags",
     "record_skipped",
+    "ReplayCheck",
+    "replay_bound",
+    "replay_failures",
+    "replay_warning",
 ]
 
 FLAGS: dict[str, tuple[int, str]] = {
@@ -323,3 +333,86 @@ def add_flags(ds: xr.Dataset, stats: Sequence[PairStats], run: Run | None = None
         "holds_if": "== 0",
     })
     return ds
+
+
+# --- replay is a gate ----------------------------------------------------------------------------
+
+
+def _pair_flags(ds: xr.Dataset, n: int) -> np.ndarray:
+    if "pair_flags" in ds.variables:
+        return np.asarray(ds["pair_flags"].values, dtype=np.int64)
+    return np.zeros(n, dtype=np.int64)
+
+
+REPLAY_METRICS = ("loss_replay_error", "grad_replay_error")
+REPLAY_FAIL_FRACTION = 0.1
+"""The replay gate fails when more than this fraction of the analyzed pairs (and at least one)
+replay above the bound (:func:`replay_bound`) of a metric of :data:`REPLAY_METRICS`."""
+
+
+@dataclass(frozen=True)
+class ReplayCheck:
+    """How well the replay f(x_t; z_t), G0 reproduces the recorded loss and gradient.
+
+    ``failed`` counts the pairs where ``loss_replay_error`` or ``grad_replay_error`` exceeds its
+    bound (:func:`replay_bound`); a non-uniformly clipped pair (``pair_flags`` bit ``clipped_nonuniform``)
+    whose only excess is ``grad_replay_error`` is expected (the replay compares the unclipped G0)
+    and is counted in ``nonuniform`` instead. ``ok`` is False when ``failed`` ≥ 1 and
+    ``failed`` > :data:`REPLAY_FAIL_FRACTION` · ``pairs``.
+    """
+
+    failed: int
+    pairs: int
+    nonuniform: int
+
+    @property
+    def ok(self) -> bool:
+        return not (self.failed >= 1 and self.failed > REPLAY_FAIL_FRACTION * self.pairs)
+
+
+ROUNDING_FACTOR = 16.0
+"""A run trained in low precision replays only to its rounding: the gate's bound of a replay error
+is max(its ``holds_if`` bound, ROUNDING_FACTOR · u), u the Dataset's ``training_rounding``
+attribute (the unit roundoff of the training dtype: 2⁻⁸ for bfloat16)."""
+
+
+def replay_bound(ds: xr.Dataset, name: str) -> float | None:
+    """The replay gate's bound of the metric ``name`` (None: it has no comparison bound)."""
+    spec = get_metrics().get(name)
+    bound = holds_bound(spec.holds_if if spec is not None else None)
+    if bound is None:
+        return None
+    return max(bound, ROUNDING_FACTOR * float(ds.attrs.get("training_rounding", 0.0)))
+
+
+def _exceeds(ds: xr.Dataset, name: str, n: int) -> np.ndarray:
+    bound = replay_bound(ds, name)
+    if name not in ds or bound is None:
+        return np.zeros(n, dtype=bool)
+    v = np.asarray(ds[name].values, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(v) & (v > bound)
+
+
+def replay_failures(ds: xr.Dataset) -> ReplayCheck:
+    """Count the pairs whose replay disagrees with the recorded loss or gradient (:class:`ReplayCheck`)."""
+    n = int(ds.sizes.get("step", 0))
+    loss_bad = _exceeds(ds, "loss_replay_error", n)
+    grad_bad = _exceeds(ds, "grad_replay_error", n)
+    nonuniform = (_pair_flags(ds, n) & FLAGS["clipped_nonuniform"][0]) != 0
+    expected = nonuniform & grad_bad & ~loss_bad
+    failed = (loss_bad | grad_bad) & ~expected
+    return ReplayCheck(int(failed.sum()), n, int(expected.sum()))
+
+
+def replay_warning(check: ReplayCheck, ds: xr.Dataset) -> str:
+    """The one-line warning of a failed replay gate, with the likely causes."""
+    bounds = " or ".join(f"{m} > {b:.3g}" for m in REPLAY_METRICS if (b := replay_bound(ds, m)) is not None)
+    text = (f"replay failed on {check.failed} of {check.pairs} pairs ({bounds}): the metrics may not "
+            "describe the training run. Likely causes: a wrong objective, or one that differs from "
+            "training's; a missing zero_grad (gradients accumulate); a data pipeline that is not "
+            "reproducible, or a batch changed after rec.batch; unrecorded randomness")
+    if check.nonuniform:
+        text += (f" ({check.nonuniform} non-uniformly clipped pairs exceed grad_replay_error's bound "
+                 "as expected and are not counted)")
+    return text

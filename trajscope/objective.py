@@ -24,11 +24,15 @@ directory is ever imported or unpickled.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +50,8 @@ if TYPE_CHECKING:  # trajscope.run imports this module: Run is only named in ann
 RunArgument: TypeAlias = "Run | Callable[[], Run] | None"
 """What a factory taking the run is called with: the run, or a function that opens it."""
 
-__all__ = ["Objective", "load_objective", "resolve_objective", "check_run_objective", "takes_run"]
+__all__ = ["Objective", "load_objective", "resolve_objective", "check_run_objective", "takes_run",
+           "objective_digest"]
 
 
 @dataclass(frozen=True)
@@ -287,3 +292,56 @@ def resolve_objective(objective: str | Callable[..., Objective] | Objective | No
     if isinstance(objective, str):
         return load_objective(objective, run)
     return _call_factory(objective, getattr(objective, "__qualname__", repr(objective)), run)
+
+
+# --- what the objective computes, as a stable digest -------------------------------------------
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _stable(text: str) -> str:
+    """``text`` without memory addresses (``<function f at 0x…>``), which differ per process."""
+    return _ADDRESS.sub("", text)
+
+
+def _const(c: object) -> object:
+    if isinstance(c, types.CodeType):
+        return _code(c)
+    if isinstance(c, frozenset):  # its iteration order follows the per-process string hash seed
+        return sorted(_stable(repr(x)) for x in c)
+    return _stable(repr(c))
+
+
+def _code(code: types.CodeType) -> list[object]:
+    return [code.co_qualname, code.co_code.hex(), [_const(c) for c in code.co_consts], list(code.co_names)]
+
+
+def _callable(fn: Any) -> object:
+    """What ``fn`` computes, as far as its code says: qualified name, bytecode, constants and the
+    global names it reads (a changed global's value is caught by the replay check instead)."""
+    if isinstance(fn, functools.partial):
+        return ["partial", _callable(fn.func), _stable(repr(fn.args)), _stable(repr(sorted(fn.keywords.items())))]
+    fn = getattr(fn, "__func__", fn)  # a bound method: its function
+    code = getattr(fn, "__code__", None)
+    if isinstance(code, types.CodeType):
+        return _code(code)
+    inner = getattr(type(fn).__call__, "__code__", None)  # a callable object: its class and its __call__
+    return [type(fn).__qualname__, _code(inner) if isinstance(inner, types.CodeType) else _stable(repr(fn))]
+
+
+def objective_digest(objective: Objective) -> str:
+    """sha256 (16 hex digits) of what ``objective`` computes, not of its name: the model's module
+    tree (class, its ``forward`` code, parameter and buffer names, shapes and dtypes), the model's
+    ``repr`` (activations, hyperparameters) and the loss function's code. Stable across processes:
+    no ids or memory addresses enter it. Parameter values do not: the run supplies them."""
+    modules = []
+    for name, m in objective.model.named_modules():
+        forward = getattr(type(m), "forward", None)
+        modules.append([name, f"{type(m).__module__}.{type(m).__qualname__}",
+                        _callable(forward) if forward is not None else None])
+    tensors = [[kind, n, list(t.shape), str(t.dtype)]
+               for kind, named in (("param", objective.model.named_parameters()),
+                                   ("buffer", objective.model.named_buffers()))
+               for n, t in named]
+    blob = repr([modules, tensors, _stable(repr(objective.model)), _callable(objective.loss)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

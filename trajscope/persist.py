@@ -71,10 +71,11 @@ def load_pair(path: Path, digest: str) -> PairStats | None:
         return None
 
 
-def settings_digest(settings: ProbeSettings, objective_id: str) -> str:
-    """The tag of persisted pairs: sha256 of the analyzer version, probe settings and objective."""
-    blob = json.dumps({"v": VERSION, "probe": settings.to_json(), "objective": objective_id},
-                      sort_keys=True)
+def settings_digest(settings: ProbeSettings, objective_id: str, objective_code: str = "") -> str:
+    """The tag of persisted pairs: sha256 of the analyzer version, probe settings, the objective's
+    name and what it computes (``objective_code``: :func:`trajscope.objective.objective_digest`)."""
+    blob = json.dumps({"v": VERSION, "probe": settings.to_json(), "objective": objective_id,
+                       "code": objective_code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -19,13 +19,14 @@ from trajscope.errors import AnalysisError, ForwardModeError, RunFormatError, Tr
 from trajscope.execution import resolve_device
 from trajscope.line import _replayed_rng, forward_ad_failure, sdpa_math_kernel
 from trajscope.objective import Objective
-from trajscope.probe import DERIVATIVES, ProbeSettings, _batchnorm_replay, _prepare, alpha_grid
+from trajscope.probe import DERIVATIVES, PairStats, ProbeSettings, _batchnorm_replay, _prepare, alpha_grid
 from trajscope.registry import MetricSpec, get_metrics
 from trajscope.run import Run, Snapshot
 from trajscope.tasks import ObjectiveSource, objective_for
 
-__all__ = ["check_derivatives", "eval_dtype", "forward_mode_failure", "objective_id", "pairs_to_analyze", "probe_settings",
-           "resolve_derivatives", "select_metrics", "select_steps", "with_requirements"]
+__all__ = ["check_derivatives", "eval_dtype", "forward_mode_failure", "objective_id", "pairs_to_analyze",
+           "persisted_objective_change", "probe_settings", "replayed_loss", "resolve_derivatives", "select_metrics",
+           "select_steps", "training_rounding", "with_requirements"]
 
 
 def objective_id(source: ObjectiveSource, recorded: str | None) -> str:
@@ -155,6 +156,16 @@ def eval_dtype(r: Run, dtype: str | None) -> str:
     return "float64" if floating and known and all(d == "float64" for d in floating) else "float32"
 
 
+def training_rounding(r: Run) -> float:
+    """The unit roundoff of the coarsest floating-point dtype the run's parameters were recorded in
+    (2⁻⁸ for bfloat16, 2⁻¹¹ for float16, 2⁻²⁴ for float32, 2⁻⁵³ for float64; float32's when the
+    manifest names none): the replay of a low-precision run differs from training by about this
+    much, relative, however faithful the objective."""
+    eps = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24, "float64": 2.0**-53}
+    found = [eps.get(q.get("dtype"), 2.0**-3) for q in r.manifest["params"] if _floating(q.get("dtype"))]
+    return max(found) if found else eps["float32"]
+
+
 def _floating(dtype: object) -> bool:
     """Whether a manifest dtype name (``"float32"``, ``"bfloat16"``, ``"float8_e4m3fn"``) is a
     floating-point type."""
@@ -280,3 +291,49 @@ def _forward_failure(r: Run, source: ObjectiveSource, pairs: list[int], trial: P
         except Exception:  # noqa: BLE001 - not a forward-mode failure: the pair tasks report it in context
             return None
     return None
+
+
+REPLAY_RTOL = {"float32": 1e-5, "float64": 1e-12}
+"""Relative tolerance of :func:`persisted_objective_change`, per evaluation dtype. The probe
+evaluates ℓ(0) batched (vmap) and the check evaluates f once: in float32 the two reductions differ
+by a few ulps (a few 1e-7 relative with dropout); 1e-5 is ``loss_replay_error``'s own bound."""
+
+
+def replayed_loss(objective: Objective, snap: Snapshot, settings: ProbeSettings,
+                  trainable: list[str] | None = None) -> float:
+    """f(x_t; z_t) evaluated as the line probe evaluates ℓ(0): train mode, BatchNorm replay,
+    replayed RNG, ``settings`` device, dtype and attention kernel."""
+    nxt = replace(snap, step=snap.step + 1)  # f is all that is needed: Δ_t = 0 is fine
+    prep = _prepare(objective, snap, nxt, settings, ref=None, trainable=trainable)
+    with (torch.no_grad(), _batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math),
+          _replayed_rng(snap.rng, prep.replay)):
+        return float(prep.f(prep.x0))
+
+
+def persisted_objective_change(r: Run, source: ObjectiveSource, settings: ProbeSettings, stats: PairStats,
+                               local: bool) -> str | None:
+    """What shows that the objective no longer computes the persisted pair ``stats`` (None: it
+    does, or the pair's snapshot cannot be read to tell).
+
+    The check: f(x_t; z_t) now (:func:`replayed_loss`) must equal the persisted ℓ(0) to
+    :data:`REPLAY_RTOL`. It catches what the objective's digest cannot see, e.g. a changed global
+    constant. It runs on ``settings.device`` for a ``local`` scheduler (where the pairs ran), else
+    on the CPU.
+    """
+    trial = settings if local else replace(settings, device="cpu")
+    try:
+        snap = r.snapshot(stats.step)
+    except TrajscopeError:
+        return None
+    if snap.batch is None or 0.0 not in settings.alphas:
+        return None
+    stored = float(stats.loss_line[settings.alphas.index(0.0)])
+    try:
+        now = replayed_loss(objective_for(source, r.objective, run=r), snap, trial, r.trainable)
+    except Exception as exc:  # noqa: BLE001 - the recomputed pairs report it in context
+        return f"f(x_t; z_t) at step {stats.step} now fails ({type(exc).__name__})"
+    if now == stored or (now != now and stored != stored):  # equal, or both NaN
+        return None
+    if abs(now - stored) <= REPLAY_RTOL.get(settings.dtype, 1e-6) * max(abs(stored), 1e-30):
+        return None
+    return f"f(x_t; z_t) at step {stats.step} is {now:.10g}, the persisted pair has {stored:.10g}"

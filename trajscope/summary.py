@@ -31,7 +31,7 @@ import numpy as np
 import xarray as xr
 
 from trajscope.errors import AnalysisError
-from trajscope.health import FLAGS
+from trajscope.health import FLAGS, replay_failures
 from trajscope.registry import holds
 
 __all__ = [
@@ -74,7 +74,9 @@ def headline(ds: xr.Dataset) -> dict[str, float]:
     e.g. lr = 0 during warm-up), where inst_gap = 0 would count as "convex along the step" without
     a step. ``pairs_moved`` is their denominator, present when it differs from ``pairs``.
     ``pairs_clipped`` counts the pairs whose step training clipped (uniformly or not), present
-    when there are some.
+    when there are some. ``pairs_replay_failed`` counts the pairs whose replay disagrees with the
+    recorded loss or gradient, present when the replay gate fails (:func:`replay_failures`): the
+    other numbers may then not describe the training run.
     """
     n = int(ds.sizes.get("step", 0))
     out: dict[str, float] = {"pairs": float(n)}
@@ -102,6 +104,9 @@ def headline(ds: xr.Dataset) -> dict[str, float]:
     clipped = int(np.count_nonzero(flags & _CLIPPED))
     if clipped:
         out["pairs_clipped"] = float(clipped)
+    failed = replay_failures(ds)
+    if not failed.ok:
+        out["pairs_replay_failed"] = float(failed.failed)
     return out
 
 
@@ -124,10 +129,17 @@ _LABELS = {
 }
 
 
+def _untrusted(failed: float, pairs: float) -> str:
+    return (f"replay failed on {int(failed)} of {int(pairs)} pairs: the findings below may not "
+            "describe the training run")
+
+
 def format_headline(h: dict[str, float]) -> str:
-    lines = []
+    lines = [_untrusted(h["pairs_replay_failed"], h.get("pairs", 0))] if "pairs_replay_failed" in h else []
     for k, v in h.items():
         label = _LABELS.get(k, k)
+        if k == "pairs_replay_failed":
+            continue
         if k == "pairs_clipped":
             lines.append(f"  {label:<52} clipped on {int(v)} of {int(h.get('pairs', v))} pairs")
         elif k in ("pairs", "pairs_moved"):
@@ -356,6 +368,7 @@ TABLE_LABELS = {
     "sum_update_corr": "Σ update_corr",
     "max_loss_replay_error": "max loss_replay_error",
     "max_grad_replay_error": "max grad_replay_error",
+    "pairs_replay_failed": "pairs whose replay failed (the findings may not describe the training run)",
 }
 """Row labels of the report's summary table (:func:`table_rows`)."""
 
@@ -396,7 +409,8 @@ def summarize(run_or_ds: str | Path | xr.Dataset, *, steps_per_epoch: int | None
 
         ds = open_metrics(run_or_ds)
     n = int(ds.sizes.get("step", 0))
-    out: dict[str, Any] = {"pairs": n, "headline": headline(ds), "holds": holds_fraction(ds)}
+    out: dict[str, Any] = {"pairs": n, "replay_ok": replay_failures(ds).ok, "headline": headline(ds),
+                           "holds": holds_fraction(ds)}
     conv: dict[str, Any] = {}
     if n and "convexity_num" in ds and "convexity_den" in ds:
         cum = convexity_ratio_cumulative(ds).values
@@ -433,7 +447,9 @@ def summarize(run_or_ds: str | Path | xr.Dataset, *, steps_per_epoch: int | None
 
 def format_summary(s: dict[str, Any]) -> str:
     """The text of ``trajscope summary``."""
-    lines = [f"pairs analyzed: {s['pairs']}", "", "where the theory holds (fraction of pairs):"]
+    h = s.get("headline", {})
+    lines = [_untrusted(h["pairs_replay_failed"], s["pairs"])] if "pairs_replay_failed" in h else []
+    lines += [f"pairs analyzed: {s['pairs']}", "", "where the theory holds (fraction of pairs):"]
     from trajscope.registry import get_metrics
 
     specs = get_metrics()
@@ -465,7 +481,6 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  tightest median: L1 = {f['best_l1']:.4g}, L0 = {f['best_l0']:.4g}, median "
             f"looseness {f['looseness_median_best']:.3g}x",
         ]
-    h = s.get("headline", {})
     rep = [(k, h[k]) for k in ("max_loss_replay_error", "max_grad_replay_error") if k in h]
     if rep:
         lines += ["", "replay fidelity:"] + [f"  {k:<34} {v:.3g}" for k, v in rep]

@@ -20,6 +20,7 @@ their tasks.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dask
+import torch
 
 from trajscope import format as fmt
 from trajscope import health
@@ -73,7 +75,7 @@ def objective_for(source: ObjectiveSource, recorded: str | None, key: str | None
         key = f"{key}@{run.path if isinstance(run, Run) else run}"
     if key in cache:
         cache.move_to_end(key)
-        return cache[key]
+        return cache[key][0]
     if isinstance(source, Objective):
         # never touch the caller's instance: the probe moves it and sets its train mode
         obj = Objective(model=copy.deepcopy(source.model), loss=source.loss)
@@ -81,7 +83,9 @@ def objective_for(source: ObjectiveSource, recorded: str | None, key: str | None
         # a path is opened only if the factory takes the run
         opener = functools.partial(open_run, run) if isinstance(run, (str, Path)) else run
         obj = resolve_objective(source, recorded, opener)
-    cache[key] = obj
+    # The source is kept with its Objective: while cached, its id (the key of a source given
+    # without one) cannot be reused by another object.
+    cache[key] = (obj, source)
     while len(cache) > _OBJECTIVES_PER_THREAD:
         cache.popitem(last=False)
     return obj
@@ -97,13 +101,17 @@ def pair_task(snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loaded, prev: Snaps
               init: SnapshotRef | Loaded | None, source: ObjectiveSource, recorded: str | None,
               settings: ProbeSettings, trainable: list[str], out: str | None, digest: str,
               ref: SnapshotRef | Loaded | None = None, placement: Placement | None = None,
-              objective_key: str | None = None, run_path: str | None = None) -> PairStats | health.SkippedPair:
+              objective_key: str | None = None, run_path: str | None = None,
+              strict: bool = False) -> PairStats | health.SkippedPair:
     """Probe the pair (x_t, x_{t+1}) = (``snap``, ``nxt``) and persist its PairStats to ``out``.
 
     ``run_path`` is the run a factory that takes the run is called with (opened in this process).
 
     ``prev`` (x_{t−1}), ``init`` (x_0) and ``ref`` (x*) are optional neighbours. A damaged
-    snapshot skips only this pair (or, as a neighbour, only the terms that need it).
+    snapshot skips only this pair (or, as a neighbour, only the terms that need it). So does an
+    exception raised by the objective's loss (e.g. a corrupted label tensor), unless ``strict``:
+    the first pair of an analysis is strict, so that a broken objective stops the analysis with
+    its :class:`ObjectiveError` instead of skipping every pair.
     """
     inputs = [resolved(s) for s in (snap, nxt, prev, init, ref)]
     if placement is not None:
@@ -119,7 +127,12 @@ def pair_task(snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loaded, prev: Snaps
     assert isinstance(x_t, Snapshot) and isinstance(x_next, Snapshot)
     # a damaged neighbour only costs its terms
     prev_ok, init_ok, ref_ok = (health.usable(s, objective.model) for s in (x_prev, x_0, x_ref))
-    stats = _probe(objective, x_t, x_next, settings, prev_ok, init_ok, ref_ok, trainable)
+    try:
+        stats = _probe(objective, x_t, x_next, settings, prev_ok, init_ok, ref_ok, trainable)
+    except _LossFailed as exc:
+        if strict:
+            raise exc.error from exc.error.__cause__
+        return health.SkippedPair(x_t.step, str(exc.error))
     if out is not None:
         save_pair(Path(out), stats, digest)
     return stats
@@ -131,24 +144,63 @@ def _probe(objective: Objective, snap: Snapshot, nxt: Snapshot, settings: ProbeS
     # One probe at a time per process: torch's forward-mode AD level (jvp) and the RNG state that
     # dropout replay sets are process-global, so two threads probing at once corrupt each other.
     # Threads still overlap loading and persisting with the probe; processes probe in parallel.
+    marked = Objective(model=objective.model, loss=_marking(objective.loss))
     with _PROBE_LOCK:
         try:
-            return probe_pair(objective, snap, nxt, settings, prev=prev, init=init, ref=ref,
+            return probe_pair(marked, snap, nxt, settings, prev=prev, init=init, ref=ref,
                               trainable=trainable)
         except TrajscopeError:
             raise
         except Exception as exc:  # the user's loss failed: say where, in one line
-            raise ObjectiveError(
+            error = ObjectiveError(
                 f"step {snap.step}: evaluating the objective's loss failed: {type(exc).__name__}: "
                 f"{one_line(exc, 500)} (--debug shows where)"
-            ) from exc
+            )
+            error.__cause__ = exc
+            if getattr(exc, _RAISED_BY_LOSS, False):
+                raise _LossFailed(error) from exc
+            raise error from exc
+
+
+_RAISED_BY_LOSS = "_trajscope_raised_by_loss"
+
+
+class _LossFailed(Exception):
+    """The objective's loss raised on one pair: ``error`` is its ObjectiveError."""
+
+    def __init__(self, error: ObjectiveError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _marking(loss: Callable[..., Any]) -> Callable[..., Any]:
+    """``loss``, with every exception it raises marked as the loss's own (re-raised unchanged, so
+    the probe's handling by type still applies). Out-of-memory is never marked: it is the
+    analysis's to handle (smaller chunks), not a property of the pair."""
+
+    @functools.wraps(loss)
+    def marked(model: Any, batch: Any) -> Any:
+        try:
+            return loss(model, batch)
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as exc:
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(exc, _RAISED_BY_LOSS, True)
+            raise
+
+    return marked
 
 
 def window_graph(r: Run, window: list[int], have: set[int], init_step: int | None, run_token: str,
                  objective: ObjectiveSource, objective_key: str | None, settings: ProbeSettings,
-                 placement: Placement, digest: str, pairs_dir: Path | None) -> list[Any]:
+                 placement: Placement, digest: str, pairs_dir: Path | None,
+                 strict_step: int | None = None) -> list[Any]:
     """The delayed pair tasks of one window, over the references to the snapshots they read
-    (wrapped in load tasks shared by adjacent pairs, except in a local process pool)."""
+    (wrapped in load tasks shared by adjacent pairs, except in a local process pool).
+
+    The pair starting at ``strict_step`` (the first of the analysis) fails the analysis when the
+    objective's loss raises; the others are skipped (see :func:`pair_task`)."""
     storage = r.storage
     loads: dict[int, Any] = {}
 
@@ -184,6 +236,6 @@ def window_graph(r: Run, window: list[int], have: set[int], init_step: int | Non
     for t in window:
         prev = load(t - 1) if (t - 1) in have and r.kind(t - 1) == fmt.KIND_STEP else None
         out = str(pair_path(pairs_dir, t)) if pairs_dir is not None else None
-        tasks.append(probe(load(t), load(t + 1), prev, init, out=out, ref=ref,
+        tasks.append(probe(load(t), load(t + 1), prev, init, out=out, ref=ref, strict=t == strict_step,
                            dask_key_name=(f"pair-{digest}-{run_token}", t)))
     return tasks
