@@ -31,6 +31,7 @@ __all__ = ["VERSION", "PairTable", "analysis_lock", "load_pair", "pair_path",
            "remove_stale_temporaries", "save_pair", "settings_digest"]
 
 from trajscope._version import VERSION
+
 """The analyzer's version: part of the settings digest, and written into the Dataset."""
 
 
