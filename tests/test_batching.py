@@ -151,7 +151,8 @@ def test_out_of_memory_even_for_one_point_falls_back_then_fails_clearly(
 
 def test_analysis_batched_equals_pointwise(runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     lines = _count_batched_lines(monkeypatch)
-    a = trajscope.analyze(runs["mlp"], make_mlp, dtype="float64", write=False, progress=False)
+    # batched=True pins the path: the default (None) calibrates on the first pair, with one more batched call
+    a = trajscope.analyze(runs["mlp"], make_mlp, dtype="float64", batched=True, write=False, progress=False)
     assert lines == [a.sizes["step"]], "every pair's line is computed by the batched path"
     b = trajscope.analyze(runs["mlp"], make_mlp, dtype="float64", batched=False, write=False,
                           progress=False)

@@ -23,12 +23,12 @@ import hashlib
 import sys
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trajscope import format as fmt
-from trajscope import health
+from trajscope import health, memory
 from trajscope.dataset import (
     build_dataset,
     import_libraries_in_background,
@@ -36,7 +36,14 @@ from trajscope.dataset import (
 )
 from trajscope.dataset import write_dataset as _write_dataset
 from trajscope.errors import AnalysisError, RunFormatError
-from trajscope.execution import LOCAL_SCHEDULERS, Backend, check_device, check_scheduler, open_backend
+from trajscope.execution import (
+    LOCAL_SCHEDULERS,
+    Backend,
+    check_device,
+    check_scheduler,
+    open_backend,
+    usable_cores,
+)
 from trajscope.objective import check_run_objective
 from trajscope.persist import (
     VERSION,
@@ -92,8 +99,9 @@ def analyze(
     workers: int | None = None,
     steps: str | slice | Iterable[int] | None = None,
     metrics: Iterable[str] | None = None,
-    batched: bool = True,
+    batched: bool | None = None,
     chunk_size: int | None = None,
+    max_memory: int | str | None = None,
     derivatives: str = "auto",
     sharpness: bool = False,
     sharpness_max_iter: int = 100,
@@ -122,8 +130,15 @@ def analyze(
             intra-op threads are split between them.
         steps: which pairs, by start step: ``"START:STOP[:STRIDE]"``, a slice, or step numbers.
         metrics: metric names (default: every registered metric).
-        batched, chunk_size: evaluate the α points together with ``vmap``, at most
-            ``chunk_size`` at a time (default: all; halved automatically when out of memory).
+        batched, chunk_size: evaluate the α points together with ``vmap`` (True), one by one
+            (False), or whichever a short calibration on the first pair finds faster (None, the
+            default; :mod:`trajscope.line_plan`); at most ``chunk_size`` at a time (default: as
+            many as fit ``max_memory``).
+        max_memory: bytes (or a size such as ``"4GB"``, ``"512MiB"``) the line evaluations may
+            add to what the analysis holds, split between local worker processes (per worker on
+            a cluster); default: half the available memory (CPU: within the cgroup limit; CUDA:
+            the device's free memory). Chunks of α points are planned from one point's measured
+            cost to fit (:mod:`trajscope.memory`); one point that does not fit is an error.
         derivatives: ℓ'(α) by ``forward``-mode AD (batched), ``reverse`` mode (one backward per α
             point) or ``auto`` (decided once: :func:`trajscope.plan.resolve_derivatives`).
         sharpness: also compute λ_max(∇²f(x_t; z_t)) per pair by Lanczos (at most
@@ -147,6 +162,8 @@ def analyze(
     specs = with_requirements(selected)
     pairs, lost = pairs_to_analyze(r, steps)
     r, settings = _resolve_objective(r, objective, settings, derivatives, pairs, local)
+    settings = replace(settings, max_memory=_memory_budget(max_memory, scheduler, workers, settings.device),
+                       plan_id=uuid.uuid4().hex)
     name = objective_id(objective, r.objective)
     analysis_dir = r.path / fmt.ANALYSIS_DIR
     if write:
@@ -191,6 +208,17 @@ def _check_arguments(dtype: str | None, scheduler: Any, device: str, chunk_size:
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise AnalysisError(f"chunk_size={chunk_size!r}: expected an int >= 1 or None")
     return scheduler
+
+
+def _memory_budget(max_memory: int | str | None, scheduler: Any, workers: int | None, device: str) -> int:
+    """Bytes the line evaluation of each worker may add (``ProbeSettings.max_memory``): the
+    budget split between the local worker processes (thread workers probe one at a time); 0 on a
+    cluster without ``max_memory``, where each worker takes half of its own available memory."""
+    local = isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS
+    procs = (workers or usable_cores()) if scheduler == "processes" else 1
+    if max_memory is None:
+        return memory.default_budget(device, procs) if local else 0
+    return max(1, memory.parse_size(max_memory) // procs)
 
 
 def _resolve_objective(r: Run, objective: ObjectiveSource, settings: ProbeSettings, derivatives: str,

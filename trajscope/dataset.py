@@ -84,11 +84,29 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
         "derivatives_reason": settings.derivatives_reason,
         # pairs whose line vmap could not batch (evaluated point by point: same numbers, slower)
         "line_batched_fallback_pairs": sum(
-            s.extras.get("line_batched") == 0.0 for s in stats
-        ) if settings.batched and settings.derivatives == "forward" else 0,
+            s.extras.get("line_batched") == 0.0 if settings.batched else s.extras.get("line_fallback") == 1.0
+            for s in stats
+        ) if settings.batched is not False and settings.derivatives == "forward" else 0,
+        **_line_plan_attrs(stats),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return health.add_flags(ds, stats, run)  # pair_flags (non-finite, zero update)
+
+
+def _line_plan_attrs(stats: Sequence[PairStats]) -> dict[str, Any]:
+    """``line_mode`` (batched or pointwise), ``line_chunk`` (α points per evaluation call) and
+    ``line_calibration`` (JSON: the memory plan and calibration timings, trajscope.line_plan) of
+    the first pair probed under a memory plan; none when every pair was reused or unplanned."""
+    planned = [s.extras for s in stats if "line_chunk" in s.extras]
+    if not planned:
+        return {}
+    e = planned[0]
+    keys = ("fit_chunk", "point_bytes", "budget", "seconds_point", "seconds_batched", "calibration_points")
+    return {
+        "line_mode": "batched" if e["line_batched_mode"] == 1.0 else "pointwise",
+        "line_chunk": int(e["line_chunk"]),
+        "line_calibration": json.dumps({k: e[f"line_{k}"] for k in keys}),
+    }
 
 
 def write_dataset(ds: xr.Dataset, path: Path) -> None:

@@ -149,21 +149,29 @@ def _line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.
         with torch.no_grad():
             vals, ders = _line_pointwise(f, x0, delta, alphas, settings.device, rng, replay, _reverse_point)
         return vals, ders, False
+    if settings.batched is not False and settings.chunk_size is None and getattr(settings, "max_memory", None) is not None:
+        from trajscope.line_plan import planned_line  # the memory budget and the batched/pointwise choice
+
+        return planned_line(f, x0, delta, alphas, settings, rng, replay)
+    return _forward_line(f, x0, delta, alphas, settings, rng, replay, settings.batched is not False,
+                         settings.chunk_size)
+
+
+def _forward_line(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+                  alphas: torch.Tensor, settings: Any, rng: Mapping[str, torch.Tensor],
+                  replay: bool, batched: bool, chunk: int | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The forward-mode line: batched in chunks of ``chunk`` points (None: all) when ``batched``,
+    falling back to the point loop (with a ProbeWarning) when vmap fails; else point by point."""
     fallback: str | None = None
     with torch.no_grad():
-        if settings.batched:
+        if batched:
             try:
-                vals, ders = _line_batched(f, x0, delta, alphas, settings.chunk_size, rng, replay,
-                                           settings.device)
+                vals, ders = _line_batched(f, x0, delta, alphas, chunk, rng, replay, settings.device)
                 return vals, ders, True
             except ObjectiveError:
                 raise
             except Exception as exc:  # noqa: BLE001 - modules vmap cannot batch: the point loop gives the same result
-                what = forward_ad_failure(exc)
-                if what is not None:  # the point loop would fail the same way
-                    raise _forward_mode_error(exc, what) from None
-                # Only the text is kept: the exception's frames would pin the failed chunk's memory.
-                fallback = f"{type(exc).__name__}: {one_line(exc, 300)}"
+                fallback = vmap_failure(exc)
         try:
             vals, ders = _line_pointwise(f, x0, delta, alphas, settings.device, rng, replay, _jvp_point)
         except (NotImplementedError, RuntimeError) as exc:
@@ -173,12 +181,26 @@ def _line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.
             raise _forward_mode_error(exc, what) from None
     if fallback is not None:
         # Warned only once the point loop has succeeded: when it fails too, its error says why.
-        warnings.warn(
-            f"the α points of the line could not be evaluated batched with vmap ({fallback}); they "
-            "were evaluated one by one instead (same numbers, slower)",
-            ProbeWarning, stacklevel=3,
-        )
+        warn_fallback(fallback)
     return vals, ders, False
+
+
+def vmap_failure(exc: Exception) -> str:
+    """Why the batched path failed, in one line (the point loop gives the same numbers); raises
+    :class:`~trajscope.errors.ForwardModeError` when the point loop would fail the same way."""
+    what = forward_ad_failure(exc)
+    if what is not None:
+        raise _forward_mode_error(exc, what) from None
+    # Only the text is kept: the exception's frames would pin the failed chunk's memory.
+    return f"{type(exc).__name__}: {one_line(exc, 300)}"
+
+
+def warn_fallback(reason: str) -> None:
+    warnings.warn(
+        f"the α points of the line could not be evaluated batched with vmap ({reason}); they "
+        "were evaluated one by one instead (same numbers, slower)",
+        ProbeWarning, stacklevel=4,
+    )
 
 
 def _jvp_point(f: Loss, x: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]
