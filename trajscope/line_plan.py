@@ -7,11 +7,12 @@ Decided once per analysis in each worker process, on the first pair that process
 1. α₀ is evaluated alone (one jvp) under a :class:`~trajscope.memory.PeakMeter`: its peak is the
    one-point cost c, and the chunk that fits the budget B is ``min(n, ⌊B / (1.25·c)⌋)``
    (:func:`~trajscope.memory.plan_chunk`; B < c is an error that names both).
-2. With ``batched=None`` (auto), α₁ alone is timed (t₁, per point), then a batched chunk of
-   k = min(fit, :data:`CALIBRATION_POINTS`) points (t_k per point; its peak/k refines c). Batched
-   is chosen when t_k < :data:`PREFER_BATCHED`·t₁: on small models vmap saves the per-call
-   overhead; on models whose activations are large (a language model's logits), a batched chunk
-   moves k times the activations through memory and the point loop is faster.
+2. With ``batched=None`` (auto), α₁ alone is timed (t₁, per point), then, unless t₁ exceeds
+   :data:`SLOW_POINT`, a batched chunk of k = min(fit, :data:`CALIBRATION_POINTS`) points (t_k
+   per point; its peak/k refines c). Batched is chosen when t_k < :data:`PREFER_BATCHED`·t₁: on
+   small models vmap saves the per-call overhead; on models whose activations are large (a
+   language model's logits), a batched chunk moves k times the activations through memory and
+   the point loop is faster.
 3. The remaining points are evaluated the chosen way. The measured points are part of the
    result: batched and pointwise give the same numbers (tests/test_batching.py).
 
@@ -48,6 +49,10 @@ __all__ = ["LinePlan", "planned_line"]
 CALIBRATION_POINTS = 4
 """α points of the calibration's batched chunk: enough for vmap's saving per call to show, few
 enough that a model whose activations are large does not hold many points at once."""
+SLOW_POINT = 0.2
+"""Seconds: a point slower than this is evaluated point by point without a batched trial. What
+vmap saves is per-call overhead (dispatch, small kernels), negligible against such a point, while
+a batched trial would hold several points' activations at once."""
 PREFER_BATCHED = 0.95
 """Batched must be at least this much faster per point to be chosen: the point loop holds the
 memory of one point only."""
@@ -146,8 +151,9 @@ def _calibrate(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tens
     vals.append(v)
     ders.append(d)
     k = min(fit, CALIBRATION_POINTS, n - 2)
-    if k < 2:
-        return np.concatenate(vals), np.concatenate(ders), LinePlan("pointwise", fit, point_bytes, budget)
+    if k < 2 or m1.seconds > SLOW_POINT:
+        plan = LinePlan("pointwise", fit, point_bytes, budget, m1.seconds)
+        return np.concatenate(vals), np.concatenate(ders), plan
     try:
         with memory.PeakMeter(device) as mb:
             v, d = _line_batched(f, x0, delta, alphas[2 : 2 + k], k, rng, replay, device)
