@@ -5,8 +5,8 @@ clear error when a single point does not fit."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest

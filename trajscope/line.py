@@ -3,8 +3,11 @@
 Two derivative paths (``ProbeSettings.derivatives``):
 
 * ``"forward"``: one forward-mode pass per point (``torch.func.jvp``: value and directional
-  derivative together). The points are batched with ``torch.func.vmap`` in chunks that shrink when
-  a chunk does not fit in memory; a model ``vmap`` cannot batch is evaluated point by point
+  derivative together). The points are batched with ``torch.func.vmap`` in chunks, or evaluated
+  one by one. Under a memory budget (``ProbeSettings.max_memory``, set by every analysis) the chunk
+  is planned from one point's measured cost, and a calibration on the first pair picks the faster
+  of the two (:mod:`trajscope.line_plan`); without one, all points go in one call and a chunk that
+  raises out-of-memory (CUDA) is halved. A model ``vmap`` cannot batch is evaluated point by point
   instead, with the same numbers and a :class:`~trajscope.errors.ProbeWarning` that names the
   reason. An op without a forward-mode AD rule raises :class:`~trajscope.errors.ForwardModeError`
   naming it (:func:`forward_ad_failure`).
@@ -132,9 +135,11 @@ def _line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.
                    replay: bool) -> tuple[np.ndarray, np.ndarray, bool]:
     """ℓ(α), ℓ'(α) at every grid point and whether the batched path computed them.
 
-    Batched (``settings.batched``, the default): all α points in one ``vmap`` over stacked
-    parameters, in chunks (``settings.chunk_size``) that shrink automatically when a chunk does
-    not fit in memory. Point by point when ``settings.batched`` is False, or, with a
+    Batched (``settings.batched``): all α points in one ``vmap`` over stacked parameters, in
+    chunks (``settings.chunk_size``) that shrink automatically when a chunk raises out-of-memory.
+    With ``settings.max_memory`` set and no ``chunk_size``, :func:`trajscope.line_plan.planned_line`
+    plans the chunk to fit the budget and, for ``batched=None``, chooses batched or pointwise.
+    Point by point when ``settings.batched`` is False, or, with a
     :class:`~trajscope.errors.ProbeWarning` naming the exception, when the batched path fails
     (a module ``vmap`` cannot batch). Both paths build x_t + αΔ_t with the same two roundings and
     run the same jvp, so they give the same numbers (tested). An ObjectiveError (the loss is not
@@ -149,7 +154,8 @@ def _line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.
         with torch.no_grad():
             vals, ders = _line_pointwise(f, x0, delta, alphas, settings.device, rng, replay, _reverse_point)
         return vals, ders, False
-    if settings.batched is not False and settings.chunk_size is None and getattr(settings, "max_memory", None) is not None:
+    planned = getattr(settings, "max_memory", None) is not None and settings.chunk_size is None
+    if planned and settings.batched is not False:
         from trajscope.line_plan import planned_line  # the memory budget and the batched/pointwise choice
 
         return planned_line(f, x0, delta, alphas, settings, rng, replay)
