@@ -153,6 +153,8 @@ def analyze(
     """
     r = run if isinstance(run, Run) else open_run(run)
     scheduler = _check_arguments(dtype, scheduler, device, chunk_size, derivatives)
+    if max_memory is not None:
+        memory.parse_size(max_memory)  # a malformed size fails before any work
     local = isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS
     selected, sharpness = select_metrics(metrics, sharpness)
     settings = probe_settings(r, points=points, margin=margin, device=device, dtype=dtype,

@@ -7,7 +7,8 @@ Decided once per analysis in each worker process, on the first pair that process
 1. α₀ is evaluated alone (one jvp) under a :class:`~trajscope.memory.PeakMeter`: its peak is the
    one-point cost c, and the chunk that fits the budget B is ``min(n, ⌊B / (1.25·c)⌋)``
    (:func:`~trajscope.memory.plan_chunk`; B < c is an error that names both).
-2. With ``batched=None`` (auto), α₁ alone is timed (t₁, per point), then, unless t₁ exceeds
+2. With ``batched=None`` (auto), α₁ alone is timed too (t₁: the faster of the two single
+   points), then, unless t₁ exceeds
    :data:`SLOW_POINT`, a batched chunk of k = min(fit, :data:`CALIBRATION_POINTS`) points (t_k
    per point; its peak/k refines c). Batched is chosen when t_k < :data:`PREFER_BATCHED`·t₁: on
    small models vmap saves the per-call overhead; on models whose activations are large (a
@@ -46,9 +47,10 @@ from trajscope.line import (
 
 __all__ = ["LinePlan", "planned_line"]
 
-CALIBRATION_POINTS = 4
-"""α points of the calibration's batched chunk: enough for vmap's saving per call to show, few
-enough that a model whose activations are large does not hold many points at once."""
+CALIBRATION_POINTS = 8
+"""α points of the calibration's batched chunk: enough for vmap's saving per call to show clearly
+above timing noise (it grows with the chunk); models whose points are slow skip the trial
+(:data:`SLOW_POINT`), so it never holds many large points at once."""
 SLOW_POINT = 0.2
 """Seconds: a point slower than this is evaluated point by point without a batched trial. What
 vmap saves is per-call overhead (dispatch, small kernels), negligible against such a point, while
@@ -133,7 +135,8 @@ def _calibrate(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tens
                replay: bool) -> tuple[np.ndarray, np.ndarray, LinePlan]:
     """The first points of the line and the plan measured while evaluating them (see the module
     docstring)."""
-    device, n = settings.device, len(alphas)
+    # Where the parameters are, not settings.device: a cluster's workers resolve "auto" themselves.
+    device, n = str(next(iter(x0.values())).device), len(alphas)
     budget = settings.max_memory or memory.default_budget(device)
     param_bytes = sum(t.numel() * t.element_size() for t in x0.values())
     with memory.PeakMeter(device) as m0:
@@ -150,9 +153,11 @@ def _calibrate(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tens
         v, d = _line_pointwise(f, x0, delta, alphas[1:2], device, rng, replay, _jvp_point)
     vals.append(v)
     ders.append(d)
+    # The faster of the two single points: the first may carry one-time costs (lazy initialisation).
+    t_point = min(m0.seconds, m1.seconds)
     k = min(fit, CALIBRATION_POINTS, n - 2)
-    if k < 2 or m1.seconds > SLOW_POINT:
-        plan = LinePlan("pointwise", fit, point_bytes, budget, m1.seconds)
+    if k < 2 or t_point > SLOW_POINT:
+        plan = LinePlan("pointwise", fit, point_bytes, budget, t_point)
         return np.concatenate(vals), np.concatenate(ders), plan
     try:
         with memory.PeakMeter(device) as mb:
@@ -161,13 +166,13 @@ def _calibrate(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tens
         raise
     except Exception as exc:  # noqa: BLE001 - modules vmap cannot batch: the point loop gives the same result
         warn_fallback(vmap_failure(exc))
-        plan = LinePlan("pointwise", fit, point_bytes, budget, m1.seconds, math.nan, k, fallback=True)
+        plan = LinePlan("pointwise", fit, point_bytes, budget, t_point, math.nan, k, fallback=True)
         return np.concatenate(vals), np.concatenate(ders), plan
     vals.append(v)
     ders.append(d)
     point_bytes = max(point_bytes, mb.peak // k)
     fit = memory.plan_chunk(budget, point_bytes, n)
     per_point = mb.seconds / k
-    mode = "batched" if per_point < PREFER_BATCHED * m1.seconds else "pointwise"
-    plan = LinePlan(mode, fit, point_bytes, budget, m1.seconds, per_point, k)
+    mode = "batched" if per_point < PREFER_BATCHED * t_point else "pointwise"
+    plan = LinePlan(mode, fit, point_bytes, budget, t_point, per_point, k)
     return np.concatenate(vals), np.concatenate(ders), plan
