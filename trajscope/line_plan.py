@@ -38,9 +38,11 @@ from trajscope.errors import ObjectiveError
 from trajscope.line import (
     Loss,
     _forward_line,
+    _forward_mode_error,
     _jvp_point,
     _line_batched,
     _line_pointwise,
+    forward_ad_failure,
     vmap_failure,
     warn_fallback,
 )
@@ -119,7 +121,13 @@ def planned_line(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Te
                                             plan.mode == "batched", plan.chunk)
         return vals, ders, batched
     with torch.no_grad():
-        vals, ders, plan = _calibrate(f, x0, delta, alphas, settings, rng, replay)
+        try:
+            vals, ders, plan = _calibrate(f, x0, delta, alphas, settings, rng, replay)
+        except (NotImplementedError, RuntimeError) as exc:  # as the point loop of _forward_line reports it
+            what = forward_ad_failure(exc)
+            if what is None:
+                raise
+            raise _forward_mode_error(exc, what) from None
     _PLANS[key] = plan
     LAST_PLAN[:] = [plan]
     i = len(vals)
