@@ -7,13 +7,12 @@ Decided once per analysis in each worker process, on the first pair that process
 1. α₀ is evaluated alone (one jvp) under a :class:`~trajscope.memory.PeakMeter`: its peak is the
    one-point cost c, and the chunk that fits the budget B is ``min(n, ⌊B / (1.25·c)⌋)``
    (:func:`~trajscope.memory.plan_chunk`; B < c is an error that names both).
-2. With ``batched=None`` (auto), α₁ alone is timed too (t₁: the faster of the two single
-   points), then, unless t₁ exceeds
-   :data:`SLOW_POINT`, a batched chunk of k = min(fit, :data:`CALIBRATION_POINTS`) points (t_k
-   per point; its peak/k refines c). Batched is chosen when t_k < :data:`PREFER_BATCHED`·t₁: on
-   small models vmap saves the per-call overhead; on models whose activations are large (a
-   language model's logits), a batched chunk moves k times the activations through memory and
-   the point loop is faster.
+2. With ``batched=None`` (auto), unless c exceeds :data:`LARGE_POINT`: α₁ alone is timed (t₁),
+   then two batched chunks of k = min(fit, :data:`CALIBRATION_POINTS`) points: the first
+   measures memory (its peak/k refines c), the second is timed (t_k per point). Batched is chosen
+   when t_k < :data:`PREFER_BATCHED`·t₁: on small models vmap saves the per-call overhead; on
+   models whose activations are large (a language model's logits), a batched chunk moves k times
+   the activations through memory and the point loop is faster.
 3. The remaining points are evaluated the chosen way. The measured points are part of the
    result: batched and pointwise give the same numbers (tests/test_batching.py).
 
@@ -49,14 +48,15 @@ from trajscope.line import (
 
 __all__ = ["LinePlan", "planned_line"]
 
-CALIBRATION_POINTS = 8
-"""α points of the calibration's batched chunk: enough for vmap's saving per call to show clearly
-above timing noise (it grows with the chunk); models whose points are slow skip the trial
-(:data:`SLOW_POINT`), so it never holds many large points at once."""
-SLOW_POINT = 0.2
-"""Seconds: a point slower than this is evaluated point by point without a batched trial. What
-vmap saves is per-call overhead (dispatch, small kernels), negligible against such a point, while
-a batched trial would hold several points' activations at once."""
+CALIBRATION_POINTS = 6
+"""α points of each of the calibration's two batched chunks: enough for vmap's saving per call to
+show above timing noise (it grows with the chunk); models whose points are large skip the trial
+(:data:`LARGE_POINT`), so it never holds many large points at once."""
+LARGE_POINT = 256 * 2**20
+"""Bytes: a point whose evaluation holds more is evaluated point by point without a batched trial.
+Its kernels are already large, so vmap's saving (per-call overhead) is negligible against them,
+while a batched chunk moves several points' activations through memory at once (a language
+model's logits and their tangents)."""
 PREFER_BATCHED = 0.95
 """Batched must be at least this much faster per point to be chosen: the point loop holds the
 memory of one point only."""
@@ -155,32 +155,33 @@ def _calibrate(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tens
     vals, ders = [v], [d]
     if settings.batched is True:
         return v, d, LinePlan("batched", fit, point_bytes, budget)
-    if fit < 2 or n < 3:
+    k = min(fit, CALIBRATION_POINTS, (n - 2) // 2)
+    if k < 2 or point_bytes > LARGE_POINT:
         return v, d, LinePlan("pointwise", fit, point_bytes, budget)
-    with memory.PeakMeter(device) as m1:
+    with memory.PeakMeter(device, memory=False) as m1:
         v, d = _line_pointwise(f, x0, delta, alphas[1:2], device, rng, replay, _jvp_point)
     vals.append(v)
     ders.append(d)
-    # The faster of the two single points: the first may carry one-time costs (lazy initialisation).
-    t_point = min(m0.seconds, m1.seconds)
-    k = min(fit, CALIBRATION_POINTS, n - 2)
-    if k < 2 or t_point > SLOW_POINT:
-        plan = LinePlan("pointwise", fit, point_bytes, budget, t_point)
-        return np.concatenate(vals), np.concatenate(ders), plan
     try:
+        # The first chunk measures memory and writes the chunk's fresh buffers; the second, of the
+        # same shape, is timed as every later chunk runs: into reused memory.
         with memory.PeakMeter(device) as mb:
             v, d = _line_batched(f, x0, delta, alphas[2 : 2 + k], k, rng, replay, device)
+        vals.append(v)
+        ders.append(d)
+        with memory.PeakMeter(device, memory=False) as mt:
+            v, d = _line_batched(f, x0, delta, alphas[2 + k : 2 + 2 * k], k, rng, replay, device)
     except ObjectiveError:
         raise
     except Exception as exc:  # noqa: BLE001 - modules vmap cannot batch: the point loop gives the same result
         warn_fallback(vmap_failure(exc))
-        plan = LinePlan("pointwise", fit, point_bytes, budget, t_point, math.nan, k, fallback=True)
-        return np.concatenate(vals), np.concatenate(ders), plan
+        plan = LinePlan("pointwise", fit, point_bytes, budget, m1.seconds, math.nan, k, fallback=True)
+        return np.concatenate(vals[:2]), np.concatenate(ders[:2]), plan
     vals.append(v)
     ders.append(d)
     point_bytes = max(point_bytes, mb.peak // k)
     fit = memory.plan_chunk(budget, point_bytes, n)
-    per_point = mb.seconds / k
-    mode = "batched" if per_point < PREFER_BATCHED * t_point else "pointwise"
-    plan = LinePlan(mode, fit, point_bytes, budget, t_point, per_point, k)
+    per_point = mt.seconds / k
+    mode = "batched" if per_point < PREFER_BATCHED * m1.seconds else "pointwise"
+    plan = LinePlan(mode, fit, point_bytes, budget, m1.seconds, per_point, k)
     return np.concatenate(vals), np.concatenate(ders), plan

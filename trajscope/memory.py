@@ -143,18 +143,20 @@ class PeakMeter:
     the platform gives no way to measure (see the module docstring)."""
 
     device: str
+    memory: bool = True
+    """False: time the block only (no trim of the heap, whose fresh pages would slow the block)."""
     peak: int = 0
     seconds: float = 0.0
 
     @contextlib.contextmanager
     def _measure(self) -> Iterator[PeakMeter]:
         cuda = self.device.startswith("cuda") and torch.cuda.is_available()
-        start: int | None
+        start: int | None = None
         if cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             start = torch.cuda.memory_allocated(self.device)
-        else:
+        elif self.memory:
             _malloc_trim()
             start = _reset_hwm()
         t0 = time.perf_counter()
@@ -164,7 +166,7 @@ class PeakMeter:
         self.seconds = time.perf_counter() - t0
         if cuda:
             self.peak = max(0, torch.cuda.max_memory_allocated(self.device) - (start or 0))
-        elif start is not None:
+        elif start is not None and self.memory:
             self.peak = max(0, (_status_kib("VmHWM") or start) - start)
 
     def __enter__(self) -> PeakMeter:
