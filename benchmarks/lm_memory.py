@@ -140,6 +140,9 @@ def _hand(run: str, pairs: int) -> dict[str, float]:
     import trajscope
     from trajscope.probe import alpha_grid
 
+    from trajscope.execution import keep_freed_memory
+
+    keep_freed_memory()  # as the analyzer sets it in its workers
     r = trajscope.open_run(run)
     model = make_gpt().model
     alphas = [float(a) for a in alpha_grid(9, 0.5)]
