@@ -13,8 +13,11 @@ Decided once per analysis in each worker process, on the first pair that process
    when t_k < :data:`PREFER_BATCHED`·t₁: on small models vmap saves the per-call overhead; on
    models whose activations are large (a language model's logits), a batched chunk moves k times
    the activations through memory and the point loop is faster.
-3. The remaining points are evaluated the chosen way. The measured points are part of the
-   result: batched and pointwise give the same numbers (tests/test_batching.py).
+   A point of at most :data:`SMALL_POINT` is batched without a trial.
+3. The line is evaluated the chosen way. Only points the trial evaluated point by point are
+   kept when point by point is chosen; a batched line is evaluated whole again, so that no pair
+   mixes the two paths (they agree to rounding, not bit for bit) and the numbers do not depend
+   on which pair a worker calibrated on.
 
 Every pair records the plan in its extras (``line_chunk``, ``line_point_bytes``, …), from which
 the Dataset attrs ``line_mode``, ``line_chunk`` and ``line_calibration`` are built. Workers in
@@ -52,6 +55,9 @@ CALIBRATION_POINTS = 6
 """α points of each of the calibration's two batched chunks: enough for vmap's saving per call to
 show above timing noise (it grows with the chunk); models whose points are large skip the trial
 (:data:`LARGE_POINT`), so it never holds many large points at once."""
+SMALL_POINT = 16 * 2**20
+"""Bytes: a point whose evaluation holds less is evaluated batched without a timed trial: its
+kernels are small, so the per-call overhead vmap saves dominates it."""
 LARGE_POINT = 256 * 2**20
 """Bytes: a point whose evaluation holds more is evaluated point by point without a batched trial.
 Its kernels are already large, so vmap's saving (per-call overhead) is negligible against them,
@@ -153,8 +159,11 @@ def _calibrate(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tens
     point_bytes = max(m0.peak, param_bytes)
     fit = memory.plan_chunk(budget, point_bytes, n)
     vals, ders = [v], [d]
-    if settings.batched is True:
-        return v, d, LinePlan("batched", fit, point_bytes, budget)
+    none = np.zeros(0, dtype=np.float64)
+    if settings.batched is True or point_bytes <= SMALL_POINT:
+        # The whole line is evaluated batched: a pair's numbers never mix the two paths, whose
+        # roundings differ, so they do not depend on which pair a worker calibrated on.
+        return none, none, LinePlan("batched", fit, point_bytes, budget)
     k = min(fit, CALIBRATION_POINTS, (n - 2) // 2)
     if k < 2 or point_bytes > LARGE_POINT:
         return v, d, LinePlan("pointwise", fit, point_bytes, budget)
@@ -177,11 +186,11 @@ def _calibrate(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tens
         warn_fallback(vmap_failure(exc))
         plan = LinePlan("pointwise", fit, point_bytes, budget, m1.seconds, math.nan, k, fallback=True)
         return np.concatenate(vals[:2]), np.concatenate(ders[:2]), plan
-    vals.append(v)
-    ders.append(d)
     point_bytes = max(point_bytes, mb.peak // k)
     fit = memory.plan_chunk(budget, point_bytes, n)
     per_point = mt.seconds / k
     mode = "batched" if per_point < PREFER_BATCHED * m1.seconds else "pointwise"
     plan = LinePlan(mode, fit, point_bytes, budget, m1.seconds, per_point, k)
-    return np.concatenate(vals), np.concatenate(ders), plan
+    if mode == "batched":  # evaluated again, whole, as every later pair is
+        return none, none, plan
+    return np.concatenate(vals[:2]), np.concatenate(ders[:2]), plan  # the two pointwise points
