@@ -130,7 +130,7 @@ def _analyze(run: str, pairs: int) -> dict[str, float]:
     ds = trajscope.analyze(run, steps=f"0:{pairs}", device="cpu", write=False, progress=False)
     t2 = time.perf_counter()
     return {"first": t1 - t0, "all": t2 - t1, "mode": ds.attrs.get("line_mode"),
-            "chunk": ds.attrs.get("line_chunk"), "calibration": ds.attrs.get("line_calibration")}
+            "chunk": ds.attrs.get("line_chunk")}
 
 
 def _hand(run: str, pairs: int) -> dict[str, float]:
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"marginal time per pair: analyze {per['analyze']:.2f} s, hand loop {per['hand']:.2f} s "
           f"({per['analyze'] / per['hand']:.2f}x; target <= 1.1x)")
     a = res["analyze"]
-    print(f"line plan: mode {a['mode']}, chunk {a['chunk']}, calibration {a['calibration']}")
+    print(f"line plan: mode {a['mode']}, chunk {a['chunk']}")
 
 
 if __name__ == "__main__":

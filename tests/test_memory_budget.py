@@ -4,7 +4,6 @@ clear error when a single point does not fit."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +15,7 @@ from torch import nn
 import trajscope
 from problems import ce_loss, train_classifier
 from trajscope.errors import AnalysisError
+from trajscope import line_plan
 from trajscope.line_plan import SMALL_POINT
 from trajscope.memory import SAFETY, parse_size, plan_chunk
 from trajscope.objective import Objective
@@ -48,14 +48,14 @@ def test_tight_budget_plans_smaller_chunks_with_the_same_numbers(wide_run: Path)
     free = _analyze(wide_run)
     assert free.attrs["line_mode"] == "batched"
     assert free.attrs["line_chunk"] == N_ALPHAS  # the default budget holds every point
-    point = json.loads(free.attrs["line_calibration"])["point_bytes"]
+    point = line_plan.LAST_PLAN[0].point_bytes  # this process's plan (synchronous scheduler)
     assert point > 4 * 2**20  # at least one activation tensor: the measurement sees the point
     budget = int(4 * point)  # about three points, far below the N_ALPHAS a full chunk needs
     tight = _analyze(wide_run, max_memory=budget)
-    cal = json.loads(tight.attrs["line_calibration"])
-    assert cal["budget"] == budget
+    plan = line_plan.LAST_PLAN[0]
+    assert plan.budget == budget
     assert 1 <= tight.attrs["line_chunk"] < N_ALPHAS
-    assert tight.attrs["line_chunk"] == plan_chunk(budget, int(cal["point_bytes"]), N_ALPHAS)
+    assert tight.attrs["line_chunk"] == plan_chunk(budget, plan.point_bytes, N_ALPHAS)
     for name in free.data_vars:
         np.testing.assert_allclose(tight[name].values, free[name].values, rtol=1e-10, atol=1e-12,
                                    equal_nan=True, err_msg=name)
@@ -69,10 +69,10 @@ def test_budget_below_one_point_is_one_clear_error(wide_run: Path) -> None:
 
 def test_calibration_records_the_choice(wide_run: Path) -> None:
     ds = trajscope.analyze(wide_run, make_wide, dtype="float64", write=False, progress=False)
-    cal = json.loads(ds.attrs["line_calibration"])
-    assert ds.attrs["line_mode"] in ("batched", "pointwise")
-    if cal["point_bytes"] > SMALL_POINT:  # else batched without a timed trial
-        assert cal["seconds_point"] > 0 and cal["seconds_batched"] > 0 and cal["calibration_points"] >= 2
+    plan = line_plan.LAST_PLAN[0]
+    assert ds.attrs["line_mode"] == plan.mode in ("batched", "pointwise")
+    if plan.point_bytes > SMALL_POINT:  # else batched without a timed trial
+        assert plan.seconds_point > 0 and plan.seconds_batched > 0 and plan.calibration_points >= 2
 
 
 def test_plan_and_sizes() -> None:

@@ -94,19 +94,16 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
 
 
 def _line_plan_attrs(stats: Sequence[PairStats]) -> dict[str, Any]:
-    """``line_mode`` (batched or pointwise), ``line_chunk`` (α points per evaluation call) and
-    ``line_calibration`` (JSON: the memory plan and calibration timings, trajscope.line_plan) of
-    the first pair probed under a memory plan; none when every pair was reused or unplanned."""
+    """``line_mode`` (batched or pointwise) and ``line_chunk`` (α points per evaluation call) of the
+    first pair probed under a memory plan (trajscope.line_plan); none when every pair was reused or
+    unplanned. The measured costs and timings stay in the pairs' extras (``line_point_bytes``, …):
+    they vary from run to run, and a resumed analysis has the same attrs as an uninterrupted one."""
     planned = [s.extras for s in stats if "line_chunk" in s.extras]
     if not planned:
         return {}
     e = planned[0]
-    keys = ("fit_chunk", "point_bytes", "budget", "seconds_point", "seconds_batched", "calibration_points")
-    return {
-        "line_mode": "batched" if e["line_batched_mode"] == 1.0 else "pointwise",
-        "line_chunk": int(e["line_chunk"]),
-        "line_calibration": json.dumps({k: e[f"line_{k}"] for k in keys}),
-    }
+    mode = "batched" if e["line_batched_mode"] == 1.0 else "pointwise"
+    return {"line_mode": mode, "line_chunk": int(e["line_chunk"])}
 
 
 def write_dataset(ds: xr.Dataset, path: Path) -> None:
