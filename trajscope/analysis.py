@@ -130,15 +130,9 @@ def analyze(
             intra-op threads are split between them.
         steps: which pairs, by start step: ``"START:STOP[:STRIDE]"``, a slice, or step numbers.
         metrics: metric names (default: every registered metric).
-        batched, chunk_size: evaluate the α points together with ``vmap`` (True), one by one
-            (False), or whichever a short calibration on the first pair finds faster (None, the
-            default; :mod:`trajscope.line_plan`); at most ``chunk_size`` at a time (default: as
-            many as fit ``max_memory``).
-        max_memory: bytes (or a size such as ``"4GB"``, ``"512MiB"``) the line evaluations may
-            add to what the analysis holds, split between local worker processes (per worker on
-            a cluster); default: half the available memory (CPU: within the cgroup limit; CUDA:
-            the device's free memory). Chunks of α points are planned from one point's measured
-            cost to fit (:mod:`trajscope.memory`); one point that does not fit is an error.
+        batched, chunk_size, max_memory: α points by ``vmap`` (True), one by one (False) or as is
+            faster (None: :mod:`trajscope.line_plan`), ``chunk_size`` at a time (default: as many
+            as fit ``max_memory``, bytes or ``"4GB"``; default half the free memory).
         derivatives: ℓ'(α) by ``forward``-mode AD (batched), ``reverse`` mode (one backward per α
             point) or ``auto`` (decided once: :func:`trajscope.plan.resolve_derivatives`).
         sharpness: also compute λ_max(∇²f(x_t; z_t)) per pair by Lanczos (at most
@@ -153,19 +147,16 @@ def analyze(
     """
     r = run if isinstance(run, Run) else open_run(run)
     scheduler = _check_arguments(dtype, scheduler, device, chunk_size, derivatives)
-    if max_memory is not None:
-        memory.parse_size(max_memory)  # a malformed size fails before any work
     local = isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS
     selected, sharpness = select_metrics(metrics, sharpness)
     settings = probe_settings(r, points=points, margin=margin, device=device, dtype=dtype,
                               chunk_size=chunk_size, batched=batched, sharpness=sharpness,
                               sharpness_max_iter=sharpness_max_iter, reference=reference,
                               resolve=local)
+    settings = _with_budget(settings, max_memory, scheduler, workers)  # a malformed size fails at once
     specs = with_requirements(selected)
     pairs, lost = pairs_to_analyze(r, steps)
     r, settings = _resolve_objective(r, objective, settings, derivatives, pairs, local)
-    settings = replace(settings, max_memory=_memory_budget(max_memory, scheduler, workers, settings.device),
-                       plan_id=uuid.uuid4().hex)
     name = objective_id(objective, r.objective)
     analysis_dir = r.path / fmt.ANALYSIS_DIR
     if write:
@@ -210,6 +201,13 @@ def _check_arguments(dtype: str | None, scheduler: Any, device: str, chunk_size:
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise AnalysisError(f"chunk_size={chunk_size!r}: expected an int >= 1 or None")
     return scheduler
+
+
+def _with_budget(settings: ProbeSettings, max_memory: int | str | None, scheduler: Any,
+                 workers: int | None) -> ProbeSettings:
+    """``settings`` with the memory budget per worker and a fresh line-plan id (one per analysis)."""
+    return replace(settings, max_memory=_memory_budget(max_memory, scheduler, workers, settings.device),
+                   plan_id=uuid.uuid4().hex)
 
 
 def _memory_budget(max_memory: int | str | None, scheduler: Any, workers: int | None, device: str) -> int:

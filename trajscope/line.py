@@ -137,8 +137,7 @@ def _line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.
 
     Batched (``settings.batched``): all α points in one ``vmap`` over stacked parameters, in
     chunks (``settings.chunk_size``) that shrink automatically when a chunk raises out-of-memory.
-    With ``settings.max_memory`` set and no ``chunk_size``, :func:`trajscope.line_plan.planned_line`
-    plans the chunk to fit the budget and, for ``batched=None``, chooses batched or pointwise.
+    Under a memory budget, :func:`trajscope.line_plan.line_and_path` plans the chunk instead.
     Point by point when ``settings.batched`` is False, or, with a
     :class:`~trajscope.errors.ProbeWarning` naming the exception, when the batched path fails
     (a module ``vmap`` cannot batch). Both paths build x_t + αΔ_t with the same two roundings and
@@ -154,11 +153,6 @@ def _line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.
         with torch.no_grad():
             vals, ders = _line_pointwise(f, x0, delta, alphas, settings.device, rng, replay, _reverse_point)
         return vals, ders, False
-    planned = getattr(settings, "max_memory", None) is not None and settings.chunk_size is None
-    if planned and settings.batched is not False:
-        from trajscope.line_plan import planned_line  # the memory budget and the batched/pointwise choice
-
-        return planned_line(f, x0, delta, alphas, settings, rng, replay)
     return _forward_line(f, x0, delta, alphas, settings, rng, replay, settings.batched is not False,
                          settings.chunk_size)
 

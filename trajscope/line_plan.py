@@ -42,6 +42,7 @@ from trajscope.line import (
     _forward_line,
     _forward_mode_error,
     _jvp_point,
+    _line_and_path,
     _line_batched,
     _line_pointwise,
     forward_ad_failure,
@@ -49,7 +50,7 @@ from trajscope.line import (
     warn_fallback,
 )
 
-__all__ = ["LinePlan", "planned_line"]
+__all__ = ["LinePlan", "line_and_path", "planned_line"]
 
 CALIBRATION_POINTS = 6
 """α points of each of the calibration's two batched chunks: enough for vmap's saving per call to
@@ -112,6 +113,17 @@ def _key(settings: Any, x0: Mapping[str, torch.Tensor], n: int) -> tuple[Any, ..
     numel = sum(t.numel() for t in x0.values())
     return (getattr(settings, "plan_id", ""), settings.device, settings.dtype, settings.batched,
             settings.max_memory, numel, n)
+
+
+def line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+                  alphas: torch.Tensor, settings: Any, rng: Mapping[str, torch.Tensor],
+                  replay: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+    """:func:`planned_line` for forward mode under a budget (``settings.max_memory`` set, no
+    ``chunk_size``, ``batched`` not False); :func:`trajscope.line._line_and_path` otherwise."""
+    if (settings.derivatives == "forward" and settings.max_memory is not None and settings.chunk_size is None
+            and settings.batched is not False):
+        return planned_line(f, x0, delta, alphas, settings, rng, replay)
+    return _line_and_path(f, x0, delta, alphas, settings, rng, replay)
 
 
 def planned_line(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],

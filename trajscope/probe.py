@@ -402,7 +402,7 @@ def _evaluate(prep: _Prepared, snap: Snapshot, settings: ProbeSettings, *,
     line_plan.LAST_PLAN.clear()
     with _batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math):
         try:
-            loss_line, dloss_line, batched = _line_and_path(f, prep.x0, prep.delta, alphas, settings, rng,
+            loss_line, dloss_line, batched = line_plan.line_and_path(f, prep.x0, prep.delta, alphas, settings, rng,
                                                             replay)
         except ForwardModeError as exc:
             raise ForwardModeError(f"step {snap.step}: {exc}", exc.what) from None
