@@ -20,7 +20,7 @@ Decided once per analysis in each worker process, on the first pair that process
    on which pair a worker calibrated on.
 
 Every pair records the plan in its extras (``line_chunk``, ``line_point_bytes``, …), from which
-the Dataset attrs ``line_mode``, ``line_chunk`` and ``line_calibration`` are built. Workers in
+the Dataset attrs ``line_mode`` and ``line_chunk`` are built. Workers in
 different processes calibrate each on its own first pair and may, on a loaded machine, decide
 differently; the numbers are the same either way.
 """
