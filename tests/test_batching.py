@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from problems import make_mlp, make_mlp_dropout, train_classifier
 from torch.func import functional_call
 
 import trajscope
 import trajscope.line as line_mod
 import trajscope.probe as probe
-from problems import make_mlp, make_mlp_dropout, train_classifier
 from trajscope.errors import AnalysisError, ProbeWarning
 from trajscope.probe import ProbeSettings, alpha_grid
 
@@ -35,7 +35,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def line_inputs(run_dir: Path, factory, dtype: torch.dtype, points: int = 9):  # noqa: ANN001, ANN201
+def line_inputs(run_dir: Path, factory, dtype: torch.dtype, points: int = 9):
     run = trajscope.open_run(run_dir)
     snap, nxt = run.snapshot(1), run.snapshot(2)
     obj = factory()
@@ -52,7 +52,7 @@ def line_inputs(run_dir: Path, factory, dtype: torch.dtype, points: int = 9):  #
     return f, x0, delta, alphas, snap.rng
 
 
-def line(inputs, *, batched: bool, chunk: int | None = None, replay: bool = False,  # noqa: ANN001, ANN201
+def line(inputs, *, batched: bool, chunk: int | None = None, replay: bool = False,
          expect_path: bool = True):
     """ℓ, ℓ' by the probe's line evaluation; with ``expect_path``, fails unless the path asked
     for (batched or point by point) is the one that ran, without a fallback warning."""
@@ -94,14 +94,14 @@ def test_batched_equals_pointwise_with_dropout_replay(runs: dict[str, Path]) -> 
     assert not np.allclose(other[0], want[0])
 
 
-def _oom_above(limit: int, sizes: list[int]):  # noqa: ANN202
+def _oom_above(limit: int, sizes: list[int]):
     """A vmap that fails like an out-of-memory device for chunks of more than ``limit`` points."""
     real = line_mod.vmap
 
-    def fake_vmap(fn, **kw):  # noqa: ANN001, ANN003, ANN202
+    def fake_vmap(fn, **kw):
         batched = real(fn, **kw)
 
-        def call(stacked: dict[str, torch.Tensor]):  # noqa: ANN202
+        def call(stacked: dict[str, torch.Tensor]):
             k = next(iter(stacked.values())).shape[0]
             sizes.append(k)
             if k > limit:
@@ -141,7 +141,7 @@ def test_out_of_memory_even_for_one_point_falls_back_then_fails_clearly(
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12 * np.abs(want[1]).max())
 
-    def no_memory(*a, **k):  # noqa: ANN002, ANN003, ANN202
+    def no_memory(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(line_mod, "jvp", no_memory)
@@ -151,7 +151,8 @@ def test_out_of_memory_even_for_one_point_falls_back_then_fails_clearly(
 
 def test_analysis_batched_equals_pointwise(runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     lines = _count_batched_lines(monkeypatch)
-    a = trajscope.analyze(runs["mlp"], make_mlp, dtype="float64", write=False, progress=False)
+    # batched=True pins the path: the default (None) calibrates on the first pair, with one more batched call
+    a = trajscope.analyze(runs["mlp"], make_mlp, dtype="float64", batched=True, write=False, progress=False)
     assert lines == [a.sizes["step"]], "every pair's line is computed by the batched path"
     b = trajscope.analyze(runs["mlp"], make_mlp, dtype="float64", batched=False, write=False,
                           progress=False)
@@ -173,7 +174,7 @@ def _count_batched_lines(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     count = [0]
     real = line_mod._line_batched
 
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         count[0] += 1
         return out

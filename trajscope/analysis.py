@@ -24,12 +24,12 @@ import sys
 import uuid
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trajscope import format as fmt
-from trajscope import health
+from trajscope import health, memory
 from trajscope.dataset import (
     build_dataset,
     import_libraries_in_background,
@@ -37,7 +37,14 @@ from trajscope.dataset import (
 )
 from trajscope.dataset import write_dataset as _write_dataset
 from trajscope.errors import AnalysisError, RunFormatError, TrajscopeWarning
-from trajscope.execution import LOCAL_SCHEDULERS, Backend, check_device, check_scheduler, open_backend
+from trajscope.execution import (
+    LOCAL_SCHEDULERS,
+    Backend,
+    check_device,
+    check_scheduler,
+    open_backend,
+    usable_cores,
+)
 from trajscope.objective import check_run_objective, objective_digest
 from trajscope.persist import (
     VERSION,
@@ -59,8 +66,8 @@ from trajscope.plan import (
     with_requirements,
 )
 from trajscope.probe import PairStats, ProbeSettings
-from trajscope.registry import evaluate_pair
 from trajscope.progress import Progress as _Progress
+from trajscope.registry import evaluate_pair
 from trajscope.run import Run, open_run
 from trajscope.tasks import ObjectiveSource, objective_for, window_graph
 from trajscope.unwrap import unwrapped
@@ -95,8 +102,9 @@ def analyze(
     workers: int | None = None,
     steps: str | slice | Iterable[int] | None = None,
     metrics: Iterable[str] | None = None,
-    batched: bool = True,
+    batched: bool | None = None,
     chunk_size: int | None = None,
+    max_memory: int | str | None = None,
     derivatives: str = "auto",
     sharpness: bool = False,
     sharpness_max_iter: int = 100,
@@ -125,8 +133,9 @@ def analyze(
             intra-op threads are split between them.
         steps: which pairs, by start step: ``"START:STOP[:STRIDE]"``, a slice, or step numbers.
         metrics: metric names (default: every registered metric).
-        batched, chunk_size: evaluate the α points together with ``vmap``, at most
-            ``chunk_size`` at a time (default: all; halved automatically when out of memory).
+        batched, chunk_size, max_memory: α points by ``vmap`` (True), one by one (False) or as is
+            faster (None: :mod:`trajscope.line_plan`), ``chunk_size`` at a time (default: as many
+            as fit ``max_memory``, bytes or ``"4GB"``; default half the free memory).
         derivatives: ℓ'(α) by ``forward``-mode AD (batched), ``reverse`` mode (one backward per α
             point) or ``auto`` (decided once: :func:`trajscope.plan.resolve_derivatives`).
         sharpness: also compute λ_max(∇²f(x_t; z_t)) per pair by Lanczos (at most
@@ -147,6 +156,7 @@ def analyze(
                               chunk_size=chunk_size, batched=batched, sharpness=sharpness,
                               sharpness_max_iter=sharpness_max_iter, reference=reference,
                               resolve=local)
+    settings = _with_budget(settings, max_memory, scheduler, workers)  # a malformed size fails at once
     specs = with_requirements(selected)
     pairs, lost = pairs_to_analyze(r, steps)
     r, settings, code = _resolve_objective(r, objective, settings, derivatives, pairs, local)
@@ -205,6 +215,24 @@ def _check_arguments(dtype: str | None, scheduler: Any, device: str, chunk_size:
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise AnalysisError(f"chunk_size={chunk_size!r}: expected an int >= 1 or None")
     return scheduler
+
+
+def _with_budget(settings: ProbeSettings, max_memory: int | str | None, scheduler: Any,
+                 workers: int | None) -> ProbeSettings:
+    """``settings`` with the memory budget per worker and a fresh line-plan id (one per analysis)."""
+    return replace(settings, max_memory=_memory_budget(max_memory, scheduler, workers, settings.device),
+                   plan_id=uuid.uuid4().hex)
+
+
+def _memory_budget(max_memory: int | str | None, scheduler: Any, workers: int | None, device: str) -> int:
+    """Bytes the line evaluation of each worker may add (``ProbeSettings.max_memory``): the
+    budget split between the local worker processes (thread workers probe one at a time); 0 on a
+    cluster without ``max_memory``, where each worker takes half of its own available memory."""
+    local = isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS
+    procs = (workers or usable_cores()) if scheduler == "processes" else 1
+    if max_memory is None:
+        return memory.default_budget(device, procs) if local else 0
+    return max(1, memory.parse_size(max_memory) // procs)
 
 
 def _resolve_objective(r: Run, objective: ObjectiveSource, settings: ProbeSettings, derivatives: str,

@@ -64,6 +64,19 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
         raise click.BadParameter(f"{value!r}: expected cpu, cuda, cuda:N or auto") from None
 
 
+def _check_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """``--max-memory``: bytes from SIZE (``trajscope.memory.parse_size``)."""
+    if value is None:
+        return None
+    from trajscope.errors import AnalysisError
+    from trajscope.memory import parse_size
+
+    try:
+        return parse_size(value)
+    except AnalysisError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @cli.command()
 @click.argument("run_dir", type=_RUN_DIR)
 @click.option("--objective", metavar="MODULE:FUNCTION",
@@ -94,6 +107,9 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
               help="How the slope along each step is computed: forward-mode AD (batched), reverse "
                    "mode (one backward per point; any model training can backpropagate through), or "
                    "auto (forward when the model supports it, decided once).")
+@click.option("--max-memory", "max_memory", metavar="SIZE", callback=_check_size,
+              help="Memory the line evaluations may add, in bytes or like 4GB, 512MiB, split between "
+                   "worker processes (default: half the available memory, or of the GPU's free memory).")
 @click.option("--sharpness", is_flag=True,
               help="Also compute λ_max of the minibatch Hessian at x_t (Lanczos; opt-in, costly).")
 @click.option("--reference", "reference", type=int, metavar="STEP",
@@ -104,8 +120,8 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
               help="No progress bar or summary (the bar is also off when stderr is not a terminal).")
 def analyze(run_dir: str, objective: str | None, points: int, margin: float, device: str,
             dtype: str, scheduler: str, workers: int | None, steps: str | None,
-            metric_names: str | None, derivatives: str, sharpness: bool, reference: int | None,
-            force: bool, quiet: bool) -> None:
+            metric_names: str | None, derivatives: str, max_memory: int | None, sharpness: bool,
+            reference: int | None, force: bool, quiet: bool) -> None:
     """Re-evaluate the loss along each recorded step and compute every metric.
 
     Writes RUN_DIR/analysis/metrics.nc; open it with trajscope.open_metrics(RUN_DIR). Each
@@ -119,7 +135,8 @@ def analyze(run_dir: str, objective: str | None, points: int, margin: float, dev
     ds = run_analysis(run_dir, objective, points=points, margin=margin, device=device,
                       dtype=None if dtype == "auto" else dtype,
                       scheduler=scheduler, workers=workers, steps=steps, metrics=names,
-                      derivatives=derivatives, sharpness=sharpness, reference=reference, force=force,
+                      derivatives=derivatives, max_memory=max_memory, sharpness=sharpness, reference=reference,
+                      force=force,
                       progress=None if not quiet else False)
     if not quiet and derivatives == "auto" and ds.attrs.get("derivatives", "forward") != "forward":
         path = "reverse mode" if ds.attrs["derivatives"] == "reverse" else "forward mode"

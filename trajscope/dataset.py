@@ -23,7 +23,7 @@ import numpy as np
 
 from trajscope import format as fmt
 from trajscope import health
-from trajscope.errors import AnalysisError, RunFormatError
+from trajscope.errors import RunFormatError
 from trajscope.persist import VERSION
 from trajscope.probe import PairStats, ProbeSettings
 from trajscope.registry import MetricSpec
@@ -84,11 +84,26 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
         "derivatives_reason": settings.derivatives_reason,
         # pairs whose line vmap could not batch (evaluated point by point: same numbers, slower)
         "line_batched_fallback_pairs": sum(
-            s.extras.get("line_batched") == 0.0 for s in stats
-        ) if settings.batched and settings.derivatives == "forward" else 0,
+            s.extras.get("line_batched") == 0.0 if settings.batched else s.extras.get("line_fallback") == 1.0
+            for s in stats
+        ) if settings.batched is not False and settings.derivatives == "forward" else 0,
+        **_line_plan_attrs(stats),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return health.add_flags(ds, stats, run)  # pair_flags (non-finite, zero update)
+
+
+def _line_plan_attrs(stats: Sequence[PairStats]) -> dict[str, Any]:
+    """``line_mode`` (batched or pointwise) and ``line_chunk`` (α points per evaluation call) of the
+    first pair probed under a memory plan (trajscope.line_plan); none when every pair was reused or
+    unplanned. The measured costs and timings stay in the pairs' extras (``line_point_bytes``, …):
+    they vary from run to run, and a resumed analysis has the same attrs as an uninterrupted one."""
+    planned = [s.extras for s in stats if "line_chunk" in s.extras]
+    if not planned:
+        return {}
+    e = planned[0]
+    mode = "batched" if e["line_batched_mode"] == 1.0 else "pointwise"
+    return {"line_mode": mode, "line_chunk": int(e["line_chunk"])}
 
 
 def write_dataset(ds: xr.Dataset, path: Path) -> None:
@@ -123,13 +138,13 @@ def import_libraries_in_background() -> None:
     def work() -> None:
         with contextlib.suppress(Exception):  # the real import, later, reports any problem
             import dask.array  # noqa: F401
-            import h5netcdf  # noqa: F401
-            import xarray  # noqa: F401
 
             # xarray's to_netcdf asks dask for the active scheduler, which imports `distributed`
             # to look for a client: import it here too (the pairs never import it: local
             # schedulers are passed to dask.compute as functions, see trajscope.execution)
             import distributed  # noqa: F401
+            import h5netcdf  # noqa: F401
+            import xarray  # noqa: F401
 
     threading.Thread(target=work, name="trajscope-import", daemon=True).start()
 
@@ -145,9 +160,10 @@ def open_metrics(run: str | Path | Sequence[str | Path]) -> xr.Dataset:
             names = [str(p) for p in run]
         return xr.concat(parts, dim=xr.DataArray(names, dims="run", name="run"), join="outer",
                          combine_attrs="drop_conflicts")
-    if not Path(run).is_dir():
+    run_dir = Path(run) if isinstance(run, (str, Path)) else Path(str(run))
+    if not run_dir.is_dir():
         raise RunFormatError(f"{run}: no such run directory")
-    path = Path(run) / fmt.ANALYSIS_DIR / fmt.METRICS_FILE
+    path = run_dir / fmt.ANALYSIS_DIR / fmt.METRICS_FILE
     if not path.exists() and not path.is_symlink():
         raise RunFormatError(f"{path}: no analysis found; run `trajscope analyze {run}` first")
     fmt.open_regular(path, "metrics Dataset").close()  # a FIFO there would block the open below

@@ -3,8 +3,11 @@
 Two derivative paths (``ProbeSettings.derivatives``):
 
 * ``"forward"``: one forward-mode pass per point (``torch.func.jvp``: value and directional
-  derivative together). The points are batched with ``torch.func.vmap`` in chunks that shrink when
-  a chunk does not fit in memory; a model ``vmap`` cannot batch is evaluated point by point
+  derivative together). The points are batched with ``torch.func.vmap`` in chunks, or evaluated
+  one by one. Under a memory budget (``ProbeSettings.max_memory``, set by every analysis) the chunk
+  is planned from one point's measured cost, and a calibration on the first pair picks the faster
+  of the two (:mod:`trajscope.line_plan`); without one, all points go in one call and a chunk that
+  raises out-of-memory (CUDA) is halved. A model ``vmap`` cannot batch is evaluated point by point
   instead, with the same numbers and a :class:`~trajscope.errors.ProbeWarning` that names the
   reason. An op without a forward-mode AD rule raises :class:`~trajscope.errors.ForwardModeError`
   naming it (:func:`forward_ad_failure`).
@@ -132,9 +135,10 @@ def _line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.
                    replay: bool) -> tuple[np.ndarray, np.ndarray, bool]:
     """ℓ(α), ℓ'(α) at every grid point and whether the batched path computed them.
 
-    Batched (``settings.batched``, the default): all α points in one ``vmap`` over stacked
-    parameters, in chunks (``settings.chunk_size``) that shrink automatically when a chunk does
-    not fit in memory. Point by point when ``settings.batched`` is False, or, with a
+    Batched (``settings.batched``): all α points in one ``vmap`` over stacked parameters, in
+    chunks (``settings.chunk_size``) that shrink automatically when a chunk raises out-of-memory.
+    Under a memory budget, :func:`trajscope.line_plan.line_and_path` plans the chunk instead.
+    Point by point when ``settings.batched`` is False, or, with a
     :class:`~trajscope.errors.ProbeWarning` naming the exception, when the batched path fails
     (a module ``vmap`` cannot batch). Both paths build x_t + αΔ_t with the same two roundings and
     run the same jvp, so they give the same numbers (tested). An ObjectiveError (the loss is not
@@ -149,21 +153,25 @@ def _line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.
         with torch.no_grad():
             vals, ders = _line_pointwise(f, x0, delta, alphas, settings.device, rng, replay, _reverse_point)
         return vals, ders, False
+    return _forward_line(f, x0, delta, alphas, settings, rng, replay, settings.batched is not False,
+                         settings.chunk_size)
+
+
+def _forward_line(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+                  alphas: torch.Tensor, settings: Any, rng: Mapping[str, torch.Tensor],
+                  replay: bool, batched: bool, chunk: int | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The forward-mode line: batched in chunks of ``chunk`` points (None: all) when ``batched``,
+    falling back to the point loop (with a ProbeWarning) when vmap fails; else point by point."""
     fallback: str | None = None
     with torch.no_grad():
-        if settings.batched:
+        if batched:
             try:
-                vals, ders = _line_batched(f, x0, delta, alphas, settings.chunk_size, rng, replay,
-                                           settings.device)
+                vals, ders = _line_batched(f, x0, delta, alphas, chunk, rng, replay, settings.device)
                 return vals, ders, True
             except ObjectiveError:
                 raise
             except Exception as exc:  # noqa: BLE001 - modules vmap cannot batch: the point loop gives the same result
-                what = forward_ad_failure(exc)
-                if what is not None:  # the point loop would fail the same way
-                    raise _forward_mode_error(exc, what) from None
-                # Only the text is kept: the exception's frames would pin the failed chunk's memory.
-                fallback = f"{type(exc).__name__}: {one_line(exc, 300)}"
+                fallback = vmap_failure(exc)
         try:
             vals, ders = _line_pointwise(f, x0, delta, alphas, settings.device, rng, replay, _jvp_point)
         except (NotImplementedError, RuntimeError) as exc:
@@ -173,12 +181,26 @@ def _line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.
             raise _forward_mode_error(exc, what) from None
     if fallback is not None:
         # Warned only once the point loop has succeeded: when it fails too, its error says why.
-        warnings.warn(
-            f"the α points of the line could not be evaluated batched with vmap ({fallback}); they "
-            "were evaluated one by one instead (same numbers, slower)",
-            ProbeWarning, stacklevel=3,
-        )
+        warn_fallback(fallback)
     return vals, ders, False
+
+
+def vmap_failure(exc: Exception) -> str:
+    """Why the batched path failed, in one line (the point loop gives the same numbers); raises
+    :class:`~trajscope.errors.ForwardModeError` when the point loop would fail the same way."""
+    what = forward_ad_failure(exc)
+    if what is not None:
+        raise _forward_mode_error(exc, what) from None
+    # Only the text is kept: the exception's frames would pin the failed chunk's memory.
+    return f"{type(exc).__name__}: {one_line(exc, 300)}"
+
+
+def warn_fallback(reason: str) -> None:
+    warnings.warn(
+        f"the α points of the line could not be evaluated batched with vmap ({reason}); they "
+        "were evaluated one by one instead (same numbers, slower)",
+        ProbeWarning, stacklevel=4,
+    )
 
 
 def _jvp_point(f: Loss, x: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]

@@ -173,7 +173,7 @@ def _floating(dtype: object) -> bool:
 
 
 def probe_settings(r: Run, *, points: int, margin: float, device: str, dtype: str | None,
-                   chunk_size: int | None, batched: bool, sharpness: bool, sharpness_max_iter: int,
+                   chunk_size: int | None, batched: bool | None, sharpness: bool, sharpness_max_iter: int,
                    reference: int | None, resolve: bool) -> ProbeSettings:
     """The probe's settings. ``resolve``: a local scheduler resolves ``device`` here, so that a
     missing GPU fails before any work; a cluster's workers resolve the spec themselves (this

@@ -48,6 +48,7 @@ import torch
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from trajscope import line_plan
 from trajscope.errors import AnalysisError, ForwardModeError, ObjectiveError
 from trajscope.line import _line, _line_and_path, _replayed_rng, sdpa_math_kernel  # noqa: F401  (_line: re-exported)
 from trajscope.objective import Objective
@@ -84,7 +85,7 @@ class ProbeSettings:
     device: str = "cpu"
     dtype: str = "float32"
     chunk_size: int | None = None  # α points per vmap call; None: all at once
-    batched: bool = True  # False: evaluate α points one by one (debugging, exotic modules)
+    batched: bool | None = True  # False: α points one by one; None: whichever is faster (trajscope.line_plan)
     sharpness: bool = False  # λ_max(∇²f(x_t; z_t)) by Lanczos (one double-backward per iteration)
     sharpness_max_iter: int = 100  # Lanczos iterations (Hessian-vector products) at most
     sharpness_tol: float | None = None  # Ritz residual / max|Ritz value|; None: 1e-5 f32, 1e-8 f64
@@ -92,6 +93,10 @@ class ProbeSettings:
     derivatives: str = "forward"  # ℓ'(α) by "forward" (jvp, batched) or "reverse" (one backward per point)
     sdpa_math: bool = False  # hold scaled_dot_product_attention to its math kernel (forward mode needs it)
     derivatives_reason: str = field(default="", compare=False)  # why this path (Dataset attrs only)
+    # Bytes the line evaluation of one worker may add to what it holds; 0: half the available memory;
+    # None: no budget (all points in one vmap call, halved on a CUDA out-of-memory). trajscope.memory
+    max_memory: int | None = field(default=None, compare=False)
+    plan_id: str = field(default="", compare=False)  # the analysis: line plans are decided once per analysis
 
     def __post_init__(self) -> None:
         if self.derivatives not in ("forward", "reverse"):
@@ -113,7 +118,7 @@ class ProbeSettings:
         out: dict[str, Any] = {
             "alphas": list(self.alphas),
             "dtype": self.dtype,
-            "batched": self.batched,
+            "batched": self.batched is not False,  # auto gives the same numbers: the same digest
             "chunk_size": self.chunk_size,
             "reference_step": self.reference_step,
             "sharpness": self.sharpness,
@@ -395,9 +400,10 @@ def _evaluate(prep: _Prepared, snap: Snapshot, settings: ProbeSettings, *,
     f, rng, replay = prep.f, snap.rng, prep.replay
     extras: dict[str, float] = {}
     alphas = torch.tensor(settings.alphas, dtype=prep.dtype, device=prep.device)
+    line_plan.LAST_PLAN.clear()
     with _batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math):
         try:
-            loss_line, dloss_line, batched = _line_and_path(f, prep.x0, prep.delta, alphas, settings, rng,
+            loss_line, dloss_line, batched = line_plan.line_and_path(f, prep.x0, prep.delta, alphas, settings, rng,
                                                             replay)
         except ForwardModeError as exc:
             raise ForwardModeError(f"step {snap.step}: {exc}", exc.what) from None
@@ -416,6 +422,8 @@ def _evaluate(prep: _Prepared, snap: Snapshot, settings: ProbeSettings, *,
     if snap.clip_factor is not None:  # the recorded gradient clip: g_t = c·G0 when uniform
         extras["clip_factor"] = snap.clip_factor
         extras["clip_uniform"] = float(bool(snap.clip_uniform))
+    if line_plan.LAST_PLAN:
+        extras.update(line_plan.LAST_PLAN[0].extras())
     return _Evaluation(loss_line, dloss_line, G0, G1, xref, extras)
 
 

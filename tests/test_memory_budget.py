@@ -1,0 +1,86 @@
+"""The memory budget of the line evaluation (trajscope.memory, trajscope.line_plan): chunks of α
+points planned from one point's measured cost, the same numbers under a tight budget, and one
+clear error when a single point does not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import torch
+from problems import ce_loss, train_classifier
+from torch import nn
+
+import trajscope
+from trajscope import line_plan
+from trajscope.errors import AnalysisError
+from trajscope.line_plan import SMALL_POINT
+from trajscope.memory import SAFETY, parse_size, plan_chunk
+from trajscope.objective import Objective
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+N_ALPHAS = 17  # points=9, margin=0.5
+
+
+def make_wide() -> Objective:
+    """An MLP whose activations (batch 256 × 2048, float64: 4 MiB a tensor) dwarf its parameters,
+    so that one α point's cost is well above the measurement's noise."""
+    torch.manual_seed(0)
+    return Objective(model=nn.Sequential(nn.Linear(10, 2048), nn.Tanh(), nn.Linear(2048, 4)), loss=ce_loss)
+
+
+@pytest.fixture(scope="module")
+def wide_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("wide") / "run"
+    train_classifier(run, make_wide, steps=3, batch_size=256)
+    return run
+
+
+def _analyze(run: Path, **kw: object) -> xr.Dataset:
+    return trajscope.analyze(run, make_wide, dtype="float64", batched=True, write=False, progress=False, **kw)
+
+
+def test_tight_budget_plans_smaller_chunks_with_the_same_numbers(wide_run: Path) -> None:
+    free = _analyze(wide_run)
+    assert free.attrs["line_mode"] == "batched"
+    assert free.attrs["line_chunk"] == N_ALPHAS  # the default budget holds every point
+    point = line_plan.LAST_PLAN[0].point_bytes  # this process's plan (synchronous scheduler)
+    assert point > 4 * 2**20  # at least one activation tensor: the measurement sees the point
+    budget = int(4 * point)  # about three points, far below the N_ALPHAS a full chunk needs
+    tight = _analyze(wide_run, max_memory=budget)
+    plan = line_plan.LAST_PLAN[0]
+    assert plan.budget == budget
+    assert 1 <= tight.attrs["line_chunk"] < N_ALPHAS
+    assert tight.attrs["line_chunk"] == plan_chunk(budget, plan.point_bytes, N_ALPHAS)
+    for name in free.data_vars:
+        np.testing.assert_allclose(tight[name].values, free[name].values, rtol=1e-10, atol=1e-12,
+                                   equal_nan=True, err_msg=name)
+
+
+def test_budget_below_one_point_is_one_clear_error(wide_run: Path) -> None:
+    with pytest.raises(AnalysisError, match=r"one α point of the line needs .* more than the budget of") as e:
+        _analyze(wide_run, max_memory="1MiB")
+    assert "\n" not in str(e.value)
+
+
+def test_calibration_records_the_choice(wide_run: Path) -> None:
+    ds = trajscope.analyze(wide_run, make_wide, dtype="float64", write=False, progress=False)
+    plan = line_plan.LAST_PLAN[0]
+    assert ds.attrs["line_mode"] == plan.mode in ("batched", "pointwise")
+    if plan.point_bytes > SMALL_POINT:  # else batched without a timed trial
+        assert plan.seconds_point > 0 and plan.seconds_batched > 0 and plan.calibration_points >= 2
+
+
+def test_plan_and_sizes() -> None:
+    assert parse_size("4GB") == 4 * 10**9
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size(1000) == 1000
+    assert parse_size("1e6") == 10**6
+    with pytest.raises(AnalysisError, match="expected bytes or a size"):
+        parse_size("lots")
+    assert plan_chunk(100 * 2**20, 10 * 2**20, 17) == int(100 / (SAFETY * 10))
+    assert plan_chunk(10**12, 10, 17) == 17
