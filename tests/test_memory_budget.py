@@ -40,6 +40,11 @@ def wide_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+def _newest_plan() -> line_plan.LinePlan:
+    """The plan of the analysis just run (synchronous scheduler: planned in this process)."""
+    return list(line_plan._PLANS.values())[-1]
+
+
 def _analyze(run: Path, **kw: object) -> xr.Dataset:
     return trajscope.analyze(run, make_wide, dtype="float64", batched=True, write=False, progress=False, **kw)
 
@@ -48,11 +53,11 @@ def test_tight_budget_plans_smaller_chunks_with_the_same_numbers(wide_run: Path)
     free = _analyze(wide_run)
     assert free.attrs["line_mode"] == "batched"
     assert free.attrs["line_chunk"] == N_ALPHAS  # the default budget holds every point
-    point = line_plan.LAST_PLAN[0].point_bytes  # this process's plan (synchronous scheduler)
+    point = _newest_plan().point_bytes  # this process's plan (synchronous scheduler)
     assert point > 4 * 2**20  # at least one activation tensor: the measurement sees the point
     budget = int(4 * point)  # about three points, far below the N_ALPHAS a full chunk needs
     tight = _analyze(wide_run, max_memory=budget)
-    plan = line_plan.LAST_PLAN[0]
+    plan = _newest_plan()
     assert plan.budget == budget
     assert 1 <= tight.attrs["line_chunk"] < N_ALPHAS
     assert tight.attrs["line_chunk"] == plan_chunk(budget, plan.point_bytes, N_ALPHAS)
@@ -69,7 +74,7 @@ def test_budget_below_one_point_is_one_clear_error(wide_run: Path) -> None:
 
 def test_calibration_records_the_choice(wide_run: Path) -> None:
     ds = trajscope.analyze(wide_run, make_wide, dtype="float64", write=False, progress=False)
-    plan = line_plan.LAST_PLAN[0]
+    plan = _newest_plan()
     assert ds.attrs["line_mode"] == plan.mode in ("batched", "pointwise")
     if plan.point_bytes > SMALL_POINT:  # else batched without a timed trial
         assert plan.seconds_point > 0 and plan.seconds_batched > 0 and plan.calibration_points >= 2

@@ -105,8 +105,7 @@ class LinePlan:
 
 
 _PLANS: dict[tuple[Any, ...], LinePlan] = {}
-LAST_PLAN: list[LinePlan] = []
-"""The plan of the line evaluated last in this process (one element; the probe adds its extras)."""
+"""This process's plans, one per analysis and line shape (newest last)."""
 
 
 def _key(settings: Any, x0: Mapping[str, torch.Tensor], n: int) -> tuple[Any, ...]:
@@ -117,27 +116,27 @@ def _key(settings: Any, x0: Mapping[str, torch.Tensor], n: int) -> tuple[Any, ..
 
 def line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
                   alphas: torch.Tensor, settings: Any, rng: Mapping[str, torch.Tensor],
-                  replay: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+                  replay: bool) -> tuple[np.ndarray, np.ndarray, bool, LinePlan | None]:
     """:func:`planned_line` for forward mode under a budget (``settings.max_memory`` set, no
-    ``chunk_size``, ``batched`` not False); :func:`trajscope.line._line_and_path` otherwise."""
+    ``chunk_size``, ``batched`` not False); :func:`trajscope.line._line_and_path` otherwise
+    (no plan)."""
     if (settings.derivatives == "forward" and settings.max_memory is not None and settings.chunk_size is None
             and settings.batched is not False):
         return planned_line(f, x0, delta, alphas, settings, rng, replay)
-    return _line_and_path(f, x0, delta, alphas, settings, rng, replay)
+    return (*_line_and_path(f, x0, delta, alphas, settings, rng, replay), None)
 
 
 def planned_line(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
                  alphas: torch.Tensor, settings: Any, rng: Mapping[str, torch.Tensor],
-                 replay: bool) -> tuple[np.ndarray, np.ndarray, bool]:
-    """ℓ(α), ℓ'(α) and whether the batched path computed them, under the budget
-    ``settings.max_memory`` (bytes per worker; 0: :func:`~trajscope.memory.default_budget`)."""
+                 replay: bool) -> tuple[np.ndarray, np.ndarray, bool, LinePlan]:
+    """ℓ(α), ℓ'(α), whether the batched path computed them, and the plan they followed, under the
+    budget ``settings.max_memory`` (bytes per worker; 0: :func:`~trajscope.memory.default_budget`)."""
     key = _key(settings, x0, len(alphas))
     plan = _PLANS.get(key)
     if plan is not None:
-        LAST_PLAN[:] = [plan]
         vals, ders, batched = _forward_line(f, x0, delta, alphas, settings, rng, replay,
                                             plan.mode == "batched", plan.chunk)
-        return vals, ders, batched
+        return vals, ders, batched, plan
     with torch.no_grad():
         try:
             vals, ders, plan = _calibrate(f, x0, delta, alphas, settings, rng, replay)
@@ -147,13 +146,12 @@ def planned_line(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Te
                 raise
             raise _forward_mode_error(exc, what) from None
     _PLANS[key] = plan
-    LAST_PLAN[:] = [plan]
     i = len(vals)
     if i < len(alphas):
         rest_v, rest_d, _ = _forward_line(f, x0, delta, alphas[i:], settings, rng, replay,
                                           plan.mode == "batched", plan.chunk)
         vals, ders = np.concatenate([vals, rest_v]), np.concatenate([ders, rest_d])
-    return vals, ders, plan.mode == "batched"
+    return vals, ders, plan.mode == "batched", plan
 
 
 def _calibrate(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],

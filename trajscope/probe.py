@@ -400,11 +400,10 @@ def _evaluate(prep: _Prepared, snap: Snapshot, settings: ProbeSettings, *,
     f, rng, replay = prep.f, snap.rng, prep.replay
     extras: dict[str, float] = {}
     alphas = torch.tensor(settings.alphas, dtype=prep.dtype, device=prep.device)
-    line_plan.LAST_PLAN.clear()
     with _batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math):
         try:
-            loss_line, dloss_line, batched = line_plan.line_and_path(f, prep.x0, prep.delta, alphas, settings, rng,
-                                                            replay)
+            loss_line, dloss_line, batched, plan = line_plan.line_and_path(f, prep.x0, prep.delta, alphas,
+                                                                           settings, rng, replay)
         except ForwardModeError as exc:
             raise ForwardModeError(f"step {snap.step}: {exc}", exc.what) from None
         with _replayed_rng(rng, replay):
@@ -422,8 +421,8 @@ def _evaluate(prep: _Prepared, snap: Snapshot, settings: ProbeSettings, *,
     if snap.clip_factor is not None:  # the recorded gradient clip: g_t = c·G0 when uniform
         extras["clip_factor"] = snap.clip_factor
         extras["clip_uniform"] = float(bool(snap.clip_uniform))
-    if line_plan.LAST_PLAN:
-        extras.update(line_plan.LAST_PLAN[0].extras())
+    if plan is not None:
+        extras.update(plan.extras())
     return _Evaluation(loss_line, dloss_line, G0, G1, xref, extras)
 
 
