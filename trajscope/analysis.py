@@ -67,7 +67,7 @@ from trajscope.plan import (
 )
 from trajscope.probe import PairStats, ProbeSettings
 from trajscope.progress import Progress as _Progress
-from trajscope.registry import evaluate_pair
+from trajscope.registry import MetricSpec, evaluate_pair
 from trajscope.run import Run, open_run
 from trajscope.tasks import ObjectiveSource, objective_for, window_graph
 from trajscope.unwrap import unwrapped
@@ -169,13 +169,20 @@ def analyze(
     with analysis_lock(analysis_dir) if write else contextlib.nullcontext():
         done, skipped = _compute_pairs(job, pairs, lost, scheduler, workers, force, progress)
         ordered = _finished(r, [done.get(t) for t in pairs if t in done], skipped)
-        values = [evaluate_pair(s, list(specs.values())) for s in ordered]
-        ds = build_dataset(ordered, values, specs, r, settings, name)
-        health.record_skipped(ds, skipped, len(pairs) + len(lost))
-        ds.attrs["training_rounding"] = training_rounding(r)  # scales the replay gate's bounds
+        ds = _dataset(r, ordered, specs, settings, name, skipped, len(pairs) + len(lost))
         if write:
             _write_dataset(ds, analysis_dir / fmt.METRICS_FILE)
     _warn_replay(ds)
+    return ds
+
+
+def _dataset(r: Run, ordered: list[PairStats], specs: dict[str, MetricSpec], settings: ProbeSettings,
+             name: str, skipped: dict[int, str], total: int) -> xr.Dataset:
+    """The metrics of every computed pair, with the skipped pairs and the provenance attrs."""
+    values = [evaluate_pair(s, list(specs.values())) for s in ordered]
+    ds = build_dataset(ordered, values, specs, r, settings, name)
+    health.record_skipped(ds, skipped, total)
+    ds.attrs["training_rounding"] = training_rounding(r)  # scales the replay gate's bounds
     return ds
 
 
