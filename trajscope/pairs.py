@@ -15,6 +15,7 @@ check of :mod:`trajscope.testing` load without the analyzer's heavy dependencies
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,7 +137,7 @@ def quadrature(x: np.ndarray, y: np.ndarray) -> float:
     return float(h * (0.5 * y[0] + 0.5 * y[-1] + y[1:-1].sum()))
 
 
-class _InnerProducts:
+class _InnerProducts(abc.ABC):
     """``dot``/``sq``/``norm`` over the probe's per-layer inner products (:data:`TERMS`)."""
 
     _s: PairStats
@@ -150,8 +151,9 @@ class _InnerProducts:
             raise KeyError(f"no inner product term {a}.{b}; available: {sorted(terms)}")
         return np.asarray(v)
 
+    @abc.abstractmethod
     def dot(self, a: str, b: str) -> float:
-        raise NotImplementedError
+        """⟨a, b⟩ over the parameters this view covers."""
 
     def sq(self, a: str) -> float:
         """‖a‖² = ⟨a, a⟩."""
