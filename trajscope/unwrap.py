@@ -42,10 +42,6 @@ class UnwrappedStorage(Storage):
         self.strip_prefix = strip_prefix
         self.kind = inner.kind
 
-    @classmethod
-    def read_location(cls, path: Path) -> Raw:
-        raise NotImplementedError("an UnwrappedStorage reads through the storage it wraps")
-
     def steps(self) -> list[int]:
         return self.inner.steps()
 

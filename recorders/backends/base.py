@@ -30,6 +30,7 @@ from trajscope.snapshot import Snapshot, snapshot_from_raw
 __all__ = [
     "DIRECT_IO_ALIGN",
     "DTYPES",
+    "FormatStorage",
     "STORAGES",
     "Raw",
     "Storage",
@@ -69,31 +70,13 @@ def bits_dtype(name: str) -> np.dtype[Any]:
 
 
 class Storage(abc.ABC):
-    """How a run's snapshots are stored. Subclasses: one per format, registered in :data:`STORAGES`."""
+    """How a run's snapshots are stored, as the reader sees them: one :class:`FormatStorage` per
+    format, or a view over one (:class:`trajscope.unwrap.UnwrappedStorage`)."""
 
     kind = ""
 
     def __init__(self, run_path: Path) -> None:
         self.run_path = run_path
-
-    # --- locating snapshots without a run (read_snapshot, trajscope convert) ---------------------
-
-    @classmethod
-    def claims(cls, path: Path) -> bool:
-        """Whether ``path`` names a snapshot in the form this format's :meth:`location` hands out
-        and no other format could: a backend that claims nothing is only the fallback."""
-        return False
-
-    @classmethod
-    @abc.abstractmethod
-    def read_location(cls, path: Path) -> Raw:
-        """The stored form of the snapshot at ``path`` (a :meth:`location` of this format).
-
-        Raises:
-            RunFormatError: if it is missing or damaged.
-        """
-
-    # --- one run ---------------------------------------------------------------------------------
 
     @abc.abstractmethod
     def steps(self) -> list[int]:
@@ -103,8 +86,13 @@ class Storage(abc.ABC):
     def location(self, step: int) -> Path:
         """Where the snapshot of ``step`` is (a file, or a pseudo-path inside a container)."""
 
+    @abc.abstractmethod
     def read_raw(self, step: int) -> Raw:
-        return type(self).read_location(self.location(step))
+        """The stored form of the snapshot of ``step``: (metadata, {key: CPU tensor}).
+
+        Raises:
+            RunFormatError: if it is missing or damaged.
+        """
 
     def read(self, step: int) -> Snapshot:
         """The whole snapshot of ``step``. Raises :class:`RunFormatError` if it is damaged."""
@@ -130,11 +118,35 @@ class Storage(abc.ABC):
         """Bytes the snapshots occupy on disk."""
 
 
-STORAGES: dict[str, type[Storage]] = {}
+class FormatStorage(Storage):
+    """A storage format: reads a snapshot from its location alone, so that a snapshot path can be
+    read without its run (:func:`read_raw`: ``read_snapshot``, ``trajscope convert``). Subclasses
+    are registered in :data:`STORAGES`."""
+
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        """Whether ``path`` names a snapshot in the form this format's :meth:`location` hands out
+        and no other format could: a backend that claims nothing is only the fallback."""
+        return False
+
+    @classmethod
+    @abc.abstractmethod
+    def read_location(cls, path: Path) -> Raw:
+        """The stored form of the snapshot at ``path`` (a :meth:`location` of this format).
+
+        Raises:
+            RunFormatError: if it is missing or damaged.
+        """
+
+    def read_raw(self, step: int) -> Raw:
+        return type(self).read_location(self.location(step))
+
+
+STORAGES: dict[str, type[FormatStorage]] = {}
 """Format name (the manifest's ``storage``) → its :class:`Storage`. Filled by :func:`register` as
 the backend modules are imported; importing :mod:`trajscope.recorders.backends` imports them all."""
 
-_S = TypeVar("_S", bound=type[Storage])
+_S = TypeVar("_S", bound=type[FormatStorage])
 
 
 def register(cls: _S) -> _S:

@@ -19,7 +19,7 @@ import torch
 
 from trajscope import format as fmt
 from trajscope.errors import RunFormatError
-from trajscope.recorders.backends.base import DIRECT_IO_ALIGN, DTYPES, Raw, Storage, int_view, register, stat_path
+from trajscope.recorders.backends.base import DIRECT_IO_ALIGN, DTYPES, FormatStorage, Raw, int_view, register, stat_path
 
 if TYPE_CHECKING:
     from trajscope.recorders.storage import Entry, StepImage
@@ -143,7 +143,7 @@ def read_row(h5path: Path, step: int) -> Raw:
 
 
 @register
-class HDF5Storage(Storage):
+class HDF5Storage(FormatStorage):
     """``trajectory.h5``: one row per snapshot (layout in ``docs/format.md``)."""
 
     kind = fmt.STORAGE_HDF5

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from trajscope import format as fmt
 from trajscope.errors import RunFormatError
-from trajscope.recorders.backends.base import DIRECT_IO_ALIGN, Raw, Storage, register, stat_path
+from trajscope.recorders.backends.base import DIRECT_IO_ALIGN, FormatStorage, Raw, register, stat_path
 from trajscope.snapshot import Snapshot, check_meta
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def header_meta(header: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 @register
-class SafetensorsStorage(Storage):
+class SafetensorsStorage(FormatStorage):
     """``steps/step_XXXXXXXX.safetensors``, one file per snapshot (renamed into place: complete)."""
 
     kind = fmt.STORAGE_SAFETENSORS
