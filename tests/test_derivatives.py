@@ -73,11 +73,12 @@ def make_twin() -> trajscope.Objective:
     return trajscope.Objective(model=SoftplusNet(custom=False), loss=xent)
 
 
-def _train_softplus(path: Path, steps: int = 4) -> Path:
-    model = SoftplusNet(custom=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    g = torch.Generator().manual_seed(1)
-    with Recorder(path, model, opt, objective=make_custom, every=1) as rec:
+def _train(path: Path, model: nn.Module, objective: Any, *, lr: float, seed: int, steps: int,
+           clip: float | None = None) -> Path:
+    """Record ``steps`` SGD steps of ``model`` on float64 minibatches of 16 (6 features, 3 classes)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    with Recorder(path, model, opt, objective=objective, every=1) as rec:
         for _ in range(steps):
             x = torch.randn(16, 6, dtype=torch.float64, generator=g)
             y = torch.randint(0, 3, (16,), generator=g)
@@ -85,9 +86,15 @@ def _train_softplus(path: Path, steps: int = 4) -> Path:
             loss = xent(model, (x, y))
             loss.backward()
             rec.batch((x, y), loss=loss)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)  # clips every step
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
     return path
+
+
+def _train_softplus(path: Path, steps: int = 4) -> Path:
+    # max norm 0.05 clips every step
+    return _train(path, SoftplusNet(custom=True), make_custom, lr=0.3, seed=1, steps=steps, clip=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -274,18 +281,7 @@ def make_bn_drop() -> trajscope.Objective:
 
 
 def test_reverse_equals_forward_with_batchnorm_and_dropout(tmp_path: Path) -> None:
-    model = BNDropNet()
-    opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    g = torch.Generator().manual_seed(4)
-    with Recorder(tmp_path / "run", model, opt, objective=make_bn_drop, every=1) as rec:
-        for _ in range(3):
-            x = torch.randn(16, 6, dtype=torch.float64, generator=g)
-            y = torch.randint(0, 3, (16,), generator=g)
-            opt.zero_grad()
-            loss = xent(model, (x, y))
-            loss.backward()
-            rec.batch((x, y), loss=loss)
-            opt.step()
+    _train(tmp_path / "run", BNDropNet(), make_bn_drop, lr=0.2, seed=4, steps=3)
     kw = dict(FAST, dtype="float64")
     fwd = trajscope.analyze(tmp_path / "run", make_bn_drop, derivatives="forward", **kw)
     rev = trajscope.analyze(tmp_path / "run", make_bn_drop, derivatives="reverse", **kw)
