@@ -1,8 +1,9 @@
 """Trouble the analysis works around instead of stopping: damaged or missing snapshots, non-finite
 values, zero-length updates.
 
-* A damaged or missing snapshot costs only the pairs that need it. The load task hands its
-  :class:`~trajscope.errors.RunFormatError` to the pair task as a value (:func:`load_snapshot`),
+* A damaged or missing snapshot costs only the pairs that need it. Reading it
+  (:meth:`trajscope.snapshots.SnapshotRef.resolve`) hands its
+  :class:`~trajscope.errors.RunFormatError` to the pair task as a :class:`BadSnapshot` value,
   the pair task turns it into a :class:`SkippedPair` (:func:`skip_reason`), and the Dataset lists
   every skipped pair and why in its ``skipped_pairs`` attribute (:func:`record_skipped`), with a
   :class:`~trajscope.errors.DamagedRunWarning`.
@@ -24,13 +25,12 @@ import json
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from trajscope import format as fmt
-from trajscope.errors import DamagedRunWarning, RunFormatError, TrajscopeError
+from trajscope.errors import DamagedRunWarning, TrajscopeError
 from trajscope.params import first, mismatches, shapes
 from trajscope.registry import get_metrics, holds_bound
 
@@ -45,7 +45,6 @@ __all__ = [
     "FLAGS",
     "SkippedPair",
     "BadSnapshot",
-    "load_snapshot",
     "snapshot_problem",
     "skip_reason",
     "usable",
@@ -100,18 +99,6 @@ class BadSnapshot:
 
     step: int
     reason: str
-
-
-def load_snapshot(path: str | Path) -> Snapshot | BadSnapshot:
-    """:func:`trajscope.run.read_snapshot`, returning a damaged file as a :class:`BadSnapshot`
-    value instead of raising, so that only the pairs needing this snapshot are skipped."""
-    from trajscope.run import read_snapshot
-
-    try:
-        return read_snapshot(Path(path))
-    except RunFormatError as exc:
-        step = fmt.parse_step_filename(Path(path).name)
-        return BadSnapshot(-1 if step is None else step, str(exc))
 
 
 def snapshot_problem(snap: Snapshot | BadSnapshot, model: torch.nn.Module) -> str | None:
