@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import interleaved, machine, ratio_line, record_run, set_clock
-from trajscope.probe import PairStats, ProbeSettings, probe_pair
+from trajscope.pairs import PairStats
+from trajscope.probe import ProbeSettings, probe_pair
 
 
 def pair_case(run_dir: Path, settings: ProbeSettings):

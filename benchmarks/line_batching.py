@@ -18,7 +18,8 @@ import torch
 from torch.func import functional_call
 
 from benchmarks.common import interleaved, machine, median, ratio_line, record_run, set_clock
-from trajscope.probe import ProbeSettings, _Bound, _line, _to, alpha_grid
+from trajscope.line import _line
+from trajscope.probe import ProbeSettings, _Bound, _to, alpha_grid
 
 
 def line_case(run_dir: Path, factory: str, device: str, points: int, batched: bool):

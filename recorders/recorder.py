@@ -38,6 +38,7 @@ from trajscope import format as fmt
 from trajscope.errors import RecorderError
 from trajscope.recorders import distributed
 from trajscope.recorders.arguments import check_arguments, json_metadata
+from trajscope.recorders.backends import HDF5Writer, SafetensorsWriter
 from trajscope.recorders.capture import (
     Entries,
     ParamIndex,
@@ -57,7 +58,7 @@ from trajscope.recorders.rundir import open_writer, prepare_run_dir, release_loc
 from trajscope.recorders.scalars import ScalarsLog
 from trajscope.recorders.schedule import Schedule, as_schedule
 from trajscope.recorders.stats import RecorderStats
-from trajscope.recorders.storage import AsyncWriter, HDF5Writer, SafetensorsWriter, build_image
+from trajscope.recorders.storage import AsyncWriter, build_image
 
 __all__ = ["Recorder", "RecorderStats", "RecorderWarning", "objective_name"]
 

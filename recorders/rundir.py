@@ -11,7 +11,8 @@ from typing import IO
 
 from trajscope import format as fmt
 from trajscope.errors import RecorderError
-from trajscope.recorders.storage import AsyncWriter, HDF5Writer, SafetensorsWriter, SlotPool
+from trajscope.recorders.backends import HDF5Writer, SafetensorsWriter
+from trajscope.recorders.storage import AsyncWriter, SlotPool
 
 __all__ = ["RECORDING_LOCK", "open_writer", "prepare_run_dir", "recorder_alive", "release_lock"]
 

@@ -40,8 +40,6 @@ import torch
 from trajscope import format as fmt
 from trajscope.errors import RecorderError
 from trajscope.recorders.backends.base import DIRECT_IO_ALIGN, DTYPES, bits_dtype, dtype_name
-from trajscope.recorders.backends.hdf5 import HDF5Writer  # re-exported: the recorder imports it here
-from trajscope.recorders.backends.safetensors import SafetensorsWriter  # re-exported, as HDF5Writer
 
 __all__ = [
     "Entry",
@@ -49,8 +47,6 @@ __all__ = [
     "Slot",
     "SlotPool",
     "build_image",
-    "SafetensorsWriter",
-    "HDF5Writer",
     "AsyncWriter",
     "dtype_name",
 ]

@@ -60,7 +60,7 @@ def line(inputs, *, batched: bool, chunk: int | None = None, replay: bool = Fals
     settings = ProbeSettings(alphas=tuple(alphas.tolist()), batched=batched, chunk_size=chunk,
                              dtype="float64" if alphas.dtype == torch.float64 else "float32")
     if not expect_path:
-        return probe._line(f, x0, delta, alphas, settings, rng, replay)
+        return line_mod._line(f, x0, delta, alphas, settings, rng, replay)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProbeWarning)
         vals, ders, ran_batched = line_mod._line_and_path(f, x0, delta, alphas, settings, rng, replay)

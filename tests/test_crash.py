@@ -27,6 +27,7 @@ from trajscope.cli import main
 from trajscope.errors import RecorderError
 from trajscope.recorders import RecorderWarning
 from trajscope.recorders import storage as storage_mod
+from trajscope.recorders.backends import HDF5Writer
 from trajscope.recorders.backends import safetensors as safetensors_backend
 from trajscope.run import open_run
 from trajscope.validate import validate_run
@@ -168,16 +169,16 @@ def test_full_disk_with_on_error_warn_keeps_training_and_earlier_steps(
 
 
 def test_full_disk_hdf5_with_on_error_warn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = storage_mod.HDF5Writer.write
+    real = HDF5Writer.write
     calls = [0]
 
-    def failing(self: storage_mod.HDF5Writer, image: storage_mod.StepImage) -> Path:
+    def failing(self: HDF5Writer, image: storage_mod.StepImage) -> Path:
         calls[0] += 1
         if calls[0] > 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(self, image)
 
-    monkeypatch.setattr(storage_mod.HDF5Writer, "write", failing)
+    monkeypatch.setattr(HDF5Writer, "write", failing)
     with pytest.warns(RecorderWarning, match=r"step 2: writing trajectory.h5 \(step 2\) failed"):
         train_sgd(tmp_path / "run", steps=6, recorder_kwargs={"on_error": "warn", "format": "hdf5"})
     run = open_run(tmp_path / "run")

@@ -28,6 +28,7 @@ from trajscope import format as fmt
 from trajscope.errors import RecorderError
 from trajscope.recorders import At, Every, Log, Recorder
 from trajscope.recorders import storage as storage_mod
+from trajscope.recorders.backends import SafetensorsWriter
 from trajscope.run import open_run, read_raw
 
 FORMATS = ["safetensors", "hdf5"]
@@ -249,7 +250,7 @@ def test_back_pressure_bounds_pending_snapshots(tmp_path: Path, monkeypatch: pyt
     in_flight = []
     peak = [0]
     lock = threading.Lock()
-    real_write = storage_mod.SafetensorsWriter.write
+    real_write = SafetensorsWriter.write
     real_build = storage_mod.build_image
 
     def counting_build(*args: object, **kw: object) -> object:
@@ -265,7 +266,7 @@ def test_back_pressure_bounds_pending_snapshots(tmp_path: Path, monkeypatch: pyt
             in_flight.pop()
         return out
 
-    monkeypatch.setattr(storage_mod.SafetensorsWriter, "write", slow_write)
+    monkeypatch.setattr(SafetensorsWriter, "write", slow_write)
     monkeypatch.setattr("trajscope.recorders.recorder.build_image", counting_build)
     t0 = time.perf_counter()
     train_sgd(tmp_path / "run", steps=8, recorder_kwargs={"max_pending": 2})

@@ -124,7 +124,8 @@ def test_without_the_recorded_rng_dropout_differs(cnn_run) -> None:
     with pytest.warns(ProbeWarning, match="randomness operation"):
         stats = probe_pair(make_cnn(), dataclasses.replace(snap, rng={}), nxt, ProbeSettings(dtype="float64"))
     assert stats.extras["line_batched"] == 0.0
-    from trajscope.metrics import PairView, grad_replay_error, loss_replay_error
+    from trajscope.metrics import grad_replay_error, loss_replay_error
+    from trajscope.pairs import PairView
 
     assert grad_replay_error(PairView(stats)) > 1e-2
     assert loss_replay_error(PairView(stats)) > 1e-5

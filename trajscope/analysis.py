@@ -46,6 +46,7 @@ from trajscope.execution import (
     usable_cores,
 )
 from trajscope.objective import check_run_objective, objective_digest
+from trajscope.pairs import PairStats
 from trajscope.persist import (
     VERSION,
     PairTable,
@@ -65,7 +66,7 @@ from trajscope.plan import (
     training_rounding,
     with_requirements,
 )
-from trajscope.probe import PairStats, ProbeSettings
+from trajscope.probe import ProbeSettings
 from trajscope.progress import Progress as _Progress
 from trajscope.registry import MetricSpec, evaluate_pair
 from trajscope.run import Run, open_run

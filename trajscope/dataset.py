@@ -24,8 +24,9 @@ import numpy as np
 from trajscope import format as fmt
 from trajscope import health
 from trajscope.errors import RunFormatError
+from trajscope.pairs import PairStats
 from trajscope.persist import VERSION
-from trajscope.probe import PairStats, ProbeSettings
+from trajscope.probe import ProbeSettings
 from trajscope.registry import MetricSpec
 from trajscope.run import Run
 

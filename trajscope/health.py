@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import torch
     import xarray as xr
 
-    from trajscope.probe import PairStats
+    from trajscope.pairs import PairStats
     from trajscope.run import Run, Snapshot
 
 __all__ = [
@@ -236,7 +236,7 @@ def _finite(a: Any) -> bool:
 
 
 def pair_flags(stats: PairStats, loss_given: bool = False, next_has_grad: bool = False) -> int:
-    """The ``pair_flags`` bits of one pair's :class:`~trajscope.probe.PairStats`.
+    """The ``pair_flags`` bits of one pair's :class:`~trajscope.pairs.PairStats`.
 
     Inner products of non-finite vectors are non-finite, so the per-layer terms tell which inputs
     were affected without touching the tensors again. (A squared norm that overflows float64 is

@@ -25,7 +25,8 @@ import numpy as np
 
 from trajscope import format as fmt
 from trajscope.errors import AnalysisError, RunFormatError
-from trajscope.probe import PairStats, ProbeSettings
+from trajscope.pairs import PairStats
+from trajscope.probe import ProbeSettings
 
 __all__ = ["VERSION", "PairTable", "analysis_lock", "load_pair", "pair_path",
            "remove_stale_temporaries", "save_pair", "settings_digest"]

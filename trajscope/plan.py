@@ -19,7 +19,8 @@ from trajscope.errors import AnalysisError, ForwardModeError, RunFormatError, Tr
 from trajscope.execution import resolve_device
 from trajscope.line import _replayed_rng, forward_ad_failure, sdpa_math_kernel
 from trajscope.objective import Objective
-from trajscope.probe import DERIVATIVES, PairStats, ProbeSettings, _batchnorm_replay, _prepare, alpha_grid
+from trajscope.pairs import PairStats
+from trajscope.probe import DERIVATIVES, ProbeSettings, _batchnorm_replay, _prepare, alpha_grid
 from trajscope.registry import MetricSpec, get_metrics
 from trajscope.run import Run, Snapshot
 from trajscope.tasks import ObjectiveSource, objective_for

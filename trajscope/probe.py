@@ -50,14 +50,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from trajscope import line_plan
 from trajscope.errors import AnalysisError, ForwardModeError, ObjectiveError
-from trajscope.line import _line, _line_and_path, _replayed_rng, sdpa_math_kernel  # noqa: F401  (_line: re-exported)
+from trajscope.line import _replayed_rng, sdpa_math_kernel
 from trajscope.objective import Objective
-from trajscope.pairs import TERMS, VECTORS, PairStats  # re-exported: the probe/metrics contract lives there
+from trajscope.pairs import TERMS, VECTORS, PairStats
 from trajscope.params import first, mismatches, shapes
 from trajscope.run import Snapshot
 from trajscope.trees import tree_map
 
-__all__ = ["ProbeSettings", "PairStats", "TERMS", "VECTORS", "alpha_grid", "probe_pair"]
+__all__ = ["DERIVATIVES", "ProbeSettings", "alpha_grid", "probe_pair"]
 
 DERIVATIVES = ("auto", "forward", "reverse")
 """The ``derivatives=`` choices of an analysis; a ProbeSettings holds the resolved one."""

@@ -25,7 +25,6 @@ from typing import Any
 from trajscope import format as fmt
 from trajscope.errors import RunFormatError, one_line
 from trajscope.recorders.backends import STORAGES, HDF5Storage, SafetensorsStorage, Storage, read_raw
-from trajscope.recorders.backends.safetensors import header_meta as _snapshot_meta  # noqa: F401 - re-exported
 from trajscope.snapshot import Snapshot, is_nonneg_int, snapshot_from_raw
 
 # Snapshot, Storage, its formats and read_raw live in trajscope.snapshot and

@@ -36,8 +36,9 @@ from trajscope import format as fmt
 from trajscope import health
 from trajscope.errors import ObjectiveError, TrajscopeError, one_line
 from trajscope.objective import Objective, resolve_objective
+from trajscope.pairs import PairStats
 from trajscope.persist import pair_path, save_pair
-from trajscope.probe import PairStats, ProbeSettings, probe_pair
+from trajscope.probe import ProbeSettings, probe_pair
 from trajscope.run import Run, Snapshot, open_run
 from trajscope.snapshots import Loaded, SnapshotRef, on_device, resolved
 

@@ -1,6 +1,7 @@
 """Storage backends: one module per snapshot format, each with its reader, writer and dtype map.
 
-* :mod:`~trajscope.recorders.backends.base`: the :class:`Storage` interface, the registry
+* :mod:`~trajscope.recorders.backends.base`: the :class:`Storage` interface (and
+  :class:`FormatStorage`, a format's), the registry
   :data:`STORAGES` (format name → reader class) and the dtype helpers over
   :data:`trajscope.format.DTYPES`;
 * :mod:`~trajscope.recorders.backends.safetensors`: ``steps/step_XXXXXXXX.safetensors``;
