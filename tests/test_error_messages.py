@@ -393,12 +393,46 @@ def test_loss_returns_non_scalar(run_dir: Path) -> None:
     ({"dtype": "float16"}, "dtype='float16': expected float32 or float64"),
     ({"steps": "a:b"}, "steps='a:b': expected START:STOP[:STRIDE]"),
     ({"device": "tpu"}, "device='tpu': expected cpu, cuda, cuda:N or auto"),
-    ({"points": 1}, "points=1: expected an int >= 2"),
+    ({"points": 1}, "points=1: expected an int from 2 to 10001"),
+    ({"points": 10002}, "points=10002: expected an int from 2 to 10001"),
+    ({"margin": 100.5}, "margin=100.5: expected a finite number from 0 to 100"),
     ({"scheduler": "magic"}, "scheduler='magic': expected synchronous, threads, processes, a dask.distributed address"),
 ])
 def test_bad_arguments(run_dir: Path, kw: dict, needle: str) -> None:
     with raises(AnalysisError, needle):
         trajscope.analyze(run_dir, make_quadratic, write=False, progress=False, **kw)
+
+
+@pytest.mark.parametrize("points,margin,message", [
+    (1, 0.5, "points=1: expected an int from 2 to 10001 (the grid needs α=0 and α=1)"),
+    (10002, 0.5, "points=10002: expected an int from 2 to 10001 (the grid needs α=0 and α=1)"),
+    (9.0, 0.5, "points=9.0: expected an int from 2 to 10001 (the grid needs α=0 and α=1)"),
+    (True, 0.5, "points=True: expected an int from 2 to 10001 (the grid needs α=0 and α=1)"),
+    (9, -0.25, "margin=-0.25: expected a finite number from 0 to 100 (in units of the step)"),
+    (9, 100.01, "margin=100.01: expected a finite number from 0 to 100 (in units of the step)"),
+    (9, float("inf"), "margin=inf: expected a finite number from 0 to 100 (in units of the step)"),
+    (9, float("nan"), "margin=nan: expected a finite number from 0 to 100 (in units of the step)"),
+    (9, "0.5", "margin='0.5': expected a finite number from 0 to 100 (in units of the step)"),
+])
+def test_alpha_grid_bounds(points: object, margin: object, message: str) -> None:
+    from trajscope.probe import alpha_grid
+
+    with pytest.raises(AnalysisError) as e:
+        alpha_grid(points, margin)  # type: ignore[arg-type]
+    assert str(e.value) == message
+
+
+def test_alpha_grid_at_its_bounds_and_the_cli_ranges() -> None:
+    from trajscope.cli import analyze
+    from trajscope.grid import MAX_MARGIN, MAX_POINTS, alpha_grid
+
+    grid = alpha_grid(MAX_POINTS, MAX_MARGIN)  # h = 1e-4; 1e6 extra points on each side
+    assert len(grid) == MAX_POINTS + 2 * 1_000_000 and grid[0] == -100.0 and grid[-1] == 101.0
+    assert grid[1_000_000] == 0.0 and grid[1_000_000 + MAX_POINTS - 1] == 1.0
+    assert list(alpha_grid(2, 0.0)) == [0.0, 1.0]
+    ranges = {p.name: p.type for p in analyze.params if p.name in ("points", "margin")}
+    assert (ranges["points"].min, ranges["points"].max) == (2, MAX_POINTS)  # type: ignore[attr-defined]
+    assert (ranges["margin"].min, ranges["margin"].max) == (0, MAX_MARGIN)  # type: ignore[attr-defined]
 
 
 def test_no_pairs_selected(run_dir: Path) -> None:

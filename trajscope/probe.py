@@ -50,6 +50,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from trajscope import line_plan
 from trajscope.errors import AnalysisError, ForwardModeError, ObjectiveError
+from trajscope.grid import alpha_grid  # part of this module's API
 from trajscope.line import _replayed_rng, sdpa_math_kernel
 from trajscope.objective import Objective
 from trajscope.pairs import TERMS, VECTORS, PairStats
@@ -61,20 +62,6 @@ __all__ = ["DERIVATIVES", "ProbeSettings", "alpha_grid", "probe_pair"]
 
 DERIVATIVES = ("auto", "forward", "reverse")
 """The ``derivatives=`` choices of an analysis; a ProbeSettings holds the resolved one."""
-
-
-def alpha_grid(points: int = 9, margin: float = 0.5) -> np.ndarray:
-    """The α grid: ``points`` equally spaced points on [0, 1] extended by ``margin`` on each side.
-
-    The spacing is h = 1/(points−1); the margin is rounded to whole steps, so 0 and 1 are always
-    exact grid points. The default (9, 0.5) gives 17 points on [−0.5, 1.5].
-    """
-    if not isinstance(points, int) or points < 2:
-        raise AnalysisError(f"points={points!r}: expected an int >= 2 (the grid needs α=0 and α=1)")
-    if not margin >= 0:
-        raise AnalysisError(f"margin={margin!r}: expected a number >= 0")
-    n = int(round(margin * (points - 1)))
-    return np.arange(-n, points + n, dtype=np.float64) / (points - 1)
 
 
 @dataclass(frozen=True)
