@@ -113,7 +113,8 @@ def test_sigkill_leaves_a_run_that_validates_as_incomplete_and_analyzes(
         # Incomplete is reported (a warning: what was written is sound and analyzable), not damage.
         main(["validate", str(run_dir)])
         out = capsys.readouterr().out
-        assert "status is 'recording': the run is incomplete" in out and "problem:" not in out
+        assert ("run is incomplete: status recording (the recorder is gone: crashed or killed)" in out
+                and "problem:" not in out)
         if len(run.pairs) == 0:
             continue
         main(["analyze", str(run_dir), "--points", "3", "--margin", "0", "-q"])

@@ -134,7 +134,8 @@ def test_incomplete_run_is_a_warning_not_a_problem(run_dir: Path) -> None:
     step_file(run_dir, 10).unlink()
     report = validate_run(run_dir)
     assert report.ok
-    assert any("status is 'crashed'" in w for w in report.warnings)
+    assert report.warnings == [f"{run_dir / 'trajscope.json'}: run is incomplete: status crashed (the "
+                               "training loop raised an exception), last recorded step 9, no final state"]
 
 
 def test_nonfinite_values_are_warnings(run_dir: Path) -> None:

@@ -164,7 +164,32 @@ class Run:
             lines.append(f"skipped    {skipped} step(s) skipped by the optimizer (AMP)")
         if (self.path / fmt.ANALYSIS_DIR / fmt.METRICS_FILE).exists():
             lines.append(f"analysis   {self.path / fmt.ANALYSIS_DIR / fmt.METRICS_FILE}")
+        note = self.incomplete_note()
+        if note is not None:
+            lines.append(note)
         return "\n".join(one_line(line) for line in lines)  # values from the run: no escapes
+
+    def incomplete_note(self) -> str | None:
+        """One line saying that and how the run is incomplete, None when its status is
+        ``complete``: ``run is incomplete: status recording (the recorder is gone: crashed or
+        killed), last recorded step 41, no final state``. Whether the recorder of a ``recording``
+        run lives is asked of its recording lock (:func:`trajscope.recorders.rundir.recorder_alive`),
+        so a live recording is told from a dead one."""
+        if self.status == fmt.STATUS_COMPLETE:
+            return None
+        if self.status == fmt.STATUS_RECORDING:
+            from trajscope.recorders.rundir import recorder_alive
+
+            alive = recorder_alive(self.path)
+            why = ("the recorder is alive" if alive else "the recorder is gone: crashed or killed"
+                   if alive is False else "no recording lock tells whether the recorder is alive")
+        else:  # crashed: a write failed (the manifest's error says which), or the loop raised
+            error = self.manifest.get("error")
+            why = (f"recording stopped: {one_line(error, 300)}" if isinstance(error, str) and error
+                   else "the training loop raised an exception")
+        last = f"last recorded step {self.steps[-1]}" if self.steps else "no step recorded"
+        final = "no final state" if self.final_step is None else f"final state at step {self.final_step}"
+        return f"run is incomplete: status {self.status} ({why}), {last}, {final}"
 
 
     def _scalars_lenient(self) -> tuple[list[dict[str, Any]], list[str]]:

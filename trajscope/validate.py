@@ -72,11 +72,9 @@ def validate_run(path: str | Path, *, objective: Any = None, quick: bool = False
                 _check_step(file, step, None, rep, quick)
         return rep
 
-    if run.status != fmt.STATUS_COMPLETE:
-        rep.warnings.append(
-            f"{run.path / fmt.MANIFEST}: status is {run.status!r}: the run is incomplete (analysis "
-            "covers pairs up to the last complete snapshot; no final state)"
-        )
+    note = run.incomplete_note()
+    if note is not None:  # analyzable up to its last complete snapshot: a warning, not damage
+        rep.warnings.append(f"{run.path / fmt.MANIFEST}: {note}")
     _check_scalars(run, rep)
     steps_dir = run.path / fmt.STEPS_DIR
     if run.storage.kind != fmt.STORAGE_SAFETENSORS:
