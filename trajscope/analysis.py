@@ -12,7 +12,9 @@ most two windows in flight, and a window's snapshots are released when its pairs
 finished pair is persisted under ``analysis/pairs/`` by the task itself, so an interrupted
 analysis (even SIGKILL) resumes where it stopped, and new recorded steps only cost their new
 pairs. The Dataset is written to a temporary file and renamed: it is never seen half-written. A
-lock file keeps two analyses from writing the same run's ``analysis/`` at once.
+lock file keeps two analyses from writing the same run's ``analysis/`` at once. ``out=DIR`` puts
+``analysis/``'s content in DIR instead (:mod:`trajscope.outputs`): a read-only run is analyzed
+without writing a byte into it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from trajscope.execution import (
     usable_cores,
 )
 from trajscope.objective import check_run_objective, objective_digest
+from trajscope.outputs import analysis_dir, create_analysis_dir, pairs_digest
 from trajscope.pairs import PairStats
 from trajscope.persist import (
     VERSION,
@@ -112,6 +115,7 @@ def analyze(
     reference: int | None = None,
     force: bool = False,
     write: bool = True,
+    out: str | Path | None = None,
     progress: bool | None = None,
 ) -> xr.Dataset:
     """Analyze a recorded run and return the metrics Dataset (also written to ``analysis/``).
@@ -147,10 +151,13 @@ def analyze(
         force: recompute pairs already persisted under ``analysis/pairs``.
         write: write ``analysis/metrics.nc`` and the per-pair results (and reuse those already
             there); False computes everything in memory and writes nothing.
+        out: the analysis directory instead of ``RUN/analysis`` (:mod:`trajscope.outputs`), e.g.
+            for a run directory that cannot be written; read it back with ``analysis=out``.
         progress: show a progress bar (default: when stderr is a terminal).
     """
     r = run if isinstance(run, Run) else open_run(run)
     scheduler = _check_arguments(dtype, scheduler, device, chunk_size, derivatives)
+    where = _destination(r, out, write)  # checked before any work: a read-only run fails at once
     local = isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS
     selected, sharpness = select_metrics(metrics, sharpness)
     settings = probe_settings(r, points=points, margin=margin, device=device, dtype=dtype,
@@ -162,17 +169,13 @@ def analyze(
     pairs, lost = pairs_to_analyze(r, steps)
     r, settings, code = _resolve_objective(r, objective, settings, derivatives, pairs, local)
     name = objective_id(objective, r.objective)
-    analysis_dir = r.path / fmt.ANALYSIS_DIR
-    if write:
-        fmt.safe_output_dir(r.path, fmt.ANALYSIS_DIR, fmt.PAIRS_DIR)  # no symlinked way out
-    job = _Job(r, objective, name, settings, device, settings_digest(settings, name, code),
-               analysis_dir / fmt.PAIRS_DIR if write else None, local)
-    with analysis_lock(analysis_dir) if write else contextlib.nullcontext():
+    job = _job(r, objective, name, settings, device, code, where, local)
+    with analysis_lock(where) if where is not None else contextlib.nullcontext():
         done, skipped = _compute_pairs(job, pairs, lost, scheduler, workers, force, progress)
         ordered = _finished(r, [done.get(t) for t in pairs if t in done], skipped)
         ds = _dataset(r, ordered, specs, settings, name, skipped, len(pairs) + len(lost))
-        if write:
-            _write_dataset(ds, analysis_dir / fmt.METRICS_FILE)
+        if where is not None:
+            _write_dataset(ds, where / fmt.METRICS_FILE)
     _warn_replay(ds)
     return ds
 
@@ -210,6 +213,28 @@ class _Job:
     """Where pairs are persisted (None: nothing is written)."""
     local: bool = True
     """The scheduler runs on this machine (the driver may check on ``settings.device``)."""
+
+
+def _destination(r: Run, out: str | Path | None, write: bool) -> Path | None:
+    """The analysis directory (``out`` or ``RUN/analysis``, checked writable:
+    :func:`trajscope.outputs.analysis_dir`); None when nothing is written."""
+    if not write:
+        if out is not None:
+            raise AnalysisError(f"out={str(out)!r}: given with write=False, which writes nothing")
+        return None
+    return analysis_dir(r.path, out)
+
+
+def _job(r: Run, objective: ObjectiveSource, name: str, settings: ProbeSettings, device: str, code: str,
+         where: Path | None, local: bool) -> _Job:
+    """What every pair shares; creates the analysis directory ``where`` and its ``pairs/`` (real
+    directories only: nothing is written through a symlink), unless it is None."""
+    digest = settings_digest(settings, name, code)
+    if where is None:
+        return _Job(r, objective, name, settings, device, digest, None, local)
+    create_analysis_dir(where)
+    return _Job(r, objective, name, settings, device, pairs_digest(digest, r.path, where),
+                where / fmt.PAIRS_DIR, local)
 
 
 def _check_arguments(dtype: str | None, scheduler: Any, device: str, chunk_size: int | None,

@@ -15,19 +15,19 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from trajscope import format as fmt
 from trajscope.errors import TrajscopeError, one_line
+from trajscope.grid import MAX_MARGIN, MAX_POINTS
+
+if TYPE_CHECKING:
+    from trajscope.run import Run
 
 _RUN_DIR = click.Path(file_okay=True, dir_okay=True, path_type=str)
-MAX_POINTS = 10001
-"""Upper bound of ``--points``: each pair holds (points × layers) float64 arrays per field."""
-MAX_MARGIN = 100.0
-"""Upper bound of ``--margin`` (in units of the step): beyond it the grid leaves any region where
-the loss along the step says something about the step, and huge values overflow to inf."""
+_ANALYSIS_DIR = click.Path(file_okay=False, path_type=str)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -116,34 +116,50 @@ def _check_size(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Reference point x* of convexity_ratio_ref (default: the final recorded state).")
 @click.option("--force", is_flag=True,
               help="Recompute pairs already analyzed (by default, finished pairs are reused).")
+@click.option("--out", type=_ANALYSIS_DIR, metavar="DIR",
+              help="Write the analysis (metrics.nc, pairs/) to DIR instead of RUN_DIR/analysis, e.g. "
+                   "for a run directory you cannot write; other commands read it with --analysis DIR.")
 @click.option("--quiet", "-q", is_flag=True,
               help="No progress bar or summary (the bar is also off when stderr is not a terminal).")
 def analyze(run_dir: str, objective: str | None, points: int, margin: float, device: str,
             dtype: str, scheduler: str, workers: int | None, steps: str | None,
             metric_names: str | None, derivatives: str, max_memory: int | None, sharpness: bool,
-            reference: int | None, force: bool, quiet: bool) -> None:
+            reference: int | None, force: bool, out: str | None, quiet: bool) -> None:
     """Re-evaluate the loss along each recorded step and compute every metric.
 
-    Writes RUN_DIR/analysis/metrics.nc; open it with trajscope.open_metrics(RUN_DIR). Each
-    finished pair is kept under RUN_DIR/analysis/pairs, so an interrupted analysis resumes where
-    it stopped and newly recorded steps only cost their new pairs.
+    Writes RUN_DIR/analysis/metrics.nc (or DIR/metrics.nc with --out DIR); open it with
+    trajscope.open_metrics(RUN_DIR). Each finished pair is kept under RUN_DIR/analysis/pairs, so
+    an interrupted analysis resumes where it stopped and newly recorded steps only cost their new
+    pairs.
     """
     from trajscope.analysis import analyze as run_analysis
+    from trajscope.run import open_run
     from trajscope.summary import format_headline, headline
 
+    run = open_run(run_dir)
+    _warn_incomplete(run)
     names = [n.strip() for n in metric_names.split(",") if n.strip()] if metric_names else None
-    ds = run_analysis(run_dir, objective, points=points, margin=margin, device=device,
+    ds = run_analysis(run, objective, points=points, margin=margin, device=device,
                       dtype=None if dtype == "auto" else dtype,
                       scheduler=scheduler, workers=workers, steps=steps, metrics=names,
                       derivatives=derivatives, max_memory=max_memory, sharpness=sharpness, reference=reference,
-                      force=force,
+                      force=force, out=out,
                       progress=None if not quiet else False)
     if not quiet and derivatives == "auto" and ds.attrs.get("derivatives", "forward") != "forward":
         path = "reverse mode" if ds.attrs["derivatives"] == "reverse" else "forward mode"
         click.echo(f"derivatives: {path} ({ds.attrs.get('derivatives_reason', '')})")
     if not quiet:
-        click.echo(f"wrote {run_dir.rstrip('/')}/{fmt.ANALYSIS_DIR}/{fmt.METRICS_FILE}")
+        where = out.rstrip("/") if out is not None else f"{run_dir.rstrip('/')}/{fmt.ANALYSIS_DIR}"
+        click.echo(f"wrote {where}/{fmt.METRICS_FILE}")
         click.echo(format_headline(headline(ds)))
+
+
+def _warn_incomplete(run: Run) -> None:
+    """The run's incomplete note (:meth:`Run.incomplete_note`) as one warning line on stderr, so
+    that stdout keeps only the command's result."""
+    note = run.incomplete_note()
+    if note is not None:
+        click.echo(f"trajscope: warning: {one_line(note)}", err=True)
 
 
 @cli.command()
@@ -181,16 +197,27 @@ def list_metrics(markdown: bool) -> None:
 @click.option("--window", default=10, show_default=True, type=click.IntRange(min=1),
               help="k of the last-k convexity ratio.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def summary(run_dir: str, steps_per_epoch: int | None, window: int, as_json: bool) -> None:
+@click.option("--analysis", type=_ANALYSIS_DIR, metavar="DIR",
+              help="Read the analysis from DIR (written by `trajscope analyze --out DIR`) instead of "
+                   "RUN_DIR/analysis.")
+def summary(run_dir: str, steps_per_epoch: int | None, window: int, as_json: bool,
+            analysis: str | None) -> None:
     """Summarise an analysis: where the theory holds, convexity ratios, the (L0, L1) fit.
 
     Reads RUN_DIR/analysis/metrics.nc (run `trajscope analyze RUN_DIR` first).
     """
     import json
 
+    from trajscope.run import open_run
     from trajscope.summary import format_summary, summarize
 
-    s = summarize(run_dir, steps_per_epoch=steps_per_epoch, window=window)
+    s = summarize(run_dir, steps_per_epoch=steps_per_epoch, window=window, analysis=analysis)
+    try:
+        run = open_run(run_dir)
+    except TrajscopeError:  # the summary reads only the analysis: a damaged manifest changes nothing
+        pass
+    else:
+        _warn_incomplete(run)
     click.echo(json.dumps(s, indent=2, allow_nan=True) if as_json else format_summary(s))
 
 
@@ -238,14 +265,19 @@ def _cli_warnings() -> Iterator[None]:
               help="EMA weight on the past for the inst_gap figure.")
 @click.option("--window", type=click.IntRange(min=1),
               help="Pairs in the windowed convexity ratio (default: a tenth of the run, at least 2).")
-def report(run_dirs: tuple[str, ...], out: str | None, ema_beta: float, window: int | None) -> None:
+@click.option("--analysis", "analysis", type=_ANALYSIS_DIR, metavar="DIR", multiple=True,
+              help="Read each run's analysis from DIR (written by `trajscope analyze --out DIR`) "
+                   "instead of RUN_DIR/analysis: once per RUN_DIR, in the same order.")
+def report(run_dirs: tuple[str, ...], out: str | None, ema_beta: float, window: int | None,
+           analysis: tuple[str, ...]) -> None:
     """Paper-style figures (PNG) and an index.html with the summary table.
 
     Several analyzed RUN_DIRs overlay in one report. Run `trajscope analyze` on each first.
     """
     from trajscope.report import write_report
 
-    rep = write_report(list(run_dirs), out, beta=ema_beta, window=window)
+    rep = write_report(list(run_dirs), out, beta=ema_beta, window=window,
+                       analysis=list(analysis) if analysis else None)
     click.echo(f"wrote {rep.index} ({len(rep.figures)} figures)")
     for name, why in rep.skipped.items():
         click.echo(f"skipped {name}: {why}")

@@ -24,6 +24,7 @@ import numpy as np
 from trajscope import format as fmt
 from trajscope import health
 from trajscope.errors import RunFormatError
+from trajscope.outputs import per_run
 from trajscope.pairs import PairStats
 from trajscope.persist import VERSION
 from trajscope.probe import ProbeSettings
@@ -150,12 +151,20 @@ def import_libraries_in_background() -> None:
     threading.Thread(target=work, name="trajscope-import", daemon=True).start()
 
 
-def open_metrics(run: str | Path | Sequence[str | Path]) -> xr.Dataset:
-    """Open the Dataset written by ``trajscope analyze``; several runs concat along ``run``."""
+def open_metrics(run: str | Path | Sequence[str | Path],
+                 analysis: str | Path | Sequence[str | Path | None] | None = None) -> xr.Dataset:
+    """Open the Dataset written by ``trajscope analyze``; several runs concat along ``run``.
+
+    Args:
+        run: a run directory, or several.
+        analysis: the analysis directory each run was analyzed into (``analyze(..., out=DIR)``,
+            ``trajscope analyze RUN --out DIR``): one directory, or one entry per run (None:
+            that run's ``RUN/analysis``). Default: ``RUN/analysis`` of every run.
+    """
     import xarray as xr
 
     if isinstance(run, (list, tuple)):
-        parts = [open_metrics(p) for p in run]
+        parts = [open_metrics(p, a) for p, a in zip(run, per_run(analysis, len(run)), strict=True)]
         names = [Path(p).name for p in run]
         if len(set(names)) < len(names):  # runs/cnn/sgd and runs/convex/sgd: keep them apart
             names = [str(p) for p in run]
@@ -164,9 +173,11 @@ def open_metrics(run: str | Path | Sequence[str | Path]) -> xr.Dataset:
     run_dir = Path(run) if isinstance(run, (str, Path)) else Path(str(run))
     if not run_dir.is_dir():
         raise RunFormatError(f"{run}: no such run directory")
-    path = run_dir / fmt.ANALYSIS_DIR / fmt.METRICS_FILE
+    (where,) = per_run(analysis, 1)
+    path = (run_dir / fmt.ANALYSIS_DIR if where is None else where) / fmt.METRICS_FILE
     if not path.exists() and not path.is_symlink():
-        raise RunFormatError(f"{path}: no analysis found; run `trajscope analyze {run}` first")
+        out = "" if where is None else f" --out {where}"
+        raise RunFormatError(f"{path}: no analysis found; run `trajscope analyze {run}{out}` first")
     fmt.open_regular(path, "metrics Dataset").close()  # a FIFO there would block the open below
     with xr.open_dataset(path, engine="h5netcdf") as ds:
         return ds.load()

@@ -365,10 +365,10 @@ def check_name(name: Any, where: str) -> str:
 
 
 def link_error(path: Path) -> RunFormatError:
-    """The error for a symlink where trajscope writes inside a run."""
+    """The error for a symlink where trajscope writes inside a run (or an analysis directory)."""
     return RunFormatError(
-        f"{path}: is a symlink; trajscope writes only inside the run directory and will not follow "
-        "it (remove the link)"
+        f"{path}: is a symlink; trajscope writes only inside the run (or analysis) directory and "
+        "will not follow it (remove the link)"
     )
 
 

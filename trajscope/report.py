@@ -38,6 +38,7 @@ from trajscope.figures import (
     figure_data,
     loss_line_shape,
 )
+from trajscope.outputs import check_writable, per_run
 from trajscope.summary import TABLE_LABELS, ema, stability_ratio, table_rows
 
 __all__ = [
@@ -82,12 +83,14 @@ def _fmt(key: str, v: float) -> str:
 # --- loading and writing --------------------------------------------------------------------------
 
 
-def load_runs(runs: str | Path | xr.Dataset | Sequence[str | Path | xr.Dataset] | Runs) -> dict[str, xr.Dataset]:
+def load_runs(runs: str | Path | xr.Dataset | Sequence[str | Path | xr.Dataset] | Runs,
+              analysis: str | Path | Sequence[str | Path | None] | None = None) -> dict[str, xr.Dataset]:
     """Normalise the report's input to ``{label: Dataset}``.
 
     Accepts run directories (opened with :func:`trajscope.open_metrics`; labelled by directory
     name, with parent names added until the labels are unique), Datasets (a Dataset with a ``run``
     dim is split into its runs, dropping the steps a run lacks), or a mapping label → Dataset.
+    ``analysis``: the analysis directory of each run directory, in order (as in ``open_metrics``).
     """
     from trajscope.analysis import open_metrics
 
@@ -99,6 +102,7 @@ def load_runs(runs: str | Path | xr.Dataset | Sequence[str | Path | xr.Dataset] 
             raise AnalysisError("report: no runs given; pass at least one analyzed run directory")
         paths = [Path(p) for p in items if not isinstance(p, xr.Dataset)]
         labels = _unique_labels(paths)
+        dirs = iter(per_run(analysis, len(paths)))  # in the order of the run directories
         out = {}
         for i, item in enumerate(items):
             if isinstance(item, xr.Dataset):
@@ -115,7 +119,7 @@ def load_runs(runs: str | Path | xr.Dataset | Sequence[str | Path | xr.Dataset] 
                 else:
                     out[str(item.attrs.get("title", f"run{i}")).removeprefix("trajscope metrics of ")] = item
             else:
-                out[labels[Path(item)]] = open_metrics(item)
+                out[labels[Path(item)]] = open_metrics(item, next(dirs))
     for label, ds in out.items():
         if "step" not in ds.dims or ds.sizes["step"] == 0:
             raise RunFormatError(f"report: run {label!r} has no analyzed pairs (empty 'step' dimension)")
@@ -171,6 +175,7 @@ def write_report(
     beta: float = 0.9,
     window: int | None = None,
     dpi: int = 110,
+    analysis: str | Path | Sequence[str | Path | None] | None = None,
 ) -> Report:
     """Render every figure for one or several analyzed runs, and an ``index.html`` showing them
     with the summary table.
@@ -181,17 +186,20 @@ def write_report(
         beta: EMA weight on the past for the ``inst_gap`` figure.
         window: pairs in the windowed convexity ratio (default: a tenth of the run, at least 2).
         dpi: resolution of the PNG files.
+        analysis: the analysis directory of each run directory, in order, where it is not
+            ``RUN/analysis`` (as in :func:`trajscope.open_metrics`).
     """
     if window is not None and window < 1:
         raise AnalysisError(f"window={window!r}: expected an int >= 1")
     if not 0 <= beta < 1:
         raise AnalysisError(f"beta={beta!r}: expected 0 <= beta < 1")
-    loaded = load_runs(runs)
+    loaded = load_runs(runs, analysis)
     if out is None:
         first = runs[0] if isinstance(runs, Sequence) and not isinstance(runs, str) and runs else runs
         if not isinstance(first, (str, Path)):
             raise AnalysisError("report: pass out=DIR when the runs are given as Datasets")
         # Inside the run: `report` must be a real directory there, never a planted symlink.
+        check_writable(Path(first) / REPORT_DIR, "the report", "pass --out DIR (write_report(..., out=DIR))")
         out_dir = fmt.safe_output_dir(Path(first), REPORT_DIR)
     else:
         out_dir = Path(out)

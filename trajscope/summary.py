@@ -393,7 +393,8 @@ def table_rows(ds: xr.Dataset) -> dict[str, float]:
 
 
 def summarize(run_or_ds: str | Path | xr.Dataset, *, steps_per_epoch: int | None = None,
-              window: int = 10, betas: tuple[float, ...] = (0.99, 0.9999)) -> dict[str, Any]:
+              window: int = 10, betas: tuple[float, ...] = (0.99, 0.9999),
+              analysis: str | Path | None = None) -> dict[str, Any]:
     """Everything ``trajscope summary`` prints, as a dict (its Python twin).
 
     Args:
@@ -401,13 +402,15 @@ def summarize(run_or_ds: str | Path | xr.Dataset, *, steps_per_epoch: int | None
         steps_per_epoch: also aggregate the convexity ratio per epoch (or use an ``epoch`` coord).
         window: k of the last-k convexity ratio.
         betas: EMA factors of the EMA convexity ratio.
+        analysis: the run's analysis directory when it is not ``RUN/analysis`` (the ``out=`` of
+            :func:`trajscope.analyze`).
     """
     if isinstance(run_or_ds, xr.Dataset):
         ds = run_or_ds
     else:
         from trajscope.analysis import open_metrics
 
-        ds = open_metrics(run_or_ds)
+        ds = open_metrics(run_or_ds, analysis)
     n = int(ds.sizes.get("step", 0))
     out: dict[str, Any] = {"pairs": n, "replay_ok": replay_failures(ds).ok, "headline": headline(ds),
                            "holds": holds_fraction(ds)}
