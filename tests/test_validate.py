@@ -295,7 +295,8 @@ def test_sigkilled_recorder_leaves_a_readable_run(tmp_path: Path, capsys) -> Non
     assert [r["step"] for r in run.scalars] == [0, 1, 2, 3, 4, 5]
     report = validate_run(run_dir)
     assert report.ok, report.problems
-    assert any("status is 'recording'" in w for w in report.warnings)
+    assert (f"{run_dir / 'trajscope.json'}: run is incomplete: status recording (the recorder is gone: "
+            f"crashed or killed), last recorded step {n - 1}, no final state") in report.warnings
     assert any("leftover temporary file" in w for w in report.warnings)
     ds = trajscope.analyze(run_dir, make_quadratic, dtype="float64", write=False, progress=False)
     assert list(ds.step.values) == list(range(n - 1)) and skipped(ds) == {}

@@ -204,7 +204,8 @@ def summary(run_dir: str, steps_per_epoch: int | None, window: int, as_json: boo
             analysis: str | None) -> None:
     """Summarise an analysis: where the theory holds, convexity ratios, the (L0, L1) fit.
 
-    Reads RUN_DIR/analysis/metrics.nc (run `trajscope analyze RUN_DIR` first).
+    Reads RUN_DIR/analysis/metrics.nc, or DIR/metrics.nc with --analysis DIR (run `trajscope
+    analyze RUN_DIR` first).
     """
     import json
 
