@@ -7,7 +7,6 @@ which work ran (the full probe ``tasks.probe_pair`` against the reference part a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -255,4 +254,4 @@ def test_reference_part_equals_the_full_probe_with_batchnorm_and_dropout(tmp_pat
         assert np.isnan(without.terms["G0.x_ref"]).all() and "loss_ref" not in without.extras
         table.discard(t)
         assert t not in table and len(table) == 0
-    assert dataclasses.asdict(part)["reference"] == r.final_step
+    assert part.reference == r.final_step and part.step == 1
