@@ -10,9 +10,10 @@ the results are the same under each.
 Memory does not grow with the run: pairs go to the scheduler in windows of a few per worker, at
 most two windows in flight, and a window's snapshots are released when its pairs are done. Each
 finished pair is persisted under ``analysis/pairs/`` by the task itself, so an interrupted
-analysis (even SIGKILL) resumes where it stopped, and new recorded steps only cost their new
-pairs. The Dataset is written to a temporary file and renamed: it is never seen half-written. A
-lock file keeps two analyses from writing the same run's ``analysis/`` at once. ``out=DIR`` puts
+analysis (even SIGKILL) resumes where it stopped, new recorded steps only cost their new pairs,
+and a new reference point x* only costs each pair's reference part (:mod:`trajscope.reference`).
+The Dataset is written to a temporary file and renamed: it is never seen half-written. A lock
+file keeps two analyses from writing the same run's ``analysis/`` at once. ``out=DIR`` puts
 ``analysis/``'s content in DIR instead (:mod:`trajscope.outputs`): a read-only run is analyzed
 without writing a byte into it.
 """
@@ -55,6 +56,8 @@ from trajscope.persist import (
     PairTable,
     analysis_lock,
     load_persisted,
+    load_references,
+    reference_digest,
     remove_stale_temporaries,
     settings_digest,
 )
@@ -71,6 +74,7 @@ from trajscope.plan import (
 )
 from trajscope.probe import ProbeSettings
 from trajscope.progress import Progress as _Progress
+from trajscope.reference import ReferencePart, merge, snapshot_identity
 from trajscope.registry import MetricSpec, evaluate_pair
 from trajscope.run import Run, open_run
 from trajscope.tasks import ObjectiveSource, objective_for, window_graph
@@ -208,11 +212,17 @@ class _Job:
     device: str
     """The ``device=`` spec, resolved per worker."""
     digest: str
-    """Tags persisted pairs and names the pair tasks: see :func:`persist.settings_digest`."""
+    """Tags persisted pairs (their reference parts aside): see :func:`persist.settings_digest`."""
     pairs_dir: Path | None
     """Where pairs are persisted (None: nothing is written)."""
     local: bool = True
     """The scheduler runs on this machine (the driver may check on ``settings.device``)."""
+    ref_digest: str | None = None
+    """Tags persisted reference parts (:func:`persist.reference_digest`); None: none are kept (no
+    reference point, nothing written, or x* unreadable)."""
+    key: str = ""
+    """Names the tasks: ``digest`` with the reference point (two analyses of one run on one
+    cluster with other reference points never share a task)."""
 
 
 def _destination(r: Run, out: str | Path | None, write: bool) -> Path | None:
@@ -228,13 +238,22 @@ def _destination(r: Run, out: str | Path | None, write: bool) -> Path | None:
 def _job(r: Run, objective: ObjectiveSource, name: str, settings: ProbeSettings, device: str, code: str,
          where: Path | None, local: bool) -> _Job:
     """What every pair shares; creates the analysis directory ``where`` and its ``pairs/`` (real
-    directories only: nothing is written through a symlink), unless it is None."""
+    directories only: nothing is written through a symlink), unless it is None.
+
+    The tags: the pairs' digest, and the reference parts' digest, which covers x*'s snapshot
+    identity (:func:`trajscope.reference.snapshot_identity`, which reads x*'s parameters once) and
+    is computed only when something is persisted.
+    """
     digest = settings_digest(settings, name, code)
-    if where is None:
-        return _Job(r, objective, name, settings, device, digest, None, local)
-    create_analysis_dir(where)
-    return _Job(r, objective, name, settings, device, pairs_digest(digest, r.path, where),
-                where / fmt.PAIRS_DIR, local)
+    if where is not None:
+        create_analysis_dir(where)
+        digest = pairs_digest(digest, r.path, where)
+    ref_step = settings.reference_step
+    identity = snapshot_identity(r.storage, ref_step) if where is not None and ref_step is not None else None
+    ref_digest = reference_digest(digest, ref_step, identity) if identity is not None else None
+    key = ref_digest or reference_digest(digest, ref_step, "")
+    return _Job(r, objective, name, settings, device, digest,
+                where / fmt.PAIRS_DIR if where is not None else None, local, ref_digest, key)
 
 
 def _check_arguments(dtype: str | None, scheduler: Any, device: str, chunk_size: int | None,
@@ -282,21 +301,24 @@ def _resolve_objective(r: Run, objective: ObjectiveSource, settings: ProbeSettin
 def _compute_pairs(job: _Job, pairs: list[int], lost: dict[int, str], scheduler: Any, workers: int | None,
                    force: bool, progress: bool | None) -> tuple[PairTable, dict[int, str]]:
     """Every pair's PairStats, persisted ones reused (unless ``force``), and the skipped pairs
-    (start step → why): damaged or missing snapshots cost only their pairs."""
+    (start step → why): damaged or missing snapshots cost only their pairs. A pair persisted but
+    for its reference part (x* changed) gets a reference task, not a probe."""
     done = PairTable(pairs)
+    ref_only: list[int] = []  # persisted but for the reference part (a new x*)
     if job.pairs_dir is not None:
         remove_stale_temporaries(job.pairs_dir.parent)
         if not force:
             load_persisted(done, job.pairs_dir, pairs, job.digest)
             done = _unchanged(job, done, pairs)
-    todo = [t for t in pairs if t not in done]
+            ref_only = load_references(done, job.pairs_dir, pairs, job.ref_digest)
+    todo = sorted([t for t in pairs if t not in done] + ref_only)
     skipped = dict(lost)
-    bar = _Progress(len(pairs), len(done), sys.stderr.isatty() if progress is None else progress)
+    bar = _Progress(len(pairs), len(pairs) - len(todo), sys.stderr.isatty() if progress is None else progress)
     try:
         if todo:
             with open_backend(scheduler, workers) as backend:
                 import_libraries_in_background()
-                _run_pairs(backend, job, todo, done, skipped, bar.pair_done)
+                _run_pairs(backend, job, todo, set(ref_only), done, skipped, bar.pair_done)
     finally:
         bar.close()
     return done, skipped
@@ -327,9 +349,10 @@ def _finished(r: Run, ordered: list[PairStats], skipped: dict[int, str]) -> list
     return ordered
 
 
-def _run_pairs(backend: Backend, job: _Job, todo: list[int], done: PairTable, skipped: dict[int, str],
-               on_pair: Callable[[], None]) -> None:
-    """Probe the ``todo`` pairs on ``backend`` in windows; two windows in flight at a time."""
+def _run_pairs(backend: Backend, job: _Job, todo: list[int], ref_only: set[int], done: PairTable,
+               skipped: dict[int, str], on_pair: Callable[[], None]) -> None:
+    """Probe the ``todo`` pairs on ``backend`` in windows, two windows in flight at a time; of
+    those in ``ref_only`` compute the reference part alone."""
     r, settings = job.run, job.settings
     # A shipped function or Objective has no stable identity in a worker; name it once here.
     objective_key = (job.objective if isinstance(job.objective, str)
@@ -343,7 +366,8 @@ def _run_pairs(backend: Backend, job: _Job, todo: list[int], done: PairTable, sk
     in_flight: collections.deque[Callable[[], list[Any]]] = collections.deque()
     for i in range(0, len(todo), size):
         tasks = window_graph(r, todo[i : i + size], have, init_step, run_token, job.objective,
-                             objective_key, settings, placement, job.digest, job.pairs_dir, todo[0])
+                             objective_key, settings, placement, job.digest, job.pairs_dir, todo[0],
+                             ref_only=ref_only, ref_digest=job.ref_digest, key=job.key)
         in_flight.append(backend.submit(tasks, on_pair))
         if len(in_flight) == 2:
             _collect(in_flight.popleft()(), done, skipped)
@@ -354,6 +378,9 @@ def _run_pairs(backend: Backend, job: _Job, todo: list[int], done: PairTable, sk
 def _collect(results: list[Any], done: PairTable, skipped: dict[int, str]) -> None:
     for s in results:
         if isinstance(s, health.SkippedPair):
+            done.discard(s.step)  # a reference task's pair was loaded before its snapshot failed
             skipped[s.step] = s.reason
+        elif isinstance(s, ReferencePart):
+            done.put(merge(done.get(s.step), s))
         else:
             done.put(s)

@@ -1,10 +1,17 @@
 """What an analysis keeps on disk besides the Dataset: per-pair results and the run's lock.
 
-Each finished pair is persisted under ``analysis/pairs/pair_<t>.safetensors`` by the task that
-computed it, tagged with the digest of the probe settings and objective, so an interrupted
-analysis (even SIGKILL) resumes where it stopped, and new recorded steps only cost their new
-pairs. ``analysis/.lock`` keeps two analyses from writing one run's ``analysis/`` at once.
-:class:`PairTable` holds every pair's results in memory until the Dataset is built.
+Each finished pair is persisted by the task that computed it, in two files:
+
+* ``analysis/pairs/pair_<t>.safetensors``: everything but the reference part, tagged with the
+  digest of the probe settings (the reference step aside) and objective (:func:`settings_digest`);
+* ``analysis/pairs/ref_<t>.safetensors``: the reference part (f(x*; z_t), ⟨G0, x_t − x*⟩,
+  :mod:`trajscope.reference`), tagged with that digest, the step of x* and its snapshot's identity
+  (:func:`reference_digest`).
+
+So an interrupted analysis (even SIGKILL) resumes where it stopped, new recorded steps only cost
+their new pairs, and a new reference point only costs the reference parts. ``analysis/.lock``
+keeps two analyses from writing one run's ``analysis/`` at once. :class:`PairTable` holds every
+pair's results in memory until the Dataset is built.
 """
 
 from __future__ import annotations
@@ -27,9 +34,11 @@ from trajscope import format as fmt
 from trajscope.errors import AnalysisError, RunFormatError
 from trajscope.pairs import PairStats
 from trajscope.probe import ProbeSettings
+from trajscope.reference import ReferencePart, merge
 
-__all__ = ["VERSION", "PairTable", "analysis_lock", "load_pair", "pair_path",
-           "remove_stale_temporaries", "save_pair", "settings_digest"]
+__all__ = ["VERSION", "PairTable", "analysis_lock", "load_pair", "load_reference", "pair_path",
+           "reference_digest", "reference_path", "remove_stale_temporaries", "save_pair",
+           "save_reference", "settings_digest"]
 
 from trajscope._version import VERSION
 
@@ -43,21 +52,62 @@ def pair_path(pairs_dir: Path, step: int) -> Path:
     return pairs_dir / f"pair_{step:08d}.safetensors"
 
 
+def reference_path(pairs_dir: Path, step: int) -> Path:
+    """Where the reference part of pair ``step`` is persisted (next to the pair's other results)."""
+    return pairs_dir / f"ref_{step:08d}.safetensors"
+
+
 def save_pair(path: Path, stats: PairStats, digest: str) -> None:
+    _save(path, stats.to_tensors(),
+          {"digest": digest, "step": str(stats.step), "layers": json.dumps(list(stats.layers))})
+
+
+def load_pair(path: Path, digest: str) -> PairStats | None:
+    """A persisted pair if it exists and was computed with the same settings, else None."""
+    found = _load(path, digest)
+    if found is None:
+        return None
+    meta, tensors = found
+    try:
+        return PairStats.from_tensors(int(meta["step"]), tuple(json.loads(meta["layers"])), tensors)
+    except Exception:  # noqa: BLE001 - a damaged partial result is simply recomputed
+        return None
+
+
+def save_reference(path: Path, part: ReferencePart, digest: str) -> None:
+    """Persist a pair's reference part, tagged with :func:`reference_digest`."""
+    _save(path, part.to_tensors(), {"digest": digest, "step": str(part.step), "reference": str(part.reference),
+                                    "layers": json.dumps(list(part.layers))})
+
+
+def load_reference(path: Path, digest: str, layers: tuple[str, ...]) -> ReferencePart | None:
+    """A persisted reference part if it exists, was computed for the same settings and x*
+    (``digest``) and covers ``layers`` (the pair's), else None."""
+    found = _load(path, digest)
+    if found is None:
+        return None
+    meta, tensors = found
+    try:
+        part = ReferencePart.from_tensors(int(meta["step"]), int(meta["reference"]),
+                                          tuple(json.loads(meta["layers"])), tensors)
+    except Exception:  # noqa: BLE001 - a damaged partial result is simply recomputed
+        return None
+    return part if part.layers == tuple(layers) and part.x_ref.shape == (len(layers),) else None
+
+
+def _save(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> None:
     import safetensors.numpy
 
-    meta = {"digest": digest, "step": str(stats.step), "layers": json.dumps(list(stats.layers))}
     data = safetensors.numpy.save(
-        {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in stats.to_tensors().items()},
-        metadata=meta,
-    )
+        {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()}, metadata=meta)
     # Temp file + rename: a kill at any moment leaves the old state or the whole new file. No
     # fsync: after a power cut a torn file fails to parse and the pair is simply recomputed.
     fmt.atomic_write_bytes(path, data)
 
 
-def load_pair(path: Path, digest: str) -> PairStats | None:
-    """A persisted pair if it exists and was computed with the same settings, else None."""
+def _load(path: Path, digest: str) -> tuple[dict[str, str], dict[str, np.ndarray]] | None:
+    """(metadata, arrays) of a persisted file tagged ``digest``; None if it is missing, tagged
+    otherwise or damaged."""
     import safetensors.numpy
 
     if not path.exists():
@@ -67,17 +117,29 @@ def load_pair(path: Path, digest: str) -> PairStats | None:
         meta = header.get("__metadata__", {})
         if meta.get("digest") != digest:
             return None
-        tensors = safetensors.numpy.load(path.read_bytes())
-        return PairStats.from_tensors(int(meta["step"]), tuple(json.loads(meta["layers"])), tensors)
+        return meta, safetensors.numpy.load(path.read_bytes())
     except Exception:  # noqa: BLE001 - a damaged partial result is simply recomputed
         return None
 
 
 def settings_digest(settings: ProbeSettings, objective_id: str, objective_code: str = "") -> str:
     """The tag of persisted pairs: sha256 of the analyzer version, probe settings, the objective's
-    name and what it computes (``objective_code``: :func:`trajscope.objective.objective_digest`)."""
-    blob = json.dumps({"v": VERSION, "probe": settings.to_json(), "objective": objective_id,
+    name and what it computes (``objective_code``: :func:`trajscope.objective.objective_digest`).
+
+    The reference step is left out: the results that depend on x* are persisted apart, under
+    :func:`reference_digest`, so a new x* leaves the rest of every pair reusable.
+    """
+    probe = {k: v for k, v in settings.to_json().items() if k != "reference_step"}
+    blob = json.dumps({"v": VERSION, "probe": probe, "objective": objective_id,
                        "code": objective_code}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def reference_digest(digest: str, reference_step: int | None, identity: str) -> str:
+    """The tag of persisted reference parts: sha256 of the pairs' :func:`settings_digest`, the step
+    of x* and its snapshot's identity (:func:`trajscope.reference.snapshot_identity`), so a part
+    computed for another x*, or for a snapshot since replaced, is recomputed."""
+    blob = json.dumps({"pairs": digest, "reference": reference_step, "identity": identity}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -123,6 +185,14 @@ class PairTable:
             self._filled[key][i] = True
         self._layers[stats.step] = tuple(stats.layers)
 
+    def discard(self, step: int) -> None:
+        """Forget the results of ``step`` (a pair skipped after its persisted part was loaded)."""
+        self._odd.pop(step, None)
+        if self._layers.pop(step, None) is not None:
+            i = self._row[step]
+            for filled in self._filled.values():
+                filled[i] = False
+
     def get(self, step: int) -> PairStats:
         if step in self._odd:
             return self._odd[step]
@@ -132,11 +202,29 @@ class PairTable:
 
 
 def load_persisted(table: PairTable, pairs_dir: Path, steps: Sequence[int], digest: str) -> None:
-    """Put into ``table`` every pair of ``steps`` persisted with the same settings."""
+    """Put into ``table`` every pair of ``steps`` persisted with the same settings (without its
+    reference part: see :func:`load_references`)."""
     for t in steps:
         s = load_pair(pair_path(pairs_dir, t), digest)
         if s is not None:
             table.put(s)
+
+
+def load_references(table: PairTable, pairs_dir: Path, steps: Sequence[int], digest: str | None) -> list[int]:
+    """Merge into every pair of ``steps`` in ``table`` its persisted reference part, and return the
+    steps whose part is missing or stale (computed for another x*). With ``digest`` None (no
+    reference point) every pair gets the NaN part and none is returned."""
+    stale: list[int] = []
+    for t in steps:
+        if t not in table:
+            continue
+        stats = table.get(t)
+        part = None if digest is None else load_reference(reference_path(pairs_dir, t), digest, stats.layers)
+        if digest is not None and part is None:
+            stale.append(t)
+        else:
+            table.put(merge(stats, part))
+    return stale
 
 
 # --- one analysis at a time per run --------------------------------------------------------------

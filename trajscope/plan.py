@@ -107,7 +107,8 @@ def _reference_step(run: Run, reference: int | None) -> int | None:
     """x* of convexity_ratio_ref: the given step, else the final state.
 
     A run without a final state (still recording, or crashed) has no default: its last snapshot
-    moves as the run grows, and a moving x* would invalidate every persisted pair on each resume.
+    moves as the run grows, and a moving x* would recompute every persisted pair's reference part
+    (:mod:`trajscope.reference`) on each resume.
     convexity_ratio_ref is then NaN unless ``reference`` names a step.
     """
     if reference is None:

@@ -6,15 +6,17 @@ Every scheduler runs the same pair task on the same snapshot references (:class:
                        it: x_t is pair t's start, pair t−1's end and pair t+1's previous step
     params-<run>-<s>   the parameters alone of x_0 (distance from init) and of the reference
                        point x*, shared by every pair
-       └─ pair-<digest>-<run>-<t>  resolves what it was given, probes on the minibatch z_t,
-                                   reduces to PairStats and persists them to disk
+       └─ pair-<key>-<run>-<t>  resolves what it was given, probes on the minibatch z_t,
+                                reduces to PairStats and persists them to disk
+       └─ pair-ref-<key>-<run>-<t>  for a pair persisted but for its reference part (a new x*):
+                                    computes and persists that part alone (f(x*; z_t), ⟨G0, x_t − x*⟩)
 
 A local process pool leaves out the load and params tasks: dask's multiprocessing scheduler routes
 every task result through the driver, so the pair task is given the references themselves and
 resolves them in its own worker, through that process's cache of recently read snapshots (which
-also serves the neighbouring pairs it runs). Keys are deterministic (run token, settings digest,
-step), so a load shared by adjacent pairs is read once and two analyses on one cluster never mix
-their tasks.
+also serves the neighbouring pairs it runs). Keys are deterministic (run token, settings digest
+with the reference point, step), so a load shared by adjacent pairs is read once and two analyses
+on one cluster never mix their tasks.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import copy
 import dataclasses
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import dask
 import torch
@@ -37,15 +39,16 @@ from trajscope import health
 from trajscope.errors import ObjectiveError, TrajscopeError, one_line
 from trajscope.objective import Objective, resolve_objective
 from trajscope.pairs import PairStats
-from trajscope.persist import pair_path, save_pair
+from trajscope.persist import pair_path, reference_path, save_pair, save_reference
 from trajscope.probe import ProbeSettings, probe_pair
+from trajscope.reference import ReferencePart, probe_reference, split
 from trajscope.run import Run, Snapshot, open_run
 from trajscope.snapshots import Loaded, SnapshotRef, on_device, resolved
 
 if TYPE_CHECKING:
     from trajscope.execution import Placement
 
-__all__ = ["ObjectiveSource", "objective_for", "pair_task", "window_graph"]
+__all__ = ["ObjectiveSource", "objective_for", "pair_task", "reference_task", "window_graph"]
 
 ObjectiveSource = str | Callable[..., Objective] | Objective | None
 
@@ -103,8 +106,10 @@ def pair_task(snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loaded, prev: Snaps
               settings: ProbeSettings, trainable: list[str], out: str | None, digest: str,
               ref: SnapshotRef | Loaded | None = None, placement: Placement | None = None,
               objective_key: str | None = None, run_path: str | None = None,
-              strict: bool = False) -> PairStats | health.SkippedPair:
-    """Probe the pair (x_t, x_{t+1}) = (``snap``, ``nxt``) and persist its PairStats to ``out``.
+              strict: bool = False, ref_digest: str | None = None) -> PairStats | health.SkippedPair:
+    """Probe the pair (x_t, x_{t+1}) = (``snap``, ``nxt``) and persist its PairStats to ``out``:
+    the reference part (:mod:`trajscope.reference`) apart, next to it, tagged ``ref_digest``
+    (None: not persisted), the rest tagged ``digest``.
 
     ``run_path`` is the run a factory that takes the run is called with (opened in this process).
 
@@ -114,13 +119,7 @@ def pair_task(snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loaded, prev: Snaps
     the first pair of an analysis is strict, so that a broken objective stops the analysis with
     its :class:`ObjectiveError` instead of skipping every pair.
     """
-    inputs = [resolved(s) for s in (snap, nxt, prev, init, ref)]
-    if placement is not None:
-        device = placement.apply()  # this worker's torch threads and GPU
-        if device != settings.device:
-            settings = dataclasses.replace(settings, device=device)
-        inputs = [on_device(s, device) for s in inputs]
-    x_t, x_next, x_prev, x_0, x_ref = inputs
+    (x_t, x_next, x_prev, x_0, x_ref), settings = _placed((snap, nxt, prev, init, ref), placement, settings)
     objective = objective_for(source, recorded, objective_key, run_path)
     skip = health.skip_reason(x_t, x_next, objective.model)
     if skip is not None:
@@ -128,50 +127,85 @@ def pair_task(snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loaded, prev: Snaps
     assert isinstance(x_t, Snapshot) and isinstance(x_next, Snapshot)
     # a damaged neighbour only costs its terms
     prev_ok, init_ok, ref_ok = (health.usable(s, objective.model) for s in (x_prev, x_0, x_ref))
-    try:
-        stats = _probe(objective, x_t, x_next, settings, prev_ok, init_ok, ref_ok, trainable)
-    except _LossFailed as exc:
-        if strict:
-            raise exc.error from exc.error.__cause__
-        return health.SkippedPair(x_t.step, str(exc.error))
-    if out is not None:
-        save_pair(Path(out), stats, digest)
+    stats = _probe(objective, x_t.step, strict, lambda obj: probe_pair(
+        obj, x_t, x_next, settings, prev=prev_ok, init=init_ok, ref=ref_ok, trainable=trainable))
+    if out is not None and isinstance(stats, PairStats):
+        rest, part = split(stats, settings.reference_step)
+        save_pair(Path(out), rest, digest)
+        if part is not None and ref_digest is not None:
+            save_reference(reference_path(Path(out).parent, part.step), part, ref_digest)
     return stats
 
 
-def _probe(objective: Objective, snap: Snapshot, nxt: Snapshot, settings: ProbeSettings,
-           prev: Snapshot | None, init: Snapshot | None, ref: Snapshot | None,
-           trainable: list[str]) -> PairStats:
+def reference_task(snap: SnapshotRef | Loaded, ref: SnapshotRef | Loaded, source: ObjectiveSource,
+                   recorded: str | None, settings: ProbeSettings, trainable: list[str], out: str | None,
+                   ref_digest: str | None, placement: Placement | None = None,
+                   objective_key: str | None = None, run_path: str | None = None,
+                   strict: bool = False) -> ReferencePart | health.SkippedPair:
+    """Compute the reference part of the pair starting at ``snap`` (x_t), x* = ``ref``, for a
+    pair whose other results are persisted, and persist it to ``out`` tagged ``ref_digest``.
+
+    A damaged x_t skips the pair, as :func:`pair_task` would; a damaged x* gives the NaN part,
+    not persisted. A loss that raises skips the pair unless ``strict`` (see :func:`pair_task`).
+    """
+    (x_t, x_ref), settings = _placed((snap, ref), placement, settings)
+    objective = objective_for(source, recorded, objective_key, run_path)
+    why = health.snapshot_problem(x_t, objective.model)
+    if why is None and isinstance(x_t, Snapshot) and x_t.batch is None:
+        why = f"step {x_t.step}: snapshot holds no minibatch"
+    if why is not None:
+        return health.SkippedPair(x_t.step, why)
+    assert isinstance(x_t, Snapshot) and settings.reference_step is not None
+    ref_ok = health.usable(x_ref, objective.model)
+    if ref_ok is None:
+        return ReferencePart.absent(x_t.step, settings.reference_step, tuple(trainable))
+    part = _probe(objective, x_t.step, strict,
+                  lambda obj: probe_reference(obj, x_t, ref_ok, settings, trainable=trainable))
+    if out is not None and ref_digest is not None and isinstance(part, ReferencePart):
+        save_reference(Path(out), part, ref_digest)
+    return part
+
+
+def _placed(values: Sequence[SnapshotRef | Loaded | None], placement: Placement | None,
+            settings: ProbeSettings) -> tuple[list[Any], ProbeSettings]:
+    """The snapshots resolved, on this worker's device, and ``settings`` for that device."""
+    inputs = [resolved(s) for s in values]
+    if placement is not None:
+        device = placement.apply()  # this worker's torch threads and GPU
+        if device != settings.device:
+            settings = dataclasses.replace(settings, device=device)
+        inputs = [on_device(s, device) for s in inputs]
+    return inputs, settings
+
+
+_R = TypeVar("_R")
+
+
+def _probe(objective: Objective, step: int, strict: bool,
+           compute: Callable[[Objective], _R]) -> _R | health.SkippedPair:
+    """``compute(objective)``, the objective's loss marked, one at a time per process; a loss that
+    raises skips the pair (unless ``strict``), any other failure of the user's code raises an
+    :class:`ObjectiveError` naming the step."""
     # One probe at a time per process: torch's forward-mode AD level (jvp) and the RNG state that
     # dropout replay sets are process-global, so two threads probing at once corrupt each other.
     # Threads still overlap loading and persisting with the probe; processes probe in parallel.
     marked = Objective(model=objective.model, loss=_marking(objective.loss))
     with _PROBE_LOCK:
         try:
-            return probe_pair(marked, snap, nxt, settings, prev=prev, init=init, ref=ref,
-                              trainable=trainable)
+            return compute(marked)
         except TrajscopeError:
             raise
         except Exception as exc:  # the user's loss failed: say where, in one line
             error = ObjectiveError(
-                f"step {snap.step}: evaluating the objective's loss failed: {type(exc).__name__}: "
+                f"step {step}: evaluating the objective's loss failed: {type(exc).__name__}: "
                 f"{one_line(exc, 500)} (--debug shows where)"
             )
-            error.__cause__ = exc
-            if getattr(exc, _RAISED_BY_LOSS, False):
-                raise _LossFailed(error) from exc
+            if getattr(exc, _RAISED_BY_LOSS, False) and not strict:
+                return health.SkippedPair(step, str(error))
             raise error from exc
 
 
 _RAISED_BY_LOSS = "_trajscope_raised_by_loss"
-
-
-class _LossFailed(Exception):
-    """The objective's loss raised on one pair: ``error`` is its ObjectiveError."""
-
-    def __init__(self, error: ObjectiveError) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 def _marking(loss: Callable[..., Any]) -> Callable[..., Any]:
@@ -196,14 +230,19 @@ def _marking(loss: Callable[..., Any]) -> Callable[..., Any]:
 def window_graph(r: Run, window: list[int], have: set[int], init_step: int | None, run_token: str,
                  objective: ObjectiveSource, objective_key: str | None, settings: ProbeSettings,
                  placement: Placement, digest: str, pairs_dir: Path | None,
-                 strict_step: int | None = None) -> list[Any]:
-    """The delayed pair tasks of one window, over the references to the snapshots they read
-    (wrapped in load tasks shared by adjacent pairs, except in a local process pool).
+                 strict_step: int | None = None, *, ref_only: Collection[int] = (),
+                 ref_digest: str | None = None, key: str | None = None) -> list[Any]:
+    """The delayed tasks of one window, over the references to the snapshots they read (wrapped
+    in load tasks shared by adjacent pairs, except in a local process pool): a pair task per pair,
+    or for a pair of ``ref_only`` (persisted but for its reference part) a reference task.
 
-    The pair starting at ``strict_step`` (the first of the analysis) fails the analysis when the
+    Pairs persist to ``pairs_dir`` tagged ``digest``, reference parts tagged ``ref_digest``;
+    ``key`` (default ``digest``) names the tasks, and must change with the reference point. The
+    task starting at ``strict_step`` (the first of the analysis) fails the analysis when the
     objective's loss raises; the others are skipped (see :func:`pair_task`)."""
     storage = r.storage
     loads: dict[int, Any] = {}
+    key = digest if key is None else key
 
     def load(step: int) -> Any:
         if step not in loads:
@@ -224,19 +263,26 @@ def window_graph(r: Run, window: list[int], have: set[int], init_step: int | Non
 
     init = params_of(init_step)
     ref = params_of(settings.reference_step)
-    # The arguments every pair shares are bound once: dask walks the arguments of each delayed
+    # The arguments every task shares are bound once: dask walks the arguments of each delayed
     # call looking for collections, and these (settings, names, placement) would be walked anew
     # for every pair. Naming the function also spares tokenizing it.
-    probe = dask.delayed(
-        functools.partial(pair_task, source=objective, recorded=r.objective, settings=settings,
-                          trainable=r.trainable, digest=digest, placement=placement,
-                          objective_key=objective_key, run_path=str(r.path)),
-        pure=True, name=f"pair-task-{digest}",
-    )
+    shared: dict[str, Any] = {
+        "source": objective, "recorded": r.objective, "settings": settings, "trainable": r.trainable,
+        "ref_digest": ref_digest, "placement": placement, "objective_key": objective_key,
+        "run_path": str(r.path)}
+    probe = dask.delayed(functools.partial(pair_task, digest=digest, **shared), pure=True,
+                         name=f"pair-task-{key}")
+    probe_ref = dask.delayed(functools.partial(reference_task, **shared), pure=True,
+                             name=f"pair-ref-task-{key}")
     tasks = []
     for t in window:
+        if t in ref_only:
+            out = str(reference_path(pairs_dir, t)) if pairs_dir is not None else None
+            tasks.append(probe_ref(load(t), ref, out=out, strict=t == strict_step,
+                                   dask_key_name=(f"pair-ref-{key}-{run_token}", t)))
+            continue
         prev = load(t - 1) if (t - 1) in have and r.kind(t - 1) == fmt.KIND_STEP else None
         out = str(pair_path(pairs_dir, t)) if pairs_dir is not None else None
         tasks.append(probe(load(t), load(t + 1), prev, init, out=out, ref=ref, strict=t == strict_step,
-                           dask_key_name=(f"pair-{digest}-{run_token}", t)))
+                           dask_key_name=(f"pair-{key}-{run_token}", t)))
     return tasks
