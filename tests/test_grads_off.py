@@ -1,4 +1,4 @@
-"""``Recorder(grads=False)``: no gradient is stored, and the analysis replays g_t as c·G0.
+"""``Recorder(grads=False)``: no gradient is stored, and the analysis recomputes g_t as c·G0.
 
 The same deterministic float64 run is recorded twice, with and without gradients (the recorder
 cannot change training, so both trajectories are bit-identical); analyzed in float64, every metric
@@ -172,7 +172,7 @@ def test_validate_info_and_the_summary(both: dict[str, Any], capsys: pytest.Capt
     assert report.ok and report.problems == [] and report.warnings == []
     code, out, _ = cli(["info", str(off)], capsys)
     assert code == 0
-    assert ("gradients  not stored (grads=False): the analysis replays g_t as c·G0; metrics of g_{t+1}, "
+    assert ("gradients  not stored (grads=False): the analysis recomputes g_t as c·G0; metrics of g_{t+1}, "
             "g_{t-1} and grad_replay_error are NaN") in out.splitlines()
     check = replay_failures(ds_off)
     assert check.ok and check.failed == 0 and check.pairs == STEPS

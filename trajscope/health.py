@@ -16,8 +16,8 @@ values, zero-length updates.
   after ``rec.batch``) does not stop the analysis either, but is never silent: the replay gate
   (:func:`replay_failures`) counts the pairs whose ``loss_replay_error`` or ``grad_replay_error``
   exceeds its bound (a NaN error, e.g. ``grad_replay_error`` of a run that stores no gradients, is
-  not available: it counts neither way), and the analysis warns (:func:`replay_warning`) and the headline says so
-  when there are more than a few.
+  not available: it counts neither way), and the analysis warns (:func:`replay_warning`) and the
+  headline says so when there are more than a few.
 """
 
 from __future__ import annotations
@@ -349,8 +349,8 @@ class ReplayCheck:
     ``grads=False`` has no stored g_t to compare G0 with) and neither fails nor passes: the gate
     then rests on the errors there are. A non-uniformly clipped pair (``pair_flags`` bit
     ``clipped_nonuniform``) whose only excess is ``grad_replay_error`` is expected (the replay
-    compares the unclipped G0) and is counted in ``nonuniform`` instead. ``ok`` is False when ``failed`` ≥ 1 and
-    ``failed`` > :data:`REPLAY_FAIL_FRACTION` · ``pairs``.
+    compares the unclipped G0) and is counted in ``nonuniform`` instead. ``ok`` is False when
+    ``failed`` ≥ 1 and ``failed`` > :data:`REPLAY_FAIL_FRACTION` · ``pairs``.
     """
 
     failed: int

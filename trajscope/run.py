@@ -159,7 +159,7 @@ class Run:
             f"storage    {self.storage.kind}",
         ]
         if not self.grads_recorded:
-            lines.append("gradients  not stored (grads=False): the analysis replays g_t as c·G0; metrics "
+            lines.append("gradients  not stored (grads=False): the analysis recomputes g_t as c·G0; metrics "
                          "of g_{t+1}, g_{t-1} and grad_replay_error are NaN")
         lines += [
             f"steps      {m.get('num_steps')} optimizer steps, {len(self.steps)} snapshots "
