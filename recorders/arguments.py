@@ -15,7 +15,7 @@ __all__ = ["check_arguments", "json_metadata"]
 
 
 def check_arguments(model: Any, optimizer: Any, storage: str, accumulation: Any, accumulation_reduction: str,
-                    on_error: str, max_pending: Any) -> None:
+                    on_error: str, max_pending: Any, grads: Any = True) -> None:
     """Raise :class:`RecorderError` naming the first argument of :class:`Recorder` that is invalid."""
     if not isinstance(model, torch.nn.Module):
         raise RecorderError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -35,6 +35,8 @@ def check_arguments(model: Any, optimizer: Any, storage: str, accumulation: Any,
         raise RecorderError(f"on_error={on_error!r}: expected 'raise' or 'warn'")
     if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
         raise RecorderError(f"max_pending={max_pending!r}: expected an int >= 1")
+    if not isinstance(grads, bool):
+        raise RecorderError(f"grads={grads!r}: expected True (store g_t) or False (store no gradient)")
 
 
 def json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -1,11 +1,11 @@
 """What the recorder copies, and when: the parameters it names, the state of a step's forward pass,
 and the entries of a step's snapshot.
 
-A recorded step's snapshot holds x_t, g_t and the minibatch z_t, and, when the model's forward
-pass was seen, the RNG state and buffers as they were when that forward pass began (what dropout
-and BatchNorm used). The forward pass runs before ``rec.batch(...)`` names its minibatch, so the
-forward state is held as *pending* until ``rec.batch`` adopts it for the step; see
-:class:`StepCapture`.
+A recorded step's snapshot holds x_t, g_t (with ``Recorder(grads=False)``, only the names of the
+parameters that had a gradient) and the minibatch z_t, and, when the model's forward pass was seen,
+the RNG state and buffers as they were when that forward pass began (what dropout and BatchNorm
+used). The forward pass runs before ``rec.batch(...)`` names its minibatch, so the forward state is
+held as *pending* until ``rec.batch`` adopts it for the step; see :class:`StepCapture`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -22,6 +22,9 @@ from trajscope.errors import RecorderError
 from trajscope.recorders.hooks import grad_hooks
 from trajscope.recorders.manifest import jsonable
 from trajscope.recorders.storage import dtype_name
+
+if TYPE_CHECKING:
+    from trajscope.recorders.recorder import Recorder
 
 __all__ = [
     "ParamIndex",
@@ -34,7 +37,10 @@ __all__ = [
     "gradient_entries",
     "batch_entries",
     "micro_weights",
+    "step_micro_batches",
+    "with_buffers",
     "optimizer_state_entries",
+    "step_entries",
     "PreclipNorms",
 ]
 
@@ -92,7 +98,7 @@ class ParamIndex:
     Attributes:
         params: every parameter of the model, recorded at every snapshot.
         trainable: the parameters some optimizer group updates and that require grad (each once):
-            those whose gradient a step's snapshot stores.
+            those whose gradient a step's snapshot stores (or names, with ``grads=False``).
         group_names: the parameter names of each optimizer param group, in group order.
     """
 
@@ -123,10 +129,13 @@ class ParamIndex:
             group_names.append(gnames)
         return cls(list(model.named_parameters()), trainable, group_names)
 
-    def declared(self, model: torch.nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
-        """Tensors with a fixed shape for the whole run, as (key, dtype, shape): an HDF5 dataset each."""
+    def declared(self, model: torch.nn.Module, grads: bool = True) -> list[tuple[str, str, tuple[int, ...]]]:
+        """Tensors with a fixed shape for the whole run, as (key, dtype, shape): an HDF5 dataset each.
+
+        ``grads=False`` (a run that stores no gradients) declares no ``grad/`` tensor."""
         out = [(fmt.PARAM + n, dtype_name(p.dtype), tuple(p.shape)) for n, p in self.params]
-        out += [(fmt.GRAD + n, dtype_name(p.dtype), tuple(p.shape)) for n, p in self.trainable]
+        if grads:
+            out += [(fmt.GRAD + n, dtype_name(p.dtype), tuple(p.shape)) for n, p in self.trainable]
         out += [(fmt.BUFFER + n, dtype_name(b.dtype), tuple(b.shape)) for n, b in model.named_buffers()]
         return out
 
@@ -193,8 +202,17 @@ class StepCapture:
         self.pending = self.of_step = None
 
 
-def gradient_entries(trainable: list[tuple[str, torch.nn.Parameter]], step: int) -> Entries:
-    """``grad/<name>`` of every trainable parameter that has a gradient (dense only)."""
+def gradient_entries(trainable: list[tuple[str, torch.nn.Parameter]], step: int, meta: dict[str, Any], *,
+                     store: bool = True) -> Entries:
+    """``grad/<name>`` of every trainable parameter that has a gradient (dense only).
+
+    With ``store=False`` (``Recorder(grads=False)``) no tensor is copied: ``meta["grad_names"]``
+    lists those parameters instead, in ``trainable`` order (the analyzer's coordinates of x,
+    whose g_t it recomputes).
+    """
+    if not store:
+        meta["grad_names"] = [name for name, p in trainable if p.grad is not None]
+        return []
     out: Entries = []
     for name, p in trainable:
         if p.grad is not None:
@@ -204,11 +222,25 @@ def gradient_entries(trainable: list[tuple[str, torch.nn.Parameter]], step: int)
     return out
 
 
+def with_buffers(tensors: Entries, model: torch.nn.Module) -> Entries:
+    """``tensors`` and ``buffer/<name>`` of every buffer of ``model`` not among them: buffers not
+    captured at the forward pass are stored as they are now."""
+    keys = {k for k, _ in tensors}
+    return tensors + [(fmt.BUFFER + n, b) for n, b in model.named_buffers() if fmt.BUFFER + n not in keys]
+
+
 def micro_weights(micro: list[dict[str, Any]], reduction: str) -> list[float]:
     """Each micro-batch's weight w_i in the step's loss f = Σ w_i · f_i: its own ``weight``, else
     1/m over the m micro-batches (``reduction="mean"``) or 1 (``"sum"``)."""
     default = 1.0 / len(micro) if reduction == "mean" else 1.0
     return [float(mb["weight"]) if mb["weight"] is not None else default for mb in micro]
+
+
+def step_micro_batches(micro: list[dict[str, Any]], reduction: str) -> list[dict[str, Any]]:
+    """The micro-batches named for a step as its snapshot takes them: ``batch``, ``weight`` w_i
+    (:func:`micro_weights`) and ``loss`` as a float (None when not given)."""
+    weights = micro_weights(micro, reduction)
+    return [{"batch": mb["batch"], "weight": w, "loss": as_float(mb["loss"])} for mb, w in zip(micro, weights)]
 
 
 def batch_entries(micro: list[dict[str, Any]], as_micro: bool, meta: dict[str, Any]) -> Entries:
@@ -245,6 +277,25 @@ def optimizer_state_entries(optimizer: torch.optim.Optimizer, trainable: list[tu
     if scalars:
         meta["optimizer_scalars"] = scalars
     return out
+
+
+def step_entries(rec: Recorder, step: int, micro: list[dict[str, Any]], meta: dict[str, Any], *,
+                 trainable: list[tuple[str, torch.nn.Parameter]], preclip: PreclipNorms,
+                 forward: StepCapture) -> Entries:
+    """A recorded step's entries besides x_t, in the order they are stored, and their fields of
+    ``meta``: g_t (only its names with ``rec.grads`` False) and the clip ``preclip`` measured,
+    z_t (:func:`batch_entries`; a list of micro-batches whenever there are several or a weight is
+    not 1), the forward state ``forward`` holds, and the optimizer state when ``rec`` stores it."""
+    tensors = gradient_entries(trainable, step, meta, store=rec.grads)
+    preclip.measure(rec.grad_scaler, meta)
+    as_micro = rec.accumulation > 1 or rec.world_size > 1 or any(mb["weight"] != 1.0 for mb in micro)
+    tensors += batch_entries(micro, as_micro, meta)
+    if rec.batch_fn is not None:
+        meta["batch_fn"] = rec.batch_fn
+    tensors += forward.entries(rec.model, meta)
+    if rec.optimizer_state:
+        tensors += optimizer_state_entries(rec.optimizer, trainable, meta)
+    return tensors
 
 
 class PreclipNorms:

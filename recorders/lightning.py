@@ -50,7 +50,7 @@ class TrajscopeCallback(pl.Callback):
         objective: ``"module:function"`` (or a module-level function) returning the Objective.
         every, window: record steps t..t+window−1 for every t divisible by ``every``.
         **recorder_kwargs: any other :class:`~trajscope.recorders.Recorder` keyword (``schedule``,
-            ``format``, ``on_error``, ``optimizer_state``, ``metadata``, ``overwrite``, ...).
+            ``format``, ``grads``, ``on_error``, ``optimizer_state``, ``metadata``, ``overwrite``, ...).
     """
 
     def __init__(self, run_dir: str | Path, *, objective: str | Callable[[], Any] | None = None,

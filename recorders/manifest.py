@@ -112,6 +112,7 @@ def build_manifest(rec: Recorder, index: ParamIndex, *, status: str, error: str 
                          "reduction": rec.accumulation_reduction},
         "batch_fn": rec.batch_fn,
         "optimizer_state": rec.optimizer_state,
+        "grads": rec.grads,
         "distributed": {"world_size": rec.world_size, "writer_rank": 0},
         "params": [
             {"name": n, "shape": list(p.shape), "dtype": dtype_name(p.dtype),

@@ -44,13 +44,12 @@ from trajscope.recorders.capture import (
     ParamIndex,
     PreclipNorms,
     StepCapture,
-    as_float,
-    batch_entries,
     capture_forward,
-    gradient_entries,
     micro_weights,
-    optimizer_state_entries,
+    step_entries,
+    step_micro_batches,
     unwrap_model,
+    with_buffers,
 )
 from trajscope.recorders.hooks import BoundHook, attach, detach, step_closure, with_capture_after_first_call
 from trajscope.recorders.manifest import build_manifest, objective_name
@@ -115,6 +114,8 @@ class Recorder:
         overwrite: replace an existing run in ``run_dir`` (its analysis included).
         grad_scaler: the AMP ``GradScaler`` of a loop that clips unscaled gradients: its scale
             divides the pre-clip norm, so the recorded clip factor is the clip's alone.
+        grads: store g_t (default). False stores no gradient, only the names of the parameters
+            that had one; the analyzer recomputes g_t on the step's minibatch (``docs/recording.md``).
     """
 
     def __init__(
@@ -139,8 +140,10 @@ class Recorder:
         metadata: Mapping[str, Any] | None = None,
         overwrite: bool = False,
         grad_scaler: Any = None,
+        grads: bool = True,
     ) -> None:
-        check_arguments(model, optimizer, format, accumulation, accumulation_reduction, on_error, max_pending)
+        check_arguments(model, optimizer, format, accumulation, accumulation_reduction, on_error, max_pending,
+                        grads)
         self.run_dir = Path(run_dir)
         self.model = unwrap_model(model)
         self.optimizer = optimizer
@@ -151,6 +154,7 @@ class Recorder:
         self.accumulation_reduction = accumulation_reduction
         self.batch_fn = objective_name(batch_fn, "batch_fn")
         self.optimizer_state = bool(optimizer_state)
+        self.grads = grads
         self.async_write = bool(async_write)
         self.max_pending = max_pending
         self.on_error = on_error
@@ -234,7 +238,7 @@ class Recorder:
         self._scalars = ScalarsLog(self.run_dir / fmt.SCALARS, self._fail)
         pin = torch.cuda.is_available() and any(p.is_cuda for _, p in self._index.params)
         self._store, self._writer = open_writer(
-            self.run_dir, self.format, self._index.declared(self.model),
+            self.run_dir, self.format, self._index.declared(self.model, self.grads),
             slots=self.max_pending if self.async_write else 1, pin=pin, threaded=self.async_write,
             direct_io=self.direct_io,
         )
@@ -419,9 +423,7 @@ class Recorder:
                 f"step {self.step}: optimizer.step() was called without rec.batch(...) for a "
                 "recorded step; call rec.batch(batch, loss=loss) before every optimizer.step()"
             )
-        weights = micro_weights(self._micro, self.accumulation_reduction)
-        micro = [{"batch": mb["batch"], "weight": w, "loss": as_float(mb["loss"])}
-                 for mb, w in zip(self._micro, weights)]
+        micro = step_micro_batches(self._micro, self.accumulation_reduction)
         if self.world_size > 1:
             gathered = distributed.gather_micro_batches(micro)
             if gathered is None:
@@ -437,10 +439,9 @@ class Recorder:
         meta: dict[str, Any] = {"step": step, "kind": kind, "lr": self._lrs()}
         if kind == fmt.KIND_STEP:
             assert micro is not None
-            tensors += self._step_entries(step, micro, meta)
-        # Buffers not captured at the forward pass are stored as they are now.
-        keys = {k for k, _ in tensors}
-        tensors += [(fmt.BUFFER + n, b) for n, b in self.model.named_buffers() if fmt.BUFFER + n not in keys]
+            tensors += step_entries(self, step, micro, meta, trainable=self._index.trainable,
+                                    preclip=self._preclip, forward=self._capture)
+        tensors = with_buffers(tensors, self.model)
         t0 = time.perf_counter()
         slot = self._writer.pool.acquire()  # blocks while max_pending snapshots wait: back-pressure
         t1 = time.perf_counter()
@@ -455,20 +456,6 @@ class Recorder:
         st.snapshots += 1
         st.bytes += image.size
         self._writer.submit(image)
-
-    def _step_entries(self, step: int, micro: list[dict[str, Any]], meta: dict[str, Any]) -> Entries:
-        """A recorded step's entries besides x_t: g_t, z_t, the forward state, the optimizer state."""
-        tensors = gradient_entries(self._index.trainable, step)
-        self._preclip.measure(self.grad_scaler, meta)
-        as_micro = (self.accumulation > 1 or self.world_size > 1
-                    or any(mb["weight"] != 1.0 for mb in micro))
-        tensors += batch_entries(micro, as_micro, meta)
-        if self.batch_fn is not None:
-            meta["batch_fn"] = self.batch_fn
-        tensors += self._capture.entries(self.model, meta)
-        if self.optimizer_state:
-            tensors += optimizer_state_entries(self.optimizer, self._index.trainable, meta)
-        return tensors
 
     # --- scalars ------------------------------------------------------------------------------------
 

@@ -234,7 +234,8 @@ class Reference:
                   reference: int | None = None) -> dict[str, np.ndarray]:
         rows = [self.pair(t, alphas, sharpness=sharpness, reference=reference) for t in steps]
         out = {k: np.array([r[k] for r in rows]) for k in rows[0]}
-        # series over the analyzed pairs, in order (NaN terms add nothing to a running sum)
+        # series over the analyzed pairs, in order (NaN terms add nothing to a running sum, which is
+        # NaN before its first defined term)
         out["convexity_ratio"] = np.cumsum(out["convexity_num"]) / np.cumsum(out["convexity_den"])
         out["convexity_ratio_ref"] = (np.cumsum(out["convexity_ref_num"])
                                       / np.cumsum(out["convexity_ref_den"]))
@@ -242,7 +243,9 @@ class Reference:
         i0 = int(np.argmin(np.abs(alphas)))
         out["descent_lemma_gap"] = (out["loss_change"] - out["dloss_line"][:, i0]
                                     - L / 2 * out["update_norm"] ** 2)
-        out["update_corr_cumsum"] = np.cumsum(np.nan_to_num(out["update_corr"], nan=0.0))
+        uc = out["update_corr"]
+        out["update_corr_cumsum"] = np.where(np.cumsum(~np.isnan(uc)) > 0, np.cumsum(np.nan_to_num(uc, nan=0.0)),
+                                             np.nan)
         out["loss_change_cumsum"] = np.cumsum(out["loss_change"])
         return out
 

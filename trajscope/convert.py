@@ -24,13 +24,14 @@ __all__ = ["convert_run"]
 
 
 def _declared(run: Run) -> list[tuple[str, str, tuple[int, ...]]]:
-    """The fixed-shape tensors of the run (HDF5 datasets), from the manifest."""
+    """The fixed-shape tensors of the run (HDF5 datasets), from the manifest: no gradient for a run
+    that stores none (``"grads": false``)."""
     out = []
     for p in run.manifest["params"]:
         shape = tuple(int(s) for s in p["shape"])
         dtype = str(p.get("dtype", "float32"))
         out.append((fmt.PARAM + p["name"], dtype, shape))
-        if p.get("trainable", True):
+        if p.get("trainable", True) and run.grads_recorded:
             out.append((fmt.GRAD + p["name"], dtype, shape))
     for b in run.manifest.get("buffers", []):
         if isinstance(b, dict) and "name" in b and "shape" in b:

@@ -15,8 +15,9 @@ values, zero-length updates.
 * A replay that disagrees with training (wrong objective, missing ``zero_grad``, a batch changed
   after ``rec.batch``) does not stop the analysis either, but is never silent: the replay gate
   (:func:`replay_failures`) counts the pairs whose ``loss_replay_error`` or ``grad_replay_error``
-  exceeds its bound, and the analysis warns (:func:`replay_warning`) and the headline says so
-  when there are more than a few.
+  exceeds its bound (a NaN error, e.g. ``grad_replay_error`` of a run that stores no gradients, is
+  not available: it counts neither way), and the analysis warns (:func:`replay_warning`) and the
+  headline says so when there are more than a few.
 """
 
 from __future__ import annotations
@@ -242,14 +243,15 @@ def pair_flags(stats: PairStats, loss_given: bool = False, next_has_grad: bool =
     were affected without touching the tensors again. (A squared norm that overflows float64 is
     flagged too: its ratios would be meaningless.) PairStats stores "no loss recorded" as NaN, so a
     NaN recorded loss is flagged only when ``loss_given`` says training logged one; likewise the
-    g_{t+1} terms are NaN by design when step t+1 is the final state, so they are checked only when
-    ``next_has_grad``.
+    g_{t+1} terms are NaN by design when step t+1 is the final state or its gradient is not stored,
+    so they are checked only when ``next_has_grad``. A g_t that was not stored (``extras``
+    ``g_recomputed``) is c·G0, whose non-finite values are the replay's (bit 16), not the record's.
     """
     t = stats.terms
     flags = 0
     if not (_finite(t.get("x.x", 0.0)) and _finite(t.get("delta.delta", 0.0))):
         flags |= 1
-    if not _finite(t.get("g.g", 0.0)):
+    if stats.extras.get("g_recomputed") != 1.0 and not _finite(t.get("g.g", 0.0)):
         flags |= 2
     if np.isinf(stats.loss_recorded) or (np.isnan(stats.loss_recorded) and loss_given):
         flags |= 4
@@ -286,7 +288,8 @@ def flags_for(stats: Sequence[PairStats], run: Run | None = None) -> np.ndarray:
     out = []
     for s in stats:
         nxt = s.step + 1
-        next_has_grad = run is not None and nxt in run.steps and run.kind(nxt) == fmt.KIND_STEP
+        next_has_grad = (run is not None and run.grads_recorded and nxt in run.steps
+                         and run.kind(nxt) == fmt.KIND_STEP)
         out.append(pair_flags(s, s.step in given, next_has_grad))
     return np.array(out, dtype=np.int16)
 
@@ -342,10 +345,12 @@ class ReplayCheck:
     """How well the replay f(x_t; z_t), G0 reproduces the recorded loss and gradient.
 
     ``failed`` counts the pairs where ``loss_replay_error`` or ``grad_replay_error`` exceeds its
-    bound (:func:`replay_bound`); a non-uniformly clipped pair (``pair_flags`` bit ``clipped_nonuniform``)
-    whose only excess is ``grad_replay_error`` is expected (the replay compares the unclipped G0)
-    and is counted in ``nonuniform`` instead. ``ok`` is False when ``failed`` ≥ 1 and
-    ``failed`` > :data:`REPLAY_FAIL_FRACTION` · ``pairs``.
+    bound (:func:`replay_bound`); a NaN error is not available (a run recorded with
+    ``grads=False`` has no stored g_t to compare G0 with) and neither fails nor passes: the gate
+    then rests on the errors there are. A non-uniformly clipped pair (``pair_flags`` bit
+    ``clipped_nonuniform``) whose only excess is ``grad_replay_error`` is expected (the replay
+    compares the unclipped G0) and is counted in ``nonuniform`` instead. ``ok`` is False when
+    ``failed`` ≥ 1 and ``failed`` > :data:`REPLAY_FAIL_FRACTION` · ``pairs``.
     """
 
     failed: int

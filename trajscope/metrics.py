@@ -34,6 +34,19 @@ from trajscope.registry import metric, series
 
 TINY = 1e-30
 
+GRADS_OFF_NAN: tuple[str, ...] = (
+    "inst_smoothness_xbatch", "update_corr", "update_corr_cumsum", "grad_cos_prev", "grad_replay_error",
+    "grad_replay_cos",
+)
+"""The metrics that are NaN for a run recorded with ``Recorder(grads=False)``: they read g_{t+1}
+(``g_next``, ``dg``), g_{t−1} (``g_prev``), or compare the replay with the stored g_t (``G0_err``,
+⟨G0, g⟩); a ``per_layer`` one's ``_by_layer`` twin too. ``docs/metrics.md`` lists them."""
+
+GRADS_OFF_RECOMPUTED: tuple[str, ...] = ("grad_norm", "update_grad_cos", "effective_lr")
+"""The metrics of such a run that read g_t, which is then c·G0 (G0 replayed, c the recorded uniform
+clip factor): equal to the stored-gradient values up to the replay error, NaN for a step clipped
+non-uniformly (``clip_grad_value_``). Every other metric does not read a stored gradient."""
+
 
 def _ratio(num: float, den: float) -> float:
     return num / den if den != 0 else float("nan")
@@ -44,8 +57,13 @@ def _cos(p: PairView | LayerView, a: str, b: str) -> float:
 
 
 def _cumsum(ds: Any, name: str) -> np.ndarray:
-    # NaN pairs (e.g. update_corr where t+1 has no recorded gradient) add nothing to the sum
-    return np.nancumsum(np.asarray(ds[name].values, dtype=np.float64))
+    # NaN pairs (e.g. update_corr where t+1 has no recorded gradient) add nothing to the sum; before
+    # the first pair that defines the term nothing was summed, and the sum is NaN, not 0 (a run that
+    # stores no gradients defines no update_corr at all)
+    v = np.asarray(ds[name].values, dtype=np.float64)
+    out = np.nancumsum(v)
+    out[np.cumsum(~np.isnan(v)) == 0] = np.nan
+    return out
 
 
 def _cum_ratio(ds: Any, num: str, den: str) -> np.ndarray:
@@ -254,8 +272,9 @@ def update_corr_same_batch(p: PairView) -> float:
 
 @series("update_corr_cumsum", requires=("update_corr",), long_name="cumulative update correlation",
         units="loss",
-        description="Σ_{s≤t} update_corr_s over the analyzed pairs (NaN pairs count 0); compare "
-                    "loss_change_cumsum (O2NC: the loss change is the sum of such linear terms)")
+        description="Σ_{s≤t} update_corr_s over the analyzed pairs (NaN pairs count 0; NaN before the "
+                    "first defined one); compare loss_change_cumsum (O2NC: the loss change is the sum of "
+                    "such linear terms)")
 def update_corr_cumsum(ds: Any) -> np.ndarray:
     return _cumsum(ds, "update_corr")
 

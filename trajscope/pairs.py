@@ -29,7 +29,7 @@ VECTORS: dict[str, str] = {
     "G0": "∇f(x_t; z_t), replayed",
     "G1": "∇f(x_{t+1}; z_t), replayed",
     "dG": "G1 − G0",
-    "g": "g_t, the recorded gradient the optimizer consumed",
+    "g": "g_t, the gradient the optimizer consumed: recorded, or c·G0 for a run that stores no gradients",
     "g_next": "g_{t+1}, the next step's recorded gradient (fresh batch)",
     "dg": "g_{t+1} − g_t",
     "G0_err": "G0 − g_t (replay error)",
@@ -84,7 +84,8 @@ class PairStats:
             line evaluation, 0.0 when from the point-by-point one), and, when training clipped
             step t's gradient, ``clip_factor`` (c = ‖g_t‖ / ‖g_preclip‖, as recorded) and
             ``clip_uniform`` (1.0 when g_t = c·∇f(x_t; z_t), 0.0 for a non-uniform clip such as
-            ``clip_grad_value_``). Absent keys read as NaN.
+            ``clip_grad_value_``), and ``g_recomputed`` (1.0 when step t's g_t was not stored,
+            ``Recorder(grads=False)``: ``g`` is then c·G0). Absent keys read as NaN.
     """
 
     step: int

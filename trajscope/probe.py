@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,10 +53,11 @@ from trajscope.errors import AnalysisError, ForwardModeError, ObjectiveError
 from trajscope.grid import alpha_grid  # part of this module's API
 from trajscope.line import _replayed_rng, sdpa_math_kernel
 from trajscope.objective import Objective
-from trajscope.pairs import TERMS, VECTORS, PairStats
+from trajscope.pairs import TERMS, PairStats
 from trajscope.params import first, mismatches, shapes
 from trajscope.run import Snapshot
 from trajscope.trees import tree_map
+from trajscope.vectors import REPLAY_TERMS, layer_terms, pair_vectors
 
 __all__ = ["DERIVATIVES", "ProbeSettings", "alpha_grid", "probe_pair"]
 
@@ -166,34 +167,6 @@ def _to(t: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
-def _layer_terms(vec: Mapping[str, Mapping[str, torch.Tensor | None]],
-                 names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Every TERMS inner product ⟨a, b⟩ = Σ_i a_i·b_i per layer, summed in float64; NaN where a
-    vector is absent.
-
-    Each vector is cast to float64 once per layer (not once per term), and all the products go
-    to the host in one transfer at the end: one device synchronisation per pair instead of one per
-    term and layer.
-    """
-    out: list[torch.Tensor] = []
-    for n in names:
-        device = vec["delta"][n].device  # type: ignore[union-attr]  # Δ_t always exists
-        flat: dict[str, torch.Tensor] = {}
-        for a, b in TERMS:
-            va, vb = vec[a][n], vec[b][n]
-            if va is None or vb is None:
-                out.append(torch.full((), float("nan"), dtype=torch.float64, device=device))
-                continue
-            for key, v in ((a, va), (b, vb)):
-                if key not in flat:
-                    flat[key] = v.reshape(-1).double()
-            out.append(torch.dot(flat[a], flat[b]))
-    if not out:  # a model without parameters: nothing to sum
-        return {f"{a}.{b}": np.empty(0) for a, b in TERMS}
-    values = torch.stack(out).cpu().numpy().reshape(len(names), len(TERMS))
-    return {f"{a}.{b}": values[:, i].copy() for i, (a, b) in enumerate(TERMS)}
-
-
 @contextlib.contextmanager
 def _batchnorm_replay(model: torch.nn.Module) -> Iterator[None]:
     """Evaluate train-mode BatchNorm as training computed the loss, without its side effect.
@@ -279,8 +252,9 @@ def probe_pair(
     """Probe the pair (snap.step, nxt.step) and reduce it to :class:`PairStats`.
 
     Four stages: :func:`_prepare` (checks, points on the device, f), :func:`_evaluate` (ℓ, ℓ',
-    G0, G1, f(x*), sharpness), :func:`_vectors` (the :data:`VECTORS` per layer) and
-    :func:`_layer_terms` (the :data:`TERMS` inner products). ``extras["line_batched"]`` is 1.0
+    G0, G1, f(x*), sharpness), :func:`~trajscope.vectors.pair_vectors` (the
+    :data:`~trajscope.pairs.VECTORS` per layer) and :func:`~trajscope.vectors.layer_terms` (the
+    :data:`TERMS` inner products). ``extras["line_batched"]`` is 1.0
     when ``vmap`` computed the line, 0.0 when it was evaluated point by point.
 
     Args:
@@ -294,13 +268,13 @@ def probe_pair(
     """
     prep = _prepare(objective, snap, nxt, settings, ref=ref, trainable=trainable)
     ev = _evaluate(prep, snap, settings, ref=ref)
-    vec = _vectors(prep, ev, snap, nxt, prev=prev, init=init)
+    vec = pair_vectors(prep, ev, snap, nxt, prev=prev, init=init)
     return PairStats(
         step=snap.step,
         alpha=np.asarray(settings.alphas, dtype=np.float64),
         loss_line=ev.loss_line,
         dloss_line=ev.dloss_line,
-        terms=_layer_terms(vec, prep.names),
+        terms=layer_terms(vec, prep.names, frozenset() if snap.grads_stored else REPLAY_TERMS),
         layers=tuple(prep.names),
         loss_recorded=snap.loss if snap.loss is not None else float("nan"),
         lr=np.asarray(snap.lr, dtype=np.float64),
@@ -322,7 +296,7 @@ def _prepare(objective: Objective, snap: Snapshot, nxt: Snapshot, settings: Prob
     if nxt.step != snap.step + 1:
         raise AnalysisError(f"pair ({snap.step}, {nxt.step}): steps are not consecutive")
     dev, dt = settings.device, settings.torch_dtype
-    names = list(trainable) if trainable is not None else [n for n in snap.params if n in snap.grads]
+    names = list(trainable) if trainable is not None else [n for n in snap.params if n in snap.grad_names]
     check_objective(objective, snap.params, snap.buffers)
     for other in (nxt, ref):
         if other is None:
@@ -382,7 +356,8 @@ def _evaluate(prep: _Prepared, snap: Snapshot, settings: ProbeSettings, *,
     * ``extras["loss_ref"]`` = f(x*) when a reference snapshot is given;
     * ``extras["sharpness"]`` = λ_max(∇²f(x_t)) and its Lanczos diagnostics, when asked for;
     * ``extras["line_batched"]``: 1.0 if ``vmap`` computed the line, 0.0 if the point loop did;
-    * ``extras["clip_factor"]``, ``extras["clip_uniform"]`` when the step's gradient was clipped.
+    * ``extras["clip_factor"]``, ``extras["clip_uniform"]`` when the step's gradient was clipped;
+    * ``extras["g_recomputed"]`` = 1.0 when the step's g_t was not stored (``grads=False``).
     """
     f, rng, replay = prep.f, snap.rng, prep.replay
     extras: dict[str, float] = {}
@@ -408,6 +383,8 @@ def _evaluate(prep: _Prepared, snap: Snapshot, settings: ProbeSettings, *,
     if snap.clip_factor is not None:  # the recorded gradient clip: g_t = c·G0 when uniform
         extras["clip_factor"] = snap.clip_factor
         extras["clip_uniform"] = float(bool(snap.clip_uniform))
+    if snap.has_grad and not snap.grads_stored:
+        extras["g_recomputed"] = 1.0
     if plan is not None:
         extras.update(plan.extras())
     return _Evaluation(loss_line, dloss_line, G0, G1, xref, extras)
@@ -442,51 +419,6 @@ def _sharpness(prep: _Prepared, snap: Snapshot, settings: ProbeSettings) -> dict
         "sharpness_iterations": float(res.iterations),
         "sharpness_converged": float(res.converged),
     }
-
-
-def _vectors(prep: _Prepared, ev: _Evaluation, snap: Snapshot, nxt: Snapshot, *,
-             prev: Snapshot | None, init: Snapshot | None) -> dict[str, dict[str, torch.Tensor | None]]:
-    """The :data:`VECTORS`, name → parameter → tensor (None where a vector is unavailable).
-
-    Recorded gradients missing for a parameter (unused in the step) count as zero. g_next and
-    dg = g_{t+1} − g_t need a gradient at step t+1; x_dist = x_t − x_0 needs ``init``; g_prev and
-    delta_prev = x_t − x_{t−1} need ``prev`` to be step t−1 with a gradient; x_ref = x_t − x*
-    needs a reference point.
-    """
-    x0, delta, G0, G1, xref = prep.x0, prep.delta, ev.G0, ev.G1, ev.xref
-    has_prev = prev is not None and prev.step == snap.step - 1 and prev.has_grad
-
-    def grad_of(s: Snapshot, n: str) -> torch.Tensor:
-        g = s.grads.get(n)
-        return _to(g, prep.device, prep.dtype) if g is not None else torch.zeros_like(x0[n])
-
-    vec: dict[str, dict[str, torch.Tensor | None]] = {k: {} for k in VECTORS}
-    for n in prep.names:
-        g = grad_of(snap, n)
-        vec["delta"][n] = delta[n]
-        vec["G0"][n] = G0[n]
-        vec["G1"][n] = G1[n]
-        vec["dG"][n] = G1[n] - G0[n]
-        vec["g"][n] = g
-        vec["G0_err"][n] = G0[n] - g
-        vec["x"][n] = x0[n]
-        vec["x_ref"][n] = x0[n] - xref[n] if xref is not None else None
-        if nxt.has_grad:
-            gn = grad_of(nxt, n)
-            vec["g_next"][n] = gn
-            vec["dg"][n] = gn - g
-        else:
-            vec["g_next"][n] = vec["dg"][n] = None
-        if init is not None:
-            vec["x_dist"][n] = x0[n] - _to(init.params[n], prep.device, prep.dtype)
-        else:
-            vec["x_dist"][n] = None
-        if has_prev and prev is not None:
-            vec["g_prev"][n] = grad_of(prev, n)
-            vec["delta_prev"][n] = x0[n] - _to(prev.params[n], prep.device, prep.dtype)
-        else:
-            vec["g_prev"][n] = vec["delta_prev"][n] = None
-    return vec
 
 
 def _grad(f: Any, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -71,6 +71,12 @@ class Run:
         return [p["name"] for p in self.manifest["params"] if p.get("trainable", True)]
 
     @property
+    def grads_recorded(self) -> bool:
+        """Whether the step snapshots store g_t: False for a run recorded with ``grads=False``
+        (manifest ``"grads": false``), whose snapshots name the parameters with a gradient only."""
+        return self.manifest.get("grads", True) is not False
+
+    @property
     def num_params(self) -> int:
         n = 0
         for p in self.manifest["params"]:
@@ -151,6 +157,11 @@ class Run:
             f"params     {len(m['params'])} tensors, {self.num_params:,} trainable values",
             f"schedule   {sched}",
             f"storage    {self.storage.kind}",
+        ]
+        if not self.grads_recorded:
+            lines.append("gradients  not stored (grads=False): the analysis recomputes g_t as c·G0; metrics "
+                         "of g_{t+1}, g_{t-1} and grad_replay_error are NaN")
+        lines += [
             f"steps      {m.get('num_steps')} optimizer steps, {len(self.steps)} snapshots "
             f"({_ranges(self.steps)}), {n_disk / 1e6:.1f} MB",
             f"pairs      {len(self.pairs)} analyzable (t, t+1)",
@@ -359,6 +370,8 @@ def validate_manifest(manifest: Any, mpath: Path) -> None:
         v = manifest.get(key)
         if not (v is None or isinstance(v, str)):
             raise RunFormatError(f"{mpath}: '{key}' must be a string or null")
+    if not isinstance(manifest.get("grads", True), bool):
+        raise RunFormatError(f"{mpath}: 'grads' must be true or false")
     for key in ("libraries", "schedule", "optimizer"):
         if not isinstance(manifest.get(key, {}), dict):
             raise RunFormatError(f"{mpath}: '{key}' must be an object")

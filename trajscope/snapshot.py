@@ -29,7 +29,9 @@ class Snapshot:
     """Everything recorded about x_t (CPU tensors, stored dtype).
 
     ``grads``, ``batch``, ``loss`` and ``rng`` are empty/None for the final state, which holds only
-    parameters and buffers.
+    parameters and buffers. ``grads`` is empty too for a step of a run recorded with
+    ``Recorder(grads=False)``, which names the parameters that had a gradient instead
+    (:attr:`grad_names`).
     """
 
     step: int
@@ -55,10 +57,25 @@ class Snapshot:
     clip_uniform: bool | None = None
     """True when every parameter's gradient was scaled by the same c (``clip_grad_norm_``), so
     g_t = c·∇f(x_t; z_t); False for a non-uniform clip (``clip_grad_value_``); None unclipped."""
+    unstored_grad_names: tuple[str, ...] | None = None
+    """For a step recorded with ``grads=False`` (metadata ``grad_names``): the parameters that had
+    a gradient, none of which is stored. None when the gradients are stored."""
 
     @property
     def has_grad(self) -> bool:
+        """Whether the step had a gradient g_t (a training step; stored or not, :attr:`grads_stored`)."""
         return self.kind == fmt.KIND_STEP
+
+    @property
+    def grads_stored(self) -> bool:
+        """Whether ``grads`` holds g_t: a training step of a run recorded with ``grads=True``."""
+        return self.has_grad and self.unstored_grad_names is None
+
+    @property
+    def grad_names(self) -> tuple[str, ...]:
+        """The parameters that had a gradient at this step: the keys of ``grads`` when stored,
+        else the recorded ``grad_names``."""
+        return tuple(self.grads) if self.unstored_grad_names is None else self.unstored_grad_names
 
     def loss_fn(self, loss: Callable[[torch.nn.Module, Any], torch.Tensor]
                 ) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
@@ -155,6 +172,9 @@ def snapshot_from_raw(meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
         batch = [fn(ix) for ix in batch] if weights is not None else fn(batch)
     loss = meta.get("loss")
     clip = meta.get("clip_factor")
+    names = meta.get("grad_names")
+    if names is not None and grads:
+        raise RunFormatError(f"{where}: holds both grad/ tensors and 'grad_names' (a run stores one or the other)")
     return Snapshot(
         step=meta["step"],
         kind=meta.get("kind", fmt.KIND_STEP),
@@ -171,6 +191,7 @@ def snapshot_from_raw(meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
         optimizer_state=optim,
         clip_factor=float(clip) if clip is not None else None,
         clip_uniform=bool(meta.get("clip_uniform", False)) if clip is not None else None,
+        unstored_grad_names=tuple(names) if names is not None else None,
     )
 
 
@@ -200,6 +221,12 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
         raise RunFormatError(f"{path}: snapshot 'clip_factor' must be a positive number")
     if not isinstance(meta.get("clip_uniform", False), bool):
         raise RunFormatError(f"{path}: snapshot 'clip_uniform' must be true or false")
+    names = meta.get("grad_names")
+    if names is not None:
+        if not isinstance(names, list):
+            raise RunFormatError(f"{path}: snapshot 'grad_names' must be a list of parameter names")
+        for i, n in enumerate(names):
+            fmt.check_name(n, f"{path}: grad_names[{i}]")
     return meta
 
 

@@ -144,6 +144,8 @@ def format_headline(h: dict[str, float]) -> str:
             lines.append(f"  {label:<52} clipped on {int(v)} of {int(h.get('pairs', v))} pairs")
         elif k in ("pairs", "pairs_moved"):
             lines.append(f"  {label:<52} {int(v)}")
+        elif not np.isfinite(v):  # nowhere defined, e.g. grad_replay_error without stored gradients
+            lines.append(f"  {label:<52} n/a")
         elif k.startswith("frac_"):
             lines.append(f"  {label:<52} {v:.1%}")
         else:
@@ -486,7 +488,8 @@ def format_summary(s: dict[str, Any]) -> str:
         ]
     rep = [(k, h[k]) for k in ("max_loss_replay_error", "max_grad_replay_error") if k in h]
     if rep:
-        lines += ["", "replay fidelity:"] + [f"  {k:<34} {v:.3g}" for k, v in rep]
+        lines += ["", "replay fidelity:"] + [f"  {k:<34} {v:.3g}" if np.isfinite(v) else f"  {k:<34} n/a"
+                                              for k, v in rep]
     if "pairs_clipped" in h:
         lines.append(f"  gradient clipping: clipped on {int(h['pairs_clipped'])} of {s['pairs']} pairs "
                      "(replayed as c·G0 where the clip was uniform)")

@@ -34,7 +34,8 @@ _NAMED_KEYS = ("param/", "grad/", "buffer/", "optim/")
 
 class UnwrappedStorage(Storage):
     """A run's storage whose snapshots come with ``strip_prefix`` removed from every parameter,
-    gradient, buffer and optimizer-state name. Pickles as the wrapped storage and the prefix."""
+    gradient, buffer and optimizer-state name (and from the ``grad_names`` of a run that stores no
+    gradients). Pickles as the wrapped storage and the prefix."""
 
     def __init__(self, inner: Storage, strip_prefix: str) -> None:
         super().__init__(inner.run_path)
@@ -75,9 +76,13 @@ class UnwrappedStorage(Storage):
         def names(d: dict[str, Any]) -> dict[str, Any]:
             return {strip_prefix(n, self.strip_prefix): v for n, v in d.items()}
 
+        unstored = snap.unstored_grad_names
+        if unstored is not None:
+            unstored = tuple(strip_prefix(n, self.strip_prefix) for n in unstored)
         # dataclasses.replace keeps the snapshot's class (the cache's ShippedSnapshot included)
         return dataclasses.replace(snap, params=names(snap.params), grads=names(snap.grads),
-                                   buffers=names(snap.buffers), optimizer_state=names(snap.optimizer_state))
+                                   buffers=names(snap.buffers), optimizer_state=names(snap.optimizer_state),
+                                   unstored_grad_names=unstored)
 
 
 def unwrapped(run: Run, model: torch.nn.Module) -> Run:

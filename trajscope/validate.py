@@ -171,14 +171,27 @@ def _check_against_manifest(file: Path, snap: Snapshot, run: Run, rep: Validatio
     if snap.kind == fmt.KIND_STEP:
         if snap.batch is None:
             rep.problems.append(f"{file}: training step without its minibatch (batch_tree missing)")
-        for name, g in snap.grads.items():
-            p = snap.params.get(name)
-            if p is None or not specs.get(name, {}).get("trainable", True):
-                rep.problems.append(f"{file}: gradient {name!r} of a parameter the run does not train")
-            elif g.shape != p.shape:
-                rep.problems.append(
-                    f"{file}: gradient {name!r} has shape {list(g.shape)}, parameter has {list(p.shape)}"
-                )
+        _check_grads(file, snap, run, specs, rep)
+
+
+def _check_grads(file: Path, snap: Snapshot, run: Run, specs: dict[str, Any], rep: ValidationReport) -> None:
+    """A step's gradients as the manifest's ``grads`` says: stored (``grad/`` tensors of trainable
+    parameters, each of its parameter's shape) or, with ``"grads": false``, named only
+    (``grad_names``, trainable parameters)."""
+    if not run.grads_recorded and snap.unstored_grad_names is None:
+        rep.problems.append(f"{file}: the manifest says the run stores no gradients ('grads': false), but the "
+                            "snapshot " + ("holds grad/ tensors" if snap.grads else "lacks 'grad_names'"))
+    elif run.grads_recorded and snap.unstored_grad_names is not None:
+        rep.problems.append(f"{file}: holds 'grad_names' (a run that stores no gradients), but the manifest "
+                            "says the run stores them ('grads' true or absent)")
+    for name in snap.grad_names:
+        p, g = snap.params.get(name), snap.grads.get(name)
+        if p is None or not specs.get(name, {}).get("trainable", True):
+            rep.problems.append(f"{file}: gradient {name!r} of a parameter the run does not train")
+        elif g is not None and g.shape != p.shape:
+            rep.problems.append(
+                f"{file}: gradient {name!r} has shape {list(g.shape)}, parameter has {list(p.shape)}"
+            )
 
 
 def _check_finite(file: Path, snap: Snapshot, rep: ValidationReport) -> None:
