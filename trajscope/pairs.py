@@ -84,7 +84,9 @@ class PairStats:
             line evaluation, 0.0 when from the point-by-point one), and, when training clipped
             step t's gradient, ``clip_factor`` (c = ‖g_t‖ / ‖g_preclip‖, as recorded) and
             ``clip_uniform`` (1.0 when g_t = c·∇f(x_t; z_t), 0.0 for a non-uniform clip such as
-            ``clip_grad_value_``). Absent keys read as NaN.
+            ``clip_grad_value_``), and ``unrecorded_params``: the number of coordinates that
+            changed between x_t and x_{t+1} without a recorded gradient (when there are any).
+            Absent keys read as NaN.
     """
 
     step: int

@@ -10,7 +10,7 @@ knows no storage format, so the storage backends and :mod:`trajscope.run` both i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,9 @@ import torch
 from trajscope import format as fmt
 from trajscope.errors import ObjectiveError, RunFormatError
 from trajscope.objective import import_named
+from trajscope.params import Coordinates, coordinates
 
-__all__ = ["Snapshot", "check_meta", "is_nonneg_int", "snapshot_from_raw"]
+__all__ = ["Snapshot", "check_meta", "is_nonneg_int", "pair_coordinates", "snapshot_from_raw"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class Snapshot:
     clip_uniform: bool | None = None
     """True when every parameter's gradient was scaled by the same c (``clip_grad_norm_``), so
     g_t = c·∇f(x_t; z_t); False for a non-uniform clip (``clip_grad_value_``); None unclipped."""
+    trainable: tuple[str, ...] | None = None
+    """The parameters the optimizer updated at this step, when that set differed from the
+    manifest's ``trainable`` flags (parameters unfrozen, frozen, added to or removed from the
+    optimizer during training); None: the manifest's set."""
 
     @property
     def has_grad(self) -> bool:
@@ -155,6 +160,9 @@ def snapshot_from_raw(meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
         batch = [fn(ix) for ix in batch] if weights is not None else fn(batch)
     loss = meta.get("loss")
     clip = meta.get("clip_factor")
+    unknown = next((n for n in meta.get("trainable") or [] if n not in params), None)
+    if unknown is not None:
+        raise RunFormatError(f"{where}: snapshot 'trainable' names {unknown!r:.80}, a parameter it does not hold")
     return Snapshot(
         step=meta["step"],
         kind=meta.get("kind", fmt.KIND_STEP),
@@ -171,6 +179,7 @@ def snapshot_from_raw(meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
         optimizer_state=optim,
         clip_factor=float(clip) if clip is not None else None,
         clip_uniform=bool(meta.get("clip_uniform", False)) if clip is not None else None,
+        trainable=tuple(meta["trainable"]) if meta.get("trainable") is not None else None,
     )
 
 
@@ -200,6 +209,9 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
         raise RunFormatError(f"{path}: snapshot 'clip_factor' must be a positive number")
     if not isinstance(meta.get("clip_uniform", False), bool):
         raise RunFormatError(f"{path}: snapshot 'clip_uniform' must be true or false")
+    trainable = meta.get("trainable")
+    if not (trainable is None or (isinstance(trainable, list) and all(isinstance(n, str) for n in trainable))):
+        raise RunFormatError(f"{path}: snapshot 'trainable' must be a list of parameter names")
     return meta
 
 
@@ -209,3 +221,30 @@ def is_nonneg_int(x: Any) -> bool:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def pair_coordinates(snap: Snapshot, nxt: Snapshot, trainable: Sequence[str] | None) -> Coordinates:
+    """The coordinates of x for the pair (``snap``, ``nxt``) = (x_t, x_{t+1}), by
+    :func:`trajscope.params.coordinates`.
+
+    The trainable set is the one step t recorded (``snap.trainable``), else ``trainable`` (the
+    manifest's), else the parameters with a recorded gradient. Any other parameter whose value
+    differs between x_t and x_{t+1} (exactly; NaN equals NaN at the same place) is a coordinate too,
+    listed in ``unrecorded``: it moved, so it is part of Δ_t.
+    """
+    def changed(n: str) -> bool:
+        b = nxt.params.get(n)
+        return b is not None and not _same_values(snap.params[n], b)
+
+    return coordinates(list(snap.params), set(snap.grads),
+                       snap.trainable if snap.trainable is not None else trainable, changed)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality of two tensors, a NaN equal to a NaN at the same place."""
+    if torch.equal(a, b):
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype or not a.is_floating_point():
+        return False
+    b = b.to(a.device)
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())

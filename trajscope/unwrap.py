@@ -76,8 +76,10 @@ class UnwrappedStorage(Storage):
             return {strip_prefix(n, self.strip_prefix): v for n, v in d.items()}
 
         # dataclasses.replace keeps the snapshot's class (the cache's ShippedSnapshot included)
+        trainable = snap.trainable and tuple(strip_prefix(n, self.strip_prefix) for n in snap.trainable)
         return dataclasses.replace(snap, params=names(snap.params), grads=names(snap.grads),
-                                   buffers=names(snap.buffers), optimizer_state=names(snap.optimizer_state))
+                                   buffers=names(snap.buffers), optimizer_state=names(snap.optimizer_state),
+                                   trainable=trainable)
 
 
 def unwrapped(run: Run, model: torch.nn.Module) -> Run:

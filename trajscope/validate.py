@@ -173,9 +173,10 @@ def _check_against_manifest(file: Path, snap: Snapshot, run: Run, rep: Validatio
     if snap.kind == fmt.KIND_STEP:
         if snap.batch is None:
             rep.problems.append(f"{file}: training step without its minibatch (batch_tree missing)")
+        trains = set(snap.trainable) if snap.trainable is not None else None  # the step's own set
         for name, g in snap.grads.items():
             p = snap.params.get(name)
-            if p is None or not specs.get(name, {}).get("trainable", True):
+            if p is None or not (name in trains if trains is not None else specs.get(name, {}).get("trainable", True)):
                 rep.problems.append(f"{file}: gradient {name!r} of a parameter the run does not train")
             elif g.shape != p.shape:
                 rep.problems.append(
