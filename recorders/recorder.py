@@ -25,7 +25,6 @@ background thread (:mod:`trajscope.recorders.storage`).
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -48,6 +47,7 @@ from trajscope.recorders.capture import (
     batch_entries,
     capture_forward,
     gradient_entries,
+    micro_entry,
     micro_weights,
     optimizer_state_entries,
     unwrap_model,
@@ -264,6 +264,7 @@ class Recorder:
                     # rec.batch was called but no step followed (the loop broke out, or AMP
                     # skipped the very last step): keep the line so scalars.jsonl stays complete.
                     self._write_scalars(skipped=True)
+                self._index.refresh(self.optimizer, self.step)  # the final manifest's param groups
                 if not crashed:
                     self._submit(self.step, fmt.KIND_FINAL)
                 assert self._scalars is not None
@@ -336,19 +337,8 @@ class Recorder:
                 self._write_scalars(skipped=True)
             self._micro = []
         self._capture.on_batch(first_of_step=not self._micro)
-        if weight is not None and not (isinstance(weight, (int, float)) and math.isfinite(weight)):
-            raise RecorderError(f"step {self.step}: weight={weight!r}: expected a finite number")
-        if self.batch_fn is not None and not isinstance(batch, torch.Tensor):
-            try:
-                batch = torch.as_tensor(batch, dtype=torch.int64)
-            except (TypeError, ValueError, RuntimeError) as exc:
-                raise RecorderError(
-                    f"step {self.step}: with batch_fn, rec.batch() takes the sample indices "
-                    f"(a sequence of ints), got {type(batch).__name__}"
-                ) from exc
-        # Only recorded steps keep a reference to the batch (it is copied at the step).
-        keep = self.schedule(self.step)
-        self._micro.append({"batch": batch if keep else None, "loss": loss, "weight": weight})
+        self._micro.append(micro_entry(batch, loss, weight, step=self.step, indices=self.batch_fn is not None,
+                                       keep=self.schedule(self.step)))
     def capture_forward_state(self) -> None:
         """Capture the RNG state and buffers now, as the state of the coming forward pass.
 
@@ -367,6 +357,7 @@ class Recorder:
         if self._capture.pending is None and torch.is_grad_enabled() and self.schedule(self.step):
             t0, c0 = time.perf_counter(), time.thread_time()
             self._capture.pending = capture_forward(module)
+            self._refresh_trainable()  # before backward: the pre-clip hooks cover what trains now
             self._timed(t0, c0)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
@@ -406,6 +397,11 @@ class Recorder:
             self._check_writer()
         finally:
             self._timed(t0, c0)
+
+    def _refresh_trainable(self) -> None:
+        """Follow a change of the trainable set (unfreezing, ``add_param_group``, freezing)."""
+        if self._index.refresh(self.optimizer, self.step):
+            self._preclip.track([p for _, p in self._index.trainable])
 
     def _arm_grad_hooks(self) -> None:
         """Arm the pre-clip hooks for a recorded step of a single-process run (:class:`PreclipNorms`)."""
@@ -458,7 +454,10 @@ class Recorder:
 
     def _step_entries(self, step: int, micro: list[dict[str, Any]], meta: dict[str, Any]) -> Entries:
         """A recorded step's entries besides x_t: g_t, z_t, the forward state, the optimizer state."""
+        self._refresh_trainable()
         tensors = gradient_entries(self._index.trainable, step)
+        if (names := self._index.step_trainable()) is not None:
+            meta["trainable"] = names
         self._preclip.measure(self.grad_scaler, meta)
         as_micro = (self.accumulation > 1 or self.world_size > 1
                     or any(mb["weight"] != 1.0 for mb in micro))
