@@ -36,6 +36,7 @@ __all__ = [
     "unwrap_model",
     "gradient_entries",
     "batch_entries",
+    "micro_entry",
     "micro_weights",
     "step_micro_batches",
     "with_buffers",
@@ -95,21 +96,43 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 class ParamIndex:
     """The model's parameters by ``named_parameters`` name, as the optimizer groups them.
 
+    The trainable set may change during training (a layer unfrozen with ``requires_grad_(True)``, a
+    group added with ``optimizer.add_param_group``, a parameter frozen): :meth:`refresh` follows it.
+
     Attributes:
         params: every parameter of the model, recorded at every snapshot.
-        trainable: the parameters some optimizer group updates and that require grad (each once):
-            those whose gradient a step's snapshot stores (or names, with ``grads=False``).
+        trainable: the parameters some optimizer group holds and that require grad or hold a
+            gradient (the optimizer updates a parameter with a ``.grad`` whatever its
+            ``requires_grad``), each once, as of the last :meth:`refresh`: those whose gradient a
+            step's snapshot stores (or names, with ``grads=False``).
         group_names: the parameter names of each optimizer param group, in group order.
+        initial: the names in ``trainable`` when the index was built: the manifest's ``trainable``
+            flags. A step whose set differs records its own (:meth:`step_trainable`).
     """
 
     params: list[tuple[str, torch.nn.Parameter]]
     trainable: list[tuple[str, torch.nn.Parameter]]
     group_names: list[list[str]]
+    initial: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> ParamIndex:
         """Index ``model``'s parameters; every tensor the optimizer updates must be one of them."""
-        names = {id(p): n for n, p in model.named_parameters()}
+        index = cls(list(model.named_parameters()), [], [])
+        index.refresh(optimizer)
+        index.initial = frozenset(n for n, _ in index.trainable)
+        return index
+
+    def refresh(self, optimizer: torch.optim.Optimizer, step: int | None = None) -> bool:
+        """Read the trainable set and the groups from ``optimizer`` now; True when either changed.
+
+        One pass over the optimizer's parameters (a dict lookup each): cheap enough for every
+        recorded step. ``step`` names the step in the error.
+
+        Raises:
+            RecorderError: a group holds a tensor that is not a parameter of the model.
+        """
+        names = {id(p): n for n, p in self.params}
         trainable: list[tuple[str, torch.nn.Parameter]] = []
         group_names: list[list[str]] = []
         seen: set[int] = set()
@@ -118,21 +141,31 @@ class ParamIndex:
             for p in group["params"]:
                 if id(p) not in names:
                     raise RecorderError(
-                        f"optimizer param group {gi} holds a tensor of shape {tuple(p.shape)} "
-                        "that is not a parameter of the model; the recorder names tensors by "
-                        "model.named_parameters()"
+                        f"{'' if step is None else f'step {step}: '}optimizer param group {gi} holds a "
+                        f"tensor of shape {tuple(p.shape)} that is not a parameter of the model; the "
+                        "recorder names tensors by model.named_parameters()"
                     )
                 gnames.append(names[id(p)])
-                if p.requires_grad and id(p) not in seen:
+                if (p.requires_grad or p.grad is not None) and id(p) not in seen:
                     seen.add(id(p))
                     trainable.append((names[id(p)], p))
             group_names.append(gnames)
-        return cls(list(model.named_parameters()), trainable, group_names)
+        changed = [n for n, _ in trainable] != [n for n, _ in self.trainable] or group_names != self.group_names
+        self.trainable, self.group_names = trainable, group_names
+        return changed
+
+    def step_trainable(self) -> list[str] | None:
+        """The trainable names in ``params`` order when they differ from :attr:`initial` (a snapshot's
+        ``trainable`` metadata), else None."""
+        now = {n for n, _ in self.trainable}
+        return None if now == self.initial else [n for n, _ in self.params if n in now]
 
     def declared(self, model: torch.nn.Module, grads: bool = True) -> list[tuple[str, str, tuple[int, ...]]]:
         """Tensors with a fixed shape for the whole run, as (key, dtype, shape): an HDF5 dataset each.
 
-        ``grads=False`` (a run that stores no gradients) declares no ``grad/`` tensor."""
+        Gradients are declared for the parameters trainable now; a gradient that appears later (a
+        parameter unfrozen during training) is stored in the HDF5 blob. ``grads=False`` (a run that
+        stores no gradients) declares no ``grad/`` tensor."""
         out = [(fmt.PARAM + n, dtype_name(p.dtype), tuple(p.shape)) for n, p in self.params]
         if grads:
             out += [(fmt.GRAD + n, dtype_name(p.dtype), tuple(p.shape)) for n, p in self.trainable]
@@ -229,6 +262,29 @@ def with_buffers(tensors: Entries, model: torch.nn.Module) -> Entries:
     return tensors + [(fmt.BUFFER + n, b) for n, b in model.named_buffers() if fmt.BUFFER + n not in keys]
 
 
+def micro_entry(batch: Any, loss: torch.Tensor | float | None, weight: float | None, *, step: int,
+                indices: bool, keep: bool) -> dict[str, Any]:
+    """One micro-batch named by ``rec.batch``, as the recorder holds it until the step is taken.
+
+    With ``indices`` (a run with ``batch_fn``) the batch is the sample indices, as an int64 tensor.
+    Only a recorded step (``keep``) holds a reference to the batch; it is copied at the step.
+
+    Raises:
+        RecorderError: ``weight`` is not a finite number, or the indices are not a sequence of ints.
+    """
+    if weight is not None and not (isinstance(weight, (int, float)) and math.isfinite(weight)):
+        raise RecorderError(f"step {step}: weight={weight!r}: expected a finite number")
+    if indices and not isinstance(batch, torch.Tensor):
+        try:
+            batch = torch.as_tensor(batch, dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise RecorderError(
+                f"step {step}: with batch_fn, rec.batch() takes the sample indices "
+                f"(a sequence of ints), got {type(batch).__name__}"
+            ) from exc
+    return {"batch": batch if keep else None, "loss": loss, "weight": weight}
+
+
 def micro_weights(micro: list[dict[str, Any]], reduction: str) -> list[float]:
     """Each micro-batch's weight w_i in the step's loss f = Σ w_i · f_i: its own ``weight``, else
     1/m over the m micro-batches (``reduction="mean"``) or 1 (``"sum"``)."""
@@ -313,7 +369,7 @@ class PreclipNorms:
     """
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:
-        self._params = params
+        self._params = [p for p in params if p.requires_grad]
         self._sq: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
 
@@ -326,6 +382,19 @@ class PreclipNorms:
                 h.remove()
             self._handles = []
         self.clear()
+
+    def track(self, params: list[torch.nn.Parameter]) -> None:
+        """Measure ``params`` from now on (the trainable set changed); armed hooks move with them.
+
+        Norms already kept for this step stay: a change seen after backward loses nothing."""
+        params = [p for p in params if p.requires_grad]  # only those get a post-accumulate-grad hook
+        if [id(p) for p in params] == [id(p) for p in self._params]:
+            return
+        armed = bool(self._handles)
+        for h in self._handles:
+            h.remove()
+        self._params = params
+        self._handles = grad_hooks(self.on_grad, params) if armed else []
 
     def on_grad(self, p: torch.Tensor) -> None:
         """A post-accumulate-grad hook fired for ``p``: keep ‖p.grad‖² (float64, on its device)."""

@@ -98,7 +98,7 @@ def build_manifest(rec: Recorder, index: ParamIndex, *, status: str, error: str 
     for names, group in zip(index.group_names, rec.optimizer.param_groups):
         hyper = {k: jsonable(v) for k, v in group.items() if k != "params"}
         groups.append({"params": names, **hyper})
-    trainable = {n for n, _ in index.trainable}
+    trainable = index.initial  # a step whose trainable set differs records its own
     optimizer_class = type(rec.optimizer)
     return {
         "format_version": fmt.FORMAT_VERSION,

@@ -25,7 +25,6 @@ background thread (:mod:`trajscope.recorders.storage`).
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -45,6 +44,7 @@ from trajscope.recorders.capture import (
     PreclipNorms,
     StepCapture,
     capture_forward,
+    micro_entry,
     micro_weights,
     step_entries,
     step_micro_batches,
@@ -268,6 +268,7 @@ class Recorder:
                     # rec.batch was called but no step followed (the loop broke out, or AMP
                     # skipped the very last step): keep the line so scalars.jsonl stays complete.
                     self._write_scalars(skipped=True)
+                self._index.refresh(self.optimizer, self.step)  # the final manifest's param groups
                 if not crashed:
                     self._submit(self.step, fmt.KIND_FINAL)
                 assert self._scalars is not None
@@ -340,19 +341,9 @@ class Recorder:
                 self._write_scalars(skipped=True)
             self._micro = []
         self._capture.on_batch(first_of_step=not self._micro)
-        if weight is not None and not (isinstance(weight, (int, float)) and math.isfinite(weight)):
-            raise RecorderError(f"step {self.step}: weight={weight!r}: expected a finite number")
-        if self.batch_fn is not None and not isinstance(batch, torch.Tensor):
-            try:
-                batch = torch.as_tensor(batch, dtype=torch.int64)
-            except (TypeError, ValueError, RuntimeError) as exc:
-                raise RecorderError(
-                    f"step {self.step}: with batch_fn, rec.batch() takes the sample indices "
-                    f"(a sequence of ints), got {type(batch).__name__}"
-                ) from exc
-        # Only recorded steps keep a reference to the batch (it is copied at the step).
-        keep = self.schedule(self.step)
-        self._micro.append({"batch": batch if keep else None, "loss": loss, "weight": weight})
+        self._micro.append(micro_entry(batch, loss, weight, step=self.step, indices=self.batch_fn is not None,
+                                       keep=self.schedule(self.step)))
+
     def capture_forward_state(self) -> None:
         """Capture the RNG state and buffers now, as the state of the coming forward pass.
 
@@ -371,6 +362,7 @@ class Recorder:
         if self._capture.pending is None and torch.is_grad_enabled() and self.schedule(self.step):
             t0, c0 = time.perf_counter(), time.thread_time()
             self._capture.pending = capture_forward(module)
+            self._refresh_trainable()  # before backward: the pre-clip hooks cover what trains now
             self._timed(t0, c0)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
@@ -411,6 +403,11 @@ class Recorder:
         finally:
             self._timed(t0, c0)
 
+    def _refresh_trainable(self) -> None:
+        """Follow a change of the trainable set (unfreezing, ``add_param_group``, freezing)."""
+        if self._index.refresh(self.optimizer, self.step):
+            self._preclip.track([p for _, p in self._index.trainable])
+
     def _arm_grad_hooks(self) -> None:
         """Arm the pre-clip hooks for a recorded step of a single-process run (:class:`PreclipNorms`)."""
         self._preclip.arm(self._open and not self._failed and self.world_size == 1 and self.schedule(self.step))
@@ -439,6 +436,9 @@ class Recorder:
         meta: dict[str, Any] = {"step": step, "kind": kind, "lr": self._lrs()}
         if kind == fmt.KIND_STEP:
             assert micro is not None
+            self._refresh_trainable()
+            if (names := self._index.step_trainable()) is not None:
+                meta["trainable"] = names  # the step's own set differs from the manifest's
             tensors += step_entries(self, step, micro, meta, trainable=self._index.trainable,
                                     preclip=self._preclip, forward=self._capture)
         tensors = with_buffers(tensors, self.model)

@@ -195,10 +195,14 @@ def _dataset(r: Run, ordered: list[PairStats], specs: dict[str, MetricSpec], set
 
 
 def _warn_replay(ds: xr.Dataset) -> None:
-    """A :class:`TrajscopeWarning` when the replay gate fails (:func:`health.replay_failures`)."""
+    """A :class:`TrajscopeWarning` when the replay gate fails (:func:`health.replay_failures`), and
+    one when parameters moved without a recorded gradient (:func:`health.unrecorded_warning`)."""
     check = health.replay_failures(ds)
     if not check.ok:
         warnings.warn(health.replay_warning(check, ds), TrajscopeWarning, stacklevel=3)
+    unrecorded = health.unrecorded_warning(ds)
+    if unrecorded is not None:
+        warnings.warn(unrecorded, TrajscopeWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from trajscope.run import Run
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["build_dataset", "import_libraries_in_background",
+__all__ = ["build_dataset", "import_libraries_in_background", "layer_union",
            "open_metrics", "write_dataset"]
 
 
@@ -45,7 +45,7 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
     """Stack per-pair metric values along ``step`` and add the series metrics. Pure."""
     values = health.sanitize_values(stats, values, run)  # damage is local: affected metrics NaN, never ±Inf
     steps = np.array([s.step for s in stats], dtype=np.int64)
-    layers = list(stats[0].layers) if stats else []
+    layers = layer_union(stats, [p["name"] for p in run.manifest["params"]])
     data_vars: dict[str, Any] = {}
     for name, spec in specs.items():
         if spec.kind != "pair":
@@ -53,9 +53,8 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
         data_vars[name] = (("step", *spec.dims), np.stack([v[name] for v in values]), spec.attrs())
         if spec.per_layer:
             attrs = spec.attrs() | {"long_name": f"{spec.long_name} (per parameter tensor)"}
-            data_vars[f"{name}_by_layer"] = (
-                ("step", "layer"), np.stack([v[f"{name}_by_layer"] for v in values]), attrs
-            )
+            rows = [_on_layers(v[f"{name}_by_layer"], s.layers, layers) for s, v in zip(stats, values)]
+            data_vars[f"{name}_by_layer"] = (("step", "layer"), np.stack(rows), attrs)
     lr = np.array([s.lr[0] if len(s.lr) else np.nan for s in stats], dtype=np.float64)
     coords = {
         "step": ("step", steps, {"long_name": "pair start step t", "units": "optimizer step"}),
@@ -93,6 +92,32 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return health.add_flags(ds, stats, run)  # pair_flags (non-finite, zero update)
+
+
+def layer_union(stats: Sequence[PairStats], order: Sequence[str]) -> list[str]:
+    """The Dataset's ``layer`` coordinate: the pairs' coordinates of x. When the trainable set changed
+    during training the pairs differ; then every name any pair has, in ``order`` (the manifest's
+    parameter order; names it lacks follow in the order first seen)."""
+    if not stats:
+        return []
+    first = list(stats[0].layers)
+    if all(s.layers == stats[0].layers for s in stats):
+        return first
+    seen = {n: i for i, n in enumerate(dict.fromkeys(n for s in stats for n in s.layers))}
+    rank = {n: i for i, n in enumerate(order)}
+    return sorted(seen, key=lambda n: (rank.get(n, len(rank)), seen[n]))
+
+
+def _on_layers(row: np.ndarray, have: Sequence[str], layers: Sequence[str]) -> np.ndarray:
+    """A pair's per-layer values (in its own ``have`` order) on the Dataset's ``layers``: NaN for a
+    parameter that is not a coordinate of x in this pair."""
+    if tuple(have) == tuple(layers):
+        return row
+    out = np.full(len(layers), np.nan)
+    at = {n: i for i, n in enumerate(layers)}
+    for n, v in zip(have, np.asarray(row, dtype=np.float64)):
+        out[at[n]] = v
+    return out
 
 
 def _line_plan_attrs(stats: Sequence[PairStats]) -> dict[str, Any]:

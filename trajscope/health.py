@@ -61,6 +61,7 @@ __all__ = [
     "replay_bound",
     "replay_failures",
     "replay_warning",
+    "unrecorded_warning",
 ]
 
 FLAGS: dict[str, tuple[int, str]] = {
@@ -75,6 +76,9 @@ FLAGS: dict[str, tuple[int, str]] = {
     "clipped": (256, "training clipped g_t uniformly (clip_factor c): the replay compares c·G0 with g_t"),
     "clipped_nonuniform": (512, "training clipped g_t non-uniformly (e.g. clip_grad_value_): the "
                                 "replay compares the unclipped G0 with g_t, so grad_replay_error shows it"),
+    "unrecorded_update": (1024, "a parameter without a recorded gradient changed between x_t and x_{t+1} (the "
+                                "trainable set changed during training and the run does not record it): it "
+                                "is a coordinate of x, its g_t counts as 0, so grad_replay_error shows it"),
 }
 """``pair_flags`` bits: name → (mask, meaning). The clip bits describe training, not a problem."""
 
@@ -267,6 +271,8 @@ def pair_flags(stats: PairStats, loss_given: bool = False, next_has_grad: bool =
             flags |= 32
         elif np.any(dd == 0.0):
             flags |= 64
+    if stats.extras.get("unrecorded_params", 0.0) > 0:
+        flags |= FLAGS["unrecorded_update"][0]
     if np.isfinite(stats.extras.get("clip_factor", np.nan)):
         flags |= FLAGS["clipped"][0] if stats.extras.get("clip_uniform") == 1.0 else FLAGS["clipped_nonuniform"][0]
     return flags
@@ -408,3 +414,18 @@ def replay_warning(check: ReplayCheck, ds: xr.Dataset) -> str:
         text += (f" ({check.nonuniform} non-uniformly clipped pairs exceed grad_replay_error's bound "
                  "as expected and are not counted)")
     return text
+
+
+def unrecorded_warning(ds: xr.Dataset) -> str | None:
+    """The one-line warning for pairs flagged ``unrecorded_update`` (None: there are none)."""
+    n = int(ds.sizes.get("step", 0))
+    hit = (_pair_flags(ds, n) & FLAGS["unrecorded_update"][0]) != 0
+    if not hit.any():
+        return None
+    steps = [int(t) for t in np.asarray(ds["step"].values)[hit]]
+    shown = ", ".join(map(str, steps[:5])) + (", …" if len(steps) > 5 else "")
+    return (f"{len(steps)} pair(s) (steps {shown}): parameters without a recorded gradient changed between "
+            "x_t and x_{t+1}; the trainable set changed during training and the run does not record it "
+            "(re-record with this trajscope version). They are coordinates of x, so the line metrics "
+            "follow the step training took; their recorded gradient counts as 0 (pair_flags bit "
+            "unrecorded_update)")

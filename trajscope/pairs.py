@@ -84,8 +84,10 @@ class PairStats:
             line evaluation, 0.0 when from the point-by-point one), and, when training clipped
             step t's gradient, ``clip_factor`` (c = ‖g_t‖ / ‖g_preclip‖, as recorded) and
             ``clip_uniform`` (1.0 when g_t = c·∇f(x_t; z_t), 0.0 for a non-uniform clip such as
-            ``clip_grad_value_``), and ``g_recomputed`` (1.0 when step t's g_t was not stored,
-            ``Recorder(grads=False)``: ``g`` is then c·G0). Absent keys read as NaN.
+            ``clip_grad_value_``), ``g_recomputed`` (1.0 when step t's g_t was not stored,
+            ``Recorder(grads=False)``: ``g`` is then c·G0), and ``unrecorded_params``: the number
+            of coordinates that changed between x_t and x_{t+1} without a recorded gradient (when
+            there are any). Absent keys read as NaN.
     """
 
     step: int

@@ -1,19 +1,21 @@
-"""One comparison of two named sets of tensors (parameters or buffers) by name, shape and dtype.
+"""One comparison of two named sets of tensors (parameters or buffers) by name, shape and dtype,
+and the choice of a pair's coordinates of x among the recorded parameters.
 
 The objective's model, the run's manifest and each snapshot name their parameters; before a replay
 they must agree. :func:`mismatches` lists every difference in a fixed order and each caller words
 it for its reader (an :class:`~trajscope.errors.ObjectiveError`, a skipped pair, a validation
-problem). Torch-free: shapes are tuples of ints, dtypes strings such as ``"float32"``.
+problem). :func:`coordinates` says which parameters are the coordinates of x for a pair (t, t+1).
+Torch-free: shapes are tuples of ints, dtypes strings such as ``"float32"``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["WRAPPER_PREFIXES", "Mismatch", "mismatches", "first", "shapes", "dtypes", "strip_prefix",
-           "wrapper_prefix"]
+__all__ = ["WRAPPER_PREFIXES", "Coordinates", "Mismatch", "coordinates", "mismatches", "first", "shapes",
+           "dtypes", "strip_prefix", "wrapper_prefix"]
 
 Kind = Literal["missing", "shape", "dtype", "extra"]
 
@@ -115,3 +117,47 @@ def _prefix_runs(name: str) -> list[str]:
 def strip_prefix(name: str, prefix: str) -> str:
     """``name`` without ``prefix`` (unchanged when it does not start with it)."""
     return name[len(prefix):] if prefix and name.startswith(prefix) else name
+
+
+@dataclass(frozen=True)
+class Coordinates:
+    """The coordinates of x for one pair (t, t+1).
+
+    Attributes:
+        names: the parameters that are coordinates, in order (the order of the per-layer arrays).
+        unrecorded: those of ``names`` that are coordinates only because their value changed between
+            x_t and x_{t+1} although step t recorded no gradient for them and did not name them
+            trainable: the trainable set changed during training in a way the run does not record.
+            Their Δ_t is real; their g_t counts as zero.
+    """
+
+    names: tuple[str, ...]
+    unrecorded: tuple[str, ...] = ()
+
+
+def coordinates(params: Sequence[str], with_grad: Collection[str], trainable: Sequence[str] | None,
+                changed: Callable[[str], bool]) -> Coordinates:
+    """Which recorded parameters are the coordinates of x for the pair (t, t+1).
+
+    A parameter is a coordinate when it is in ``trainable`` (the parameters the optimizer updates at
+    step t; None: those in ``with_grad``), when step t recorded a gradient for it (``with_grad``),
+    or when ``changed(name)`` says its value differs between x_t and x_{t+1}. The last kind alone is
+    listed in :attr:`Coordinates.unrecorded`: a parameter that moved is part of the update Δ_t
+    whatever the run says, so ℓ(α) = f(x_t + αΔ_t) runs along the step training took.
+
+    Order: ``trainable`` as given (else the parameters with a gradient in ``params`` order), then
+    the other coordinates in ``params`` order. ``changed`` is asked only about parameters that are
+    not coordinates otherwise (one comparison each).
+    """
+    base = list(trainable) if trainable is not None else [n for n in params if n in with_grad]
+    taken = set(base)
+    names, unrecorded = list(base), []
+    for n in params:
+        if n in taken:
+            continue
+        if n in with_grad:
+            names.append(n)
+        elif changed(n):
+            names.append(n)
+            unrecorded.append(n)
+    return Coordinates(tuple(names), tuple(unrecorded))

@@ -55,7 +55,7 @@ from trajscope.line import _replayed_rng, sdpa_math_kernel
 from trajscope.objective import Objective
 from trajscope.pairs import TERMS, PairStats
 from trajscope.params import first, mismatches, shapes
-from trajscope.run import Snapshot
+from trajscope.snapshot import Snapshot, pair_coordinates
 from trajscope.trees import tree_map
 from trajscope.vectors import REPLAY_TERMS, layer_terms, pair_vectors
 
@@ -202,6 +202,7 @@ class _Prepared:
         model: the objective's model, on the device and in training's mode.
         replay: whether evaluations run under the RNG state captured at the step's forward pass.
         device, dtype: where and in which floating-point dtype everything is evaluated.
+        unrecorded: coordinates that changed without a recorded gradient (:class:`~trajscope.params.Coordinates`).
     """
 
     names: list[str]
@@ -213,6 +214,7 @@ class _Prepared:
     replay: bool
     device: str
     dtype: torch.dtype
+    unrecorded: tuple[str, ...] = ()
 
     def on_device(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``tensors[n]`` for every coordinate n, on the evaluation device and dtype."""
@@ -264,10 +266,13 @@ def probe_pair(
         prev: snapshot of x_{t−1}, for the "previous step" cosines (optional).
         init: snapshot of x_0, for the distance from initialisation (optional).
         ref: snapshot of the reference point x* of ``convexity_ratio_ref`` (optional).
-        trainable: names of the coordinates of x (default: every parameter with a gradient).
+        trainable: the coordinates of x (default: the parameters with a gradient) unless step t
+            recorded its own set; changed parameters join them (:func:`trajscope.snapshot.pair_coordinates`).
     """
     prep = _prepare(objective, snap, nxt, settings, ref=ref, trainable=trainable)
     ev = _evaluate(prep, snap, settings, ref=ref)
+    if prep.unrecorded:
+        ev.extras["unrecorded_params"] = float(len(prep.unrecorded))
     vec = pair_vectors(prep, ev, snap, nxt, prev=prev, init=init)
     return PairStats(
         step=snap.step,
@@ -296,8 +301,9 @@ def _prepare(objective: Objective, snap: Snapshot, nxt: Snapshot, settings: Prob
     if nxt.step != snap.step + 1:
         raise AnalysisError(f"pair ({snap.step}, {nxt.step}): steps are not consecutive")
     dev, dt = settings.device, settings.torch_dtype
-    names = list(trainable) if trainable is not None else [n for n in snap.params if n in snap.grad_names]
     check_objective(objective, snap.params, snap.buffers)
+    coords = pair_coordinates(snap, nxt, trainable)
+    names = list(coords.names)
     for other in (nxt, ref):
         if other is None:
             continue
@@ -342,7 +348,7 @@ def _prepare(objective: Objective, snap: Snapshot, nxt: Snapshot, settings: Prob
             )
         return out.reshape(())
 
-    return _Prepared(names, x0, x1, delta, f, model, replay, dev, dt)
+    return _Prepared(names, x0, x1, delta, f, model, replay, dev, dt, coords.unrecorded)
 
 
 def _evaluate(prep: _Prepared, snap: Snapshot, settings: ProbeSettings, *,

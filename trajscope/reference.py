@@ -24,12 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trajscope.errors import AnalysisError, TrajscopeError
+from trajscope.errors import TrajscopeError
 from trajscope.line import _replayed_rng, sdpa_math_kernel
 from trajscope.objective import Objective
 from trajscope.pairs import TERMS, VECTORS, PairStats
-from trajscope.probe import ProbeSettings, _batchnorm_replay, _grad, _layer_terms, _prepare
+from trajscope.probe import ProbeSettings, _batchnorm_replay, _grad, _prepare
 from trajscope.run import Snapshot, Storage
+from trajscope.vectors import layer_terms
 
 __all__ = ["REF_EXTRA", "REF_TERM", "ReferencePart", "merge", "probe_reference", "snapshot_identity",
            "split"]
@@ -92,15 +93,14 @@ def merge(stats: PairStats, part: ReferencePart | None) -> PairStats:
     Without a part (no reference point) the term is NaN and ``loss_ref`` absent, as the probe
     leaves them without x*. The terms keep the order of :data:`TERMS`.
 
-    Raises:
-        AnalysisError: if ``part`` covers other layers than ``stats``.
+    A part computed alone may cover fewer layers than its pair: the probe's coordinates include
+    parameters that changed between x_t and x_{t+1} without a recorded gradient, which a part,
+    reading no x_{t+1}, cannot see. Its values then describe another point (x* with those
+    parameters held at x_t), so they are not used: the pair's reference values are NaN.
     """
     extras = {k: v for k, v in stats.extras.items() if k != REF_EXTRA}
     x_ref = np.full(len(stats.layers), np.nan)
-    if part is not None:
-        if tuple(part.layers) != tuple(stats.layers):
-            raise AnalysisError(f"pair {stats.step}: reference part for layers {list(part.layers)}; "
-                                f"expected the pair's {list(stats.layers)}")
+    if part is not None and tuple(part.layers) == tuple(stats.layers):
         x_ref = np.asarray(part.x_ref, dtype=np.float64)
         extras[REF_EXTRA] = part.loss_ref
     given = {**stats.terms, REF_TERM: x_ref}
@@ -136,7 +136,7 @@ def probe_reference(objective: Objective, snap: Snapshot, ref: Snapshot, setting
     vec["delta"].update(prep.delta)
     vec["G0"].update(G0)
     vec["x_ref"].update({n: prep.x0[n] - xref[n] for n in prep.names})
-    x_ref = _layer_terms(vec, prep.names)[REF_TERM]
+    x_ref = layer_terms(vec, prep.names)[REF_TERM]
     return ReferencePart(snap.step, ref.step, tuple(prep.names), loss_ref, x_ref)
 
 

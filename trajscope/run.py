@@ -67,7 +67,8 @@ class Run:
 
     @property
     def trainable(self) -> list[str]:
-        """Names of the parameters the optimizer updates (the coordinates of x)."""
+        """Names of the parameters the optimizer updated when recording started: the coordinates of
+        x, except at a step that records its own set (:attr:`Snapshot.trainable`)."""
         return [p["name"] for p in self.manifest["params"] if p.get("trainable", True)]
 
     @property

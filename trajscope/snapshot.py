@@ -10,7 +10,7 @@ knows no storage format, so the storage backends and :mod:`trajscope.run` both i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,9 @@ import torch
 from trajscope import format as fmt
 from trajscope.errors import ObjectiveError, RunFormatError
 from trajscope.objective import import_named
+from trajscope.params import Coordinates, coordinates
 
-__all__ = ["Snapshot", "check_meta", "is_nonneg_int", "snapshot_from_raw"]
+__all__ = ["Snapshot", "check_meta", "is_nonneg_int", "pair_coordinates", "snapshot_from_raw"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ class Snapshot:
     unstored_grad_names: tuple[str, ...] | None = None
     """For a step recorded with ``grads=False`` (metadata ``grad_names``): the parameters that had
     a gradient, none of which is stored. None when the gradients are stored."""
+    trainable: tuple[str, ...] | None = None
+    """The parameters the optimizer updated at this step, when that set differed from the
+    manifest's ``trainable`` flags (parameters unfrozen, frozen, added to or removed from the
+    optimizer during training); None: the manifest's set."""
 
     @property
     def has_grad(self) -> bool:
@@ -175,6 +180,9 @@ def snapshot_from_raw(meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
     names = meta.get("grad_names")
     if names is not None and grads:
         raise RunFormatError(f"{where}: holds both grad/ tensors and 'grad_names' (a run stores one or the other)")
+    unknown = next((n for n in meta.get("trainable") or [] if n not in params), None)
+    if unknown is not None:
+        raise RunFormatError(f"{where}: snapshot 'trainable' names {unknown!r:.80}, a parameter it does not hold")
     return Snapshot(
         step=meta["step"],
         kind=meta.get("kind", fmt.KIND_STEP),
@@ -192,6 +200,7 @@ def snapshot_from_raw(meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
         clip_factor=float(clip) if clip is not None else None,
         clip_uniform=bool(meta.get("clip_uniform", False)) if clip is not None else None,
         unstored_grad_names=tuple(names) if names is not None else None,
+        trainable=tuple(meta["trainable"]) if meta.get("trainable") is not None else None,
     )
 
 
@@ -227,6 +236,9 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
             raise RunFormatError(f"{path}: snapshot 'grad_names' must be a list of parameter names")
         for i, n in enumerate(names):
             fmt.check_name(n, f"{path}: grad_names[{i}]")
+    trainable = meta.get("trainable")
+    if not (trainable is None or (isinstance(trainable, list) and all(isinstance(n, str) for n in trainable))):
+        raise RunFormatError(f"{path}: snapshot 'trainable' must be a list of parameter names")
     return meta
 
 
@@ -236,3 +248,30 @@ def is_nonneg_int(x: Any) -> bool:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def pair_coordinates(snap: Snapshot, nxt: Snapshot, trainable: Sequence[str] | None) -> Coordinates:
+    """The coordinates of x for the pair (``snap``, ``nxt``) = (x_t, x_{t+1}), by
+    :func:`trajscope.params.coordinates`.
+
+    The trainable set is the one step t recorded (``snap.trainable``), else ``trainable`` (the
+    manifest's), else the parameters with a recorded gradient. Any other parameter whose value
+    differs between x_t and x_{t+1} (exactly; NaN equals NaN at the same place) is a coordinate too,
+    listed in ``unrecorded``: it moved, so it is part of Δ_t.
+    """
+    def changed(n: str) -> bool:
+        b = nxt.params.get(n)
+        return b is not None and not _same_values(snap.params[n], b)
+
+    return coordinates(list(snap.params), set(snap.grad_names),
+                       snap.trainable if snap.trainable is not None else trainable, changed)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality of two tensors, a NaN equal to a NaN at the same place."""
+    if torch.equal(a, b):
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype or not a.is_floating_point():
+        return False
+    b = b.to(a.device)
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())

@@ -80,9 +80,10 @@ class UnwrappedStorage(Storage):
         if unstored is not None:
             unstored = tuple(strip_prefix(n, self.strip_prefix) for n in unstored)
         # dataclasses.replace keeps the snapshot's class (the cache's ShippedSnapshot included)
+        trainable = snap.trainable and tuple(strip_prefix(n, self.strip_prefix) for n in snap.trainable)
         return dataclasses.replace(snap, params=names(snap.params), grads=names(snap.grads),
                                    buffers=names(snap.buffers), optimizer_state=names(snap.optimizer_state),
-                                   unstored_grad_names=unstored)
+                                   unstored_grad_names=unstored, trainable=trainable)
 
 
 def unwrapped(run: Run, model: torch.nn.Module) -> Run:

@@ -184,9 +184,10 @@ def _check_grads(file: Path, snap: Snapshot, run: Run, specs: dict[str, Any], re
     elif run.grads_recorded and snap.unstored_grad_names is not None:
         rep.problems.append(f"{file}: holds 'grad_names' (a run that stores no gradients), but the manifest "
                             "says the run stores them ('grads' true or absent)")
+    trains = set(snap.trainable) if snap.trainable is not None else None  # the step's own set
     for name in snap.grad_names:
         p, g = snap.params.get(name), snap.grads.get(name)
-        if p is None or not specs.get(name, {}).get("trainable", True):
+        if p is None or not (name in trains if trains is not None else specs.get(name, {}).get("trainable", True)):
             rep.problems.append(f"{file}: gradient {name!r} of a parameter the run does not train")
         elif g is not None and g.shape != p.shape:
             rep.problems.append(

@@ -315,7 +315,9 @@ class HDF5Writer:
     extendable dataset ``<kind>/<name>`` of shape ``(rows, *shape)``, chunked one row per chunk;
     a snapshot is one row, written as a raw chunk. Everything of variable layout (minibatch, RNG
     state, optimizer state, a tensor whose shape changed) goes to the 1-D byte dataset ``blob``
-    with a table of contents in the row's JSON metadata (dataset ``meta``). ``index/step`` is
+    with a table of contents in the row's JSON metadata (dataset ``meta``), and so does a tensor
+    without a dataset (a gradient of a parameter unfrozen after the file was created) or one whose
+    early-allocated dataset it would leave a gap in. ``index/step`` is
     appended last and the file flushed: a row exists for readers once ``index/step`` covers it.
 
     Rows of :data:`_DIRECT_MIN` bytes or more (a multiple of :data:`DIRECT_IO_ALIGN`), and blob
@@ -381,7 +383,10 @@ class HDF5Writer:
         blob_entries: list[Entry] = []
         for e in image.entries:
             r = self._ds.get(e.key)
-            if r is not None and r.dtype == e.dtype and r.shape == e.shape:
+            # A row after a gap (a gradient absent from earlier rows: the parameter was frozen or
+            # unused then) goes to the blob when the dataset allocates early: resizing over the
+            # gap would allocate its unwritten chunks as holes that count in the file's size.
+            if r is not None and r.dtype == e.dtype and r.shape == e.shape and not (r.direct and r.rows < row):
                 self._write_row(r, row, image.array(e))
                 rows.append(e.key)
             else:
