@@ -138,7 +138,17 @@ def write_dataset(ds: xr.Dataset, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)  # never write through a symlink planted at the temp name
     try:
-        ds.to_netcdf(tmp, engine="h5netcdf")
+        # What ds.to_netcdf(tmp, engine="h5netcdf") does for a Dataset of numpy arrays, without
+        # its question to dask about the active scheduler (to choose a file lock), which imports
+        # `distributed`, a large package, only to learn that no cluster client exists. This
+        # process is the file's only writer, and h5py serialises its own calls to HDF5.
+        from xarray.backends import H5NetCDFStore
+
+        store = H5NetCDFStore.open(tmp, mode="w", lock=threading.Lock())
+        try:
+            ds.dump_to_store(store)
+        finally:
+            store.close()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -148,12 +158,11 @@ def write_dataset(ds: xr.Dataset, path: Path) -> None:
 
 
 def import_libraries_in_background() -> None:
-    """Import xarray, dask.array, h5netcdf and distributed while the pairs are probed, not after.
+    """Import xarray, dask.array and h5netcdf while the pairs are probed, not after.
 
     The driver needs them only to build and write the Dataset at the end, where their first
-    import (xarray, then the dask.array it probes for duck arrays, h5netcdf, and the
-    `distributed` that writing asks dask about) would be a serial tail after the last pair.
-    Worker processes never import them.
+    import (xarray, then the dask.array it probes for duck arrays, and h5netcdf) would be a
+    serial tail after the last pair. Worker processes never import them.
     """
     if "h5netcdf" in sys.modules:
         return
@@ -165,11 +174,6 @@ def import_libraries_in_background() -> None:
     def work() -> None:
         with contextlib.suppress(Exception):  # the real import, later, reports any problem
             import dask.array  # noqa: F401
-
-            # xarray's to_netcdf asks dask for the active scheduler, which imports `distributed`
-            # to look for a client: import it here too (the pairs never import it: local
-            # schedulers are passed to dask.compute as functions, see trajscope.execution)
-            import distributed  # noqa: F401
             import h5netcdf  # noqa: F401
             import xarray  # noqa: F401
 
