@@ -248,3 +248,12 @@ def test_a_row_whose_step_was_never_written_is_not_a_row(tmp_path: Path,
         "off before its commit); ignored")
     ds = trajscope.analyze(run_dir, make_mlp, progress=False, points=3, margin=0.0)
     assert list(ds.step.values) == [0, 1, 2] and ds.attrs["skipped_pairs"] == "[]"
+
+
+def test_hdf5_failing_to_create_the_file_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "missing" / fmt.HDF5_FILE
+    with pytest.raises(OSError) as info:
+        HDF5Writer(path, [], {})
+    assert info.value.errno == errno.ENOENT and info.value.filename == str(path)
+    assert str(info.value) == f"[Errno {errno.ENOENT}] {os.strerror(errno.ENOENT)}: '{path}'"
+    assert "errno = 2" in str(info.value.__cause__)  # HDF5's own text, kept in the chain

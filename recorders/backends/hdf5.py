@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
@@ -254,12 +254,34 @@ class HDF5Writer:
         self.path = path
         fmt.check_replaceable(path)  # a symlink or special file there is refused, naming it
         path.unlink(missing_ok=True)  # a file from before (a directory there fails, naming it)
-        # Objects of _DIRECT_MIN bytes or more start at multiples of _DIO: O_DIRECT needs that.
-        # "w-" creates with O_EXCL: a symlink planted meanwhile fails the open, never followed.
-        self._f = h5py.File(path, "w-", libver="latest", alignment_threshold=_DIRECT_MIN,
-                            alignment_interval=_DIO)
+        try:
+            # Objects of _DIRECT_MIN bytes or more start at multiples of _DIO: O_DIRECT needs that.
+            # "w-" creates with O_EXCL: a symlink planted meanwhile fails the open, never followed.
+            self._f = h5py.File(path, "w-", libver="latest", alignment_threshold=_DIRECT_MIN,
+                                alignment_interval=_DIO)
+            self._create(declared, attrs, direct_io)
+        except (OSError, RuntimeError) as exc:
+            for opened in ("_direct", "_f"):  # release what was opened before the failure
+                with contextlib.suppress(Exception):
+                    getattr(self, opened).close()
+            self._reraise(exc)
+        self._rows = 0
+        self._blob_end = 0
+        self._meta_end = 0
+
+    def _reraise(self, exc: Exception) -> NoReturn:
+        """Raise ``exc``, a failure of HDF5 or of a write, as a one-line ``OSError`` (HDF5's own text
+        kept as its ``__cause__``)."""
+        err = os_error(exc, self.path)
+        if err is exc:
+            raise exc
+        raise err from exc
+
+    def _create(self, declared: Iterable[tuple[str, str, tuple[int, ...]]], attrs: dict[str, Any],
+                direct_io: bool | None) -> None:
+        """The root attributes and every dataset of the new file, then SWMR mode."""
         f = self._f
-        self._direct = DirectChunks(path, direct_io is not False)
+        self._direct = DirectChunks(self.path, direct_io is not False)
         early = early_allocation() if self._direct.fd is not None else {}
         # Asked of the slots by AsyncWriter: tensors at aligned offsets go out without a copy.
         self.image_align = _DIO if early else 0
@@ -292,9 +314,6 @@ class HDF5Writer:
                                         chunks=(4096, 2), dtype="<i8")
         f.swmr_mode = True
         f.flush()
-        self._rows = 0
-        self._blob_end = 0
-        self._meta_end = 0
 
     def write(self, image: StepImage) -> Path:
         """Append ``image`` as the next row; all or nothing for readers.
@@ -319,10 +338,9 @@ class HDF5Writer:
         except Exception as exc:
             self._blob_end, self._meta_end = blob_end, meta_end
             self._roll_back(row, meta_end)
-            err = os_error(exc, self.path) if isinstance(exc, (OSError, RuntimeError)) else exc
-            if err is exc:
+            if not isinstance(exc, (OSError, RuntimeError)):
                 raise
-            raise err from exc
+            self._reraise(exc)
         self._rows += 1
         return self.path
 
@@ -417,7 +435,4 @@ class HDF5Writer:
             try:
                 self._f.close()
             except (OSError, RuntimeError) as exc:
-                err = os_error(exc, self.path)
-                if err is exc:
-                    raise
-                raise err from exc
+                self._reraise(exc)
