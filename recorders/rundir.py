@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 from trajscope import format as fmt
-from trajscope.errors import RecorderError
+from trajscope.errors import RecorderError, RunFormatError
 from trajscope.recorders.backends import HDF5Writer, SafetensorsWriter
 from trajscope.recorders.storage import AsyncWriter, SlotPool
 
-__all__ = ["RECORDING_LOCK", "open_writer", "prepare_run_dir", "recorder_alive", "release_lock"]
+__all__ = ["RECORDING_LOCK", "WRITTEN", "open_writer", "prepare_run_dir", "recorder_alive", "release_lock"]
 
 
 RECORDING_LOCK = ".recording.lock"
@@ -22,14 +21,28 @@ RECORDING_LOCK = ".recording.lock"
 run tells a live recording from one whose recorder died before it could close the run."""
 
 
+WRITTEN = (fmt.MANIFEST, fmt.SCALARS, fmt.STEPS_DIR, fmt.HDF5_FILE, RECORDING_LOCK)
+"""What the recorder writes in a run directory, besides temporary names and the step files inside
+``steps/`` (those are created with ``O_EXCL | O_NOFOLLOW`` and renamed into place)."""
+
+
 def prepare_run_dir(run_dir: Path, storage: str, *, overwrite: bool) -> IO[bytes] | None:
     """Create ``run_dir`` (or empty an existing run in it when ``overwrite``) for a new run, and
     take its :data:`RECORDING_LOCK` (the open lock file; None where there is no ``flock``). The
     recorder keeps it until the final manifest is written (:func:`release_lock`).
 
+    Every entry of :data:`WRITTEN` (and, with ``overwrite``, the ``analysis/`` and ``report/`` it
+    removes) must be absent, a regular file or a real directory: a symlink there would lead a write
+    or a removal out of the run (appending to ``scalars.jsonl``, creating ``trajectory.h5``, files
+    in ``steps/``), so it is refused before anything is written. Nothing is followed when removing.
+
     Raises:
-        RecorderError: ``run_dir`` holds a run and ``overwrite`` is False.
+        RecorderError: ``run_dir`` holds a run and ``overwrite`` is False; or, naming it, an entry
+            above is a symlink or a FIFO, socket or device.
     """
+    removed = (fmt.ANALYSIS_DIR, fmt.REPORT_DIR) if overwrite else ()
+    for name in (*WRITTEN, *removed):
+        _confined(fmt.check_replaceable, run_dir / name)
     manifest_path = run_dir / fmt.MANIFEST
     if manifest_path.exists():
         if not overwrite:
@@ -38,15 +51,21 @@ def prepare_run_dir(run_dir: Path, storage: str, *, overwrite: bool) -> IO[bytes
                 "pass overwrite=True"
             )
         # The report goes too: its figures would describe the replaced run.
-        for name in (fmt.STEPS_DIR, fmt.ANALYSIS_DIR, fmt.REPORT_DIR):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        (run_dir / fmt.SCALARS).unlink(missing_ok=True)
-        (run_dir / fmt.HDF5_FILE).unlink(missing_ok=True)
-        manifest_path.unlink()
+        for name in (fmt.STEPS_DIR, *removed, fmt.SCALARS, fmt.HDF5_FILE, fmt.MANIFEST):
+            _confined(fmt.remove_entry, run_dir / name)
     run_dir.mkdir(parents=True, exist_ok=True)
     if storage == fmt.STORAGE_SAFETENSORS:
         (run_dir / fmt.STEPS_DIR).mkdir(exist_ok=True)
     return _take_lock(run_dir / RECORDING_LOCK)
+
+
+def _confined(check: Callable[[Path], None], path: Path) -> None:
+    """``check(path)`` (:func:`trajscope.format.check_replaceable` or ``remove_entry``), its
+    refusal raised as the recorder's error."""
+    try:
+        check(path)
+    except RunFormatError as exc:
+        raise RecorderError(str(exc)) from exc
 
 
 def _take_lock(path: Path) -> IO[bytes] | None:
@@ -125,8 +144,8 @@ def open_writer(
                            direct_io=direct_io)
         if store.image_align:  # it writes tensors straight from the slot: lay them out aligned
             pool.align_tensors(store.image_align)
-        where: Callable[[int], str] = lambda s: f"{fmt.HDF5_FILE} (step {s})"  # noqa: E731
+        where: Callable[[int], str] = lambda s: str(run_dir / fmt.HDF5_FILE)  # noqa: E731
     else:
         store = SafetensorsWriter(run_dir, direct_io=direct_io)
-        where = lambda s: f"{fmt.STEPS_DIR}/{fmt.step_filename(s)}"  # noqa: E731
+        where = lambda s: str(run_dir / fmt.STEPS_DIR / fmt.step_filename(s))  # noqa: E731
     return store, AsyncWriter(store.write, where, pool, threaded=threaded)

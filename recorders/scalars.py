@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from trajscope import format as fmt
+from trajscope.errors import RecorderError
 from trajscope.recorders.capture import as_float
 
 __all__ = ["ScalarsLog", "DEFER_LIMIT", "combine_losses"]
@@ -43,7 +45,16 @@ class ScalarsLog:
     """
 
     def __init__(self, path: Path, on_error: Callable[[str, BaseException], None]) -> None:
-        self._fh: Any = open(path, "a", encoding="utf-8")
+        self.path = path
+        # O_NOFOLLOW: appending through a symlink would write outside the run directory.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            if os.path.islink(path):
+                raise RecorderError(str(fmt.link_error(path))) from exc
+            raise RecorderError(f"{path}: cannot open for appending ({exc.strerror})") from exc
+        self._fh: Any = os.fdopen(fd, "a", encoding="utf-8")
         self._on_error = on_error
         self._deferred: list[tuple[dict[str, Any], WeightedLosses, Any]] = []
 
@@ -91,7 +102,8 @@ class ScalarsLog:
             self._fh.write(json.dumps(_strict(line), allow_nan=False) + "\n")
             self._fh.flush()
         except OSError as exc:
-            self._on_error(f"step {line['step']}: writing {fmt.SCALARS} failed ({exc.strerror or exc})", exc)
+            self._on_error(f"{self.path}: writing the line of step {line['step']} failed "
+                           f"({exc.strerror or exc})", exc)
 
 
 def _strict(value: Any) -> Any:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from trajscope import format as fmt
-from trajscope.errors import RecorderError
+from trajscope.errors import RecorderError, one_line
 from trajscope.recorders.backends.base import DIRECT_IO_ALIGN, DTYPES, bits_dtype, dtype_name
 
 __all__ = [
@@ -253,15 +253,19 @@ def _aligned(layout: list[tuple[str, str, tuple[int, ...], int, int]], align: in
 
 @dataclass
 class WriteError:
-    """A failed write: which step, where, and the exception."""
+    """A failed write: which step, the file (its path), and the exception."""
 
     step: int
     where: str
     exc: BaseException
 
     def message(self) -> str:
-        reason = self.exc.strerror if isinstance(self.exc, OSError) and self.exc.strerror else str(self.exc)
-        return f"step {self.step}: writing {self.where} failed ({type(self.exc).__name__}: {reason})"
+        """One line naming the file, the step and the cause, e.g. ``runs/a/trajectory.h5: writing
+        step 12 failed (No space left on device)``. A storage library's longer text stays in the
+        exception (and its ``__cause__``), which the recorder chains to its error."""
+        exc = self.exc
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        return f"{self.where}: writing step {self.step} failed ({one_line(' '.join(str(reason).split()), 300)})"
 
 
 @dataclass

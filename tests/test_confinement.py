@@ -1,29 +1,60 @@
 """What trajscope writes stays inside the run directory.
 
-A symlink planted at any path that ``analyze``, ``convert`` or ``report`` creates, replaces or
-removes (pointing at a file, a directory, nothing, or another run) must not make the command
-change anything outside the run: the command either replaces the link itself (an atomic rename
-over it) or fails with one line naming the path. A FIFO or a hard link at the lock file, and a
-run still marked ``recording``, are refused the same way.
+A symlink planted at any path that a command creates, replaces or removes (pointing at a file, a
+directory, nothing, or the same path in another run) must not make the command change anything
+outside the run: the command either replaces the link itself (an atomic rename over it, or the
+removal of a leftover temporary name) or fails with one line naming the path. This holds for
+``analyze``, ``convert`` (both directions), ``report`` and the recorder (planted before recording,
+over a run it overwrites, and while it records); ``summary`` and ``validate`` write nothing at
+all, wherever links are planted. A FIFO or a hard link at the lock file, and a run still marked
+``recording``, are refused the same way.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from runkit import cli, copy_run, edit_manifest, fingerprint, no_hang, quad_run
 
 import trajscope
 from trajscope import format as fmt
+from trajscope import report as report_mod
 from trajscope.convert import convert_run
-from trajscope.errors import RunFormatError
+from trajscope.errors import RunFormatError, TrajscopeError
 from trajscope.figures import FIGURES
 from trajscope.recorders.rundir import RECORDING_LOCK, recorder_alive
 
 TARGETS = ("file", "dir", "dangling", "other_run")
+
+
+def tmp_name(rel: str) -> str:
+    """The temporary sibling a file is written to before it is renamed to ``rel`` (by this process)."""
+    p = Path(rel)
+    return str(p.with_name(f".{p.name}.tmp-{os.getpid()}"))
+
+
+ANALYZE_PATHS = ("analysis", "analysis/.lock", "analysis/pairs", "analysis/metrics.nc",
+                 "analysis/pairs/pair_00000000.safetensors", tmp_name("analysis/metrics.nc"),
+                 tmp_name("analysis/pairs/pair_00000000.safetensors"))
+CONVERT_PATHS = {
+    "safetensors": ("trajectory.h5", ".trajectory.h5.converting", "steps", "trajscope.json",
+                    tmp_name("trajscope.json")),
+    "hdf5": ("steps", ".steps.converting", "trajectory.h5", "trajscope.json", tmp_name("trajscope.json")),
+}
+FIGURE = f"report/{FIGURES[0].name}.png"
+REPORT_PATHS = ("report", "report/index.html", FIGURE, tmp_name("report/index.html"), tmp_name(FIGURE))
+STEP_FILE = "steps/step_00000001.safetensors"
+RECORDER_PATHS = ("trajscope.json", "scalars.jsonl", "steps", STEP_FILE, tmp_name(STEP_FILE),
+                  "trajectory.h5", RECORDING_LOCK, tmp_name("trajscope.json"))
+OVERWRITE_PATHS = (*RECORDER_PATHS, "analysis", "report")  # overwrite=True removes these too
+REPLACED = {"trajscope.json", STEP_FILE}  # written by a rename over whatever is there
+"""Of the recorder's paths, those where a planted link is replaced rather than refused (temporary
+names aside: a link there is removed)."""
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +71,15 @@ def analyzed_h5(analyzed: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out
 
 
-def _area(tmp_path: Path, base: Path) -> tuple[Path, Path]:
-    """``outside/`` (a file, a directory) and ``runs/other`` (a victim run) next to ``runs/run``."""
+def _area(tmp_path: Path, base: Path, run: Path | None = None) -> tuple[Path, Path]:
+    """``outside/`` (a file, a directory) and ``runs/other`` (a victim run, a copy of ``base``) next
+    to ``runs/run``: a copy of ``base`` too, unless ``run`` is given (left to the caller)."""
     (tmp_path / "outside" / "dir").mkdir(parents=True)
     (tmp_path / "outside" / "victim.txt").write_text("precious")
     (tmp_path / "outside" / "dir" / "f.txt").write_text("precious too")
     (tmp_path / "runs").mkdir()
     copy_run(base, tmp_path / "runs" / "other")
-    return tmp_path, copy_run(base, tmp_path / "runs" / "run")
+    return tmp_path, run if run is not None else copy_run(base, tmp_path / "runs" / "run")
 
 
 def _plant(area: Path, at: Path, target: str) -> None:
@@ -69,12 +101,8 @@ def _check(area: Path, run: Path, planted: Path, before: dict, code: int, err: s
     if code != 0:
         assert code == 1 and f"{planted}" in err and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1, err
-    else:  # the link itself was replaced by a regular file or directory
+    else:  # the link itself was replaced by a regular file or directory, or removed
         assert not planted.is_symlink()
-
-
-ANALYZE_PATHS = ("analysis", "analysis/.lock", "analysis/pairs", "analysis/metrics.nc",
-                 "analysis/pairs/pair_00000000.safetensors")
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -84,16 +112,14 @@ def test_analyze_writes_only_inside_the_run(analyzed: Path, tmp_path: Path, rel:
     area, run = _area(tmp_path, analyzed)
     _plant(area, run / rel, target)
     before = fingerprint(area, exclude=run)
-    code, _, err = cli(["analyze", str(run), "-q", "--dtype", "float64", "--force"], capsys)
+    # one pair and one metric: every file is written all the same (pair file, Dataset, lock)
+    code, _, err = cli(["analyze", str(run), "-q", "--dtype", "float64", "--force", "--steps", "0:1",
+                        "--metrics", "grad_norm"], capsys)
     _check(area, run, run / rel, before, code, err)
     if rel in ("analysis", "analysis/.lock", "analysis/pairs"):
         assert code == 1 and "is a symlink" in err
-
-
-CONVERT_PATHS = {
-    "safetensors": ("trajectory.h5", ".trajectory.h5.converting", "steps", "trajscope.json"),
-    "hdf5": ("steps", ".steps.converting", "trajectory.h5", "trajscope.json"),
-}
+    else:
+        assert code == 0, err
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -106,19 +132,29 @@ def test_convert_writes_only_inside_the_run(analyzed: Path, analyzed_h5: Path, t
     to = "hdf5" if storage == "safetensors" else "safetensors"
     code, _, err = cli(["convert", str(run), "--to", to], capsys)
     _check(area, run, run / rel, before, code, err)
-    if rel != "trajscope.json":  # the manifest is read through a link, and replaced
+    if rel == tmp_name("trajscope.json"):  # removed when the manifest is written
+        assert code == 0, err
+    elif rel == "trajscope.json":  # read through the link (the other run's reads), then replaced
+        assert code == (0 if target == "other_run" else 1), err
+    else:  # the storage it writes is refused; the one it reads and removes may fail to read first
         assert code == 1
-    if rel == CONVERT_PATHS[storage][0] or rel.endswith(".converting"):  # what convert writes
-        assert "is a symlink" in err
+        if rel == CONVERT_PATHS[storage][0] or rel.endswith(".converting"):
+            assert "is a symlink" in err
 
 
-REPORT_PATHS = ("report", "report/index.html", f"report/{FIGURES[0].name}.png")
+@pytest.fixture(scope="module")
+def loaded(analyzed: Path) -> dict:
+    return report_mod.load_runs(analyzed)
 
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("rel", REPORT_PATHS)
-def test_report_writes_only_inside_the_run(analyzed: Path, tmp_path: Path, rel: str, target: str,
-                                           capsys) -> None:
+def test_report_writes_only_inside_the_run(analyzed: Path, loaded: dict, tmp_path: Path, rel: str,
+                                           target: str, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What is written is the point here: the Datasets are read once, and one figure (the one
+    # planted at) is drawn.
+    monkeypatch.setattr(report_mod, "load_runs", lambda runs, analysis=None: loaded)
+    monkeypatch.setattr(report_mod, "FIGURES", FIGURES[:1])
     area, run = _area(tmp_path, analyzed)
     _plant(area, run / rel, target)
     before = fingerprint(area, exclude=run)
@@ -127,7 +163,148 @@ def test_report_writes_only_inside_the_run(analyzed: Path, tmp_path: Path, rel: 
     if rel == "report":
         assert code == 1 and "is a symlink" in err
     else:
-        assert code == 0 and (run / rel).is_file()
+        assert code == 0, err
+        assert (run / "report" / "index.html").is_file() and (run / FIGURE).is_file()
+
+
+# --- commands that only read --------------------------------------------------------------------------
+
+_DIRS = ("analysis", "analysis/pairs", "report", "steps", ".steps.converting")
+_ALL = sorted({*ANALYZE_PATHS, *REPORT_PATHS, *RECORDER_PATHS, "analysis", "report",
+               *(r for rels in CONVERT_PATHS.values() for r in rels)})
+_INPUTS = ("analysis/metrics.nc", "trajscope.json", "scalars.jsonl", STEP_FILE)
+READ_ONLY_GROUPS = {
+    # every file any command writes, but the inputs: the command reads the run as usual
+    "files": tuple(r for r in _ALL if r not in _DIRS and r not in _INPUTS),
+    "inputs": _INPUTS,  # what summary and validate read, read through the links
+    # a link at analysis/ puts every path written under it (analysis/pairs/ included) behind it
+    "dirs": ("analysis", "report", "steps", ".steps.converting"),
+}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("group", READ_ONLY_GROUPS)
+@pytest.mark.parametrize("command", ["summary", "validate"])
+def test_summary_and_validate_write_nothing(analyzed: Path, tmp_path: Path, command: str, group: str,
+                                            target: str, capsys) -> None:
+    area, run = _area(tmp_path, analyzed)
+    planted = [run / rel for rel in READ_ONLY_GROUPS[group]]
+    for at in planted:
+        _plant(area, at, target)
+    before = fingerprint(area)  # the run itself included
+    code, out, err = cli([command, str(run)], capsys)
+    assert fingerprint(area) == before, f"{command} changed something"
+    assert code in (0, 1) and "Traceback" not in err, err
+    if code and err:  # validate reports problems on stdout, a refusal is one line on stderr
+        assert len(err.strip().splitlines()) == 1 and any(f"{p}" in err for p in planted), err
+    if group == "files":
+        assert code == 0, out + err  # links where it does not read change nothing for it
+
+
+# --- the recorder --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run recorded by :func:`_record`, with an HDF5 file next to its ``steps/``: every path the
+    recorder writes exists in it (the "other run" a link may point into)."""
+    run = tmp_path_factory.mktemp("recorded") / "run"
+    assert _record(run, "safetensors") is None
+    h5 = tmp_path_factory.mktemp("recorded_h5") / "run"
+    assert _record(h5, "hdf5") is None
+    shutil.copy(h5 / fmt.HDF5_FILE, run / fmt.HDF5_FILE)
+    return run
+
+
+def _record(run: Path, storage: str, *, overwrite: bool = False,
+            during: Callable[[], None] | None = None) -> str | None:
+    """Record 3 steps of a tiny model into ``run`` (``during`` is called once the first step is
+    written); the message of the trajscope error it raised, or None."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        with trajscope.Recorder(run, model, opt, format=storage, overwrite=overwrite, async_write=False) as rec:
+            for i in range(3):
+                x = torch.randn(4, 2)
+                loss = model(x).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                rec.batch(x, loss=loss)
+                opt.step()
+                if i == 0 and during is not None:
+                    during()
+    except TrajscopeError as exc:
+        return str(exc)
+    return None
+
+
+def _storage(rel: str) -> str:
+    return "hdf5" if rel == fmt.HDF5_FILE else "safetensors"
+
+
+def _check_recorder(area: Path, run: Path, planted: Path, before: dict, error: str | None,
+                    *, refused: bool) -> None:
+    assert fingerprint(area, exclude=run) == before, f"{planted}: something outside the run changed"
+    assert not (area / "outside" / "nothing").exists()
+    if refused:
+        assert error is not None and str(planted) in error and "is a symlink" in error, error
+    if error is not None:
+        assert str(planted) in error and "\n" not in error, error
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("rel", RECORDER_PATHS)
+def test_recorder_into_a_directory_with_planted_links(recorded: Path, tmp_path: Path, rel: str,
+                                                      target: str) -> None:
+    run = tmp_path / "runs" / "run"
+    area, _ = _area(tmp_path, recorded, run)
+    run.mkdir()
+    _plant(area, run / rel, target)
+    before = fingerprint(area, exclude=run)
+    error = _record(run, _storage(rel))
+    refused = rel in ("trajscope.json", "scalars.jsonl", "steps", "trajectory.h5", RECORDING_LOCK)
+    _check_recorder(area, run, run / rel, before, error, refused=refused)
+    if not refused:  # replaced by the rename, or removed (a temporary name)
+        assert error is None and not (run / rel).is_symlink()
+        assert trajscope.open_run(run).status == fmt.STATUS_COMPLETE
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("rel", OVERWRITE_PATHS)
+def test_recorder_overwriting_a_run_with_planted_links(recorded: Path, tmp_path: Path, rel: str,
+                                                       target: str) -> None:
+    area, run = _area(tmp_path, recorded)
+    _plant(area, run / rel, target)
+    before = fingerprint(area, exclude=run)
+    error = _record(run, _storage(rel), overwrite=True)
+    # the old steps/ (and the links in it) are removed; a link at the manifest's temporary name
+    # is removed when the manifest is written
+    refused = rel not in (STEP_FILE, tmp_name(STEP_FILE), tmp_name("trajscope.json"))
+    _check_recorder(area, run, run / rel, before, error, refused=refused)
+    if not refused:
+        assert error is None and not (run / rel).is_symlink()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("rel", RECORDER_PATHS)
+def test_recorder_with_links_planted_while_it_records(recorded: Path, tmp_path: Path, rel: str,
+                                                      target: str) -> None:
+    run = tmp_path / "runs" / "run"
+    area, _ = _area(tmp_path, recorded, run)
+    before: dict = {}
+
+    def plant() -> None:
+        _plant(area, run / rel, target)
+        before.update(fingerprint(area, exclude=run))
+
+    error = _record(run, _storage(rel), during=plant)
+    _check_recorder(area, run, run / rel, before, error, refused=False)
+    # files it holds open are written through their descriptors, the manifest and step files are
+    # renamed over the links; only a vanished steps/ stops it (its next step file cannot be made)
+    assert (error is not None) == (rel == "steps"), error
+    if rel in REPLACED or ".tmp-" in rel:
+        assert not (run / rel).is_symlink()
 
 
 # --- the lock file ----------------------------------------------------------------------------------

@@ -40,15 +40,16 @@ PROPS = settings(max_examples=PROPERTY_EXAMPLES, deadline=None, database=None,
 
 
 def run_target(test: Callable[..., None]) -> int:
-    """Run a @given-wrapped ``test`` and return how many cases it executed."""
+    """Run a @given-wrapped ``test`` and return how many cases it ran to the end: a case that
+    hypothesis rejects part-way (a failed ``assume`` or filtered draw) raises, and is not counted."""
     calls = 0
     inner = test.hypothesis.inner_test  # type: ignore[attr-defined]
 
     def counting(*a: Any, **k: Any) -> None:
         nonlocal calls
-        calls += 1
         with no_hang(10):
             inner(*a, **k)
+        calls += 1
 
     test.hypothesis.inner_test = counting  # type: ignore[attr-defined]
     test()

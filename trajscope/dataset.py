@@ -23,7 +23,7 @@ import numpy as np
 
 from trajscope import format as fmt
 from trajscope import health
-from trajscope.errors import RunFormatError
+from trajscope.errors import RunFormatError, one_line
 from trajscope.outputs import per_run
 from trajscope.pairs import PairStats
 from trajscope.persist import VERSION
@@ -208,5 +208,9 @@ def open_metrics(run: str | Path | Sequence[str | Path],
         out = "" if where is None else f" --out {where}"
         raise RunFormatError(f"{path}: no analysis found; run `trajscope analyze {run}{out}` first")
     fmt.open_regular(path, "metrics Dataset").close()  # a FIFO there would block the open below
-    with xr.open_dataset(path, engine="h5netcdf") as ds:
-        return ds.load()
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as ds:
+            return ds.load()
+    except (OSError, ValueError) as exc:  # HDF5's text names no file (and may span lines)
+        reason = one_line(" ".join(str(exc).split()), 300)
+        raise RunFormatError(f"{path}: cannot read the metrics Dataset ({reason})") from exc

@@ -81,6 +81,7 @@ def validate_run(path: str | Path, *, objective: Any = None, quick: bool = False
         # one container file (HDF5): check every committed row through the same reader
         for step in run.steps:
             _check_step(run.step_path(step), step, run, rep, quick=False)
+        _check_uncommitted(run, rep)
     elif not steps_dir.is_dir():
         if run.status == fmt.STATUS_COMPLETE or run.scalars:
             rep.problems.append(f"{steps_dir}: missing (the run has no snapshots)")
@@ -105,6 +106,20 @@ def validate_run(path: str | Path, *, objective: Any = None, quick: bool = False
         f"{len(run.pairs)} analyzable pair(s)" + (f", {len(lost)} lost" if lost else "")
     )
     return rep
+
+
+def _check_uncommitted(run: Run, rep: ValidationReport) -> None:
+    """Rows of a container whose commit never reached the disk: invisible to readers, worth a
+    warning (like a leftover temporary file)."""
+    count = getattr(run.storage, "uncommitted_rows", None)
+    try:
+        n = count() if count is not None else 0
+    except TrajscopeError as exc:
+        rep.problems.append(str(exc))
+        return
+    if n:
+        rep.warnings.append(f"{run.path / fmt.HDF5_FILE}: {n} row(s) without a step number (a write that "
+                            "failed or was cut off before its commit); ignored")
 
 
 def _step_files(steps_dir: Path, rep: ValidationReport) -> list[tuple[int, Path]]:

@@ -6,13 +6,12 @@ h5py is imported only inside the functions that use it, so that ``import trajsco
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ import torch
 from trajscope import format as fmt
 from trajscope.errors import RunFormatError
 from trajscope.recorders.backends.base import DIRECT_IO_ALIGN, DTYPES, FormatStorage, Raw, int_view, register, stat_path
+from trajscope.recorders.backends.hdf5_io import DirectChunks, early_allocation, extend, os_error, put
 
 if TYPE_CHECKING:
     from trajscope.recorders.storage import Entry, StepImage
@@ -72,13 +72,21 @@ def _open_h5(path: Path) -> Any:
 
 
 def _h5_committed(f: Any, path: Path) -> np.ndarray:
-    """Steps of the committed rows: a row counts once ``index/step`` covers it (written last)."""
+    """Steps of the rows ``index/step`` covers (it is written last), -1 for a row whose step was
+    never written: its commit did not finish (``index/step`` is filled with -1), so it is not a
+    row for readers (:func:`committed_steps`)."""
     try:
         steps = f["index/step"]
         n = min(steps.shape[0], f["index/meta"].shape[0], f["index/blob"].shape[0])
         return np.asarray(steps[:n], dtype=np.int64)
     except KeyError as exc:
         raise RunFormatError(f"{path}: not a trajscope HDF5 file (missing {exc})") from exc
+
+
+def _torn(raw: bytes) -> bool:
+    """Whether a row's metadata bytes were never written: empty (``index/meta`` unwritten) or all
+    NUL (a ``meta`` chunk whose write failed reads as its fill value)."""
+    return not raw.strip(b"\0")
 
 
 def _h5_tensor(arr: np.ndarray, dtype: str, where: str) -> torch.Tensor:
@@ -122,8 +130,12 @@ def read_row(h5path: Path, step: int) -> Raw:
         row = int(rows[-1])
         m0, ml = (int(v) for v in f["index/meta"][row])
         b0, bl = (int(v) for v in f["index/blob"][row])
+        raw = bytes(f["meta"][m0 : m0 + ml]) if ml > 0 else b""
+        if _torn(raw):
+            raise RunFormatError(f"{where}: the row of step {step} was not completely written (its "
+                                 "metadata is missing: the write failed or was cut off); the step is damaged")
         try:
-            meta = json.loads(bytes(f["meta"][m0 : m0 + ml]).decode())
+            meta = json.loads(raw.decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise RunFormatError(f"{where}: row metadata is not valid JSON ({exc})") from exc
         layout = meta.pop("hdf5", None) if isinstance(meta, dict) else None
@@ -169,7 +181,15 @@ class HDF5Storage(FormatStorage):
         if not self.file.exists():
             return []  # killed before the file was created
         with _open_h5(self.file) as f:
-            return sorted({int(s) for s in _h5_committed(f, self.file)})
+            return sorted({int(s) for s in _h5_committed(f, self.file) if s >= 0})
+
+    def uncommitted_rows(self) -> int:
+        """Rows ``index/step`` covers without a step: left by a write that failed or was cut off
+        between extending ``index/step`` and writing it (ignored by every reader)."""
+        if not self.file.exists():
+            return 0
+        with _open_h5(self.file) as f:
+            return int((_h5_committed(f, self.file) < 0).sum())
 
     def location(self, step: int) -> Path:
         return self.file / fmt.step_name(step)
@@ -192,84 +212,6 @@ class HDF5Storage(FormatStorage):
 # --- writing -----------------------------------------------------------------------------------------
 
 
-class _DirectChunks:
-    """Whole chunks written with ``O_DIRECT`` at the file addresses HDF5 allocated for them.
-
-    Why: a buffered write of new file data costs the page-cache allocation of every page, several
-    times the cost of copying the bytes (``docs/performance.md``); the safetensors writer avoids it
-    with ``O_DIRECT``, and so does this, for the bulk of a row. HDF5 keeps writing its own metadata
-    and the small datasets through the page cache. A dataset written here is created with early
-    allocation and no fill: resizing it allocates its new chunks (aligned to :data:`DIRECT_IO_ALIGN`
-    by the file's alignment property) without writing them, and their addresses come from
-    ``get_chunk_info_by_coord``. The kernel keeps the page cache coherent with direct writes, so
-    SWMR readers see the data.
-
-    ``fd`` is None where the filesystem refuses ``O_DIRECT`` (tmpfs) or the first direct write fails
-    with EINVAL: then every chunk goes through HDF5 (``write_direct_chunk``) as a buffered write.
-    """
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.fd: int | None = None
-        if enabled and hasattr(os, "O_DIRECT"):
-            try:
-                self.fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-            except OSError:
-                self.fd = None
-        self._stage = np.empty(0, np.uint8)  # aligned staging buffer, reused (see staged)
-
-    def staged(self, nbytes: int) -> np.ndarray:
-        """An aligned, reused buffer of ``nbytes`` (rounded up to the alignment), for sources
-        that are not aligned themselves."""
-        n = -(-nbytes // _DIO) * _DIO
-        if len(self._stage) < n:
-            raw = np.zeros(n + _DIO, np.uint8)  # zeros: touch the pages once, here
-            off = -raw.ctypes.data % _DIO
-            self._stage = raw[off : off + n]
-        return self._stage[:n]
-
-    def write(self, dsid: Any, first: tuple[int, ...], step: int, chunk: int, data: np.ndarray) -> bool:
-        """Write ``data`` (uint8, whole chunks of ``chunk`` bytes) as consecutive chunks of the
-        dataset ``dsid`` (an h5py ``DatasetID``): the first at element coordinate ``first``, each
-        next one ``step`` further along axis 0. False where that is not possible (nothing needs to
-        be undone: the caller writes the same bytes through HDF5)."""
-        if self.fd is None or len(data) % chunk or chunk % _DIO:
-            return False
-        if data.ctypes.data % _DIO:
-            src = self.staged(len(data))
-            src[: len(data)] = data
-            data = src[: len(data)]
-        # Runs of chunks that lie next to each other in the file go out in one write.
-        runs: list[list[int]] = []
-        for k in range(len(data) // chunk):
-            info = dsid.get_chunk_info_by_coord((first[0] + k * step, *first[1:]))
-            addr = info.byte_offset
-            if addr is None or addr % _DIO or info.size != chunk:
-                return False
-            if runs and runs[-1][0] + runs[-1][2] == addr:
-                runs[-1][2] += chunk
-            else:
-                runs.append([addr, k * chunk, chunk])
-        view = data.data  # (1-D uint8: the buffer itself)
-        try:
-            for addr, begin, n in runs:
-                done = 0
-                while done < n:
-                    done += os.pwrite(self.fd, view[begin + done : begin + n], addr + done)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            # Alignment stricter than this filesystem allows: HDF5 writes from now on, and
-            # rewrites whatever part of these chunks went out.
-            self.close()
-            return False
-        return True
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
 @dataclass
 class _Rows:
     """A declared tensor's dataset: one row per snapshot, one chunk per row."""
@@ -282,32 +224,6 @@ class _Rows:
     rows: int = 0  # the dataset's length (kept here: asking h5py costs a library call)
 
 
-def _extend(dsid: Any, shape: tuple[int, ...]) -> None:
-    """Give the dataset ``dsid`` (an h5py ``DatasetID``) the shape ``shape`` (h5py's ``resize``
-    costs several times HDF5's own call)."""
-    dsid.set_extent(shape)
-
-
-def _put(dsid: Any, start: tuple[int, ...], arr: np.ndarray) -> None:
-    """Write ``arr`` (of the dataset's dtype) into the dataset ``dsid`` at ``start`` with HDF5's
-    own calls (h5py's slicing costs several times the write)."""
-    from h5py import h5s
-
-    fspace = dsid.get_space()
-    fspace.select_hyperslab(start, arr.shape)
-    dsid.write(h5s.create_simple(arr.shape), fspace, arr)
-
-
-def _early_allocation() -> dict[str, Any]:
-    """``create_dataset`` arguments for chunks allocated on resize and never filled: their file
-    addresses exist before their bytes are written (:class:`_DirectChunks`)."""
-    from h5py import h5d, h5p
-
-    dcpl = h5p.create(h5p.DATASET_CREATE)
-    dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
-    return {"dcpl": dcpl, "fill_time": "never"}
-
-
 class HDF5Writer:
     """The HDF5 storage (``trajectory.h5``, layout in ``docs/format.md``).
 
@@ -317,11 +233,12 @@ class HDF5Writer:
     state, optimizer state, a tensor whose shape changed) goes to the 1-D byte dataset ``blob``
     with a table of contents in the row's JSON metadata (dataset ``meta``), and so does a tensor
     without a dataset (a gradient of a parameter unfrozen after the file was created) or one whose
-    early-allocated dataset it would leave a gap in. ``index/step`` is
-    appended last and the file flushed: a row exists for readers once ``index/step`` covers it.
+    early-allocated dataset it would leave a gap in. ``index/step`` is appended last, after
+    everything else of the row is flushed, and flushed in turn: a row exists for readers once
+    ``index/step`` covers it (:meth:`write`).
 
     Rows of :data:`_DIRECT_MIN` bytes or more (a multiple of :data:`DIRECT_IO_ALIGN`), and blob
-    regions of a chunk or more, are written with ``O_DIRECT`` (:class:`_DirectChunks`); a large blob
+    regions of a chunk or more, are written with ``O_DIRECT`` (:class:`DirectChunks`); a large blob
     region therefore starts at a chunk boundary of ``blob``. ``direct_io=False`` writes everything
     through HDF5 (buffered). :attr:`image_align` is the alignment this writer asks of the images
     (:meth:`~trajscope.recorders.storage.SlotPool.align_tensors`): a row whose bytes are aligned in
@@ -337,12 +254,37 @@ class HDF5Writer:
         import h5py
 
         self.path = path
-        # Objects of _DIRECT_MIN bytes or more start at multiples of _DIO: O_DIRECT needs that.
-        self._f = h5py.File(path, "w", libver="latest", alignment_threshold=_DIRECT_MIN,
-                            alignment_interval=_DIO)
+        fmt.check_replaceable(path)  # a symlink or special file there is refused, naming it
+        path.unlink(missing_ok=True)  # a file from before (a directory there fails, naming it)
+        try:
+            # Objects of _DIRECT_MIN bytes or more start at multiples of _DIO: O_DIRECT needs that.
+            # "w-" creates with O_EXCL: a symlink planted meanwhile fails the open, never followed.
+            self._f = h5py.File(path, "w-", libver="latest", alignment_threshold=_DIRECT_MIN,
+                                alignment_interval=_DIO)
+            self._create(declared, attrs, direct_io)
+        except (OSError, RuntimeError) as exc:
+            for opened in ("_direct", "_f"):  # release what was opened before the failure
+                with contextlib.suppress(Exception):
+                    getattr(self, opened).close()
+            self._reraise(exc)
+        self._rows = 0
+        self._blob_end = 0
+        self._meta_end = 0
+
+    def _reraise(self, exc: Exception) -> NoReturn:
+        """Raise ``exc``, a failure of HDF5 or of a write, as a one-line ``OSError`` (HDF5's own text
+        kept as its ``__cause__``)."""
+        err = os_error(exc, self.path)
+        if err is exc:
+            raise exc
+        raise err from exc
+
+    def _create(self, declared: Iterable[tuple[str, str, tuple[int, ...]]], attrs: dict[str, Any],
+                direct_io: bool | None) -> None:
+        """The root attributes and every dataset of the new file, then SWMR mode."""
         f = self._f
-        self._direct = _DirectChunks(path, direct_io is not False)
-        early = _early_allocation() if self._direct.fd is not None else {}
+        self._direct = DirectChunks(self.path, direct_io is not False)
+        early = early_allocation() if self._direct.fd is not None else {}
         # Asked of the slots by AsyncWriter: tensors at aligned offsets go out without a copy.
         self.image_align = _DIO if early else 0
         for k, v in attrs.items():
@@ -365,20 +307,48 @@ class HDF5Writer:
                                       dtype="u1", **early)
         self._meta = f.create_dataset("meta", shape=(0,), maxshape=(None,), chunks=(1 << 16,),
                                       dtype="u1")
+        # Filled with -1: a row whose step never reached the disk is no row (_h5_committed).
         self._i_step = f.create_dataset("index/step", shape=(0,), maxshape=(None,),
-                                        chunks=(4096,), dtype="<i8")
+                                        chunks=(4096,), dtype="<i8", fillvalue=-1)
         self._i_meta = f.create_dataset("index/meta", shape=(0, 2), maxshape=(None, 2),
                                         chunks=(4096, 2), dtype="<i8")
         self._i_blob = f.create_dataset("index/blob", shape=(0, 2), maxshape=(None, 2),
                                         chunks=(4096, 2), dtype="<i8")
         f.swmr_mode = True
         f.flush()
-        self._rows = 0
-        self._blob_end = 0
-        self._meta_end = 0
 
     def write(self, image: StepImage) -> Path:
-        row = self._rows
+        """Append ``image`` as the next row; all or nothing for readers.
+
+        Two flushes: the first puts the row's data, blob region, metadata, ``index/meta`` and
+        ``index/blob`` on disk; only then is ``index/step`` extended (the commit) and flushed. One
+        flush would not do: HDF5 still writes the new dataset extents when writing a data chunk
+        failed (disk full), which would show readers a row whose bytes are missing.
+
+        Raises:
+            OSError: the write failed (``errno`` and text from HDF5's message where it has one;
+                HDF5's full text is the exception's ``__cause__``). The extents are rolled back
+                to the rows written before, so the row never becomes visible.
+        """
+        row, blob_end, meta_end = self._rows, self._blob_end, self._meta_end
+        try:
+            self._stage(image, row)
+            self._f.flush()
+            extend(self._i_step.id, (row + 1,))  # the commit
+            put(self._i_step.id, (row,), np.array([image.step], dtype="<i8"))
+            self._f.flush()
+        except Exception as exc:
+            self._blob_end, self._meta_end = blob_end, meta_end
+            self._roll_back(row, meta_end)
+            if not isinstance(exc, (OSError, RuntimeError)):
+                raise
+            self._reraise(exc)
+        self._rows += 1
+        return self.path
+
+    def _stage(self, image: StepImage, row: int) -> None:
+        """Everything of row ``row`` but its commit: dataset rows, blob region, metadata and its
+        ``index/meta`` and ``index/blob`` entries."""
         rows: list[str] = []
         blob_entries: list[Entry] = []
         for e in image.entries:
@@ -397,25 +367,32 @@ class HDF5Writer:
         mbytes = np.frombuffer(json.dumps(meta, allow_nan=True, separators=(",", ":")).encode(),
                                dtype=np.uint8)
         m0 = self._meta_end
-        _extend(self._meta.id, (m0 + len(mbytes),))
-        _put(self._meta.id, (m0,), mbytes)
-        for d, value in ((self._i_meta, (m0, len(mbytes))), (self._i_blob, (b0, total))):
-            _extend(d.id, (row + 1, 2))
-            _put(d.id, (row, 0), np.array([value], dtype="<i8"))
-        # The commit: a row exists for readers once index/step covers it (written last).
-        _extend(self._i_step.id, (row + 1,))
-        _put(self._i_step.id, (row,), np.array([image.step], dtype="<i8"))
-        self._f.flush()
-        self._rows += 1
+        extend(self._meta.id, (m0 + len(mbytes),))
+        put(self._meta.id, (m0,), mbytes)
         self._meta_end = m0 + len(mbytes)
-        return self.path
+        for d, value in ((self._i_meta, (m0, len(mbytes))), (self._i_blob, (b0, total))):
+            extend(d.id, (row + 1, 2))
+            put(d.id, (row, 0), np.array([value], dtype="<i8"))
+
+    def _roll_back(self, row: int, meta_end: int) -> None:
+        """Shrink the index and ``meta`` back to the ``row`` rows written before a failed write, so
+        that no later flush (the one at close included) shows the failed row. Failures are
+        ignored: the disk may still be full, and without its ``index/step`` entry on disk the row
+        is invisible anyway."""
+        shrink = ((self._i_step, (row,)), (self._i_meta, (row, 2)), (self._i_blob, (row, 2)),
+                  (self._meta, (meta_end,)))
+        for d, shape in shrink:
+            with contextlib.suppress(Exception):
+                extend(d.id, shape)
+        with contextlib.suppress(Exception):
+            self._f.flush()
 
     def _write_row(self, r: _Rows, row: int, data: np.ndarray) -> None:
         """Row ``row`` of ``r``'s dataset: ``data``, the tensor's raw bytes, as the row's chunk."""
         dsid = r.d.id
         if r.rows <= row:
             r.rows = row + 1
-            _extend(dsid, (r.rows, *r.shape))
+            extend(dsid, (r.rows, *r.shape))
         first = (row,) + (0,) * len(r.shape)
         if not (r.direct and self._direct.write(dsid, first, 1, r.nbytes, data)):
             dsid.write_direct_chunk(first, data)
@@ -439,24 +416,28 @@ class HDF5Writer:
         end = -(-total // _BLOB_CHUNK) * _BLOB_CHUNK if direct else total
         region = self._direct.staged(end)[:end] if direct else None
         blob = self._blob.id
-        _extend(blob, (b0 + total,))
+        extend(blob, (b0 + total,))
         pos = 0
         for e in entries:
             n = e.end - e.begin
             if n and region is not None:
                 region[pos : pos + n] = image.array(e)
             elif n:
-                _put(blob, (b0 + pos,), image.array(e))
+                put(blob, (b0 + pos,), image.array(e))
             toc[e.key] = [e.dtype, list(e.shape), pos, n]
             pos += n
         if region is not None:
             region[total:] = 0
             if not self._direct.write(blob, (b0,), _BLOB_CHUNK, _BLOB_CHUNK, region):
-                _put(blob, (b0,), region[:total])
+                put(blob, (b0,), region[:total])
         self._blob_end = b0 + end
         return toc, b0, total
 
     def close(self) -> None:
+        """Close the file (its last flush). Raises ``OSError`` with a one-line text if that fails."""
         self._direct.close()
         if self._f.id.valid:
-            self._f.close()
+            try:
+                self._f.close()
+            except (OSError, RuntimeError) as exc:
+                self._reraise(exc)

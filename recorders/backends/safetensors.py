@@ -106,12 +106,22 @@ class SafetensorsWriter:
     A reader, or a process killed mid-write, sees either no file or the complete one. Data goes out
     with ``O_DIRECT`` (no page-cache copy) when ``direct_io`` allows and the filesystem supports it,
     else through an ordinary buffered write.
+
+    Files are created and renamed relative to the directory as opened when the writer is made
+    (``dir_fd``), never through a symlink: a symlink planted later in place of the directory, or at
+    a temp name (created with ``O_EXCL | O_NOFOLLOW``), does not lead a write out of the run; one
+    at a step file's name is replaced by the rename.
     """
 
     def __init__(self, run_dir: Path, *, direct_io: bool | None = None,
                  steps_dir: Path | None = None) -> None:
         self.dir = steps_dir if steps_dir is not None else run_dir / fmt.STEPS_DIR
+        if self.dir.is_symlink():
+            raise fmt.link_error(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._dir_fd: int | None = None
+        if os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY"):
+            self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         # None: try O_DIRECT and fall back silently; False: never; True: try, fall back too (some
         # filesystems, tmpfs among them, reject it), but the attempt is what the user asked for.
         self._direct = bool(getattr(os, "O_DIRECT", 0)) and direct_io is not False
@@ -119,29 +129,44 @@ class SafetensorsWriter:
     def path(self, step: int) -> Path:
         return self.dir / fmt.step_filename(step)
 
+    def _at(self, name: str) -> str:
+        """``name`` as the path argument that goes with ``dir_fd=self._dir_fd``."""
+        return name if self._dir_fd is not None else str(self.dir / name)
+
+    def _create(self, name: str, flags: int = 0) -> int:
+        """Create the temp file ``name`` for writing; whatever sits at that name (a leftover, a
+        planted symlink) is removed first, never written through."""
+        flags |= os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            return os.open(self._at(name), flags, 0o644, dir_fd=self._dir_fd)
+        except FileExistsError:
+            os.unlink(self._at(name), dir_fd=self._dir_fd)
+            return os.open(self._at(name), flags, 0o644, dir_fd=self._dir_fd)
+
     def write(self, image: StepImage) -> Path:
-        path = self.path(image.step)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        name = fmt.step_filename(image.step)
+        tmp = f".{name}.tmp-{os.getpid()}"
         data = image.view()
+        d = self._dir_fd
         try:
             if not (self._direct and self._write_direct(tmp, data)):
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                fd = self._create(tmp)
                 try:
                     _write_all(fd, data)
                 finally:
                     os.close(fd)
-            os.replace(tmp, path)
+            os.replace(self._at(tmp), self._at(name), src_dir_fd=d, dst_dir_fd=d)
         except BaseException:
             with _suppress_oserror():
-                tmp.unlink()
+                os.unlink(self._at(tmp), dir_fd=d)
             raise
-        return path
+        return self.dir / name
 
-    def _write_direct(self, tmp: Path, data: memoryview) -> bool:
+    def _write_direct(self, tmp: str, data: memoryview) -> bool:
         """Write ``data`` with O_DIRECT; False (nothing written) where the filesystem refuses it."""
         n_aligned = len(data) - len(data) % DIRECT_IO_ALIGN
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+            fd = self._create(tmp, os.O_DIRECT)
         except OSError as exc:
             if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
                 self._direct = False
@@ -169,7 +194,9 @@ class SafetensorsWriter:
         return True
 
     def close(self) -> None:
-        pass
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
 
 def _write_all(fd: int, data: memoryview) -> None:
