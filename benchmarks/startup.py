@@ -6,6 +6,10 @@ and ``--repeats`` times each, a fresh ``python -c "import torch"`` and a fresh
 prints the median wall time of each and their difference: what trajscope adds to the import of
 torch that any analysis pays. The two commands alternate so machine noise hits both alike.
 
+Then, in one more fresh process, where the added time goes (:data:`BREAKDOWN`): each import in
+the order the analysis needs it, the analysis itself (one pair, the Dataset written), and of that
+the writing of ``metrics.nc``.
+
 Run: ``python -m benchmarks.startup [--repeats 7]``. Numbers: ``docs/performance.md``, section
 "Start-up".
 """
@@ -13,6 +17,7 @@ Run: ``python -m benchmarks.startup [--repeats 7]``. Numbers: ``docs/performance
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -56,6 +61,41 @@ def record(where: Path) -> Path:
     return where / "run"
 
 
+BREAKDOWN = '''
+import json, sys, time
+phases = {}
+t = time.perf_counter()
+def mark(name):
+    global t
+    now = time.perf_counter()
+    phases[name] = now - t
+    t = now
+import torch
+mark("import torch")
+import trajscope.analysis, trajscope.cli
+mark("import trajscope (with dask)")
+import dask.array, h5netcdf, xarray
+mark("import xarray, dask.array, h5netcdf")
+import torch._decomp.decompositions_for_jvp
+mark("torch.func's jvp decompositions")
+import trajscope.dataset as d
+real = d.write_dataset
+def write(*a, **k):
+    t0 = time.perf_counter()
+    real(*a, **k)
+    phases["of which writing metrics.nc"] = time.perf_counter() - t0
+d.write_dataset = write
+from trajscope.cli import main
+try:
+    main(["analyze", sys.argv[1], "--force", "-q"])
+except SystemExit:
+    pass
+mark("the analysis (one pair, Dataset written)")
+print(json.dumps(phases))
+'''
+"""A fresh process that times each phase of a one-pair ``trajscope analyze`` separately."""
+
+
 def timed(cmd: list[str], cwd: Path) -> float:
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -75,11 +115,17 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.repeats):
             torch_s.append(timed([sys.executable, "-c", "import torch"], where))
             analyze_s.append(timed([*trajscope_cli, "analyze", str(run), "--force", "-q"], where))
+        out = subprocess.run([sys.executable, "-c", BREAKDOWN, str(run)], cwd=where, check=True,
+                             capture_output=True, text=True)
+        phases = json.loads(out.stdout.strip().splitlines()[-1])
     t, a = statistics.median(torch_s), statistics.median(analyze_s)
     print(f"import torch:                    median {t:.2f} s  (min {min(torch_s):.2f})")
     print(f"trajscope analyze (one pair):    median {a:.2f} s  (min {min(analyze_s):.2f})")
     print(f"added by trajscope:              median {a - t:.2f} s  (target <= 1.0 s), "
           f"paired median {statistics.median(x - y for x, y in zip(analyze_s, torch_s)):.2f} s")
+    print("where the time goes, in one more process:")
+    for name, seconds in phases.items():
+        print(f"  {name:<42} {seconds:.2f} s")
 
 
 if __name__ == "__main__":
