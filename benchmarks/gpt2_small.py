@@ -13,21 +13,27 @@ downloaded: it starts from its seeded initialization and trains on generated tok
 * hand (CUDA, or ``--hand``): per pair the same 17 α points by one ``jvp`` each and the two
   gradients, as ``benchmarks.lm_memory``'s hand loop, on the same device.
 
+``--no-grads`` (offered only when the installed ``Recorder`` takes ``grads``) records parameters
+without gradients.
+
 Peak memory: on a CPU the resident-set high-water mark (``VmHWM``, what ``ru_maxrss`` reports),
 on CUDA ``torch.cuda.max_memory_allocated``. The analyzer resets both while it calibrates its line
-(:class:`trajscope.memory.PeakMeter`), so the analyze phase folds the mark into its own maximum
-before every reset (:class:`Peaks`). The analysis stays within its budget when its peak
-minus the memory held just before ``analyze`` was called is at most the budget it planned under
-(``extra/line_budget`` of its first persisted pair).
+(:class:`trajscope.memory.PeakMeter`), so each phase folds the mark into its own maximum before
+every reset (:class:`Peaks`). The analysis stays within its budget when its peak minus the memory
+held just before ``analyze`` was called is at most the budget it planned under
+(``extra/line_budget`` of its first persisted pair): a stricter test than the budget's own, which
+leaves out the model and the snapshots the analysis loads.
 
 Time per pair: on a CPU, the analysis' wall time / pairs (one analysis, its one-time costs
-included: the first use of ``torch.func``, the line calibration). With a hand loop, both sides
-are warmed up on the first pair and timed as lm_memory does: marginal time per pair =
-(time of all pairs − time of the first) / (pairs − 1); pairs per minute = 60 / that.
+included: the derivative-path trial jvp, the first use of ``torch.func``, the line calibration,
+writing the Dataset). With a hand loop (CUDA, ``--hand``), each side is warmed up on the first
+pair, then timed on the first pair alone and on all pairs, as lm_memory does: marginal time per
+pair = (time of all pairs − time of the first) / (pairs − 1); pairs per minute = 60 / that. The
+analyses all write their pairs and Dataset (``force=True``), so their fixed costs cancel.
 
     python -m benchmarks.gpt2_small                     # CPU: batch 1 × 256 tokens, 1 pair
     python -m benchmarks.gpt2_small --device cuda       # CUDA: batch 8 × 1024 tokens, 6 pairs
-    python -m benchmarks.gpt2_small --tiny --hand       # a tiny model, for tests
+    python -m benchmarks.gpt2_small --tiny --hand --threads 1   # a tiny model, for tests
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import argparse
 import inspect
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -260,12 +267,20 @@ PHASES: dict[str, Callable[[dict[str, Any], Peaks], dict[str, Any]]] = {
 
 def _child(phase: str, cfg: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, SHAPE_ENV: json.dumps(cfg["shape"]), "PYTHONPATH": str(ROOT)}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     out = subprocess.run([sys.executable, "-m", "benchmarks.gpt2_small", "--child", phase, json.dumps(cfg)],
                          env=env, cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"gpt2_small: phase {phase} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-    return {**json.loads(out.stdout.strip().splitlines()[-1]), "process_seconds": time.perf_counter() - t0}
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "process_seconds": time.perf_counter() - t0,
+            "process_cpu_seconds": _children_cpu() - cpu0}
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system, every thread) of the finished child processes: with the wall
+    time, how much other jobs slowed a phase down on a shared machine."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _per_pair(res: dict[str, Any], pairs: int) -> float:
@@ -292,6 +307,7 @@ def summarize(res: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> dict[str, 
         "replay_rel_diff": an["replay"], "pairs_analyzed": an["pairs"], "analyze_seconds": an["all"],
         "analyze_seconds_per_pair": _per_pair(an, cfg["pairs"]),
         "phase_seconds": {k: v["process_seconds"] for k, v in res.items()},
+        "phase_cpu_seconds": {k: v["process_cpu_seconds"] for k, v in res.items()},
     }
     if "hand" in res:
         hand = res["hand"]
@@ -396,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     s = summarize(res, cfg)
     s["total_seconds"] = time.perf_counter() - t0
     print("\n".join(report(s)))
-    took = ", ".join(f"{k} {v:.0f} s" for k, v in s["phase_seconds"].items())
+    took = ", ".join(f"{k} {v:.0f} s ({s['phase_cpu_seconds'][k]:.0f} s CPU)" for k, v in s["phase_seconds"].items())
     print(f"total: {s['total_seconds']:.0f} s (processes: {took})")
     if args.json:
         Path(args.json).write_text(json.dumps(s, indent=2) + "\n")
