@@ -384,8 +384,9 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     cfg["marginal"] = device == "cuda" or args.hand
     if not 1 <= cfg["seq"] <= shape["block"]:
         raise SystemExit(f"gpt2_small: --seq {cfg['seq']}: expected 1..{shape['block']} (the model's block)")
-    if cfg["batch"] < 1:
-        raise SystemExit(f"gpt2_small: --batch {cfg['batch']}: expected >= 1")
+    for k in ("batch", "threads"):
+        if cfg[k] is not None and cfg[k] < 1:
+            raise SystemExit(f"gpt2_small: --{k} {cfg[k]}: expected >= 1")
     if cfg["pairs"] < (2 if cfg["marginal"] else 1):
         raise SystemExit(f"gpt2_small: --pairs {cfg['pairs']}: expected >= 2 with a hand loop "
                          "(marginal time after the first pair), >= 1 otherwise")
