@@ -37,28 +37,37 @@ REPLAY_TERMS = frozenset({"G0.g"})
 (``grads=False``) g_t is c·G0 itself, so they would compare the replay with itself: NaN instead."""
 
 
+TERMS_CHUNK = 2**22
+"""Elements per float64 cast of a vector in :func:`layer_terms` (32 MiB of float64)."""
+
+
 def layer_terms(vec: Mapping[str, Mapping[str, torch.Tensor | None]], names: Sequence[str],
                 unavailable: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
     """Every TERMS inner product ⟨a, b⟩ = Σ_i a_i·b_i per layer, summed in float64; NaN where a
     vector is absent or the term (``"a.b"``) is ``unavailable``.
 
-    Each vector is cast to float64 once per layer (not once per term), and all the products go
-    to the host in one transfer at the end: one device synchronisation per pair instead of one per
-    term and layer.
+    Each vector is cast to float64 once per layer, not once per term, :data:`TERMS_CHUNK` elements
+    at a time (the float64 copies of all the vectors of a whole 38.6M-element embedding would take
+    4 GB); all the products go to the host in one transfer at the end: one device synchronisation
+    per pair instead of one per term and layer.
     """
     out: list[torch.Tensor] = []
     for n in names:
-        device = vec["delta"][n].device  # type: ignore[union-attr]  # Δ_t always exists
-        flat: dict[str, torch.Tensor] = {}
-        for a, b in TERMS:
-            va, vb = vec[a][n], vec[b][n]
-            if va is None or vb is None or f"{a}.{b}" in unavailable:
-                out.append(torch.full((), float("nan"), dtype=torch.float64, device=device))
-                continue
-            for key, v in ((a, va), (b, vb)):
-                if key not in flat:
-                    flat[key] = v.reshape(-1).double()
-            out.append(torch.dot(flat[a], flat[b]))
+        delta = vec["delta"][n]
+        assert delta is not None  # Δ_t always exists
+        sums = [torch.full((), float("nan"), dtype=torch.float64, device=delta.device)] * len(TERMS)
+        for start in range(0, max(1, delta.numel()), TERMS_CHUNK):
+            flat: dict[str, torch.Tensor] = {}
+            for i, (a, b) in enumerate(TERMS):
+                va, vb = vec[a][n], vec[b][n]
+                if va is None or vb is None or f"{a}.{b}" in unavailable:
+                    continue  # NaN
+                for key, v in ((a, va), (b, vb)):
+                    if key not in flat:
+                        flat[key] = v.reshape(-1)[start:start + TERMS_CHUNK].double()
+                part = torch.dot(flat[a], flat[b])
+                sums[i] = part if start == 0 else sums[i] + part
+        out.extend(sums)
     if not out:  # a model without parameters: nothing to sum
         return {f"{a}.{b}": np.empty(0) for a, b in TERMS}
     values = torch.stack(out).cpu().numpy().reshape(len(names), len(TERMS))
