@@ -413,6 +413,10 @@ def test_bad_arguments(run_dir: Path, kw: dict, needle: str) -> None:
     (9, float("inf"), "margin=inf: expected a finite number from 0 to 100 (in units of the step)"),
     (9, float("nan"), "margin=nan: expected a finite number from 0 to 100 (in units of the step)"),
     (9, "0.5", "margin='0.5': expected a finite number from 0 to 100 (in units of the step)"),
+    (10001, 0.6, "points=10001, margin=0.6: the grid would have 22001 α points (each one model "
+                 "evaluation per pair); expected at most 20001"),
+    (10001, 100, "points=10001, margin=100: the grid would have 2010001 α points (each one model "
+                 "evaluation per pair); expected at most 20001"),
 ])
 def test_alpha_grid_bounds(points: object, margin: object, message: str) -> None:
     from trajscope.probe import alpha_grid
@@ -424,11 +428,13 @@ def test_alpha_grid_bounds(points: object, margin: object, message: str) -> None
 
 def test_alpha_grid_at_its_bounds_and_the_cli_ranges() -> None:
     from trajscope.cli import analyze
-    from trajscope.grid import MAX_MARGIN, MAX_POINTS, alpha_grid
+    from trajscope.grid import MAX_GRID, MAX_MARGIN, MAX_POINTS, alpha_grid
 
-    grid = alpha_grid(MAX_POINTS, MAX_MARGIN)  # h = 1e-4; 1e6 extra points on each side
-    assert len(grid) == MAX_POINTS + 2 * 1_000_000 and grid[0] == -100.0 and grid[-1] == 101.0
-    assert grid[1_000_000] == 0.0 and grid[1_000_000 + MAX_POINTS - 1] == 1.0
+    grid = alpha_grid(MAX_POINTS, 0.5)  # h = 1e-4; 5000 extra points on each side
+    assert len(grid) == MAX_GRID and grid[0] == -0.5 and grid[-1] == 1.5
+    assert grid[5000] == 0.0 and grid[5000 + MAX_POINTS - 1] == 1.0
+    grid = alpha_grid(3, MAX_MARGIN)  # h = 0.5; 200 extra points on each side
+    assert len(grid) == 403 and grid[0] == -100.0 and grid[-1] == 101.0
     assert list(alpha_grid(2, 0.0)) == [0.0, 1.0]
     ranges = {p.name: p.type for p in analyze.params if p.name in ("points", "margin")}
     assert (ranges["points"].min, ranges["points"].max) == (2, MAX_POINTS)  # type: ignore[attr-defined]

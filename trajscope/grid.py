@@ -16,13 +16,16 @@ from trajscope.errors import AnalysisError
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["MAX_MARGIN", "MAX_POINTS", "alpha_grid"]
+__all__ = ["MAX_GRID", "MAX_MARGIN", "MAX_POINTS", "alpha_grid"]
 
 MAX_POINTS = 10001
 """Upper bound of ``points``: each pair holds (points × layers) float64 arrays per field."""
 MAX_MARGIN = 100.0
 """Upper bound of ``margin`` (in units of the step): beyond it the grid leaves any region where
 the loss along the step says something about the step, and huge values overflow to inf."""
+MAX_GRID = 2 * MAX_POINTS - 1
+"""Upper bound of the grid's length, margins included (each α point is one model evaluation per
+pair): the largest ``points`` with the default margin 0.5."""
 
 
 def alpha_grid(points: int = 9, margin: float = 0.5) -> np.ndarray:
@@ -33,8 +36,8 @@ def alpha_grid(points: int = 9, margin: float = 0.5) -> np.ndarray:
     default (9, 0.5) gives 17 points on [−0.5, 1.5].
 
     Raises:
-        AnalysisError: ``points`` not an int in [2, :data:`MAX_POINTS`], or ``margin`` not a
-            finite number in [0, :data:`MAX_MARGIN`].
+        AnalysisError: ``points`` not an int in [2, :data:`MAX_POINTS`], ``margin`` not a
+            finite number in [0, :data:`MAX_MARGIN`], or more than :data:`MAX_GRID` points in all.
     """
     import numpy as np
 
@@ -48,4 +51,9 @@ def alpha_grid(points: int = 9, margin: float = 0.5) -> np.ndarray:
             f"margin={margin!r}: expected a finite number from 0 to {MAX_MARGIN:g} (in units of the step)"
         )
     n = int(round(margin * (points - 1)))
+    if points + 2 * n > MAX_GRID:
+        raise AnalysisError(
+            f"points={points}, margin={margin:g}: the grid would have {points + 2 * n} α points "
+            f"(each one model evaluation per pair); expected at most {MAX_GRID}"
+        )
     return np.arange(-n, points + n, dtype=np.float64) / (points - 1)
