@@ -77,7 +77,7 @@ def test_manifest_contents(tmp_path) -> None:
     train_classifier(tmp_path / "run", make_mlp, steps=3, objective="problems:make_mlp",
                      metadata={"note": "hi"})
     m = json.loads((tmp_path / "run" / "trajscope.json").read_text())
-    assert m["format_version"] == 1 and m["status"] == "complete"
+    assert m["format_version"] == 2 and m["status"] == "complete"
     assert m["objective"] == "problems:make_mlp" and m["metadata"] == {"note": "hi"}
     assert m["schedule"] == {"kind": "every", "every": 1, "window": 2}
     assert m["optimizer"]["class"] == "torch.optim.sgd.SGD"

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from trajscope.errors import RecorderError, RunFormatError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of the run-directory format written by this code (``format_version`` in the manifest)."""
 
 MANIFEST = "trajscope.json"
