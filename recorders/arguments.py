@@ -19,6 +19,14 @@ def check_arguments(model: Any, optimizer: Any, storage: str, accumulation: Any,
     """Raise :class:`RecorderError` naming the first argument of :class:`Recorder` that is invalid."""
     if not isinstance(model, torch.nn.Module):
         raise RecorderError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    complex_param = next(((n, p) for n, p in model.named_parameters() if p.is_complex()), None)
+    if complex_param is not None:
+        name, p = complex_param
+        raise RecorderError(
+            f"model: parameter {name!r} is {str(p.dtype).removeprefix('torch.')}; the recorder takes "
+            "real parameters only (the run format stores no complex dtype, and the metrics are real "
+            "inner products)"
+        )
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise RecorderError(
             f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"

@@ -554,3 +554,15 @@ def test_buffer_shape_differs(run_dir: Path) -> None:
 def test_path_with_nul_byte() -> None:
     with raises(RunFormatError, "no such directory"):
         open_run("run\x00dir")
+
+
+def test_complex_parameter_is_refused_when_the_recorder_is_created(tmp_path: Path) -> None:
+    from trajscope.recorders import Recorder
+
+    model = nn.Linear(3, 2)
+    model.register_parameter("w", nn.Parameter(torch.zeros(2, dtype=torch.complex64)))
+    with pytest.raises(trajscope.errors.RecorderError) as exc:
+        Recorder(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert str(exc.value) == ("model: parameter 'w' is complex64; the recorder takes real parameters only "
+                              "(the run format stores no complex dtype, and the metrics are real inner products)")
+    assert not (tmp_path / "run").exists()  # refused before anything is written
