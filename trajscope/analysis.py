@@ -49,7 +49,7 @@ from trajscope.execution import (
     usable_cores,
 )
 from trajscope.objective import check_run_objective, objective_digest
-from trajscope.outputs import analysis_dir, create_analysis_dir, pairs_digest
+from trajscope.outputs import analysis_dir, create_analysis_dir
 from trajscope.pairs import PairStats
 from trajscope.persist import (
     VERSION,
@@ -57,6 +57,7 @@ from trajscope.persist import (
     analysis_lock,
     load_persisted,
     load_references,
+    pairs_digest,
     reference_digest,
     remove_stale_temporaries,
     settings_digest,

@@ -11,7 +11,6 @@ take the same directory as ``analysis=DIR`` (``--analysis DIR``).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 from trajscope import format as fmt
 from trajscope.errors import AnalysisError, RunFormatError
 
-__all__ = ["analysis_dir", "check_writable", "create_analysis_dir", "pairs_digest", "per_run"]
+__all__ = ["analysis_dir", "check_writable", "create_analysis_dir", "per_run"]
 
 PathLike = str | Path
 
@@ -74,17 +73,6 @@ def create_analysis_dir(path: Path) -> None:
         except OSError as exc:
             raise RunFormatError(f"{path.parent}: cannot create directory ({exc.strerror})") from exc
     fmt.safe_output_dir(path.parent, path.name, fmt.PAIRS_DIR)
-
-
-def pairs_digest(digest: str, run_dir: Path, path: Path) -> str:
-    """The tag of the pairs persisted under the analysis directory ``path``: ``digest``
-    (:func:`trajscope.persist.settings_digest`) for ``run_dir/analysis``; elsewhere it also covers
-    the run's absolute path (symlinks resolved), so that a directory given to the analyses of two
-    runs never hands one run's pairs to the other: sha256(digest + path), 16 hex digits."""
-    if path.resolve() == (run_dir / fmt.ANALYSIS_DIR).resolve():
-        return digest
-    blob = f"{digest}\0{run_dir.resolve()}"
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def per_run(analysis: PathLike | Sequence[PathLike | None] | None, n: int) -> list[Path | None]:

@@ -8,7 +8,8 @@ Each finished pair is persisted by the task that computed it, in two files:
   :mod:`trajscope.reference`), tagged with that digest, the step of x* and its snapshot's identity
   (:func:`reference_digest`).
 
-So an interrupted analysis (even SIGKILL) resumes where it stopped, new recorded steps only cost
+In an analysis directory other than ``RUN/analysis`` the pairs' digest also covers the run's
+path (:func:`pairs_digest`). So an interrupted analysis (even SIGKILL) resumes where it stopped, new recorded steps only cost
 their new pairs, and a new reference point only costs the reference parts. ``analysis/.lock``
 keeps two analyses from writing one run's ``analysis/`` at once. :class:`PairTable` holds every
 pair's results in memory until the Dataset is built.
@@ -37,7 +38,7 @@ from trajscope.probe import ProbeSettings
 from trajscope.reference import ReferencePart, merge
 
 __all__ = ["VERSION", "PairTable", "analysis_lock", "load_pair", "load_reference", "pair_path",
-           "reference_digest", "reference_path", "remove_stale_temporaries", "save_pair",
+           "pairs_digest", "reference_digest", "reference_path", "remove_stale_temporaries", "save_pair",
            "save_reference", "settings_digest"]
 
 from trajscope._version import VERSION
@@ -140,6 +141,17 @@ def reference_digest(digest: str, reference_step: int | None, identity: str) -> 
     of x* and its snapshot's identity (:func:`trajscope.reference.snapshot_identity`), so a part
     computed for another x*, or for a snapshot since replaced, is recomputed."""
     blob = json.dumps({"pairs": digest, "reference": reference_step, "identity": identity}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pairs_digest(digest: str, run_dir: Path, path: Path) -> str:
+    """The tag of the pairs persisted under the analysis directory ``path``: ``digest``
+    (:func:`trajscope.persist.settings_digest`) for ``run_dir/analysis``; elsewhere it also covers
+    the run's absolute path (symlinks resolved), so that a directory given to the analyses of two
+    runs never hands one run's pairs to the other: sha256(digest + path), 16 hex digits."""
+    if path.resolve() == (run_dir / fmt.ANALYSIS_DIR).resolve():
+        return digest
+    blob = f"{digest}\0{run_dir.resolve()}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
