@@ -169,3 +169,79 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return (f"{cpu}, {os.cpu_count()} cores, load {load:.2f}; torch {torch.__version__}, "
             f"{torch.get_num_threads()} intra-op threads; GPU {gpu}; clock {CLOCK}")
+
+
+def sync(device: str) -> None:
+    """Wait for ``device`` (CUDA) to finish its queued work; nothing on a CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _status_bytes(field: str) -> int:
+    """``VmRSS``/``VmHWM`` of this process in bytes (0 where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Peaks:
+    """Peak memory of this process, although the analyzer resets the high-water marks it measures
+    with (``trajscope.memory._reset_hwm``, ``torch.cuda.reset_peak_memory_stats``): while this is
+    entered, each reset first folds the mark into the maxima kept here.
+
+    :meth:`rss` is the resident-set peak of the process (what ``ru_maxrss`` reports without
+    resets); :meth:`device` the peak on the device (CPU: resident set; CUDA: allocated) since
+    :meth:`mark`."""
+
+    def __init__(self, device: str) -> None:
+        self.dev, self.cuda = device, device.startswith("cuda")
+        self._rss = self._since = 0
+
+    def _mark(self) -> int:
+        return torch.cuda.max_memory_allocated(self.dev) if self.cuda else _status_bytes("VmHWM")
+
+    def _fold(self) -> None:
+        self._rss = max(self._rss, _status_bytes("VmHWM"))
+        self._since = max(self._since, self._mark())
+
+    def __enter__(self) -> Peaks:
+        import trajscope.memory as tm
+
+        self._saved = tm._reset_hwm, torch.cuda.reset_peak_memory_stats
+        reset_hwm, reset_cuda = self._saved
+
+        def fold_hwm() -> int | None:
+            self._fold()
+            return reset_hwm()
+
+        def fold_cuda(device: torch.device | str | int | None = None) -> None:
+            self._fold()
+            reset_cuda(device)
+
+        tm._reset_hwm, torch.cuda.reset_peak_memory_stats = fold_hwm, fold_cuda
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import trajscope.memory as tm
+
+        tm._reset_hwm, torch.cuda.reset_peak_memory_stats = self._saved
+
+    def mark(self) -> int:
+        """Measure :meth:`device` from now on; returns the memory held now (the baseline)."""
+        sync(self.dev)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (after folding it)
+        self._since = 0
+        return torch.cuda.memory_allocated(self.dev) if self.cuda else _status_bytes("VmRSS")
+
+    def rss(self) -> int:
+        return max(self._rss, _status_bytes("VmHWM"))
+
+    def device(self) -> int:
+        return max(self._since, self._mark())

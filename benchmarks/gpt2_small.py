@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import ROOT, machine
+from benchmarks.common import ROOT, Peaks, machine, sync
 from benchmarks.lm_memory import GPT, _tokens, lm_loss
 
 GPT2_SMALL = {"vocab": 50257, "embd": 768, "layers": 12, "heads": 12, "block": 1024}
@@ -90,81 +90,6 @@ def make_gpt2() -> Any:  # an Objective (trajscope imported here: the driver doe
     return Objective(model=GPT(s["vocab"], s["embd"], s["layers"], s["heads"], s["block"]), loss=lm_loss)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def _status_bytes(field: str) -> int:
-    """``VmRSS``/``VmHWM`` of this process in bytes (0 where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-class Peaks:
-    """Peak memory of this process, although the analyzer resets the high-water marks it measures
-    with (``trajscope.memory._reset_hwm``, ``torch.cuda.reset_peak_memory_stats``): while this is
-    entered, each reset first folds the mark into the maxima kept here.
-
-    :meth:`rss` is the resident-set peak of the process (what ``ru_maxrss`` reports without
-    resets); :meth:`device` the peak on the device (CPU: resident set; CUDA: allocated) since
-    :meth:`mark`."""
-
-    def __init__(self, device: str) -> None:
-        self.dev, self.cuda = device, device.startswith("cuda")
-        self._rss = self._since = 0
-
-    def _mark(self) -> int:
-        return torch.cuda.max_memory_allocated(self.dev) if self.cuda else _status_bytes("VmHWM")
-
-    def _fold(self) -> None:
-        self._rss = max(self._rss, _status_bytes("VmHWM"))
-        self._since = max(self._since, self._mark())
-
-    def __enter__(self) -> Peaks:
-        import trajscope.memory as tm
-
-        self._saved = tm._reset_hwm, torch.cuda.reset_peak_memory_stats
-        reset_hwm, reset_cuda = self._saved
-
-        def fold_hwm() -> int | None:
-            self._fold()
-            return reset_hwm()
-
-        def fold_cuda(device: torch.device | str | int | None = None) -> None:
-            self._fold()
-            reset_cuda(device)
-
-        tm._reset_hwm, torch.cuda.reset_peak_memory_stats = fold_hwm, fold_cuda
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import trajscope.memory as tm
-
-        tm._reset_hwm, torch.cuda.reset_peak_memory_stats = self._saved
-
-    def mark(self) -> int:
-        """Measure :meth:`device` from now on; returns the memory held now (the baseline)."""
-        _sync(self.dev)
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.dev)
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (after folding it)
-        self._since = 0
-        return torch.cuda.memory_allocated(self.dev) if self.cuda else _status_bytes("VmRSS")
-
-    def rss(self) -> int:
-        return max(self._rss, _status_bytes("VmHWM"))
-
-    def device(self) -> int:
-        return max(self._since, self._mark())
-
-
 def _train(cfg: dict[str, Any], peaks: Peaks) -> dict[str, Any]:
     from trajscope.recorders import Recorder
 
@@ -183,7 +108,7 @@ def _train(cfg: dict[str, Any], peaks: Peaks) -> dict[str, Any]:
             loss.backward()
             rec.batch(batch, loss=loss)
             opt.step()
-    _sync(dev)
+    sync(dev)
     step0 = Path(cfg["run"]) / "steps" / "step_00000000.safetensors"
     return {"seconds": time.perf_counter() - t0, "params": sum(p.numel() for p in model.parameters()),
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
@@ -202,12 +127,12 @@ def _analyze(cfg: dict[str, Any], peaks: Peaks) -> dict[str, Any]:
         trajscope.analyze(run, steps="0:1", device=dev, progress=False)  # warm-up: imports, first writes
         t0 = time.perf_counter()
         trajscope.analyze(run, steps="0:1", device=dev, force=True, progress=False)
-        _sync(dev)
+        sync(dev)
         first = time.perf_counter() - t0
     base = peaks.mark()
     t0 = time.perf_counter()
     ds = trajscope.analyze(run, steps=steps, device=dev, force=cfg["marginal"], progress=False)  # defaults
-    _sync(dev)
+    sync(dev)
     seconds = time.perf_counter() - t0
     pairs_dir = Path(run) / "analysis" / "pairs"
     saved = [safetensors.numpy.load_file(str(pair_path(pairs_dir, int(t)))) for t in ds["step"].values]

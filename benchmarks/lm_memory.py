@@ -12,7 +12,7 @@ process (peak RSS from ``ru_maxrss`` of that process):
 * hand loop: the same 17 α points by one ``jvp`` each, and the two gradients, per pair.
 
 Peak RSS is the high-water mark of the phase's process, with the resets the analyzer makes while
-it plans its line folded in (``benchmarks.gpt2_small.Peaks``).
+it plans its line folded in (``benchmarks.common.Peaks``).
 
 Marginal time per pair = (time of all pairs − time of the first) / (pairs − 1), in one process
 after a warm-up on the first pair (each analysis calibrates on its first pair: that cancels).
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import ROOT, machine
+from benchmarks.common import ROOT, Peaks, machine
 
 SHAPE = {"vocab": 16384, "embd": 128, "layers": 2, "heads": 4, "seq": 256, "batch": 8}
 """The model and batch shape; overridden by the command line (exported to children through
@@ -193,8 +193,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.child:
         phase, run, pairs = args.child
-        from benchmarks.gpt2_small import Peaks
-
         # The analyzer resets the resident-set high-water mark while it plans its line (the mark
         # ru_maxrss reports): Peaks folds each reset into the maximum it keeps.
         with Peaks("cpu") as peaks:

@@ -9,7 +9,9 @@ Each finished pair is persisted by the task that computed it, in two files:
   (:func:`reference_digest`).
 
 In an analysis directory other than ``RUN/analysis`` the pairs' digest also covers the run's
-path (:func:`pairs_digest`). So an interrupted analysis (even SIGKILL) resumes where it stopped, new recorded steps only cost
+path (:func:`pairs_digest`).
+
+So an interrupted analysis (even SIGKILL) resumes where it stopped, new recorded steps only cost
 their new pairs, and a new reference point only costs the reference parts. ``analysis/.lock``
 keeps two analyses from writing one run's ``analysis/`` at once. :class:`PairTable` holds every
 pair's results in memory until the Dataset is built.
