@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from trajscope import confine
 from trajscope import format as fmt
 from trajscope.errors import RecorderError, RunFormatError
 from trajscope.recorders.backends import HDF5Writer, SafetensorsWriter
@@ -42,7 +43,7 @@ def prepare_run_dir(run_dir: Path, storage: str, *, overwrite: bool) -> IO[bytes
     """
     removed = (fmt.ANALYSIS_DIR, fmt.REPORT_DIR) if overwrite else ()
     for name in (*WRITTEN, *removed):
-        _confined(fmt.check_replaceable, run_dir / name)
+        _confined(confine.check_replaceable, run_dir / name)
     manifest_path = run_dir / fmt.MANIFEST
     if manifest_path.exists():
         if not overwrite:
@@ -52,7 +53,7 @@ def prepare_run_dir(run_dir: Path, storage: str, *, overwrite: bool) -> IO[bytes
             )
         # The report goes too: its figures would describe the replaced run.
         for name in (fmt.STEPS_DIR, *removed, fmt.SCALARS, fmt.HDF5_FILE, fmt.MANIFEST):
-            _confined(fmt.remove_entry, run_dir / name)
+            _confined(confine.remove_entry, run_dir / name)
     run_dir.mkdir(parents=True, exist_ok=True)
     if storage == fmt.STORAGE_SAFETENSORS:
         (run_dir / fmt.STEPS_DIR).mkdir(exist_ok=True)
@@ -60,7 +61,7 @@ def prepare_run_dir(run_dir: Path, storage: str, *, overwrite: bool) -> IO[bytes
 
 
 def _confined(check: Callable[[Path], None], path: Path) -> None:
-    """``check(path)`` (:func:`trajscope.format.check_replaceable` or ``remove_entry``), its
+    """``check(path)`` (:func:`trajscope.confine.check_replaceable` or ``remove_entry``), its
     refusal raised as the recorder's error."""
     try:
         check(path)

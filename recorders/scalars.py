@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from trajscope import format as fmt
-from trajscope.errors import RecorderError
+from trajscope import confine
+from trajscope.errors import RecorderError, RunFormatError
 from trajscope.recorders.capture import as_float
 
 __all__ = ["ScalarsLog", "DEFER_LIMIT", "combine_losses"]
@@ -46,14 +46,10 @@ class ScalarsLog:
 
     def __init__(self, path: Path, on_error: Callable[[str, BaseException], None]) -> None:
         self.path = path
-        # O_NOFOLLOW: appending through a symlink would write outside the run directory.
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(path, flags, 0o644)
-        except OSError as exc:
-            if os.path.islink(path):
-                raise RecorderError(str(fmt.link_error(path))) from exc
-            raise RecorderError(f"{path}: cannot open for appending ({exc.strerror})") from exc
+        try:  # never through a symlink: appending there would write outside the run directory
+            fd = confine.open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "for appending")
+        except RunFormatError as exc:
+            raise RecorderError(str(exc)) from exc
         self._fh: Any = os.fdopen(fd, "a", encoding="utf-8")
         self._on_error = on_error
         self._deferred: list[tuple[dict[str, Any], WeightedLosses, Any]] = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trajscope import confine
 from trajscope import format as fmt
 from trajscope.errors import RunFormatError
 from trajscope.run import Run, open_run
@@ -47,7 +48,7 @@ def _write_all(run: Run, to: str, dest: Path, tmp_name: str) -> Path:
 
     slot = Slot()
     target = dest / tmp_name
-    fmt.remove_entry(target)  # a leftover of a killed conversion; a planted link is refused
+    confine.remove_entry(target)  # a leftover of a killed conversion; a planted link is refused
     if to == fmt.STORAGE_HDF5:
         writer = HDF5Writer(target, _declared(run), {"trajscope_storage": fmt.STORAGE_HDF5,
                                                      "format_version": fmt.FORMAT_VERSION})
@@ -137,12 +138,12 @@ def convert_run(run_dir: str | Path, to: str, *, out: str | Path | None = None,
     dest = run.path
     old_name = fmt.STEPS_DIR if src_kind == fmt.STORAGE_SAFETENSORS else fmt.HDF5_FILE
     for name in (f".{final_name}.converting", final_name, old_name):
-        fmt.check_replaceable(dest / name)  # refuse planted links before writing anything
+        confine.check_replaceable(dest / name)  # refuse planted links before writing anything
     tmp = _write_all(run, to, dest, f".{final_name}.converting")
     final = dest / final_name
-    fmt.remove_entry(final)  # a leftover of an earlier conversion with keep=True
+    confine.remove_entry(final)  # a leftover of an earlier conversion with keep=True
     tmp.rename(final)
     fmt.atomic_write_json(dest / fmt.MANIFEST, manifest)  # the switch: readers now use `to`
     if not keep:
-        fmt.remove_entry(dest / old_name)
+        confine.remove_entry(dest / old_name)
     return dest

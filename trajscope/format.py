@@ -364,69 +364,6 @@ def check_name(name: Any, where: str) -> str:
     return name
 
 
-def link_error(path: Path) -> RunFormatError:
-    """The error for a symlink where trajscope writes inside a run (or an analysis directory)."""
-    return RunFormatError(
-        f"{path}: is a symlink; trajscope writes only inside the run (or analysis) directory and "
-        "will not follow it (remove the link)"
-    )
-
-
-def safe_output_dir(root: Path, *parts: str) -> Path:
-    """Create (if needed) and return ``root/parts...``, refusing any component that is a symlink
-    or not a directory, so that what trajscope writes under a run directory stays inside it even
-    when the directory came from someone else.
-
-    Raises:
-        RunFormatError: if a component is a symlink or a non-directory.
-    """
-    path = Path(root)
-    for part in parts:
-        if part in ("", ".", "..") or "/" in part or os.sep in part:
-            raise RunFormatError(f"{path}: refusing output directory component {part!r}")
-        path = path / part
-        if path.is_symlink():
-            raise link_error(path)
-        if path.exists() and not path.is_dir():
-            raise RunFormatError(f"{path}: expected a directory, found a file")
-        try:
-            path.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise RunFormatError(f"{path}: cannot create directory ({exc.strerror})") from exc
-    return path
-
-
-def check_replaceable(path: Path) -> None:
-    """Raise unless ``path`` is absent, a regular file or a real directory (``lstat``: never
-    followed): what trajscope may remove or replace inside a run directory.
-
-    Raises:
-        RunFormatError: naming ``path`` if it is a symlink or a FIFO, socket or device.
-    """
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise RunFormatError(f"{path}: cannot inspect ({exc.strerror})") from exc
-    if stat.S_ISLNK(mode):
-        raise link_error(path)
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise RunFormatError(f"{path}: expected a regular file or a directory, found a special file")
-
-
-def remove_entry(path: Path) -> None:
-    """Remove the file or directory tree at ``path`` (absent is fine) after :func:`check_replaceable`
-    (``shutil.rmtree`` never follows links found inside the tree)."""
-    import shutil
-
-    check_replaceable(path)
-    try:
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    except OSError as exc:
-        raise RunFormatError(f"{path}: cannot remove ({exc.strerror})") from exc
-
-
 # --- safetensors encoding (writer side) ------------------------------------------------------------
 # The recorder lays a snapshot out in memory exactly as its safetensors file (so the background
 # writer issues one write per step and no serialisation copy exists); this is the part of the

@@ -4,7 +4,7 @@ directory that cannot be written (a shared dataset, a mounted snapshot) can stil
 
 An analysis directory holds the same entries wherever it is (``metrics.nc``, ``pairs/``,
 ``.lock``: ``docs/format.md``), and is created and written through the same confinement helpers
-(:func:`trajscope.format.safe_output_dir` and the atomic writers). The readers
+(:func:`trajscope.confine.safe_output_dir` and the atomic writers). The readers
 (:func:`trajscope.open_metrics`, :func:`trajscope.summarize`, :func:`trajscope.report.write_report`)
 take the same directory as ``analysis=DIR`` (``--analysis DIR``).
 """
@@ -15,6 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from trajscope import confine
 from trajscope import format as fmt
 from trajscope.errors import AnalysisError, RunFormatError
 
@@ -62,7 +63,7 @@ def check_writable(path: Path, what: str, hint: str) -> None:
 
 def create_analysis_dir(path: Path) -> None:
     """Create ``path`` (and its missing parents) and ``path/pairs``; ``path`` and ``pairs`` must be
-    real directories, never symlinks (:func:`trajscope.format.safe_output_dir`).
+    real directories, never symlinks (:func:`trajscope.confine.safe_output_dir`).
 
     Raises:
         RunFormatError: a component is a symlink or not a directory, or cannot be created.
@@ -72,7 +73,7 @@ def create_analysis_dir(path: Path) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RunFormatError(f"{path.parent}: cannot create directory ({exc.strerror})") from exc
-    fmt.safe_output_dir(path.parent, path.name, fmt.PAIRS_DIR)
+    confine.safe_output_dir(path.parent, path.name, fmt.PAIRS_DIR)
 
 
 def per_run(analysis: PathLike | Sequence[PathLike | None] | None, n: int) -> list[Path | None]:

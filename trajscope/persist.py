@@ -33,6 +33,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from trajscope import confine
 from trajscope import format as fmt
 from trajscope.errors import AnalysisError, RunFormatError
 from trajscope.pairs import PairStats
@@ -259,7 +260,7 @@ def analysis_lock(analysis_dir: Path) -> Iterator[None]:
         RunFormatError: naming ``analysis/`` or ``analysis/.lock`` if either is a symlink or
             not a plain directory/file.
     """
-    fmt.safe_output_dir(analysis_dir.parent, analysis_dir.name)
+    confine.safe_output_dir(analysis_dir.parent, analysis_dir.name)
     fh = _open_lock_file(analysis_dir / fmt.LOCK_FILE)
     try:
         if not _try_lock(fh):
@@ -292,16 +293,7 @@ def _open_lock_file(path: Path) -> IO[str]:
     Raises:
         RunFormatError: naming ``path`` if it is a symlink, not a regular file, or unopenable.
     """
-    if os.path.islink(path):  # also where O_NOFOLLOW does not exist
-        raise fmt.link_error(path)
-    flags = (os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-             | getattr(os, "O_CLOEXEC", 0))
-    try:
-        fd = os.open(path, flags, 0o644)
-    except OSError as exc:
-        if os.path.islink(path):
-            raise fmt.link_error(path) from None
-        raise RunFormatError(f"{path}: cannot open the lock file ({exc.strerror})") from exc
+    fd = confine.open_nofollow(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NONBLOCK", 0), "the lock file")
     st = os.fstat(fd)
     problem = ("expected a regular file, found a FIFO or special file" if not stat.S_ISREG(st.st_mode)
                else f"has {st.st_nlink} hard links; expected a file of its own" if st.st_nlink > 1 else "")

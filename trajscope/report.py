@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from trajscope import confine
 from trajscope import format as fmt
 from trajscope.errors import AnalysisError, RunFormatError
 from trajscope.figures import (
@@ -200,7 +201,7 @@ def write_report(
             raise AnalysisError("report: pass out=DIR when the runs are given as Datasets")
         # Inside the run: `report` must be a real directory there, never a planted symlink.
         check_writable(Path(first) / REPORT_DIR, "the report", "pass --out DIR (write_report(..., out=DIR))")
-        out_dir = fmt.safe_output_dir(Path(first), REPORT_DIR)
+        out_dir = confine.safe_output_dir(Path(first), REPORT_DIR)
     else:
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)

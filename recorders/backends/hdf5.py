@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 import torch
 
+from trajscope import confine
 from trajscope import format as fmt
 from trajscope.errors import RunFormatError
 from trajscope.recorders.backends.base import DIRECT_IO_ALIGN, DTYPES, FormatStorage, Raw, int_view, register, stat_path
@@ -254,7 +255,7 @@ class HDF5Writer:
         import h5py
 
         self.path = path
-        fmt.check_replaceable(path)  # a symlink or special file there is refused, naming it
+        confine.check_replaceable(path)  # a symlink or special file there is refused, naming it
         path.unlink(missing_ok=True)  # a file from before (a directory there fails, naming it)
         try:
             # Objects of _DIRECT_MIN bytes or more start at multiples of _DIO: O_DIRECT needs that.

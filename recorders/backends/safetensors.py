@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trajscope import confine
 from trajscope import format as fmt
 from trajscope.errors import RunFormatError
 from trajscope.recorders.backends.base import DIRECT_IO_ALIGN, FormatStorage, Raw, register, stat_path
@@ -117,7 +118,7 @@ class SafetensorsWriter:
                  steps_dir: Path | None = None) -> None:
         self.dir = steps_dir if steps_dir is not None else run_dir / fmt.STEPS_DIR
         if self.dir.is_symlink():
-            raise fmt.link_error(self.dir)
+            raise confine.link_error(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._dir_fd: int | None = None
         if os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY"):
