@@ -124,14 +124,17 @@ def _analyze(cfg: dict[str, Any], peaks: Peaks) -> dict[str, Any]:
     dev, run, steps = cfg["device"], cfg["run"], f"0:{cfg['pairs']}"  # the last recorded step has no pair
     first = None
     if cfg["marginal"]:  # every analysis writes its pairs and Dataset: the fixed costs cancel
-        trajscope.analyze(run, steps="0:1", device=dev, progress=False)  # warm-up: imports, first writes
+        # warm-up: imports, first writes
+        trajscope.analyze(run, steps="0:1", device=dev, derivatives=cfg["derivatives"], progress=False)
         t0 = time.perf_counter()
-        trajscope.analyze(run, steps="0:1", device=dev, force=True, progress=False)
+        trajscope.analyze(run, steps="0:1", device=dev, derivatives=cfg["derivatives"], force=True,
+                          progress=False)
         sync(dev)
         first = time.perf_counter() - t0
     base = peaks.mark()
     t0 = time.perf_counter()
-    ds = trajscope.analyze(run, steps=steps, device=dev, force=cfg["marginal"], progress=False)  # defaults
+    ds = trajscope.analyze(run, steps=steps, device=dev, derivatives=cfg["derivatives"], force=cfg["marginal"],
+                            progress=False)  # defaults
     sync(dev)
     seconds = time.perf_counter() - t0
     pairs_dir = Path(run) / "analysis" / "pairs"
@@ -307,6 +310,9 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
            "threads": args.threads,
            **{k: d[k] if getattr(args, k) is None else getattr(args, k) for k in ("batch", "seq", "pairs")}}
     cfg["marginal"] = device == "cuda" or args.hand
+    # The tiny shape stands in for GPT-2 small, whose line work `auto` gives to forward mode; at
+    # its own size `auto` would pick reverse mode (trajscope.plan.reverse_is_cheaper).
+    cfg["derivatives"] = "forward" if args.tiny else "auto"
     if not 1 <= cfg["seq"] <= shape["block"]:
         raise SystemExit(f"gpt2_small: --seq {cfg['seq']}: expected 1..{shape['block']} (the model's block)")
     for k in ("batch", "threads"):

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from problems import train_quadratic
 
@@ -18,12 +19,25 @@ import json, sys
 from trajscope.cli import main
 code = None
 try:
-    main(["analyze", sys.argv[1], "--force", "-q"])
+    main(["analyze", sys.argv[1], "--force", "-q", *sys.argv[2:]])
 except SystemExit as exc:
     code = exc.code
 print(json.dumps({"code": code, "modules": sorted(m for m in sys.modules if m.split(".")[0] in
-                                                   ("distributed", "tornado", "dask"))}))
+                                                   ("distributed", "tornado", "dask")),
+                  "jvp_setup": "torch._decomp.decompositions_for_jvp" in sys.modules}))
 """
+
+
+def _analyze_fresh(run: Path, *args: str) -> dict[str, Any]:
+    """``trajscope analyze RUN --force -q ARGS`` in a fresh interpreter: what it imported."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", PROBE, str(run), *args], cwd=TESTS, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["code"] in (0, None), out.stderr[-2000:]
+    assert (run / "analysis" / "metrics.nc").is_file()
+    return result
 
 
 def test_a_local_analysis_never_imports_distributed(tmp_path: Path) -> None:
@@ -31,12 +45,16 @@ def test_a_local_analysis_never_imports_distributed(tmp_path: Path) -> None:
     # Dataset must not pull it in through dask's scheduler lookup.
     run = tmp_path / "run"
     train_quadratic(run, steps=3)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", PROBE, str(run)], cwd=TESTS, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["code"] in (0, None), out.stderr[-2000:]
-    assert (run / "analysis" / "metrics.nc").is_file()
+    result = _analyze_fresh(run)
     assert "dask" in result["modules"]  # the local scheduler is dask's
     assert not [m for m in result["modules"] if m.split(".")[0] in ("distributed", "tornado")]
+
+
+def test_a_tiny_analysis_skips_forward_mode_set_up(tmp_path: Path) -> None:
+    # Two pairs of a quadratic at 3 α points: reverse mode's whole line work (2 x 3 x 3
+    # evaluations of f) is far below what torch's first jvp costs to set up, so `auto` takes
+    # reverse mode and never imports the jvp decompositions. It would take one evaluation slower
+    # than 15 ms for the estimate to reach the set-up (plan.FORWARD_AD_SETUP_S).
+    run = tmp_path / "run"
+    train_quadratic(run, steps=2)
+    assert _analyze_fresh(run, "--points", "3", "--margin", "0")["jvp_setup"] is False

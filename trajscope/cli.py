@@ -106,7 +106,8 @@ def _check_size(ctx: click.Context, param: click.Parameter, value: str | None) -
               show_default=True,
               help="How the slope along each step is computed: forward-mode AD (batched), reverse "
                    "mode (one backward per point; any model training can backpropagate through), or "
-                   "auto (forward when the model supports it, decided once).")
+                   "auto (forward when the model supports it, decided once; reverse for an analysis "
+                   "too small to repay forward mode's one-time set-up).")
 @click.option("--max-memory", "max_memory", metavar="SIZE", callback=_check_size,
               help="Memory the line evaluations may add, in bytes or like 4GB, 512MiB, split between "
                    "worker processes (default: half the available memory, or of the GPU's free memory).")

@@ -7,6 +7,7 @@ the name of the objective that tags persisted pairs, and the derivative path of 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -25,9 +26,10 @@ from trajscope.registry import MetricSpec, get_metrics
 from trajscope.run import Run, Snapshot
 from trajscope.tasks import ObjectiveSource, objective_for
 
-__all__ = ["check_derivatives", "eval_dtype", "forward_mode_failure", "objective_id", "pairs_to_analyze",
-           "persisted_objective_change", "probe_settings", "replayed_loss", "resolve_derivatives", "select_metrics",
-           "select_steps", "training_rounding", "with_requirements"]
+__all__ = ["FORWARD_AD_SETUP_S", "check_derivatives", "eval_dtype", "forward_mode_failure", "objective_id",
+           "pairs_to_analyze", "persisted_objective_change", "probe_settings", "replayed_loss",
+           "resolve_derivatives", "reverse_is_cheaper", "select_metrics", "select_steps",
+           "training_rounding", "with_requirements"]
 
 
 def objective_id(source: ObjectiveSource, recorded: str | None) -> str:
@@ -225,7 +227,9 @@ def resolve_derivatives(requested: str, settings: ProbeSettings, r: Run, source:
                         pairs: list[int], local: bool) -> ProbeSettings:
     """``settings`` with the derivative path of the line probe, decided once for the analysis.
 
-    ``"reverse"`` is taken as asked. Otherwise one jvp of f at the first readable pair's x_t
+    ``"reverse"`` is taken as asked. ``"auto"`` takes reverse mode for a small analysis, one
+    whose whole line work in reverse mode costs less than forward mode's one-time set-up
+    (:func:`reverse_is_cheaper`). Otherwise one jvp of f at the first readable pair's x_t
     (:func:`forward_mode_failure`) decides: forward mode works → ``forward``; an op
     without a forward-mode rule → forward again with ``scaled_dot_product_attention`` held to its
     math kernel (exact, still batched) → if that works, ``forward`` with ``sdpa_math``; else
@@ -237,6 +241,8 @@ def resolve_derivatives(requested: str, settings: ProbeSettings, r: Run, source:
     if requested == "reverse":
         return replace(settings, derivatives="reverse", derivatives_reason="requested")
     trial = settings if local else replace(settings, device="cpu")
+    if requested == "auto" and reverse_is_cheaper(r, source, pairs, trial):
+        return replace(settings, derivatives="reverse", derivatives_reason=SMALL_ANALYSIS)
     what = _forward_failure(r, source, pairs, trial)
     if what is None:
         return replace(settings, derivatives="forward",
@@ -253,6 +259,48 @@ def resolve_derivatives(requested: str, settings: ProbeSettings, r: Run, source:
             "use --derivatives reverse (or auto)", what)
     return replace(settings, derivatives="reverse",
                    derivatives_reason=f"forward-mode AD is not implemented for {what} used by the loss")
+
+
+FORWARD_AD_SETUP_S = 0.3
+"""What the first forward-mode AD call in a process costs before any arithmetic, in seconds:
+torch compiles its jvp decompositions (TorchScript) then. ``python -m benchmarks.startup`` measures
+it on the machine at hand (docs/performance.md, "Start-up")."""
+
+REVERSE_FORWARDS = 3.0
+"""One reverse-mode point (f and its gradient) in units of one evaluation of f."""
+
+SMALL_ANALYSIS = "a small analysis: reverse mode costs less than forward-mode AD's one-time set-up"
+"""``derivatives_reason`` of an ``auto`` analysis that :func:`reverse_is_cheaper` sent to reverse mode."""
+
+
+def reverse_is_cheaper(r: Run, source: ObjectiveSource, pairs: list[int], trial: ProbeSettings) -> bool:
+    """Whether reverse mode does the whole analysis's line work in less time than forward mode
+    needs before its first jvp.
+
+    Estimate: pairs × α points × :data:`REVERSE_FORWARDS` × the time of one f(x_t; z_t) at the
+    first readable pair (:func:`replayed_loss`, on ``trial``'s device, start-up costs included,
+    so a doubtful case stays in forward mode), against :data:`FORWARD_AD_SETUP_S`. False when
+    this process has already paid the set-up, and when no pair can be evaluated (the forward-mode
+    trial and the pairs then report why).
+    """
+    if "torch._decomp.decompositions_for_jvp" in sys.modules:  # set-up paid: forward mode is free
+        return False
+    points = len(pairs) * len(trial.alphas) * REVERSE_FORWARDS
+    for t in pairs[:3]:  # a damaged snapshot costs only its pair: try the next one
+        try:
+            snap = r.snapshot(t)
+        except TrajscopeError:
+            continue
+        if snap.batch is None:
+            continue
+        try:
+            objective = objective_for(source, r.objective, run=r)
+            start = time.perf_counter()
+            replayed_loss(objective, snap, trial, r.trainable)  # float(): waits for the device
+            return points * (time.perf_counter() - start) < FORWARD_AD_SETUP_S
+        except Exception:  # noqa: BLE001 - the pairs report a failing loss in context
+            return False
+    return False
 
 
 def forward_mode_failure(objective: Objective, snap: Snapshot, settings: ProbeSettings,
