@@ -7,8 +7,8 @@ prints the median wall time of each and their difference: what trajscope adds to
 torch that any analysis pays. The two commands alternate so machine noise hits both alike.
 
 Then, in one more fresh process, where the added time goes (:data:`BREAKDOWN`): each import in
-the order the analysis needs it, the analysis itself (one pair, the Dataset written), and of that
-the writing of ``metrics.nc``.
+the order the analysis needs it, the analysis itself (one pair, the Dataset written), of that the
+writing of ``metrics.nc``, and whether the analysis paid forward-mode AD's one-time set-up.
 
 Run: ``python -m benchmarks.startup [--repeats 7]``. Numbers: ``docs/performance.md``, section
 "Start-up".
@@ -76,8 +76,6 @@ import trajscope.analysis, trajscope.cli
 mark("import trajscope (with dask)")
 import dask.array, h5netcdf, xarray
 mark("import xarray, dask.array, h5netcdf")
-import torch._decomp.decompositions_for_jvp
-mark("torch.func's jvp decompositions")
 import trajscope.analysis as a
 real, written = a._write_dataset, []
 def write(*args, **kw):
@@ -92,7 +90,7 @@ except SystemExit:
     pass
 mark("the analysis (one pair, Dataset written)")
 phases["  of which writing metrics.nc"] = sum(written)
-print(json.dumps(phases))
+print(json.dumps({"phases": phases, "jvp_setup": "torch._decomp.decompositions_for_jvp" in sys.modules}))
 '''
 """A fresh process that times each phase of a one-pair ``trajscope analyze`` separately."""
 
@@ -118,15 +116,17 @@ def main(argv: list[str] | None = None) -> None:
             analyze_s.append(timed([*trajscope_cli, "analyze", str(run), "--force", "-q"], where))
         out = subprocess.run([sys.executable, "-c", BREAKDOWN, str(run)], cwd=where, check=True,
                              capture_output=True, text=True)
-        phases = json.loads(out.stdout.strip().splitlines()[-1])
+        breakdown = json.loads(out.stdout.strip().splitlines()[-1])
     t, a = statistics.median(torch_s), statistics.median(analyze_s)
     print(f"import torch:                    median {t:.2f} s  (min {min(torch_s):.2f})")
     print(f"trajscope analyze (one pair):    median {a:.2f} s  (min {min(analyze_s):.2f})")
     print(f"added by trajscope:              median {a - t:.2f} s  (target <= 1.0 s), "
           f"paired median {statistics.median(x - y for x, y in zip(analyze_s, torch_s)):.2f} s")
     print("where the time goes, in one more process:")
-    for name, seconds in phases.items():
+    for name, seconds in breakdown["phases"].items():
         print(f"  {name:<42} {seconds:.2f} s")
+    print("  forward-mode AD's set-up (torch's jvp decompositions): "
+          + ("paid" if breakdown["jvp_setup"] else "not paid (derivatives=auto chose reverse mode)"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 # Tiny test models run fastest single-threaded (OpenMP spin-waits cost more than they save,
 # badly so on a loaded 2-core CI machine).
@@ -12,12 +13,15 @@ import torch
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(autouse=True)
-def _no_small_analysis_shortcut(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, scope="session")
+def _no_small_analysis_shortcut() -> Iterator[None]:
     """``derivatives="auto"`` sends an analysis too small to repay forward-mode AD's set-up to
     reverse mode, judged by timing one evaluation (:func:`trajscope.plan.reverse_is_cheaper`).
-    Tests pin it off, so that which path a test takes never depends on the machine's speed or on
-    the tests that ran before it; tests/test_small_analysis.py turns it back on."""
+    Tests pin it off, from before the first fixture's analysis, so that which path a test takes
+    never depends on the machine's speed or on the tests that ran before it;
+    tests/test_small_analysis.py turns it back on."""
     import trajscope.plan
 
-    monkeypatch.setattr(trajscope.plan, "FORWARD_AD_SETUP_S", 0.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trajscope.plan, "FORWARD_AD_SETUP_S", 0.0)
+        yield

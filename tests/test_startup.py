@@ -58,3 +58,26 @@ def test_a_tiny_analysis_skips_forward_mode_set_up(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train_quadratic(run, steps=2)
     assert _analyze_fresh(run, "--points", "3", "--margin", "0")["jvp_setup"] is False
+
+
+ENTRY = """
+import atexit, gc, sys
+from trajscope.cli import entry
+atexit.register(lambda: print("frozen objects at exit:", gc.get_freeze_count() > 0, flush=True))
+sys.argv = ["trajscope", *sys.argv[1:]]
+entry()
+"""
+
+
+def test_the_console_script_exits_without_a_final_collection_and_keeps_its_exit_code(tmp_path: Path) -> None:
+    # `trajscope` freezes the heap as it ends, so the interpreter's final garbage collections skip
+    # what torch, pandas and xarray allocated; the exit code and the atexit handlers stay.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    ok = subprocess.run([sys.executable, "-c", ENTRY, "metrics"], env=env, capture_output=True, text=True,
+                        timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "convexity_ratio" in ok.stdout and "frozen objects at exit: True" in ok.stdout
+    bad = subprocess.run([sys.executable, "-c", ENTRY, "info", str(tmp_path / "missing")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.startswith("trajscope: error:"), bad.stderr[-2000:]
+    assert "frozen objects at exit: True" in bad.stdout

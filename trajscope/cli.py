@@ -365,5 +365,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
 
 
+def entry() -> None:
+    """The ``trajscope`` console script: :func:`main`, then the process ends without the
+    interpreter's final garbage collections.
+
+    Those walk every object torch, pandas and xarray created, for most of a second, only to free
+    memory the operating system takes back anyway (``python -m benchmarks.startup``). Freezing
+    the objects makes the collections skip them; atexit handlers still run, buffered output is
+    still flushed, and objects whose last reference goes away are still finalized. Only the
+    command line does this: :func:`main` called in a process that goes on keeps collecting.
+    """
+    import gc
+
+    try:
+        main()
+    finally:
+        gc.freeze()
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -145,8 +145,11 @@ def write_dataset(ds: xr.Dataset, path: Path) -> None:
         from xarray.backends import H5NetCDFStore
 
         store = H5NetCDFStore.open(tmp, mode="w", lock=threading.Lock())
+        # No _FillValue: every value is written, and NaN already marks an undefined metric. A
+        # fill value would add nothing on reading and costs h5netcdf lookups per variable.
+        no_fill = {name: {"_FillValue": None} for name, v in ds.variables.items() if v.dtype.kind == "f"}
         try:
-            ds.dump_to_store(store)
+            ds.dump_to_store(store, encoding=no_fill)
         finally:
             store.close()
         with open(tmp, "rb+") as fh:
