@@ -62,7 +62,8 @@ def record(where: Path) -> Path:
 
 
 BREAKDOWN = '''
-import json, sys, time
+import gc, json, sys, time
+gc.disable()  # as the console script does from its start (trajscope.cli.entry)
 phases = {}
 t = time.perf_counter()
 def mark(name):
@@ -83,9 +84,10 @@ def write(*args, **kw):
     real(*args, **kw)
     written.append(time.perf_counter() - t0)
 a._write_dataset = write
-from trajscope.cli import main
+import trajscope.cli as cli
+sys.argv = ["trajscope", "analyze", sys.argv[1], "--force", "-q"]
 try:
-    main(["analyze", sys.argv[1], "--force", "-q"])
+    cli.entry()
 except SystemExit:
     pass
 mark("the analysis (one pair, Dataset written)")

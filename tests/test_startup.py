@@ -63,7 +63,8 @@ def test_a_tiny_analysis_skips_forward_mode_set_up(tmp_path: Path) -> None:
 ENTRY = """
 import atexit, gc, sys
 from trajscope.cli import entry
-atexit.register(lambda: print("frozen objects at exit:", gc.get_freeze_count() > 0, flush=True))
+atexit.register(lambda: print("frozen objects at exit:", gc.get_freeze_count() > 0,
+                              "collecting:", gc.isenabled(), flush=True))
 sys.argv = ["trajscope", *sys.argv[1:]]
 entry()
 """
@@ -81,3 +82,16 @@ def test_the_console_script_exits_without_a_final_collection_and_keeps_its_exit_
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.startswith("trajscope: error:"), bad.stderr[-2000:]
     assert "frozen objects at exit: True" in bad.stdout
+
+
+def test_the_console_script_collects_garbage_while_it_analyzes(tmp_path: Path) -> None:
+    # Collection is paused only while the command imports its libraries; the analysis itself,
+    # which may run for hours, collects as usual.
+    run = tmp_path / "run"
+    train_quadratic(run, steps=2)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", ENTRY, "analyze", str(run), "-q"], env=env, cwd=TESTS,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "frozen objects at exit: True collecting: True" in out.stdout
+    assert (run / "analysis" / "metrics.nc").is_file()

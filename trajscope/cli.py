@@ -10,6 +10,7 @@ traceback. Warnings (e.g. pairs skipped because a snapshot is damaged) print as
 
 from __future__ import annotations
 
+import gc
 import sys
 import traceback
 import warnings
@@ -134,9 +135,12 @@ def analyze(run_dir: str, objective: str | None, points: int, margin: float, dev
     pairs.
     """
     from trajscope.analysis import analyze as run_analysis
+    from trajscope.dataset import import_dataset_libraries
     from trajscope.run import open_run
     from trajscope.summary import format_headline, headline
 
+    import_dataset_libraries()
+    _libraries_imported()
     run = open_run(run_dir)
     _warn_incomplete(run)
     names = [n.strip() for n in metric_names.split(",") if n.strip()] if metric_names else None
@@ -213,6 +217,7 @@ def summary(run_dir: str, steps_per_epoch: int | None, window: int, as_json: boo
     from trajscope.run import open_run
     from trajscope.summary import format_summary, summarize
 
+    _libraries_imported()
     s = summarize(run_dir, steps_per_epoch=steps_per_epoch, window=window, analysis=analysis)
     try:
         run = open_run(run_dir)
@@ -235,6 +240,7 @@ def validate(run_dir: str, objective: str | None, quick: bool) -> None:
     """
     from trajscope.validate import validate_run
 
+    _libraries_imported()
     report = validate_run(run_dir, objective=objective, quick=quick)
     for line in report.lines():
         click.echo(line)
@@ -278,6 +284,7 @@ def report(run_dirs: tuple[str, ...], out: str | None, ema_beta: float, window: 
     """
     from trajscope.report import write_report
 
+    _libraries_imported()
     rep = write_report(list(run_dirs), out, beta=ema_beta, window=window,
                        analysis=list(analysis) if analysis else None)
     click.echo(f"wrote {rep.index} ({len(rep.figures)} figures)")
@@ -299,6 +306,7 @@ def convert(run_dir: str, to: str, out: str | None, keep: bool, force: bool) -> 
     from trajscope.convert import convert_run
     from trajscope.run import open_run
 
+    _libraries_imported()
     before = open_run(run_dir).storage.kind
     dest = convert_run(run_dir, to, out=out, keep=keep, force=force)
     if out is None and before == to:
@@ -365,22 +373,42 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
 
 
+_COLLECTION_PAUSED = False
+"""True while the console script has garbage collection paused (:func:`entry`)."""
+
+
 def entry() -> None:
-    """The ``trajscope`` console script: :func:`main`, then the process ends without the
-    interpreter's final garbage collections.
+    """The ``trajscope`` console script: :func:`main`, with garbage collection paused until the
+    command has imported its libraries (:func:`_libraries_imported`), and ended without the
+    interpreter's final collections.
 
-    Those walk every object torch, pandas and xarray created, for most of a second, only to free
-    memory the operating system takes back anyway (``python -m benchmarks.startup``). Freezing
-    the objects makes the collections skip them; atexit handlers still run, buffered output is
-    still flushed, and objects whose last reference goes away are still finalized. Only the
-    command line does this: :func:`main` called in a process that goes on keeps collecting.
+    Importing torch, pandas and xarray allocates hundreds of thousands of objects that live until
+    the process exits, and the collections their allocations trigger walk them all, again and
+    again; at exit the interpreter's final collections walk them once more, only to free memory
+    the operating system takes back anyway. Together that is most of a second of a small
+    analysis (``python -m benchmarks.startup``, docs/performance.md). Frozen objects are skipped
+    by every later collection; atexit handlers still run, buffered output is still flushed, and
+    objects whose last reference goes away are still freed at once. Only the command line does
+    this: :func:`main` called in a process that goes on leaves the collector alone.
     """
-    import gc
-
+    global _COLLECTION_PAUSED
+    gc.disable()
+    _COLLECTION_PAUSED = True
     try:
         main()
     finally:
         gc.freeze()
+
+
+def _libraries_imported() -> None:
+    """A command has imported the libraries it needs: freeze what they allocated and resume
+    garbage collection (when :func:`entry` paused it; a command that ends in moments need not
+    call this)."""
+    global _COLLECTION_PAUSED
+    if _COLLECTION_PAUSED:
+        _COLLECTION_PAUSED = False
+        gc.freeze()
+        gc.enable()
 
 
 if __name__ == "__main__":

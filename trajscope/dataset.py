@@ -34,7 +34,7 @@ from trajscope.run import Run
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["build_dataset", "import_libraries_in_background", "layer_union",
+__all__ = ["build_dataset", "import_dataset_libraries", "import_libraries_in_background", "layer_union",
            "open_metrics", "write_dataset"]
 
 
@@ -160,6 +160,14 @@ def write_dataset(ds: xr.Dataset, path: Path) -> None:
             tmp.unlink()
 
 
+def import_dataset_libraries() -> None:
+    """Import what building and writing the Dataset needs: xarray, the dask.array that xarray
+    imports at its first variable (to recognise dask arrays), and h5netcdf."""
+    import dask.array  # noqa: F401
+    import h5netcdf  # noqa: F401
+    import xarray  # noqa: F401
+
+
 def import_libraries_in_background() -> None:
     """Import xarray, dask.array and h5netcdf while the pairs are probed, not after.
 
@@ -176,9 +184,7 @@ def import_libraries_in_background() -> None:
 
     def work() -> None:
         with contextlib.suppress(Exception):  # the real import, later, reports any problem
-            import dask.array  # noqa: F401
-            import h5netcdf  # noqa: F401
-            import xarray  # noqa: F401
+            import_dataset_libraries()
 
     threading.Thread(target=work, name="trajscope-import", daemon=True).start()
 
