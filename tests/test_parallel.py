@@ -269,3 +269,16 @@ def test_process_pool_pair_tasks_get_file_references_without_load_tasks(
             snapshots.resolved(ref)
     finally:
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_thread_workers_build_their_models_under_the_probe_lock(run_dir: Path) -> None:
+    # Building a model draws its initial parameters from torch's global RNG; a probe in another
+    # thread may be replaying that RNG for dropout at the moment, so workers build under the lock.
+    held: list[bool] = []
+
+    def factory() -> trajscope.Objective:
+        held.append(tasks._PROBE_LOCK.locked())
+        return make_mlp()
+
+    trajscope.analyze(run_dir, factory, write=False, progress=False, scheduler="threads", workers=2)
+    assert len(held) >= 2 and all(held)  # the driver's model and each worker thread's

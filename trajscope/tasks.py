@@ -80,13 +80,16 @@ def objective_for(source: ObjectiveSource, recorded: str | None, key: str | None
     if key in cache:
         cache.move_to_end(key)
         return cache[key][0]
-    if isinstance(source, Objective):
-        # never touch the caller's instance: the probe moves it and sets its train mode
-        obj = Objective(model=copy.deepcopy(source.model), loss=source.loss)
-    else:
-        # a path is opened only if the factory takes the run
-        opener = functools.partial(open_run, run) if isinstance(run, (str, Path)) else run
-        obj = resolve_objective(source, recorded, opener)
+    # Built under the probe lock: a factory draws its model's initial parameters from torch's
+    # global RNG, which a probe in another thread may be replaying for dropout at that moment.
+    with _PROBE_LOCK:
+        if isinstance(source, Objective):
+            # never touch the caller's instance: the probe moves it and sets its train mode
+            obj = Objective(model=copy.deepcopy(source.model), loss=source.loss)
+        else:
+            # a path is opened only if the factory takes the run
+            opener = functools.partial(open_run, run) if isinstance(run, (str, Path)) else run
+            obj = resolve_objective(source, recorded, opener)
     # The source is kept with its Objective: while cached, its id (the key of a source given
     # without one) cannot be reused by another object.
     cache[key] = (obj, source)
@@ -187,7 +190,8 @@ def _probe(objective: Objective, step: int, strict: bool,
     raises skips the pair (unless ``strict``), any other failure of the user's code raises an
     :class:`ObjectiveError` naming the step."""
     # One probe at a time per process: torch's forward-mode AD level (jvp) and the RNG state that
-    # dropout replay sets are process-global, so two threads probing at once corrupt each other.
+    # dropout replay sets are process-global, so two threads probing at once corrupt each other
+    # (objective_for builds models under the same lock, since building draws from that RNG).
     # Threads still overlap loading and persisting with the probe; processes probe in parallel.
     marked = Objective(model=objective.model, loss=_marking(objective.loss))
     with _PROBE_LOCK:
