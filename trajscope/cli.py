@@ -139,10 +139,10 @@ def analyze(run_dir: str, objective: str | None, points: int, margin: float, dev
     from trajscope.run import open_run
     from trajscope.summary import format_headline, headline
 
+    run = open_run(run_dir)  # a wrong RUN_DIR fails before the Dataset's libraries are imported
+    _warn_incomplete(run)
     import_dataset_libraries()
     _libraries_imported()
-    run = open_run(run_dir)
-    _warn_incomplete(run)
     names = [n.strip() for n in metric_names.split(",") if n.strip()] if metric_names else None
     ds = run_analysis(run, objective, points=points, margin=margin, device=device,
                       dtype=None if dtype == "auto" else dtype,
