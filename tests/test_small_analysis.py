@@ -94,7 +94,7 @@ def test_the_estimate_is_pairs_times_points_times_a_reverse_point(run: Path, unp
     r = trajscope.open_run(run)
     settings = _settings(r)
     assert len(settings.alphas) == 17 and plan.REVERSE_FORWARDS == 3.0
-    assert plan.reverse_is_cheaper(r, make_mlp, r.pairs[:pairs], settings) is cheaper
+    assert plan.reverse_is_cheaper(r, make_mlp, r.snapshot(0), pairs, settings) is cheaper
 
 
 def test_no_evaluable_pair_leaves_the_decision_to_the_forward_trial(run: Path, unpaid: None,
@@ -106,4 +106,5 @@ def test_no_evaluable_pair_leaves_the_decision_to_the_forward_trial(run: Path, u
     def broken() -> trajscope.Objective:
         raise RuntimeError("no model here")
 
-    assert plan.reverse_is_cheaper(r, broken, r.pairs, settings) is False
+    assert plan.reverse_is_cheaper(r, broken, r.snapshot(0), len(r.pairs), settings) is False
+    assert plan.reverse_is_cheaper(r, make_mlp, None, 1, settings) is False  # no readable snapshot

@@ -241,13 +241,14 @@ def resolve_derivatives(requested: str, settings: ProbeSettings, r: Run, source:
     if requested == "reverse":
         return replace(settings, derivatives="reverse", derivatives_reason="requested")
     trial = settings if local else replace(settings, device="cpu")
-    if requested == "auto" and reverse_is_cheaper(r, source, pairs, trial):
+    snap = _first_readable(r, pairs)
+    if requested == "auto" and reverse_is_cheaper(r, source, snap, len(pairs), trial):
         return replace(settings, derivatives="reverse", derivatives_reason=SMALL_ANALYSIS)
-    what = _forward_failure(r, source, pairs, trial)
+    what = _forward_failure(r, source, snap, trial)
     if what is None:
         return replace(settings, derivatives="forward",
                        derivatives_reason="requested" if requested == "forward" else "forward-mode AD works")
-    with_math = _forward_failure(r, source, pairs, replace(trial, sdpa_math=True))
+    with_math = _forward_failure(r, source, snap, replace(trial, sdpa_math=True))
     if with_math is None:
         return replace(settings, derivatives="forward", sdpa_math=True, derivatives_reason=(
             f"forward-mode AD is not implemented for {what} used by the loss; attention runs on "
@@ -273,34 +274,26 @@ SMALL_ANALYSIS = "a small analysis: reverse mode costs less than forward-mode AD
 """``derivatives_reason`` of an ``auto`` analysis that :func:`reverse_is_cheaper` sent to reverse mode."""
 
 
-def reverse_is_cheaper(r: Run, source: ObjectiveSource, pairs: list[int], trial: ProbeSettings) -> bool:
-    """Whether reverse mode does the whole analysis's line work in less time than forward mode
-    needs before its first jvp.
+def reverse_is_cheaper(r: Run, source: ObjectiveSource, snap: Snapshot | None, pairs: int,
+                       trial: ProbeSettings) -> bool:
+    """Whether reverse mode does the whole line work of ``pairs`` pairs in less time than forward
+    mode needs before its first jvp.
 
-    Estimate: pairs × α points × :data:`REVERSE_FORWARDS` × the time of one f(x_t; z_t) at the
-    first readable pair (:func:`replayed_loss`, on ``trial``'s device, start-up costs included,
-    so a doubtful case stays in forward mode), against :data:`FORWARD_AD_SETUP_S`. False when
-    this process has already paid the set-up, and when no pair can be evaluated (the forward-mode
-    trial and the pairs then report why).
+    Estimate: pairs × α points × :data:`REVERSE_FORWARDS` × the time of one f(x_t; z_t) at ``snap``
+    (the first readable pair's x_t; :func:`replayed_loss` on ``trial``'s device, start-up costs
+    included, so a doubtful case stays in forward mode), against :data:`FORWARD_AD_SETUP_S`.
+    False when this process has already paid the set-up, and when f cannot be evaluated there (the
+    forward-mode trial and the pairs then report why).
     """
-    if "torch._decomp.decompositions_for_jvp" in sys.modules:  # set-up paid: forward mode is free
+    if snap is None or "torch._decomp.decompositions_for_jvp" in sys.modules:  # paid: forward mode is free
         return False
-    points = len(pairs) * len(trial.alphas) * REVERSE_FORWARDS
-    for t in pairs[:3]:  # a damaged snapshot costs only its pair: try the next one
-        try:
-            snap = r.snapshot(t)
-        except TrajscopeError:
-            continue
-        if snap.batch is None:
-            continue
-        try:
-            objective = objective_for(source, r.objective, run=r)
-            start = time.perf_counter()
-            replayed_loss(objective, snap, trial, r.trainable)  # float(): waits for the device
-            return points * (time.perf_counter() - start) < FORWARD_AD_SETUP_S
-        except Exception:  # noqa: BLE001 - the pairs report a failing loss in context
-            return False
-    return False
+    try:
+        objective = objective_for(source, r.objective, run=r)
+        start = time.perf_counter()
+        replayed_loss(objective, snap, trial, r.trainable)  # float(): waits for the device
+    except Exception:  # noqa: BLE001 - the pairs report a failing loss in context
+        return False
+    return pairs * len(trial.alphas) * REVERSE_FORWARDS * (time.perf_counter() - start) < FORWARD_AD_SETUP_S
 
 
 def forward_mode_failure(objective: Objective, snap: Snapshot, settings: ProbeSettings,
@@ -326,21 +319,28 @@ def forward_mode_failure(objective: Objective, snap: Snapshot, settings: ProbeSe
     return None
 
 
-def _forward_failure(r: Run, source: ObjectiveSource, pairs: list[int], trial: ProbeSettings) -> str | None:
-    """What stops forward mode at the first readable pair's x_t (None: it works, or no pair's
-    snapshot is readable, or the loss fails otherwise; the pairs then report the trouble)."""
-    for t in pairs[:3]:  # a damaged snapshot costs only its pair: try the next one
+def _first_readable(r: Run, pairs: list[int]) -> Snapshot | None:
+    """x_t of the first of the first three pairs whose snapshot reads and holds its minibatch
+    (a damaged snapshot costs only its pair); None if there is none."""
+    for t in pairs[:3]:
         try:
             snap = r.snapshot(t)
         except TrajscopeError:
             continue
-        if snap.batch is None:
-            continue
-        try:
-            return forward_mode_failure(objective_for(source, r.objective, run=r), snap, trial, r.trainable)
-        except Exception:  # noqa: BLE001 - not a forward-mode failure: the pair tasks report it in context
-            return None
+        if snap.batch is not None:
+            return snap
     return None
+
+
+def _forward_failure(r: Run, source: ObjectiveSource, snap: Snapshot | None, trial: ProbeSettings) -> str | None:
+    """What stops forward mode at ``snap`` (None: it works, or there is no readable snapshot, or
+    the loss fails otherwise; the pairs then report the trouble)."""
+    if snap is None:
+        return None
+    try:
+        return forward_mode_failure(objective_for(source, r.objective, run=r), snap, trial, r.trainable)
+    except Exception:  # noqa: BLE001 - not a forward-mode failure: the pair tasks report it in context
+        return None
 
 
 REPLAY_RTOL = {"float32": 1e-5, "float64": 1e-12}
