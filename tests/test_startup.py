@@ -28,11 +28,16 @@ print(json.dumps({"code": code, "modules": sorted(m for m in sys.modules if m.sp
 """
 
 
+def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -c code args`` in a fresh interpreter that imports the tests' helpers."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=TESTS, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
 def _analyze_fresh(run: Path, *args: str) -> dict[str, Any]:
     """``trajscope analyze RUN --force -q ARGS`` in a fresh interpreter: what it imported."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", PROBE, str(run), *args], cwd=TESTS, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = _python(PROBE, str(run), *args)
     assert out.returncode == 0, out.stderr[-2000:]
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["code"] in (0, None), out.stderr[-2000:]
@@ -73,13 +78,10 @@ entry()
 def test_the_console_script_exits_without_a_final_collection_and_keeps_its_exit_code(tmp_path: Path) -> None:
     # `trajscope` freezes the heap as it ends, so the interpreter's final garbage collections skip
     # what torch, pandas and xarray allocated; the exit code and the atexit handlers stay.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    ok = subprocess.run([sys.executable, "-c", ENTRY, "metrics"], env=env, capture_output=True, text=True,
-                        timeout=300)
+    ok = _python(ENTRY, "metrics")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "convexity_ratio" in ok.stdout and "frozen objects at exit: True" in ok.stdout
-    bad = subprocess.run([sys.executable, "-c", ENTRY, "info", str(tmp_path / "missing")], env=env,
-                         capture_output=True, text=True, timeout=300)
+    bad = _python(ENTRY, "info", str(tmp_path / "missing"))
     assert bad.returncode == 1 and bad.stderr.startswith("trajscope: error:"), bad.stderr[-2000:]
     assert "frozen objects at exit: True" in bad.stdout
 
@@ -89,9 +91,7 @@ def test_the_console_script_collects_garbage_while_it_analyzes(tmp_path: Path) -
     # which may run for hours, collects as usual.
     run = tmp_path / "run"
     train_quadratic(run, steps=2)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", ENTRY, "analyze", str(run), "-q"], env=env, cwd=TESTS,
-                         capture_output=True, text=True, timeout=300)
+    out = _python(ENTRY, "analyze", str(run), "-q")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "frozen objects at exit: True collecting: True" in out.stdout
     assert (run / "analysis" / "metrics.nc").is_file()
