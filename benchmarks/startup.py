@@ -75,8 +75,8 @@ import torch
 mark("import torch")
 import trajscope.analysis, trajscope.cli
 mark("import trajscope (with dask)")
-import dask.array, h5netcdf, xarray
-mark("import xarray, dask.array, h5netcdf")
+import dask.array, netCDF4, xarray
+mark("import xarray, dask.array, netCDF4")
 import trajscope.analysis as a
 real, written = a._write_dataset, []
 def write(*args, **kw):

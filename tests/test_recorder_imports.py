@@ -45,11 +45,11 @@ def test_recorder_imports_nothing_beyond_torch_numpy_safetensors() -> None:
 
 
 def test_worker_side_modules_do_not_import_the_dataset_libraries() -> None:
-    """A pool process imports trajscope.analysis to run pair tasks; xarray, pandas and h5netcdf
+    """A pool process imports trajscope.analysis to run pair tasks; xarray, pandas and netCDF4
     (~0.5 s of a worker's start-up) are for the driver's Dataset only."""
     script = ("import sys, trajscope.analysis, trajscope.execution; "
               "print(sorted({m.split('.')[0] for m in sys.modules} & "
-              "{'xarray', 'pandas', 'h5netcdf', 'matplotlib'}))")
+              "{'xarray', 'pandas', 'netCDF4', 'matplotlib'}))")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, check=True)
     assert proc.stdout.strip() == "[]", proc.stdout

@@ -3,7 +3,7 @@ metrics added over it; written atomically to ``analysis/metrics.nc`` and read ba
 
 Metric functions run in the driver: each takes microseconds, less than shipping it to a worker,
 and resumed pairs need them too. The Dataset is written to a temporary file and renamed, so it is
-never seen half-written. Worker processes never import xarray or h5netcdf.
+never seen half-written. Worker processes never import xarray or netCDF4.
 """
 
 from __future__ import annotations
@@ -138,15 +138,16 @@ def write_dataset(ds: xr.Dataset, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)  # never write through a symlink planted at the temp name
     try:
-        # What ds.to_netcdf(tmp, engine="h5netcdf") does for a Dataset of numpy arrays, without
+        # What ds.to_netcdf(tmp, engine="netcdf4") does for a Dataset of numpy arrays, without
         # its question to dask about the active scheduler (to choose a file lock), which imports
         # `distributed`, a large package, only to learn that no cluster client exists. This
-        # process is the file's only writer, and h5py serialises its own calls to HDF5.
-        from xarray.backends import H5NetCDFStore
+        # process is the file's only writer. netCDF4 (the netCDF C library) rather than h5netcdf,
+        # which writes the same file but looks each HDF5 object up by name again for every
+        # attribute and dimension it touches (docs/performance.md).
+        from xarray.backends import NetCDF4DataStore
 
-        store = H5NetCDFStore.open(tmp, mode="w", lock=threading.Lock())
-        # No _FillValue: every value is written, and NaN already marks an undefined metric. A
-        # fill value would add nothing on reading and costs h5netcdf lookups per variable.
+        store = NetCDF4DataStore.open(tmp, mode="w", format="NETCDF4", lock=threading.Lock())
+        # No _FillValue: every value is written, and NaN already marks an undefined metric.
         no_fill = {name: {"_FillValue": None} for name, v in ds.variables.items() if v.dtype.kind == "f"}
         try:
             ds.dump_to_store(store, encoding=no_fill)
@@ -162,20 +163,20 @@ def write_dataset(ds: xr.Dataset, path: Path) -> None:
 
 def import_dataset_libraries() -> None:
     """Import what building and writing the Dataset needs: xarray, the dask.array that xarray
-    imports at its first variable (to recognise dask arrays), and h5netcdf."""
+    imports at its first variable (to recognise dask arrays), and netCDF4."""
     import dask.array  # noqa: F401
-    import h5netcdf  # noqa: F401
+    import netCDF4  # noqa: F401
     import xarray  # noqa: F401
 
 
 def import_libraries_in_background() -> None:
-    """Import xarray, dask.array and h5netcdf while the pairs are probed, not after.
+    """Import xarray, dask.array and netCDF4 while the pairs are probed, not after.
 
     The driver needs them only to build and write the Dataset at the end, where their first
-    import (xarray, then the dask.array it probes for duck arrays, and h5netcdf) would be a
+    import (xarray, then the dask.array it probes for duck arrays, and netCDF4) would be a
     serial tail after the last pair. Worker processes never import them.
     """
-    if "h5netcdf" in sys.modules:
+    if "netCDF4" in sys.modules:
         return
     # Called once the scheduler is set up (a cluster's `distributed` imported): two threads
     # importing overlapping packages at once can meet in a circular import, which Python reports
@@ -218,7 +219,7 @@ def open_metrics(run: str | Path | Sequence[str | Path],
         raise RunFormatError(f"{path}: no analysis found; run `trajscope analyze {run}{out}` first")
     fmt.open_regular(path, "metrics Dataset").close()  # a FIFO there would block the open below
     try:
-        with xr.open_dataset(path, engine="h5netcdf") as ds:
+        with xr.open_dataset(path, engine="netcdf4") as ds:
             return ds.load()
     except (OSError, ValueError) as exc:  # HDF5's text names no file (and may span lines)
         reason = one_line(" ".join(str(exc).split()), 300)
