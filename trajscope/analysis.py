@@ -92,8 +92,11 @@ PAIRS_PER_WORKER = 2
 MIN_WINDOW = 8
 """A window holds max(MIN_WINDOW, PAIRS_PER_WORKER × workers) pairs and two windows are in flight,
 so each worker holds a handful of snapshots (its pairs' x_{t−1}, x_t, x_{t+1}, shared between
-neighbours) whatever the run length. (Larger windows cost no memory in serial runs, where dask
-releases a snapshot as soon as its last pair is done, and save a little per-window overhead.)"""
+neighbours) whatever the run length."""
+SERIAL_WINDOW = 64
+"""Pairs per window of a serial (``synchronous``) analysis. There dask runs the graph in pair
+order, reading x_{t+1} just before pair t and releasing x_t after it, so a window's size costs no
+memory; each window costs one ``dask.compute`` and a second read of the snapshot at its edge."""
 PIN_MEMORY = True
 """Page-lock snapshots loaded for a GPU (in-process schedulers), so that host→device copies are
 DMA transfers issued without blocking the host. A switch for benchmarks/gpu.py."""
@@ -367,7 +370,8 @@ def _run_pairs(backend: Backend, job: _Job, todo: list[int], ref_only: set[int],
     run_token = hashlib.sha256(str(r.path.resolve()).encode()).hexdigest()[:10]
     have = set(r.steps)
     init_step = r.steps[0] if r.steps and r.steps[0] == 0 else None
-    size = max(MIN_WINDOW, PAIRS_PER_WORKER * backend.workers)
+    size = (SERIAL_WINDOW if backend.name == "synchronous"
+            else max(MIN_WINDOW, PAIRS_PER_WORKER * backend.workers))
     in_flight: collections.deque[Callable[[], list[Any]]] = collections.deque()
     for i in range(0, len(todo), size):
         tasks = window_graph(r, todo[i : i + size], have, init_step, run_token, job.objective,
