@@ -55,6 +55,7 @@ from trajscope.persist import (
     VERSION,
     PairTable,
     analysis_lock,
+    grouped_writes,
     load_persisted,
     load_references,
     pairs_digest,
@@ -324,7 +325,7 @@ def _compute_pairs(job: _Job, pairs: list[int], lost: dict[int, str], scheduler:
     bar = _Progress(len(pairs), len(pairs) - len(todo), sys.stderr.isatty() if progress is None else progress)
     try:
         if todo:
-            with open_backend(scheduler, workers) as backend:
+            with open_backend(scheduler, workers) as backend, grouped_writes(job.pairs_dir):
                 import_libraries_in_background()
                 _run_pairs(backend, job, todo, set(ref_only), done, skipped, bar.pair_done)
     finally:

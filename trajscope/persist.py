@@ -12,7 +12,9 @@ In an analysis directory other than ``RUN/analysis`` the pairs' digest also cove
 path (:func:`pairs_digest`).
 
 So an interrupted analysis (even SIGKILL) resumes where it stopped, new recorded steps only cost
-their new pairs, and a new reference point only costs the reference parts. ``analysis/.lock``
+their new pairs, and a new reference point only costs the reference parts. Pairs that take less
+than :data:`PERSIST_EVERY_S` are written in groups (:func:`grouped_writes`): a kill loses at most
+that much finished work. ``analysis/.lock``
 keeps two analyses from writing one run's ``analysis/`` at once. :class:`PairTable` holds every
 pair's results in memory until the Dataset is built.
 """
@@ -26,8 +28,9 @@ import os
 import socket
 import stat
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -40,9 +43,9 @@ from trajscope.pairs import PairStats
 from trajscope.probe import ProbeSettings
 from trajscope.reference import ReferencePart, merge
 
-__all__ = ["VERSION", "PairTable", "analysis_lock", "load_pair", "load_reference", "pair_path",
-           "pairs_digest", "reference_digest", "reference_path", "remove_stale_temporaries", "save_pair",
-           "save_reference", "settings_digest"]
+__all__ = ["PERSIST_EVERY_S", "VERSION", "PairTable", "analysis_lock", "grouped_writes", "later", "load_pair",
+           "load_reference", "pair_path", "pairs_digest", "reference_digest", "reference_path",
+           "remove_stale_temporaries", "save_pair", "save_reference", "settings_digest"]
 
 from trajscope._version import VERSION
 
@@ -124,6 +127,83 @@ def _load(path: Path, digest: str) -> tuple[dict[str, str], dict[str, np.ndarray
         return meta, safetensors.numpy.load(path.read_bytes())
     except Exception:  # noqa: BLE001 - a damaged partial result is simply recomputed
         return None
+
+
+# --- when pairs are written ----------------------------------------------------------------------
+
+PERSIST_EVERY_S = 1.0
+"""Seconds (wall clock) between writes of finished pairs: a pair that ends sooner after the last
+write waits, and is written with the first pair that ends this long after it. A pair that takes
+longer is written as soon as it is done; a kill loses at most this much finished work.
+
+Why not each at once: on some filesystems (a virtualised disk, a journal) the first file
+operation after a stretch of computing is slow, and slows the computing around it
+(docs/performance.md); written in groups, a run of small pairs pays it about once a second."""
+
+
+class _Group:
+    """The writes of pairs finished in this process since the last group was written."""
+
+    def __init__(self) -> None:
+        self._pending: list[Callable[[], None]] = []
+        self._written = time.monotonic()
+        self._lock = threading.Lock()  # thread workers finish pairs concurrently
+
+    def add(self, write: Callable[[], None]) -> None:
+        with self._lock:
+            self._pending.append(write)
+            due = time.monotonic() - self._written >= PERSIST_EVERY_S
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Run every pending write; raise the first error once all were tried."""
+        with self._lock:
+            pending, self._pending, self._written = self._pending, [], time.monotonic()
+        error: BaseException | None = None
+        for write in pending:
+            try:
+                write()
+            except Exception as exc:  # noqa: BLE001 - the others are still written, then it is raised
+                error = error or exc
+        if error is not None:
+            raise error
+
+
+_GROUPS: dict[str, _Group] = {}  # pairs directory → the group of the analysis writing there
+
+
+@contextlib.contextmanager
+def grouped_writes(pairs_dir: Path | None) -> Iterator[None]:
+    """While open, :func:`later` for ``pairs_dir`` in this process writes in groups (see
+    :data:`PERSIST_EVERY_S`); on exit every pending pair is written, before the analysis goes on
+    or releases its lock, whether it ends normally, by an error or by an interrupt (then that
+    error is the one raised). Tasks run in other processes write each pair at once."""
+    if pairs_dir is None:
+        yield
+        return
+    key = str(pairs_dir)
+    group = _GROUPS[key] = _Group()
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            group.flush()
+        raise
+    else:
+        group.flush()
+    finally:
+        _GROUPS.pop(key, None)
+
+
+def later(pairs_dir: Path, write: Callable[[], None]) -> None:
+    """Run ``write`` (persisting into ``pairs_dir``) with this process's group of writes for that
+    directory if it has one (:func:`grouped_writes`), else now."""
+    group = _GROUPS.get(str(pairs_dir))
+    if group is None:
+        write()
+    else:
+        group.add(write)
 
 
 def settings_digest(settings: ProbeSettings, objective_id: str, objective_code: str = "") -> str:

@@ -39,7 +39,7 @@ from trajscope import health
 from trajscope.errors import ObjectiveError, TrajscopeError, one_line
 from trajscope.objective import Objective, resolve_objective
 from trajscope.pairs import PairStats
-from trajscope.persist import pair_path, reference_path, save_pair, save_reference
+from trajscope.persist import later, pair_path, reference_path, save_pair, save_reference
 from trajscope.probe import ProbeSettings, probe_pair
 from trajscope.reference import ReferencePart, probe_reference, split
 from trajscope.run import Run, Snapshot, open_run
@@ -134,9 +134,14 @@ def pair_task(snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loaded, prev: Snaps
         obj, x_t, x_next, settings, prev=prev_ok, init=init_ok, ref=ref_ok, trainable=trainable))
     if out is not None and isinstance(stats, PairStats):
         rest, part = split(stats, settings.reference_step)
-        save_pair(Path(out), rest, digest)
-        if part is not None and ref_digest is not None:
-            save_reference(reference_path(Path(out).parent, part.step), part, ref_digest)
+        path = Path(out)
+
+        def save() -> None:
+            save_pair(path, rest, digest)
+            if part is not None and ref_digest is not None:
+                save_reference(reference_path(path.parent, part.step), part, ref_digest)
+
+        later(path.parent, save)
     return stats
 
 
@@ -165,7 +170,8 @@ def reference_task(snap: SnapshotRef | Loaded, ref: SnapshotRef | Loaded, source
     part = _probe(objective, x_t.step, strict,
                   lambda obj: probe_reference(obj, x_t, ref_ok, settings, trainable=trainable))
     if out is not None and ref_digest is not None and isinstance(part, ReferencePart):
-        save_reference(Path(out), part, ref_digest)
+        found, digest, path = part, ref_digest, Path(out)
+        later(path.parent, lambda: save_reference(path, found, digest))
     return part
 
 
