@@ -14,9 +14,9 @@ path (:func:`pairs_digest`).
 So an interrupted analysis (even SIGKILL) resumes where it stopped, new recorded steps only cost
 their new pairs, and a new reference point only costs the reference parts. Pairs that take less
 than :data:`PERSIST_EVERY_S` are written in groups (:func:`grouped_writes`): a kill loses at most
-that much finished work. ``analysis/.lock``
-keeps two analyses from writing one run's ``analysis/`` at once. :class:`PairTable` holds every
-pair's results in memory until the Dataset is built.
+that much finished work. ``analysis/.lock`` keeps two analyses from writing one run's
+``analysis/`` at once. :class:`PairTable` holds every pair's results in memory until the Dataset
+is built.
 """
 
 from __future__ import annotations
