@@ -22,6 +22,7 @@ is built.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -196,14 +197,14 @@ def grouped_writes(pairs_dir: Path | None) -> Iterator[None]:
         _GROUPS.pop(key, None)
 
 
-def later(pairs_dir: Path, write: Callable[[], None]) -> None:
-    """Run ``write`` (persisting into ``pairs_dir``) with this process's group of writes for that
-    directory if it has one (:func:`grouped_writes`), else now."""
+def later(pairs_dir: Path, write: Callable[..., None], *args: Any) -> None:
+    """``write(*args)`` (persisting into ``pairs_dir``) with this process's group of writes for
+    that directory if it has one (:func:`grouped_writes`), else now."""
     group = _GROUPS.get(str(pairs_dir))
     if group is None:
-        write()
+        write(*args)
     else:
-        group.add(write)
+        group.add(functools.partial(write, *args))
 
 
 def settings_digest(settings: ProbeSettings, objective_id: str, objective_code: str = "") -> str:

@@ -134,14 +134,10 @@ def pair_task(snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loaded, prev: Snaps
         obj, x_t, x_next, settings, prev=prev_ok, init=init_ok, ref=ref_ok, trainable=trainable))
     if out is not None and isinstance(stats, PairStats):
         rest, part = split(stats, settings.reference_step)
-        path = Path(out)
-
-        def save() -> None:
-            save_pair(path, rest, digest)
-            if part is not None and ref_digest is not None:
-                save_reference(reference_path(path.parent, part.step), part, ref_digest)
-
-        later(path.parent, save)
+        pairs_dir = Path(out).parent
+        later(pairs_dir, save_pair, Path(out), rest, digest)
+        if part is not None and ref_digest is not None:
+            later(pairs_dir, save_reference, reference_path(pairs_dir, part.step), part, ref_digest)
     return stats
 
 
@@ -170,8 +166,7 @@ def reference_task(snap: SnapshotRef | Loaded, ref: SnapshotRef | Loaded, source
     part = _probe(objective, x_t.step, strict,
                   lambda obj: probe_reference(obj, x_t, ref_ok, settings, trainable=trainable))
     if out is not None and ref_digest is not None and isinstance(part, ReferencePart):
-        found, digest, path = part, ref_digest, Path(out)
-        later(path.parent, lambda: save_reference(path, found, digest))
+        later(Path(out).parent, save_reference, Path(out), part, ref_digest)
     return part
 
 
