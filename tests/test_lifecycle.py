@@ -84,6 +84,18 @@ def test_fifo_metrics_is_refused_not_waited_on(run_dir: Path, capsys) -> None:
             assert code == 1 and f"{metrics}: expected a regular file" in err, err
 
 
+@pytest.mark.parametrize("damage", ["junk", "truncated"])
+def test_damaged_metrics_is_one_line_naming_the_file(run_dir: Path, capsys, damage: str) -> None:
+    metrics = run_dir / "analysis" / "metrics.nc"
+    metrics.write_bytes(b"not a netCDF file" if damage == "junk" else metrics.read_bytes()[:2000])
+    reason = "NetCDF: Unknown file format" if damage == "junk" else "NetCDF: HDF error"
+    with pytest.raises(RunFormatError) as e:
+        trajscope.open_metrics(run_dir)
+    assert str(e.value) == f"{metrics}: cannot read the metrics Dataset ({reason})"
+    code, _, err = cli(["summary", str(run_dir)], capsys)
+    assert code == 1 and err.strip() == f"trajscope: error: {e.value}", err
+
+
 def test_manifest_integer_beyond_conversion_limit(run_dir: Path, capsys) -> None:
     manifest = run_dir / "trajscope.json"
     text = manifest.read_text()

@@ -221,6 +221,8 @@ def open_metrics(run: str | Path | Sequence[str | Path],
     try:
         with xr.open_dataset(path, engine="netcdf4") as ds:
             return ds.load()
-    except (OSError, ValueError) as exc:  # HDF5's text names no file (and may span lines)
-        reason = one_line(" ".join(str(exc).split()), 300)
+    except (OSError, ValueError) as exc:
+        # The netCDF library's OSError carries the path beside its reason: name the file once.
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        reason = one_line(" ".join(text.split()), 300)
         raise RunFormatError(f"{path}: cannot read the metrics Dataset ({reason})") from exc
