@@ -75,8 +75,9 @@ import torch
 mark("import torch")
 import trajscope.analysis, trajscope.cli
 mark("import trajscope (with dask)")
-import dask.array, netCDF4, xarray
-mark("import xarray, dask.array, netCDF4")
+from trajscope.dataset import import_dataset_libraries
+import_dataset_libraries()
+mark("import the Dataset's libraries")
 import trajscope.analysis as a
 real, written = a._write_dataset, []
 def write(*args, **kw):
