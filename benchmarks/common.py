@@ -190,7 +190,7 @@ def _status_bytes(field: str) -> int:
 
 class Peaks:
     """Peak memory of this process, although the analyzer resets the high-water marks it measures
-    with (``trajscope.memory._reset_hwm``, ``torch.cuda.reset_peak_memory_stats``): while this is
+    with (``trajscope.probe.memory._reset_hwm``, ``torch.cuda.reset_peak_memory_stats``): while this is
     entered, each reset first folds the mark into the maxima kept here.
 
     :meth:`rss` is the resident-set peak of the process (what ``ru_maxrss`` reports without
@@ -209,7 +209,7 @@ class Peaks:
         self._since = max(self._since, self._mark())
 
     def __enter__(self) -> Peaks:
-        import trajscope.memory as tm
+        import trajscope.probe.memory as tm
 
         self._saved = tm._reset_hwm, torch.cuda.reset_peak_memory_stats
         reset_hwm, reset_cuda = self._saved
@@ -226,7 +226,7 @@ class Peaks:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import trajscope.memory as tm
+        import trajscope.probe.memory as tm
 
         tm._reset_hwm, torch.cuda.reset_peak_memory_stats = self._saved
 

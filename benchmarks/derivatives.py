@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import interleaved, machine, ratio_line, record_run, set_clock
-from trajscope.pairs import PairStats
-from trajscope.probe import ProbeSettings, probe_pair
+from trajscope.metrics.pair import PairStats
+from trajscope.probe.pair import ProbeSettings, probe_pair
 
 
 def pair_case(run_dir: Path, settings: ProbeSettings):
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     set_clock(args.clock)
     torch.set_num_threads(args.threads)
-    from trajscope.process import keep_freed_memory
+    from trajscope.analysis.process import keep_freed_memory
 
     keep_freed_memory()  # as the analyzer sets it in its workers
     print(f"# derivative paths, reference MLP, minibatch {args.batch_size}, K = 17, device cpu")

@@ -18,7 +18,7 @@ without gradients.
 
 Peak memory: on a CPU the resident-set high-water mark (``VmHWM``, what ``ru_maxrss`` reports),
 on CUDA ``torch.cuda.max_memory_allocated``. The analyzer resets both while it calibrates its line
-(:class:`trajscope.memory.PeakMeter`), so each phase folds the mark into its own maximum before
+(:class:`trajscope.probe.memory.PeakMeter`), so each phase folds the mark into its own maximum before
 every reset (:class:`Peaks`). The analysis stays within its budget when its peak minus the memory
 held just before ``analyze`` was called is at most the budget it planned under
 (``extra/line_budget`` of its first persisted pair): a stricter test than the budget's own, which
@@ -119,7 +119,7 @@ def _analyze(cfg: dict[str, Any], peaks: Peaks) -> dict[str, Any]:
     import safetensors.numpy
 
     import trajscope
-    from trajscope.persist import pair_path
+    from trajscope.analysis.persist import pair_path
 
     dev, run, steps = cfg["device"], cfg["run"], f"0:{cfg['pairs']}"  # the last recorded step has no pair
     first = None
@@ -155,8 +155,8 @@ def _hand(cfg: dict[str, Any], peaks: Peaks) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import trajscope
-    from trajscope.execution import keep_freed_memory
-    from trajscope.probe import alpha_grid
+    from trajscope.analysis.execution import keep_freed_memory
+    from trajscope.probe.pair import alpha_grid
 
     keep_freed_memory()  # as the analyzer sets it in its workers
     dev, r = cfg["device"], trajscope.open_run(cfg["run"])
@@ -311,7 +311,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
            **{k: d[k] if getattr(args, k) is None else getattr(args, k) for k in ("batch", "seq", "pairs")}}
     cfg["marginal"] = device == "cuda" or args.hand
     # The tiny shape stands in for GPT-2 small, whose line work `auto` gives to forward mode; at
-    # its own size `auto` would pick reverse mode (trajscope.plan.reverse_is_cheaper).
+    # its own size `auto` would pick reverse mode (trajscope.analysis.plan.reverse_is_cheaper).
     cfg["derivatives"] = "forward" if args.tiny else "auto"
     if not 1 <= cfg["seq"] <= shape["block"]:
         raise SystemExit(f"gpt2_small: --seq {cfg['seq']}: expected 1..{shape['block']} (the model's block)")

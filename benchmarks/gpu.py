@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def gpu_throughput(work: Path, model: str, batch_size: str, reps: int, quick: bool) -> None:
-    import trajscope.analysis as analysis
+    import trajscope.analysis.driver as analysis
     from benchmarks import analyze_throughput
     from benchmarks.common import interleaved, median, ratio_line, record_run
 

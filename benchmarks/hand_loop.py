@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jvp, vmap
 
-# The inner products the analyzer keeps per parameter tensor (trajscope.pairs.TERMS; checked at
+# The inner products the analyzer keeps per parameter tensor (trajscope.metrics.pair.TERMS; checked at
 # run time, so this baseline cannot silently do less work than the analyzer).
 TERMS = [("delta", "delta"), ("G0", "G0"), ("G1", "G1"), ("dG", "dG"), ("G0", "delta"),
          ("G1", "delta"), ("g", "g"), ("g", "delta"), ("g_next", "delta"), ("g_next", "g_next"),
@@ -46,7 +46,7 @@ def hand_loop(run_dir: Path, model: torch.nn.Module, steps: list[int], alphas: l
               device: str = "cpu", batched: bool = True) -> list[dict[str, Any]]:
     """Probe pairs (t, t+1) of a classifier trained with cross-entropy on batches ``(x, y)``,
     for t in ``steps`` (consecutive, all recorded); returns per-pair results."""
-    from trajscope.pairs import TERMS as ANALYZER_TERMS
+    from trajscope.metrics.pair import TERMS as ANALYZER_TERMS
 
     if set(TERMS) != set(ANALYZER_TERMS):
         raise SystemExit(f"hand loop out of date: the analyzer computes {ANALYZER_TERMS}")

@@ -18,8 +18,8 @@ import torch
 from torch.func import functional_call
 
 from benchmarks.common import interleaved, machine, median, ratio_line, record_run, set_clock
-from trajscope.line import _line
-from trajscope.probe import ProbeSettings, _Bound, _to, alpha_grid
+from trajscope.probe.line import _line
+from trajscope.probe.pair import ProbeSettings, _Bound, _to, alpha_grid
 
 
 def line_case(run_dir: Path, factory: str, device: str, points: int, batched: bool):
@@ -61,14 +61,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     ap.add_argument("--allocator", default="keep", choices=["keep", "default"],
                     help="keep: glibc keeps freed memory, as the analyzer sets it in its workers "
-                    "(trajscope.process.keep_freed_memory); default: glibc's own settings")
+                    "(trajscope.analysis.process.keep_freed_memory); default: glibc's own settings")
     ap.add_argument("--clock", default="wall", help="wall, or cpu (process CPU time: robust on a "
                     "shared machine)")
     args = ap.parse_args(argv)
     set_clock(args.clock)
     torch.set_num_threads(args.threads)
     if args.allocator == "keep":
-        from trajscope.process import keep_freed_memory
+        from trajscope.analysis.process import keep_freed_memory
 
         keep_freed_memory()
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -141,8 +141,8 @@ def _hand(run: str, pairs: int) -> dict[str, float]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import trajscope
-    from trajscope.execution import keep_freed_memory
-    from trajscope.probe import alpha_grid
+    from trajscope.analysis.execution import keep_freed_memory
+    from trajscope.probe.pair import alpha_grid
 
     keep_freed_memory()  # as the analyzer sets it in its workers
     r = trajscope.open_run(run)

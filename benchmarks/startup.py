@@ -73,12 +73,12 @@ def mark(name):
     t = now
 import torch
 mark("import torch")
-import trajscope.analysis, trajscope.cli
+import trajscope.analysis.driver, trajscope.cli
 mark("import trajscope (with dask)")
-from trajscope.dataset import import_dataset_libraries
+from trajscope.analysis.dataset import import_dataset_libraries
 import_dataset_libraries()
 mark("import the Dataset's libraries")
-import trajscope.analysis as a
+import trajscope.analysis.driver as a
 real, written = a._write_dataset, []
 def write(*args, **kw):
     t0 = time.perf_counter()

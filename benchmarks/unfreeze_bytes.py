@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.recorders import Recorder
-from trajscope.run import open_run
-from trajscope.trees import tree_map
+from trajscope.store.run import open_run
+from trajscope.store.trees import tree_map
 
 WIDTH = 512
 

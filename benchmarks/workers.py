@@ -4,7 +4,7 @@ Times ``trajscope.analyze(..., scheduler="processes", workers=W)`` end to end (w
 included: a fresh pool per analysis) on the reference MLP, interleaving the worker counts, and also
 the steady-state rate (pairs per second between the first and the last finished pair, which leaves
 out the start-up). Torch threads per worker are trajscope's default split
-(``trajscope.execution.split_cores``: the cores less one for the driver, divided between the
+(``trajscope.analysis.execution.split_cores``: the cores less one for the driver, divided between the
 workers; one each when there are as many workers as cores), or ``--threads-per-worker``.
 The synchronous analyzer with 1 and with all intra-op threads is shown for reference.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import trajscope
-import trajscope.analysis as analysis
+import trajscope.analysis.driver as analysis
 from benchmarks.common import machine, median, record_run
 
 
@@ -42,7 +42,7 @@ class _Timestamps(analysis._Progress):
 def one(run_dir: Path, pairs: int, points: int, threads_per_worker: int | None = None,
         **kw: object) -> tuple[float, float]:
     """(wall seconds, steady-state pairs per second) of one fresh analysis."""
-    from trajscope import execution
+    from trajscope.analysis import execution
 
     real = execution.usable_cores
     if threads_per_worker and kw.get("workers"):
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     analysis._Progress = _Timestamps  # type: ignore[misc]
 
     counts = [int(w) for w in args.workers.split(",")]
-    from trajscope import execution
+    from trajscope.analysis import execution
 
     cores = execution.usable_cores()
     split = (f"{args.threads_per_worker} torch thread(s) per worker" if args.threads_per_worker

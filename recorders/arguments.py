@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import RecorderError
 
 __all__ = ["check_arguments", "json_metadata"]

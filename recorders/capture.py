@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import RecorderError
 from trajscope.recorders.hooks import grad_hooks
 from trajscope.recorders.manifest import jsonable

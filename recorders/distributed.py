@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 
 __all__ = ["rank_and_world", "gather_micro_batches"]
 

@@ -19,7 +19,7 @@ import numpy as np
 import safetensors
 import torch
 
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope._version import VERSION
 from trajscope.errors import RecorderError
 from trajscope.recorders.storage import dtype_name

@@ -33,7 +33,7 @@ from typing import IO, Any
 
 import torch
 
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import RecorderError
 from trajscope.recorders import distributed
 from trajscope.recorders.arguments import check_arguments, json_metadata

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO
 
 from trajscope import confine
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import RecorderError, RunFormatError
 from trajscope.recorders.backends import HDF5Writer, SafetensorsWriter
 from trajscope.recorders.storage import AsyncWriter, SlotPool

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import RecorderError, one_line
 from trajscope.recorders.backends.base import DIRECT_IO_ALIGN, DTYPES, bits_dtype, dtype_name
 
@@ -54,7 +54,7 @@ __all__ = [
 _ALIGN = DIRECT_IO_ALIGN
 
 # Tensors are copied through their bits (numpy has no bfloat16 or float8): the same-width integer
-# views of trajscope.format.DTYPES, as torch dtypes (source side) and numpy dtypes (slot side).
+# views of trajscope.runformat.DTYPES, as torch dtypes (source side) and numpy dtypes (slot side).
 _COPY_VIEW: dict[torch.dtype, torch.dtype] = {
     getattr(torch, name): getattr(torch, view) for name, (_, _, view) in DTYPES.items() if view is not None
 }

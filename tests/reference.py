@@ -1,6 +1,6 @@
 """A slow, obviously-correct float64 reference for every metric, independent of trajscope's probe.
 
-It shares nothing with ``trajscope.probe``/``trajscope.metrics``: parameters are flattened into
+It shares nothing with ``trajscope.probe.pair``/``trajscope.metrics``: parameters are flattened into
 one float64 vector, loaded into a float64 copy of the model by ``copy_``, and every value comes
 from plain reverse-mode autograd evaluated point by point (no jvp, no vmap, no functional_call).
 Training conditions are reproduced the plain way: the model in the recorded mode, the recorded

@@ -1,4 +1,4 @@
-"""trajscope.process.keep_freed_memory: glibc's heap keeps freed memory, unless the user chose.
+"""trajscope.analysis.process.keep_freed_memory: glibc's heap keeps freed memory, unless the user chose.
 
 Each case runs in a fresh interpreter: mallopt changes the whole process, and the setting is
 made once per process.
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-SCRIPT = "from trajscope.process import keep_freed_memory as k; print(k(), k())"
+SCRIPT = "from trajscope.analysis.process import keep_freed_memory as k; print(k(), k())"
 
 
 def _run(env_extra: dict[str, str], drop: tuple[str, ...] = ()) -> str:

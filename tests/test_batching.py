@@ -17,10 +17,10 @@ from problems import make_mlp, make_mlp_dropout, train_classifier
 from torch.func import functional_call
 
 import trajscope
-import trajscope.line as line_mod
-import trajscope.probe as probe
+import trajscope.probe.line as line_mod
+import trajscope.probe.pair as probe
 from trajscope.errors import AnalysisError, ProbeWarning
-from trajscope.probe import ProbeSettings, alpha_grid
+from trajscope.probe.pair import ProbeSettings, alpha_grid
 
 # A fallback from the batched path is an error in this file unless a test expects it (pytest.warns).
 pytestmark = pytest.mark.filterwarnings("error::trajscope.errors.ProbeWarning")

@@ -12,7 +12,7 @@ import torch
 from problems import EIGS, A, make_quadratic, quad_loss, train_quadratic
 
 import trajscope
-from trajscope.registry import get_metrics, markdown_table
+from trajscope.metrics.registry import get_metrics, markdown_table
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 LR = 0.15
@@ -196,12 +196,12 @@ def test_reference_point_of_a_crashed_run(tmp_path) -> None:
 def test_resumed_analysis_keeps_probe_extras(quad, monkeypatch: pytest.MonkeyPatch) -> None:
     # f(x*; z_t) and the sharpness results are persisted with each pair and read back on resume
     run_dir, *_, ds = quad
-    import trajscope.tasks
+    import trajscope.analysis.tasks
 
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("a persisted pair was probed again")
 
-    monkeypatch.setattr(trajscope.tasks, "probe_pair", boom)
+    monkeypatch.setattr(trajscope.analysis.tasks, "probe_pair", boom)
     again = trajscope.analyze(run_dir, make_quadratic, dtype="float64", sharpness=True, progress=False)
     for name in ds.data_vars:
         np.testing.assert_array_equal(again[name].values, ds[name].values, err_msg=name)

@@ -28,13 +28,13 @@ from recorder_objectives import (
 )
 
 import trajscope
-from trajscope import format as fmt
-from trajscope.health import FLAGS
+from trajscope import runformat as fmt
+from trajscope.analysis.health import FLAGS
 from trajscope.recorders import Recorder
 from trajscope.recorders.hooks import BoundHook, InertHook
-from trajscope.run import open_run
-from trajscope.snapshot import Snapshot
-from trajscope.summary import format_headline, format_summary, headline, summarize
+from trajscope.report.summary import format_headline, format_summary, headline, summarize
+from trajscope.store.run import open_run
+from trajscope.store.snapshot import Snapshot
 
 STEPS = 4
 CLIPPED, NONUNIFORM = FLAGS["clipped"][0], FLAGS["clipped_nonuniform"][0]

@@ -30,8 +30,8 @@ from trajscope.recorders import RecorderWarning
 from trajscope.recorders import storage as storage_mod
 from trajscope.recorders.backends import HDF5Writer
 from trajscope.recorders.backends import safetensors as safetensors_backend
-from trajscope.run import open_run
-from trajscope.validate import validate_run
+from trajscope.store.run import open_run
+from trajscope.tools.validate import validate_run
 
 # A model big enough (~0.4M parameters, ~3.5 MB per snapshot) that writes take a while, so a kill
 # at a random moment often lands in the middle of one.

@@ -24,7 +24,7 @@ from recorder_objectives import (
 
 import trajscope
 from trajscope.recorders import Recorder
-from trajscope.run import open_run, read_raw
+from trajscope.store.run import open_run, read_raw
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
                                 or not torch.distributed.is_gloo_available(),

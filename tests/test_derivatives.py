@@ -295,7 +295,7 @@ def test_probe_pair_forward_failure_names_the_op(softplus_run: Path) -> None:
     batched or not, and the error crosses process boundaries whole."""
     import pickle
 
-    from trajscope.probe import ProbeSettings, probe_pair
+    from trajscope.probe.pair import ProbeSettings, probe_pair
 
     run = trajscope.open_run(softplus_run)
     for batched in (True, False):
@@ -309,7 +309,7 @@ def test_probe_pair_forward_failure_names_the_op(softplus_run: Path) -> None:
 
 
 def test_forward_ad_failure_reads_torch_messages() -> None:
-    from trajscope.line import forward_ad_failure
+    from trajscope.probe.line import forward_ad_failure
 
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(NotImplementedError) as info:

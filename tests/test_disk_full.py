@@ -27,13 +27,13 @@ from recorder_objectives import (
 from runkit import cli
 
 import trajscope
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import DamagedRunWarning, RecorderError
 from trajscope.recorders import RecorderWarning
 from trajscope.recorders.backends import HDF5Writer
 from trajscope.recorders.backends import hdf5 as hdf5_backend
-from trajscope.run import open_run
-from trajscope.validate import validate_run
+from trajscope.store.run import open_run
+from trajscope.tools.validate import validate_run
 
 FAIL_AT = 3
 STEPS = 6

@@ -19,9 +19,9 @@ from torch import nn
 
 import trajscope
 from trajscope import Recorder
+from trajscope.analysis.plan import eval_dtype
 from trajscope.errors import AnalysisError
-from trajscope.plan import eval_dtype
-from trajscope.run import open_run
+from trajscope.store.run import open_run
 
 N_IN, N_HID, N_OUT = 6, 12, 5
 PROJECTION = torch.linspace(-1.0, 1.0, N_OUT * 3, dtype=torch.float64).reshape(N_OUT, 3)

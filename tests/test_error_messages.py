@@ -30,7 +30,7 @@ from trajscope.errors import (
     TrajscopeError,
 )
 from trajscope.objective import Objective, load_objective
-from trajscope.run import open_run, read_snapshot
+from trajscope.store.run import open_run, read_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -419,7 +419,7 @@ def test_bad_arguments(run_dir: Path, kw: dict, needle: str) -> None:
                  "evaluation per pair); expected at most 20001"),
 ])
 def test_alpha_grid_bounds(points: object, margin: object, message: str) -> None:
-    from trajscope.probe import alpha_grid
+    from trajscope.probe.pair import alpha_grid
 
     with pytest.raises(AnalysisError) as e:
         alpha_grid(points, margin)  # type: ignore[arg-type]
@@ -428,7 +428,7 @@ def test_alpha_grid_bounds(points: object, margin: object, message: str) -> None
 
 def test_alpha_grid_at_its_bounds_and_the_cli_ranges() -> None:
     from trajscope.cli import analyze
-    from trajscope.grid import MAX_GRID, MAX_MARGIN, MAX_POINTS, alpha_grid
+    from trajscope.probe.grid import MAX_GRID, MAX_MARGIN, MAX_POINTS, alpha_grid
 
     grid = alpha_grid(MAX_POINTS, 0.5)  # h = 1e-4; 5000 extra points on each side
     assert len(grid) == MAX_GRID and grid[0] == -0.5 and grid[-1] == 1.5
@@ -499,7 +499,7 @@ def test_cli_internal_error_is_one_line(run_dir: Path, capsys, monkeypatch: pyte
     def boom(path: object) -> None:
         raise TypeError("unexpected\nmultiline")
 
-    monkeypatch.setattr("trajscope.run.open_run", boom)
+    monkeypatch.setattr("trajscope.store.run.open_run", boom)
     code, out, err = cli(["info", str(run_dir)], capsys)
     assert code == 1
     lines = err.strip().splitlines()
@@ -512,7 +512,7 @@ def test_cli_os_error_names_file(run_dir: Path, capsys, monkeypatch: pytest.Monk
     def full(*a: object, **k: object) -> None:
         raise OSError(28, "No space left on device", str(run_dir / "analysis" / "metrics.nc"))
 
-    monkeypatch.setattr("trajscope.analysis._write_dataset", full)
+    monkeypatch.setattr("trajscope.analysis.driver._write_dataset", full)
     code, out, err = cli(["analyze", str(run_dir), "-q", "--objective", "problems:make_quadratic",
                           "--dtype", "float64"], capsys)
     assert code == 1

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import trajscope
-from trajscope import report as rp
+from trajscope.report import page as rp
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NOTEBOOK = EXAMPLES / "explore.ipynb"

@@ -26,10 +26,10 @@ from fixtures.make import (
     safetensors_files,
 )
 
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.recorders import storage as storage_mod
 from trajscope.recorders.backends import HDF5Writer, SafetensorsWriter
-from trajscope.run import open_run
+from trajscope.store.run import open_run
 
 
 def _golden_safetensors() -> dict[str, bytes]:

@@ -2,7 +2,7 @@
 
 The same deterministic float64 run is recorded twice, with and without gradients (the recorder
 cannot change training, so both trajectories are bit-identical); analyzed in float64, every metric
-equals the other run's except the documented ones (:data:`trajscope.metrics.GRADS_OFF_NAN`), which
+equals the other run's except the documented ones (:data:`trajscope.metrics.builtins.GRADS_OFF_NAN`), which
 are NaN without gradients and defined with them.
 """
 
@@ -22,15 +22,15 @@ import torch.nn.functional as F
 from runkit import cli, edit_manifest, load_raw, rewrite_snapshot, save_raw, step_file
 
 import trajscope
-from trajscope import format as fmt
+from trajscope import runformat as fmt
+from trajscope.analysis.health import FLAGS, replay_failures
 from trajscope.errors import RecorderError, RunFormatError
-from trajscope.health import FLAGS, replay_failures
-from trajscope.metrics import GRADS_OFF_NAN, GRADS_OFF_RECOMPUTED
+from trajscope.metrics.builtins import GRADS_OFF_NAN, GRADS_OFF_RECOMPUTED
+from trajscope.metrics.registry import get_metrics
 from trajscope.recorders import Recorder
-from trajscope.registry import get_metrics
-from trajscope.run import open_run, read_snapshot
-from trajscope.summary import format_headline, format_summary, headline, summarize
-from trajscope.validate import validate_run
+from trajscope.report.summary import format_headline, format_summary, headline, summarize
+from trajscope.store.run import open_run, read_snapshot
+from trajscope.tools.validate import validate_run
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 STEPS = 5
@@ -228,7 +228,7 @@ def test_hdf5_declares_no_gradient_datasets(tmp_path: Path) -> None:
 
 
 def test_convert_keeps_a_run_without_gradients(both: dict[str, Any], tmp_path: Path) -> None:
-    from trajscope.convert import convert_run
+    from trajscope.tools.convert import convert_run
 
     out = tmp_path / "h5"
     convert_run(both["off"], "hdf5", out=out)

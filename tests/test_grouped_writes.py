@@ -10,8 +10,8 @@ import pytest
 from problems import make_mlp, train_classifier
 
 import trajscope
-import trajscope.persist as persist
-import trajscope.tasks as tasks
+import trajscope.analysis.persist as persist
+import trajscope.analysis.tasks as tasks
 from trajscope import cli
 
 STEPS = 8

@@ -22,12 +22,12 @@ from recorder_objectives import (
 )
 
 import trajscope
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.cli import main
-from trajscope.convert import convert_run
 from trajscope.errors import RunFormatError
 from trajscope.recorders import Recorder
-from trajscope.run import open_run, read_raw, read_snapshot
+from trajscope.store.run import open_run, read_raw, read_snapshot
+from trajscope.tools.convert import convert_run
 
 
 def _train_lowp(run_dir: Path, dtype: torch.dtype, format: str) -> None:
@@ -188,7 +188,7 @@ def test_a_row_referenced_before_the_live_recording_appended_more_still_resolves
     """Process pools give pair tasks file references made earlier by the driver. An HDF5
     container grows while a run is recorded; rows already written never change, so a reference
     to one stays valid (a safetensors step file that changes is refused: test_parallel)."""
-    import trajscope.snapshots as snapshots
+    import trajscope.analysis.loading as snapshots
 
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -19,12 +19,12 @@ from problems import B_MEAN, DIM, make_quadratic, quad_loss
 from runkit import cli, copy_run, edit_manifest, fingerprint, no_hang, quad_run, rewrite_snapshot, step_file
 
 import trajscope
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import ObjectiveError, RunFormatError
 from trajscope.objective import load_objective
 from trajscope.recorders import Recorder
-from trajscope.run import open_run, read_snapshot
-from trajscope.validate import validate_run
+from trajscope.store.run import open_run, read_snapshot
+from trajscope.tools.validate import validate_run
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from problems import B_MEAN, DIM, QuadModel, quad_loss
 from runkit import cli, copy_run, edit_manifest, quad_run
 
 from trajscope.recorders import Recorder
-from trajscope.run import open_run
+from trajscope.store.run import open_run
 
 ANALYZE = ["-q", "--dtype", "float64", "--points", "3", "--margin", "0"]
 

@@ -23,7 +23,7 @@ from recorder_objectives import (  # noqa: F401
 )
 
 import trajscope
-from trajscope.run import open_run
+from trajscope.store.run import open_run
 
 FAST = {"progress": False, "points": 3, "margin": 0.0}
 

@@ -34,7 +34,7 @@ import trajscope
 from trajscope.recorders import Recorder
 from trajscope.recorders.capture import unwrap_model
 from trajscope.recorders.hooks import BoundHook, InertHook
-from trajscope.run import open_run
+from trajscope.store.run import open_run
 
 STEPS = 5
 LOSS_BOUND, GRAD_BOUND = 1e-6, 1e-4

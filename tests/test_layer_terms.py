@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from trajscope import vectors
-from trajscope.pairs import TERMS, VECTORS
+from trajscope.metrics.pair import TERMS, VECTORS
+from trajscope.probe import vectors
 
 
 def _vectors(shapes: dict[str, tuple[int, ...]], absent: set[str]) -> dict[str, dict[str, torch.Tensor | None]]:

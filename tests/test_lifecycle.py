@@ -16,9 +16,9 @@ from problems import make_mlp, train_classifier
 from runkit import cli, copy_run, no_hang, quad_run
 
 import trajscope
+from trajscope.analysis.plan import select_steps
 from trajscope.errors import AnalysisError, RunFormatError
-from trajscope.plan import select_steps
-from trajscope.run import open_run
+from trajscope.store.run import open_run
 
 try:
     import psutil

@@ -10,8 +10,8 @@ import pytest
 from problems import make_mlp, train_classifier
 
 import trajscope
-import trajscope.analysis as analysis
-import trajscope.snapshots as snapshots
+import trajscope.analysis.driver as analysis
+import trajscope.analysis.loading as snapshots
 
 
 @pytest.fixture(scope="module")

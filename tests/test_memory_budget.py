@@ -1,4 +1,4 @@
-"""The memory budget of the line evaluation (trajscope.memory, trajscope.line_plan): chunks of α
+"""The memory budget of the line evaluation (trajscope.probe.memory, trajscope.probe.line_plan): chunks of α
 points planned from one point's measured cost, the same numbers under a tight budget, and one
 clear error when a single point does not fit."""
 
@@ -14,11 +14,11 @@ from problems import ce_loss, train_classifier
 from torch import nn
 
 import trajscope
-from trajscope import line_plan
 from trajscope.errors import AnalysisError
-from trajscope.line_plan import SMALL_POINT
-from trajscope.memory import SAFETY, parse_size, plan_chunk
 from trajscope.objective import Objective
+from trajscope.probe import line_plan
+from trajscope.probe.line_plan import SMALL_POINT
+from trajscope.probe.memory import SAFETY, parse_size, plan_chunk
 
 if TYPE_CHECKING:
     import xarray as xr

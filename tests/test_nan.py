@@ -15,7 +15,7 @@ from problems import B_MEAN, DIM, QuadModel, make_quadratic, quad_loss
 from runkit import copy_run, quad_run, rewrite_snapshot, step_file
 
 import trajscope
-from trajscope.health import FLAGS
+from trajscope.analysis.health import FLAGS
 from trajscope.recorders import Recorder
 
 F = {name: mask for name, (mask, _) in FLAGS.items()}

@@ -14,12 +14,12 @@ from torch import nn
 
 import trajscope
 from trajscope import Recorder
+from trajscope.analysis.persist import settings_digest
+from trajscope.analysis.plan import objective_id
 from trajscope.errors import ObjectiveError
 from trajscope.objective import resolve_objective, takes_run
-from trajscope.persist import settings_digest
-from trajscope.plan import objective_id
-from trajscope.run import Run, open_run
-from trajscope.validate import validate_run
+from trajscope.store.run import Run, open_run
+from trajscope.tools.validate import validate_run
 
 N_IN, N_OUT = 5, 3
 SEEN: list[Any] = []
@@ -165,7 +165,7 @@ def test_factory_taking_the_run_needs_one() -> None:
 
 
 def test_digest_is_deterministic(tmp_path: Path) -> None:
-    from trajscope.plan import probe_settings
+    from trajscope.analysis.plan import probe_settings
 
     r = open_run(record(tmp_path / "run", {"hidden": 4}, steps=2))
     kw: dict[str, Any] = dict(points=5, margin=0.5, device="cpu", dtype=None, chunk_size=None, batched=True,

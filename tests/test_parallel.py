@@ -11,8 +11,8 @@ import xarray as xr
 from problems import make_mlp, train_classifier
 
 import trajscope
-import trajscope.snapshots as snapshots
-import trajscope.tasks as tasks
+import trajscope.analysis.loading as snapshots
+import trajscope.analysis.tasks as tasks
 from trajscope.errors import AnalysisError
 
 STEPS = 8
@@ -73,7 +73,7 @@ def test_local_cluster_reached_by_address(run_dir: Path, reference: xr.Dataset) 
 
 def test_each_snapshot_is_read_once(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reads: list[str] = []
-    from trajscope.run import Storage
+    from trajscope.store.run import Storage
 
     real = Storage.read
     monkeypatch.setattr(Storage, "read", lambda self, s: reads.append(self.location(s).name) or real(self, s))
@@ -86,8 +86,8 @@ def test_each_snapshot_is_read_once(run_dir: Path, monkeypatch: pytest.MonkeyPat
 
 def test_graph_keys_are_deterministic_and_shared(run_dir: Path) -> None:
     r = trajscope.open_run(run_dir)
-    from trajscope.execution import Placement
-    from trajscope.probe import ProbeSettings
+    from trajscope.analysis.execution import Placement
+    from trajscope.probe.pair import ProbeSettings
 
     def keys(window: list[int]) -> set:
         graph_tasks = tasks.window_graph(r, window, set(r.steps), 0, "tok", None, "k", ProbeSettings(),
@@ -119,7 +119,7 @@ def test_bad_arguments_name_the_argument(run_dir: Path, kwargs: dict, match: str
 def test_unreachable_cluster_is_a_trajscope_error(run_dir: Path) -> None:
     pytest.importorskip("distributed")
     with pytest.raises(AnalysisError, match=r"scheduler='tcp://127.0.0.1:9': cannot connect"):
-        from trajscope.execution import DistributedBackend
+        from trajscope.analysis.execution import DistributedBackend
 
         DistributedBackend("tcp://127.0.0.1:9", timeout=1.0)
 
@@ -127,7 +127,7 @@ def test_unreachable_cluster_is_a_trajscope_error(run_dir: Path) -> None:
 def test_worker_device_placement(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from trajscope.execution import resolve_device
+    from trajscope.analysis.execution import resolve_device
 
     assert resolve_device("cpu", 3) == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -151,8 +151,8 @@ def test_snapshots_ship_as_arrays_and_back() -> None:
 
     import torch
 
-    from trajscope.run import Snapshot
-    from trajscope.snapshots import ShippedSnapshot, ship
+    from trajscope.analysis.loading import ShippedSnapshot, ship
+    from trajscope.store.run import Snapshot
 
     snap = Snapshot(step=3, kind="step", params={"w": torch.randn(3, 2), "h": torch.randn(4).bfloat16()},
                     grads={"w": torch.randn(3, 2)}, rng={"cpu": torch.get_rng_state()},
@@ -238,8 +238,8 @@ def test_process_pool_pair_tasks_get_file_references_without_load_tasks(
     import os
     import pickle
 
-    from trajscope.execution import Placement
-    from trajscope.probe import ProbeSettings
+    from trajscope.analysis.execution import Placement
+    from trajscope.probe.pair import ProbeSettings
 
     r = trajscope.open_run(run_dir)
     steps = [1, 2, 3]

@@ -1,4 +1,4 @@
-"""The shared parameter comparison (trajscope.params) and tree map (trajscope.trees)."""
+"""The shared parameter comparison (trajscope.store.names) and tree map (trajscope.store.trees)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections import OrderedDict, namedtuple
 
 import torch
 
-from trajscope.params import Mismatch, dtypes, first, mismatches, shapes
-from trajscope.trees import tree_map
+from trajscope.store.names import Mismatch, dtypes, first, mismatches, shapes
+from trajscope.store.trees import tree_map
 
 
 def test_mismatches_in_order() -> None:

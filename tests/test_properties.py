@@ -28,11 +28,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from runkit import no_hang, quad_run, step_file
 
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import TrajscopeError
 from trajscope.recorders import Recorder
-from trajscope.run import Run, Snapshot, open_run, read_snapshot
-from trajscope.validate import validate_run
+from trajscope.store.run import Run, Snapshot, open_run, read_snapshot
+from trajscope.tools.validate import validate_run
 
 PROPERTY_EXAMPLES = max(500, int(os.environ.get("TRAJSCOPE_PROPERTY_EXAMPLES", "500")))
 PROPS = settings(max_examples=PROPERTY_EXAMPLES, deadline=None, database=None,

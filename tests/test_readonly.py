@@ -21,7 +21,7 @@ import xarray as xr
 from runkit import cli, copy_run, fingerprint, quad_run
 
 import trajscope
-from trajscope import outputs
+from trajscope.analysis import outputs
 from trajscope.errors import AnalysisError, RunFormatError
 
 ANALYZE = ["-q", "--dtype", "float64", "--points", "5", "--margin", "0.25"]

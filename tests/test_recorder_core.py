@@ -24,12 +24,12 @@ from recorder_objectives import (
 )
 
 import trajscope
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import RecorderError
 from trajscope.recorders import At, Every, Log, Recorder
 from trajscope.recorders import storage as storage_mod
 from trajscope.recorders.backends import SafetensorsWriter
-from trajscope.run import open_run, read_raw
+from trajscope.store.run import open_run, read_raw
 
 FORMATS = ["safetensors", "hdf5"]
 

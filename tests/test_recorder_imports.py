@@ -45,9 +45,9 @@ def test_recorder_imports_nothing_beyond_torch_numpy_safetensors() -> None:
 
 
 def test_worker_side_modules_do_not_import_the_dataset_libraries() -> None:
-    """A pool process imports trajscope.analysis to run pair tasks; xarray, pandas and netCDF4
+    """A pool process imports trajscope.analysis.driver to run pair tasks; xarray, pandas and netCDF4
     (~0.5 s of a worker's start-up) are for the driver's Dataset only."""
-    script = ("import sys, trajscope.analysis, trajscope.execution; "
+    script = ("import sys, trajscope.analysis.driver, trajscope.analysis.execution; "
               "print(sorted({m.split('.')[0] for m in sys.modules} & "
               "{'xarray', 'pandas', 'netCDF4', 'matplotlib'}))")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -56,12 +56,12 @@ def test_worker_side_modules_do_not_import_the_dataset_libraries() -> None:
 
 
 def test_format_module_imports_neither_torch_nor_the_recorder() -> None:
-    """trajscope.format holds the dtype table the storage backends share; it stays importable on
-    its own (no torch, no trajscope.recorders, whose package imports trajscope.format)."""
-    script = ("import sys, trajscope.format; "
+    """trajscope.runformat holds the dtype table the storage backends share; it stays importable on
+    its own (no torch, no trajscope.recorders, whose package imports trajscope.runformat)."""
+    script = ("import sys, trajscope.runformat; "
               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'trajscope')))")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, check=True)
     # trajscope._version reads the package metadata with the standard library only
-    expected = ["trajscope", "trajscope._version", "trajscope.errors", "trajscope.format"]
+    expected = ["trajscope", "trajscope._version", "trajscope.errors", "trajscope.runformat"]
     assert proc.stdout.strip() == str(expected), proc.stdout

@@ -23,7 +23,7 @@ from recorder_objectives import (
 
 import trajscope
 from trajscope.recorders import Recorder
-from trajscope.run import open_run
+from trajscope.store.run import open_run
 
 FAST = {"progress": False, "points": 3, "margin": 0.0}
 

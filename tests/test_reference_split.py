@@ -19,12 +19,12 @@ from replay_problems import make_cnn, train_cnn
 from runkit import edit_manifest, rewrite_snapshot, step_file
 
 import trajscope
-import trajscope.tasks as tasks
+import trajscope.analysis.tasks as tasks
+from trajscope.analysis.persist import PairTable, reference_path
 from trajscope.errors import DamagedRunWarning
-from trajscope.format import read_safetensors_header
-from trajscope.persist import PairTable, reference_path
-from trajscope.probe import ProbeSettings, probe_pair
-from trajscope.reference import merge, probe_reference, split
+from trajscope.probe.pair import ProbeSettings, probe_pair
+from trajscope.probe.reference_point import merge, probe_reference, split
+from trajscope.runformat import read_safetensors_header
 
 STEPS = 12  # steps 0..11 recorded with their minibatch, the final state x_12
 FINAL = STEPS

@@ -26,10 +26,10 @@ from click.testing import CliRunner
 from problems import make_quadratic, train_quadratic
 
 import trajscope
-from trajscope import registry
 from trajscope.cli import cli
 from trajscope.errors import MetricRegistrationError
-from trajscope.registry import MetricSpec, get_metrics, markdown_table, metric, refresh_plugins, series
+from trajscope.metrics import registry
+from trajscope.metrics.registry import MetricSpec, get_metrics, markdown_table, metric, refresh_plugins, series
 
 PLUGIN_SRC = Path(__file__).parent / "plugin_pkg"
 
@@ -213,9 +213,9 @@ def test_rerunning_a_definition_replaces_it_and_another_module_is_refused() -> N
 
 
 def test_builtins_register_through_the_loader_not_on_import() -> None:
-    """Importing trajscope.metrics registers nothing; get_metrics loads it like a plugin module."""
+    """Importing trajscope.metrics.builtins registers nothing; get_metrics loads it like a plugin module."""
     code = (
-        "import sys; import trajscope.metrics, trajscope.registry as r; "
+        "import sys; import trajscope.metrics.builtins, trajscope.metrics.registry as r; "
         "assert r._REGISTRY == {}, list(r._REGISTRY); "
         "specs = r.get_metrics(); assert 'inst_gap' in specs and specs['inst_gap'].source == 'trajscope'; "
         "assert list(specs)[0] == 'loss_line'; "
@@ -239,7 +239,7 @@ def test_cli_metrics_listing_does_not_import_torch() -> None:
 
 
 def test_per_layer_view_refuses_whole_model_quantities() -> None:
-    from trajscope.pairs import LayerView, PairView
+    from trajscope.metrics.pair import LayerView, PairView
     from trajscope.testing import synthetic_pair
 
     stats, _ = synthetic_pair()

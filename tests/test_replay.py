@@ -22,7 +22,7 @@ from torch.func import functional_call, vmap
 
 import trajscope
 from trajscope.errors import ProbeWarning
-from trajscope.probe import ProbeSettings, _batchnorm_replay, probe_pair
+from trajscope.probe.pair import ProbeSettings, _batchnorm_replay, probe_pair
 from trajscope.recorders import Recorder
 
 STEPS = 6
@@ -124,8 +124,8 @@ def test_without_the_recorded_rng_dropout_differs(cnn_run) -> None:
     with pytest.warns(ProbeWarning, match="randomness operation"):
         stats = probe_pair(make_cnn(), dataclasses.replace(snap, rng={}), nxt, ProbeSettings(dtype="float64"))
     assert stats.extras["line_batched"] == 0.0
-    from trajscope.metrics import grad_replay_error, loss_replay_error
-    from trajscope.pairs import PairView
+    from trajscope.metrics.builtins import grad_replay_error, loss_replay_error
+    from trajscope.metrics.pair import PairView
 
     assert grad_replay_error(PairView(stats)) > 1e-2
     assert loss_replay_error(PairView(stats)) > 1e-5

@@ -15,9 +15,9 @@ import xarray as xr
 from torch import nn
 
 import trajscope
-from trajscope import report as rp
 from trajscope.cli import main as cli_main
-from trajscope.summary import convexity_ratio_window
+from trajscope.report import page as rp
+from trajscope.report.summary import convexity_ratio_window
 
 
 def make_objective() -> trajscope.Objective:

@@ -16,8 +16,8 @@ import xarray as xr
 from problems import make_mlp, train_classifier
 
 import trajscope
-import trajscope.persist as persist
-import trajscope.tasks as tasks
+import trajscope.analysis.persist as persist
+import trajscope.analysis.tasks as tasks
 from trajscope.errors import AnalysisError
 
 TESTS = Path(__file__).parent

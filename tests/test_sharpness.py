@@ -11,7 +11,7 @@ from reference import Reference
 from torch.func import functional_call
 
 import trajscope
-from trajscope.sharpness import hessian_max_eig, lanczos_max_eig
+from trajscope.probe.sharpness import hessian_max_eig, lanczos_max_eig
 
 
 def sym(eigs: np.ndarray, seed: int = 0) -> torch.Tensor:

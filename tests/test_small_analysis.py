@@ -1,5 +1,5 @@
 """``derivatives="auto"`` on an analysis too small to repay forward-mode AD's one-time set-up:
-reverse mode, the same numbers (:func:`trajscope.plan.reverse_is_cheaper`).
+reverse mode, the same numbers (:func:`trajscope.analysis.plan.reverse_is_cheaper`).
 
 conftest.py pins the shortcut off for every other test; here each test sets the set-up cost it
 needs and whether this process has paid it, so no outcome depends on the machine's speed."""
@@ -17,8 +17,8 @@ import xarray as xr
 from problems import make_mlp, train_classifier
 
 import trajscope
-import trajscope.plan as plan
-from trajscope.probe import ProbeSettings
+import trajscope.analysis.plan as plan
+from trajscope.probe.pair import ProbeSettings
 
 JVP_SETUP = "torch._decomp.decompositions_for_jvp"  # what torch imports on the first jvp
 

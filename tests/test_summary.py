@@ -13,7 +13,7 @@ from problems import train_quadratic
 import trajscope
 from trajscope.cli import cli
 from trajscope.errors import AnalysisError
-from trajscope.summary import (
+from trajscope.report.summary import (
     convexity_ratio_by_epoch,
     convexity_ratio_cumulative,
     convexity_ratio_ema,
@@ -124,8 +124,9 @@ def test_summary_cli_and_python_twin(tmp_path) -> None:
 
 
 def test_one_ema_and_the_report_reads_the_datasets_derived_variables() -> None:
-    from trajscope import figures, report
-    from trajscope.summary import ema, fraction, line_argmin, running_sum, stability_ratio, table_rows
+    from trajscope.report import figures
+    from trajscope.report import page as report
+    from trajscope.report.summary import ema, fraction, line_argmin, running_sum, stability_ratio, table_rows
 
     assert report.ema is ema and figures.ema is ema
     num, den = np.array([1.0, -3.0, 2.0, 0.5]), np.array([1.0, 1.0, 4.0, 2.0])
@@ -153,7 +154,7 @@ def test_one_ema_and_the_report_reads_the_datasets_derived_variables() -> None:
 
 
 def test_headline_leaves_zero_update_pairs_out_and_counts_clipped_pairs() -> None:
-    from trajscope.health import FLAGS
+    from trajscope.analysis.health import FLAGS
 
     zero, clipped, nonuniform = (FLAGS[n][0] for n in ("zero_update", "clipped", "clipped_nonuniform"))
     # lr = 0 warm-up: two pairs with Δ = 0, where inst_gap = 0 would read as "convex"

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trajscope import registry
 from trajscope.errors import MetricRegistrationError
-from trajscope.pairs import LayerView, PairView
-from trajscope.registry import MetricSpec, get_metrics
+from trajscope.metrics import registry
+from trajscope.metrics.pair import LayerView, PairView
+from trajscope.metrics.registry import MetricSpec, get_metrics
 from trajscope.testing import QuadraticPair, check_metric, synthetic_dataset, synthetic_pair
 
 PLUGIN = Path(__file__).parent / "plugin_pkg"
@@ -121,7 +121,8 @@ def test_the_docs_example_plugin_passes(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_testing_module_does_not_import_torch() -> None:
-    code = ("import sys; from trajscope.testing import check_metric; from trajscope.registry import get_metrics; "
+    code = ("import sys; from trajscope.testing import check_metric; "
+            "from trajscope.metrics.registry import get_metrics; "
             "[check_metric(s) for s in get_metrics().values()]; assert 'torch' not in sys.modules, 'torch'")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

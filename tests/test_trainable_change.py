@@ -24,14 +24,14 @@ from torch import nn
 from torch.func import functional_call
 
 import trajscope
-from trajscope import format as fmt
+from trajscope import runformat as fmt
+from trajscope.analysis.health import FLAGS
 from trajscope.errors import RunFormatError, TrajscopeWarning
-from trajscope.health import FLAGS
-from trajscope.params import Coordinates, coordinates
 from trajscope.recorders import Recorder
 from trajscope.recorders.recorder import Recorder as RecorderClass
-from trajscope.run import open_run
-from trajscope.validate import validate_run
+from trajscope.store.names import Coordinates, coordinates
+from trajscope.store.run import open_run
+from trajscope.tools.validate import validate_run
 
 UNRECORDED = FLAGS["unrecorded_update"][0]
 STEPS = 6

@@ -15,7 +15,7 @@ from runkit import cli, quad_run
 import trajscope
 from trajscope import Objective
 from trajscope.errors import TrajscopeWarning
-from trajscope.summary import format_headline, format_summary, headline, summarize
+from trajscope.report.summary import format_headline, format_summary, headline, summarize
 
 # --- objectives importable by name ------------------------------------------------------------
 
@@ -192,7 +192,7 @@ def _replay_ds(loss: list[float], grad: list[float], flags: list[int], **attrs: 
 
 
 def test_the_replay_gate_counts_pairs_over_their_bounds() -> None:
-    from trajscope.health import replay_failures
+    from trajscope.analysis.health import replay_failures
 
     # one of twenty over the bound: within the 10% the gate tolerates
     assert replay_failures(_replay_ds([1e-3] + [0.0] * 19, [0.0] * 20, [0] * 20)).ok

@@ -17,7 +17,7 @@ from runkit import cli, copy_run, edit_manifest, quad_run, rewrite_snapshot, ste
 import trajscope
 from trajscope.errors import DamagedRunWarning
 from trajscope.objective import Objective
-from trajscope.validate import validate_run
+from trajscope.tools.validate import validate_run
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ from torch import nn
 import trajscope
 from trajscope import Recorder
 from trajscope.errors import ObjectiveError, TrajscopeWarning
-from trajscope.params import wrapper_prefix
-from trajscope.run import open_run
-from trajscope.unwrap import UnwrappedStorage, unwrapped
-from trajscope.validate import validate_run
+from trajscope.store.names import wrapper_prefix
+from trajscope.store.run import open_run
+from trajscope.store.unwrap import UnwrappedStorage, unwrapped
+from trajscope.tools.validate import validate_run
 
 N_IN, N_HID, N_OUT = 5, 8, 3
 OBJECTIVE = "test_wrapped_run:make_net"

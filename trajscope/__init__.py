@@ -16,27 +16,27 @@ from trajscope._version import VERSION as __version__
 _LAZY = {
     "Recorder": "trajscope.recorders",
     "Objective": "trajscope.objective",
-    "open_run": "trajscope.run",
-    "Run": "trajscope.run",
-    "Snapshot": "trajscope.run",
-    "analyze": "trajscope.analysis",
-    "open_metrics": "trajscope.analysis",
-    "MetricSpec": "trajscope.registry",
-    "get_metrics": "trajscope.registry",
-    "summarize": "trajscope.summary",
+    "open_run": "trajscope.store.run",
+    "Run": "trajscope.store.run",
+    "Snapshot": "trajscope.store.run",
+    "analyze": "trajscope.analysis.driver",
+    "open_metrics": "trajscope.analysis.driver",
+    "MetricSpec": "trajscope.metrics.registry",
+    "get_metrics": "trajscope.metrics.registry",
+    "summarize": "trajscope.report.summary",
     "TrajscopeError": "trajscope.errors",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:
-    from trajscope.analysis import analyze, open_metrics
+    from trajscope.analysis.driver import analyze, open_metrics
     from trajscope.errors import TrajscopeError
+    from trajscope.metrics.registry import MetricSpec, get_metrics
     from trajscope.objective import Objective
     from trajscope.recorders import Recorder
-    from trajscope.registry import MetricSpec, get_metrics
-    from trajscope.run import Run, Snapshot, open_run
-    from trajscope.summary import summarize
+    from trajscope.report.summary import summarize
+    from trajscope.store.run import Run, Snapshot, open_run
 
 
 def __getattr__(name: str) -> Any:

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import TrajscopeError, one_line
-from trajscope.grid import MAX_MARGIN, MAX_POINTS
+from trajscope.probe.grid import MAX_MARGIN, MAX_POINTS
 
 if TYPE_CHECKING:
-    from trajscope.run import Run
+    from trajscope.store.run import Run
 
 _RUN_DIR = click.Path(file_okay=True, dir_okay=True, path_type=str)
 _ANALYSIS_DIR = click.Path(file_okay=False, path_type=str)
@@ -41,9 +41,9 @@ def cli() -> None:
 
 
 def _check_scheduler(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    # Imported here: trajscope.execution pulls in dask, which `trajscope --help` must not pay for.
+    # Imported here: trajscope.analysis.execution pulls in dask, which `trajscope --help` must not pay for.
+    from trajscope.analysis.execution import check_scheduler
     from trajscope.errors import AnalysisError
-    from trajscope.execution import check_scheduler
 
     try:
         check_scheduler(value)
@@ -56,8 +56,8 @@ def _check_scheduler(ctx: click.Context, param: click.Parameter, value: str) -> 
 
 
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from trajscope.analysis.execution import check_device
     from trajscope.errors import AnalysisError
-    from trajscope.execution import check_device
 
     try:
         return check_device(value)
@@ -66,11 +66,11 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
 
 
 def _check_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    """``--max-memory``: bytes from SIZE (``trajscope.memory.parse_size``)."""
+    """``--max-memory``: bytes from SIZE (``trajscope.probe.memory.parse_size``)."""
     if value is None:
         return None
     from trajscope.errors import AnalysisError
-    from trajscope.memory import parse_size
+    from trajscope.probe.memory import parse_size
 
     try:
         return parse_size(value)
@@ -134,10 +134,10 @@ def analyze(run_dir: str, objective: str | None, points: int, margin: float, dev
     an interrupted analysis resumes where it stopped and newly recorded steps only cost their new
     pairs.
     """
-    from trajscope.analysis import analyze as run_analysis
-    from trajscope.dataset import import_dataset_libraries
-    from trajscope.run import open_run
-    from trajscope.summary import format_headline, headline
+    from trajscope.analysis.dataset import import_dataset_libraries
+    from trajscope.analysis.driver import analyze as run_analysis
+    from trajscope.report.summary import format_headline, headline
+    from trajscope.store.run import open_run
 
     run = open_run(run_dir)  # a wrong RUN_DIR fails before the Dataset's libraries are imported
     _warn_incomplete(run)
@@ -171,7 +171,7 @@ def _warn_incomplete(run: Run) -> None:
 @click.argument("run_dir", type=_RUN_DIR)
 def info(run_dir: str) -> None:
     """Summarise a recorded run: status, objective, optimizer, steps and pairs."""
-    from trajscope.run import open_run
+    from trajscope.store.run import open_run
 
     click.echo(open_run(run_dir).describe())
 
@@ -180,7 +180,7 @@ def info(run_dir: str) -> None:
 @click.option("--markdown", is_flag=True, help="Print the table of docs/metrics.md instead.")
 def list_metrics(markdown: bool) -> None:
     """List every registered metric: name, dims, what the theory needs, formula."""
-    from trajscope.registry import get_metrics, markdown_table
+    from trajscope.metrics.registry import get_metrics, markdown_table
 
     specs = get_metrics()
     if markdown:
@@ -214,8 +214,8 @@ def summary(run_dir: str, steps_per_epoch: int | None, window: int, as_json: boo
     """
     import json
 
-    from trajscope.run import open_run
-    from trajscope.summary import format_summary, summarize
+    from trajscope.report.summary import format_summary, summarize
+    from trajscope.store.run import open_run
 
     _libraries_imported()
     s = summarize(run_dir, steps_per_epoch=steps_per_epoch, window=window, analysis=analysis)
@@ -238,7 +238,7 @@ def validate(run_dir: str, objective: str | None, quick: bool) -> None:
 
     Reads files only; nothing is imported unless --objective is given.
     """
-    from trajscope.validate import validate_run
+    from trajscope.tools.validate import validate_run
 
     _libraries_imported()
     report = validate_run(run_dir, objective=objective, quick=quick)
@@ -282,7 +282,7 @@ def report(run_dirs: tuple[str, ...], out: str | None, ema_beta: float, window: 
 
     Several analyzed RUN_DIRs overlay in one report. Run `trajscope analyze` on each first.
     """
-    from trajscope.report import write_report
+    from trajscope.report.page import write_report
 
     _libraries_imported()
     rep = write_report(list(run_dirs), out, beta=ema_beta, window=window,
@@ -303,8 +303,8 @@ def report(run_dirs: tuple[str, ...], out: str | None, ema_beta: float, window: 
               help="In place: convert a run still marked 'recording' (only if its recorder is gone).")
 def convert(run_dir: str, to: str, out: str | None, keep: bool, force: bool) -> None:
     """Rewrite a run's snapshots as HDF5 or safetensors (tensors copied bit for bit)."""
-    from trajscope.convert import convert_run
-    from trajscope.run import open_run
+    from trajscope.store.run import open_run
+    from trajscope.tools.convert import convert_run
 
     _libraries_imported()
     before = open_run(run_dir).storage.kind

@@ -3,7 +3,7 @@
 A run directory may come from someone else, and anything in it may be a planted symlink: every
 file trajscope creates, replaces or removes inside a run goes through these helpers, which refuse
 a symlink or a special file at the path (``lstat``, ``O_NOFOLLOW``) with one error naming it.
-Atomic replacement of regular files (temp file + rename) is :func:`trajscope.format.atomic_write_bytes`.
+Atomic replacement of regular files (temp file + rename) is :func:`trajscope.runformat.atomic_write_bytes`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ A user writes, in any importable module::
         return trajscope.Objective(model=model, loss=loss)
 
 and names it ``"mymodule:make_objective"``. A factory that takes one argument is called with the
-opened :class:`~trajscope.run.Run` (see :func:`takes_run`), so that it can build the model from the configuration
+opened :class:`~trajscope.store.run.Run` (see :func:`takes_run`), so that it can build the model from the configuration
 the run recorded (``run.metadata``, the ``Recorder(..., metadata=...)`` dict)::
 
     def make_objective(run) -> trajscope.Objective:
@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import torch
 
 from trajscope.errors import ObjectiveError, TrajscopeError, one_line
-from trajscope.format import MANIFEST
-from trajscope.params import first, mismatches, shapes, strip_prefix, wrapper_prefix
+from trajscope.runformat import MANIFEST
+from trajscope.store.names import first, mismatches, shapes, strip_prefix, wrapper_prefix
 
-if TYPE_CHECKING:  # trajscope.run imports this module: Run is only named in annotations
-    from trajscope.run import Run
+if TYPE_CHECKING:  # trajscope.store.run imports this module: Run is only named in annotations
+    from trajscope.store.run import Run
 
 RunArgument: TypeAlias = "Run | Callable[[], Run] | None"
 """What a factory taking the run is called with: the run, or a function that opens it."""
@@ -236,7 +236,7 @@ def check_run_objective(objective: Objective, manifest: dict[str, Any]) -> Objec
     parameter the run did not record (it would silently keep its initial value during the replay)
     and a shape mismatch are all errors. Names recorded from a wrapped model (``_orig_mod.NAME``
     of ``torch.compile``, ``module.NAME`` of DDP) match the plain model's names when one prefix,
-    stripped from every name, makes them match (:func:`trajscope.params.wrapper_prefix`).
+    stripped from every name, makes them match (:func:`trajscope.store.names.wrapper_prefix`).
 
     Raises:
         ObjectiveError: naming the first parameter or buffer that differs.

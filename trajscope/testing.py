@@ -1,6 +1,6 @@
 """The contract check a metric author runs: :func:`check_metric` on a synthetic quadratic pair.
 
-Registration (:func:`trajscope.registry.check_spec`) checks what a spec declares. This module also
+Registration (:func:`trajscope.metrics.registry.check_spec`) checks what a spec declares. This module also
 *runs* the metric, on probe results built in closed form from a separable quadratic
 
     f(x; z) = ½ Σᵢ hᵢ (xᵢ − zᵢ)²,   ∇f(x; z) = h ⊙ (x − z),   ∇²f = diag(h),
@@ -8,7 +8,7 @@ Registration (:func:`trajscope.registry.check_spec`) checks what a spec declares
 with three parameter tensors, an SGD step x_{t+1} = x_t − lr·g_t and fresh minibatches z
 (shifted centres) at t−1, t and t+1. Every probe result is defined there, so a metric must return
 a finite value of the declared shape; a ``per_layer`` metric is also run on each
-:class:`~trajscope.pairs.LayerView`, which refuses whole-model reads (ℓ, ℓ', lr, extras).
+:class:`~trajscope.metrics.pair.LayerView`, which refuses whole-model reads (ℓ, ℓ', lr, extras).
 :class:`QuadraticPair` keeps the vectors, so a test can compare a metric with its closed form::
 
     from trajscope.testing import check_metric
@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from trajscope.errors import AnalysisError, MetricRegistrationError
-from trajscope.pairs import TERMS, PairStats
-from trajscope.registry import SPEC_ATTR, MetricSpec, check_spec, evaluate_pair, get_metrics
+from trajscope.metrics.pair import TERMS, PairStats
+from trajscope.metrics.registry import SPEC_ATTR, MetricSpec, check_spec, evaluate_pair, get_metrics
 
 __all__ = ["QuadraticPair", "synthetic_pair", "synthetic_dataset", "check_metric"]
 
@@ -91,7 +91,7 @@ class QuadraticPair:
 
 
 def _vectors(q: QuadraticPair) -> dict[str, np.ndarray]:
-    """The probe's vectors (:data:`trajscope.pairs.VECTORS`) of the pair, flat."""
+    """The probe's vectors (:data:`trajscope.metrics.pair.VECTORS`) of the pair, flat."""
     return {
         "delta": q.delta, "G0": q.G0, "G1": q.G1, "dG": q.G1 - q.G0, "g": q.g, "g_next": q.g_next,
         "dg": q.g_next - q.g, "G0_err": q.G0 - q.g, "x": q.x, "x_dist": q.x - q.x0,

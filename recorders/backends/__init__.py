@@ -3,7 +3,7 @@
 * :mod:`~trajscope.recorders.backends.base`: the :class:`Storage` interface (and
   :class:`FormatStorage`, a format's), the registry
   :data:`STORAGES` (format name → reader class) and the dtype helpers over
-  :data:`trajscope.format.DTYPES`;
+  :data:`trajscope.runformat.DTYPES`;
 * :mod:`~trajscope.recorders.backends.safetensors`: ``steps/step_XXXXXXXX.safetensors``;
 * :mod:`~trajscope.recorders.backends.hdf5`: ``trajectory.h5`` (h5py imported only when used).
 

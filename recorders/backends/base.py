@@ -3,15 +3,15 @@
 A run's snapshots are stored in one format, named by the manifest's ``storage`` field. Each format
 is one module of this package holding its reader (a :class:`Storage` subclass, registered in
 :data:`STORAGES` under its format name) and its writer. Readers hand out the stored form of a
-snapshot, ``(metadata, {key: CPU tensor})``; :func:`trajscope.snapshot.snapshot_from_raw` builds
-the :class:`~trajscope.snapshot.Snapshot` from it, the same way for every format.
+snapshot, ``(metadata, {key: CPU tensor})``; :func:`trajscope.store.snapshot.snapshot_from_raw` builds
+the :class:`~trajscope.store.snapshot.Snapshot` from it, the same way for every format.
 
-The one dtype table is :data:`trajscope.format.DTYPES` (torch dtype name → safetensors code,
+The one dtype table is :data:`trajscope.runformat.DTYPES` (torch dtype name → safetensors code,
 element size, same-width integer view), re-exported here as :data:`DTYPES`; the backends and the
 recorder's copy path derive their torch/numpy/HDF5 maps from it. It is defined in
-:mod:`trajscope.format` because that module encodes safetensors headers with it and must stay
+:mod:`trajscope.runformat` because that module encodes safetensors headers with it and must stay
 importable without torch and without this package (importing anything under
-``trajscope.recorders`` runs the recorder package, which imports :mod:`trajscope.format`).
+``trajscope.recorders`` runs the recorder package, which imports :mod:`trajscope.runformat`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from trajscope import format as fmt
-from trajscope.snapshot import Snapshot, snapshot_from_raw
+from trajscope import runformat as fmt
+from trajscope.store.snapshot import Snapshot, snapshot_from_raw
 
 __all__ = [
     "DIRECT_IO_ALIGN",
@@ -71,7 +71,7 @@ def bits_dtype(name: str) -> np.dtype[Any]:
 
 class Storage(abc.ABC):
     """How a run's snapshots are stored, as the reader sees them: one :class:`FormatStorage` per
-    format, or a view over one (:class:`trajscope.unwrap.UnwrappedStorage`)."""
+    format, or a view over one (:class:`trajscope.store.unwrap.UnwrappedStorage`)."""
 
     kind = ""
 
@@ -152,9 +152,9 @@ _S = TypeVar("_S", bound=type[FormatStorage])
 def register(cls: _S) -> _S:
     """Class decorator: make ``cls`` the reader of format ``cls.kind``."""
     if cls.kind not in fmt.STORAGES:
-        raise ValueError(f"{cls.__name__}.kind={cls.kind!r} is not a format named in trajscope.format")
+        raise ValueError(f"{cls.__name__}.kind={cls.kind!r} is not a format named in trajscope.runformat")
     STORAGES[cls.kind] = cls
-    # The registry lists formats in the order of trajscope.format.STORAGES whatever the import order
+    # The registry lists formats in the order of trajscope.runformat.STORAGES whatever the import order
     # (messages name the formats in that order).
     ordered = sorted(STORAGES.items(), key=lambda item: fmt.STORAGES.index(item[0]))
     STORAGES.clear()

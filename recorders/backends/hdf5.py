@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from trajscope import confine
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import RunFormatError
 from trajscope.recorders.backends.base import DIRECT_IO_ALIGN, DTYPES, FormatStorage, Raw, int_view, register, stat_path
 from trajscope.recorders.backends.hdf5_io import DirectChunks, early_allocation, extend, os_error, put
@@ -31,7 +31,7 @@ __all__ = ["HDF5Storage", "HDF5Writer", "H5_STORE"]
 def _store_type(name: str) -> str:
     """How HDF5 stores dtype ``name``: a little-endian numpy type string (``"<f4"``).
 
-    A dtype with an integer view in :data:`~trajscope.format.DTYPES` (float16, bfloat16, float8,
+    A dtype with an integer view in :data:`~trajscope.runformat.DTYPES` (float16, bfloat16, float8,
     bool) keeps its exact bits in an *unsigned* integer of the same width; the dataset's ``dtype``
     attribute names the real type.
     """

@@ -2,7 +2,7 @@
 
 Layout and header rules: ``docs/format.md``. The writer receives a :class:`StepImage` that
 :func:`trajscope.recorders.storage.build_image` already laid out as the complete file (its dtype
-codes are :data:`trajscope.format.SAFETENSORS_DTYPES`, a view of the shared dtype table) and only
+codes are :data:`trajscope.runformat.SAFETENSORS_DTYPES`, a view of the shared dtype table) and only
 puts it on disk; the reader checks the header itself before handing the bytes to the safetensors
 library, which validates the rest.
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trajscope import confine
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import RunFormatError
 from trajscope.recorders.backends.base import DIRECT_IO_ALIGN, FormatStorage, Raw, register, stat_path
-from trajscope.snapshot import Snapshot, check_meta
+from trajscope.store.snapshot import Snapshot, check_meta
 
 if TYPE_CHECKING:
     from trajscope.recorders.storage import StepImage

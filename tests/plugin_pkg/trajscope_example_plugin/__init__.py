@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 
-from trajscope.pairs import LayerView, PairView
-from trajscope.registry import metric
+from trajscope.metrics.pair import LayerView, PairView
+from trajscope.metrics.registry import metric
 
 
 @metric(

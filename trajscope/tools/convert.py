@@ -17,9 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from trajscope import confine
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import RunFormatError
-from trajscope.run import Run, open_run
+from trajscope.store.run import Run, open_run
 
 __all__ = ["convert_run"]
 

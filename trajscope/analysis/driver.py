@@ -1,20 +1,20 @@
 """``trajscope.analyze``: probe every pair of a recorded run and assemble the metrics Dataset.
 
-:func:`analyze` decides what to compute (:mod:`trajscope.plan`), reuses the pairs persisted by an
-earlier analysis with the same settings (:mod:`trajscope.persist`), probes the others on a
-scheduler (:mod:`trajscope.execution`), and builds and writes the Dataset
-(:mod:`trajscope.dataset`). Every scheduler runs the same pair task on the same snapshot
-references (:mod:`trajscope.tasks`, :mod:`trajscope.snapshots`); only ``scheduler=`` changes, and
+:func:`analyze` decides what to compute (:mod:`trajscope.analysis.plan`), reuses the pairs persisted by an
+earlier analysis with the same settings (:mod:`trajscope.analysis.persist`), probes the others on a
+scheduler (:mod:`trajscope.analysis.execution`), and builds and writes the Dataset
+(:mod:`trajscope.analysis.dataset`). Every scheduler runs the same pair task on the same snapshot
+references (:mod:`trajscope.analysis.tasks`, :mod:`trajscope.analysis.loading`); only ``scheduler=`` changes, and
 the results are the same under each.
 
 Memory does not grow with the run: pairs go to the scheduler in windows of a few per worker, at
 most two windows in flight, and a window's snapshots are released when its pairs are done. Each
 finished pair is persisted under ``analysis/pairs/`` by the task itself, so an interrupted
 analysis (even SIGKILL) resumes where it stopped, new recorded steps only cost their new pairs,
-and a new reference point x* only costs each pair's reference part (:mod:`trajscope.reference`).
+and a new reference point x* only costs each pair's reference part (:mod:`trajscope.probe.reference_point`).
 The Dataset is written to a temporary file and renamed: it is never seen half-written. A lock
 file keeps two analyses from writing the same run's ``analysis/`` at once. ``out=DIR`` puts
-``analysis/``'s content in DIR instead (:mod:`trajscope.outputs`): a read-only run is analyzed
+``analysis/``'s content in DIR instead (:mod:`trajscope.analysis.outputs`): a read-only run is analyzed
 without writing a byte into it.
 """
 
@@ -31,16 +31,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trajscope import format as fmt
-from trajscope import health, memory
-from trajscope.dataset import (
+from trajscope import runformat as fmt
+from trajscope.analysis import health
+from trajscope.analysis.dataset import (
     build_dataset,
     import_libraries_in_background,
     open_metrics,
 )
-from trajscope.dataset import write_dataset as _write_dataset
-from trajscope.errors import AnalysisError, RunFormatError, TrajscopeWarning
-from trajscope.execution import (
+from trajscope.analysis.dataset import write_dataset as _write_dataset
+from trajscope.analysis.execution import (
     LOCAL_SCHEDULERS,
     Backend,
     check_device,
@@ -48,10 +47,8 @@ from trajscope.execution import (
     open_backend,
     usable_cores,
 )
-from trajscope.objective import check_run_objective, objective_digest
-from trajscope.outputs import analysis_dir, create_analysis_dir
-from trajscope.pairs import PairStats
-from trajscope.persist import (
+from trajscope.analysis.outputs import analysis_dir, create_analysis_dir
+from trajscope.analysis.persist import (
     VERSION,
     PairTable,
     analysis_lock,
@@ -63,7 +60,7 @@ from trajscope.persist import (
     remove_stale_temporaries,
     settings_digest,
 )
-from trajscope.plan import (
+from trajscope.analysis.plan import (
     check_derivatives,
     objective_id,
     pairs_to_analyze,
@@ -74,13 +71,17 @@ from trajscope.plan import (
     training_rounding,
     with_requirements,
 )
-from trajscope.probe import ProbeSettings
-from trajscope.progress import Progress as _Progress
-from trajscope.reference import ReferencePart, merge, snapshot_identity
-from trajscope.registry import MetricSpec, evaluate_pair
-from trajscope.run import Run, open_run
-from trajscope.tasks import ObjectiveSource, objective_for, window_graph
-from trajscope.unwrap import unwrapped
+from trajscope.analysis.progress import Progress as _Progress
+from trajscope.analysis.tasks import ObjectiveSource, objective_for, window_graph
+from trajscope.errors import AnalysisError, RunFormatError, TrajscopeWarning
+from trajscope.metrics.pair import PairStats
+from trajscope.metrics.registry import MetricSpec, evaluate_pair
+from trajscope.objective import check_run_objective, objective_digest
+from trajscope.probe import memory
+from trajscope.probe.pair import ProbeSettings
+from trajscope.probe.reference_point import ReferencePart, merge, snapshot_identity
+from trajscope.store.run import Run, open_run
+from trajscope.store.unwrap import unwrapped
 
 if TYPE_CHECKING:  # imported where a Dataset is built or read: worker processes never need it
     import xarray as xr
@@ -148,10 +149,10 @@ def analyze(
         steps: which pairs, by start step: ``"START:STOP[:STRIDE]"``, a slice, or step numbers.
         metrics: metric names (default: every registered metric).
         batched, chunk_size, max_memory: α points by ``vmap`` (True), one by one (False) or as is
-            faster (None: :mod:`trajscope.line_plan`), ``chunk_size`` at a time (default: as many
+            faster (None: :mod:`trajscope.probe.line_plan`), ``chunk_size`` at a time (default: as many
             as fit ``max_memory``, bytes or ``"4GB"``; default half the free memory).
         derivatives: ℓ'(α) by ``forward``-mode AD (batched), ``reverse`` mode (one backward per α
-            point) or ``auto`` (decided once: :func:`trajscope.plan.resolve_derivatives`).
+            point) or ``auto`` (decided once: :func:`trajscope.analysis.plan.resolve_derivatives`).
         sharpness: also compute λ_max(∇²f(x_t; z_t)) per pair by Lanczos (at most
             ``sharpness_max_iter`` Hessian-vector products); implied when ``metrics`` names a
             metric that needs it.
@@ -160,7 +161,7 @@ def analyze(
         force: recompute pairs already persisted under ``analysis/pairs``.
         write: write ``analysis/metrics.nc`` and the per-pair results (and reuse those already
             there); False computes everything in memory and writes nothing.
-        out: the analysis directory instead of ``RUN/analysis`` (:mod:`trajscope.outputs`), e.g.
+        out: the analysis directory instead of ``RUN/analysis`` (:mod:`trajscope.analysis.outputs`), e.g.
             for a run directory that cannot be written; read it back with ``analysis=out``.
         progress: show a progress bar (default: when stderr is a terminal).
     """
@@ -236,7 +237,7 @@ class _Job:
 
 def _destination(r: Run, out: str | Path | None, write: bool) -> Path | None:
     """The analysis directory (``out`` or ``RUN/analysis``, checked writable:
-    :func:`trajscope.outputs.analysis_dir`); None when nothing is written."""
+    :func:`trajscope.analysis.outputs.analysis_dir`); None when nothing is written."""
     if not write:
         if out is not None:
             raise AnalysisError(f"out={str(out)!r}: given with write=False, which writes nothing")
@@ -250,7 +251,7 @@ def _job(r: Run, objective: ObjectiveSource, name: str, settings: ProbeSettings,
     directories only: nothing is written through a symlink), unless it is None.
 
     The tags: the pairs' digest, and the reference parts' digest, which covers x*'s snapshot
-    identity (:func:`trajscope.reference.snapshot_identity`, which reads x*'s parameters once) and
+    identity (:func:`trajscope.probe.reference_point.snapshot_identity`, which reads x*'s parameters once) and
     is computed only when something is persisted.
     """
     digest = settings_digest(settings, name, code)

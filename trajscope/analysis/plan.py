@@ -15,16 +15,16 @@ from pathlib import Path
 import torch
 from torch.func import jvp
 
-from trajscope import health
+from trajscope.analysis import health
+from trajscope.analysis.execution import resolve_device
+from trajscope.analysis.tasks import ObjectiveSource, objective_for
 from trajscope.errors import AnalysisError, ForwardModeError, RunFormatError, TrajscopeError
-from trajscope.execution import resolve_device
-from trajscope.line import _replayed_rng, forward_ad_failure, sdpa_math_kernel
+from trajscope.metrics.pair import PairStats
+from trajscope.metrics.registry import MetricSpec, get_metrics
 from trajscope.objective import Objective
-from trajscope.pairs import PairStats
-from trajscope.probe import DERIVATIVES, ProbeSettings, _batchnorm_replay, _prepare, alpha_grid
-from trajscope.registry import MetricSpec, get_metrics
-from trajscope.run import Run, Snapshot
-from trajscope.tasks import ObjectiveSource, objective_for
+from trajscope.probe.line import _replayed_rng, forward_ad_failure, sdpa_math_kernel
+from trajscope.probe.pair import DERIVATIVES, ProbeSettings, _batchnorm_replay, _prepare, alpha_grid
+from trajscope.store.run import Run, Snapshot
 
 __all__ = ["FORWARD_AD_SETUP_S", "check_derivatives", "eval_dtype", "forward_mode_failure", "objective_id",
            "pairs_to_analyze", "persisted_objective_change", "probe_settings", "replayed_loss",
@@ -110,7 +110,7 @@ def _reference_step(run: Run, reference: int | None) -> int | None:
 
     A run without a final state (still recording, or crashed) has no default: its last snapshot
     moves as the run grows, and a moving x* would recompute every persisted pair's reference part
-    (:mod:`trajscope.reference`) on each resume.
+    (:mod:`trajscope.probe.reference_point`) on each resume.
     convexity_ratio_ref is then NaN unless ``reference`` names a step.
     """
     if reference is None:
@@ -218,7 +218,7 @@ def pairs_to_analyze(r: Run, steps: str | slice | Iterable[int] | None) -> tuple
 
 
 def check_derivatives(derivatives: str) -> None:
-    """Raise AnalysisError unless ``derivatives`` is one of :data:`~trajscope.probe.DERIVATIVES`."""
+    """Raise AnalysisError unless ``derivatives`` is one of :data:`~trajscope.probe.pair.DERIVATIVES`."""
     if derivatives not in DERIVATIVES:
         raise AnalysisError(f"derivatives={derivatives!r}: expected one of {', '.join(DERIVATIVES)}")
 
@@ -302,7 +302,7 @@ def forward_mode_failure(objective: Objective, snap: Snapshot, settings: ProbeSe
     (tangent x_t itself), evaluated as the line probe evaluates (train mode, BatchNorm replay,
     replayed RNG, ``settings.sdpa_math``).
 
-    Returns what has no forward-mode rule (see :func:`~trajscope.line.forward_ad_failure`). Any
+    Returns what has no forward-mode rule (see :func:`~trajscope.probe.line.forward_ad_failure`). Any
     other error propagates: the caller decides whether the pairs should report it.
     """
     nxt = replace(snap, step=snap.step + 1)  # f is all that is needed: Δ_t = 0 is fine

@@ -3,8 +3,8 @@
 A metric is a :class:`MetricSpec`: a pure function plus declared metadata. Two kinds exist:
 
 * ``"pair"``: ``fn(p: PairView) -> float | array`` of one pair's probe results (see
-  :class:`trajscope.pairs.PairView`). With ``per_layer=True`` the same function is also applied
-  to each parameter tensor's :class:`~trajscope.pairs.LayerView` (inner products only) and gives a
+  :class:`trajscope.metrics.pair.PairView`). With ``per_layer=True`` the same function is also applied
+  to each parameter tensor's :class:`~trajscope.metrics.pair.LayerView` (inner products only) and gives a
   ``<name>_by_layer`` variable with a ``layer`` dim.
 * ``"series"``: ``fn(ds: xarray.Dataset) -> array over step`` computed from variables already in
   the Dataset (cumulative sums, running maxima), declaring them in ``requires``.
@@ -13,7 +13,7 @@ A pair metric that reads an optional probe result declares it in ``needs`` (only
 for now): it is computed only when the analysis runs that probe (``--sharpness``).
 
 Where metrics come from, all through one loader (:func:`_register_from`): the built-in module
-:mod:`trajscope.metrics` (:data:`BUILTIN_MODULES`, source ``trajscope``), then the entry point
+`trajscope.metrics.builtins` (:data:`BUILTIN_MODULES`, source ``trajscope``), then the entry point
 group ``trajscope.metrics`` of third-party packages. An entry point may load to a ``MetricSpec``, a
 function decorated with :func:`metric`/:func:`series`, a module (every decorated function in it),
 or an iterable of those. The decorators only declare a spec there; the loader registers it. A
@@ -23,7 +23,7 @@ breaks the contract is refused at registration, with a message naming the metric
 distribution and the rule (see ``docs/adding-a-metric.md``); :func:`trajscope.testing.check_metric`
 also runs it on a synthetic pair.
 
-This module and :mod:`trajscope.metrics` import numpy only (no torch, no xarray).
+This module and :mod:`trajscope.metrics.builtins` import numpy only (no torch, no xarray).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 from trajscope.errors import AnalysisError, MetricRegistrationError
-from trajscope.pairs import LayerView, PairStats, PairView, layer_views
+from trajscope.metrics.pair import LayerView, PairStats, PairView, layer_views
 
 __all__ = [
     "MetricSpec", "register", "check_spec", "metric", "series", "get_metrics", "refresh_plugins",
@@ -123,7 +123,7 @@ _BUILTINS_LOADED = False
 _PLUGINS_LOADED = False
 _FROM_PLUGINS: set[str] = set()  # names registered while loading entry points
 
-BUILTIN_MODULES: tuple[str, ...] = ("trajscope.metrics",)
+BUILTIN_MODULES: tuple[str, ...] = ("trajscope.metrics.builtins",)
 """Modules of built-in metrics, loaded like a plugin module (source ``trajscope``) by :func:`get_metrics`."""
 
 
@@ -376,7 +376,7 @@ def refresh_plugins() -> None:
 def evaluate_pair(stats: PairStats, specs: Iterable[MetricSpec]) -> dict[str, np.ndarray]:
     """Every pair metric of ``specs`` on one pair: ``name`` → float64 value (an array over α for
     ``dims=("alpha",)``), plus ``<name>_by_layer`` (shape ``[n_layer]``) for ``per_layer`` ones,
-    evaluated on each :class:`~trajscope.pairs.LayerView`. Series metrics are skipped. Pure.
+    evaluated on each :class:`~trajscope.metrics.pair.LayerView`. Series metrics are skipped. Pure.
 
     Raises:
         AnalysisError: naming the metric, its source and the step, when a metric raises.

@@ -6,7 +6,7 @@ Each figure takes the Datasets of one or several runs (keyed by a label) and ret
 (:func:`figure_data`) and compared with the Dataset. Several runs overlay in one figure (the heat
 map gets one panel per run). Axis labels and units come from the variables' attrs. Derived
 quantities (EMA, running sums, stability ratio, fractions where a condition holds, tolerance
-bounds) come from :mod:`trajscope.summary` and :mod:`trajscope.registry`, never from here.
+bounds) come from :mod:`trajscope.report.summary` and :mod:`trajscope.metrics.registry`, never from here.
 
 Figures (:data:`FIGURES`; a figure whose variables are absent from every run is skipped, so the
 report works on Datasets from older or newer trajscope versions alike):
@@ -37,8 +37,8 @@ import numpy as np
 import xarray as xr
 
 from trajscope.errors import AnalysisError
-from trajscope.registry import holds_bound
-from trajscope.summary import (
+from trajscope.metrics.registry import holds_bound
+from trajscope.report.summary import (
     convexity_ratio_window,
     ema,
     fraction,

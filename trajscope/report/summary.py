@@ -12,7 +12,7 @@
 * :func:`l0l1_fit`: the (L0, L1)-smoothness fit of ``inst_smoothness`` against ‖G0‖.
 * :func:`summarize` / :func:`format_summary`: ``trajscope summary RUN_DIR`` and its Python twin.
 * What the report draws and tabulates, so that it only presents: :func:`ema` (the one EMA),
-  :func:`fraction` (a ``holds_if``-style condition, evaluated by :func:`trajscope.registry.holds`),
+  :func:`fraction` (a ``holds_if``-style condition, evaluated by :func:`trajscope.metrics.registry.holds`),
   :func:`stability_ratio`, :func:`running_sum`, :func:`line_argmin`, :func:`table_rows` and
   their labels :data:`TABLE_LABELS`. Each reads the Dataset's variable when it has one and
   computes the registered definition only for a Dataset without it.
@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from trajscope.analysis.health import FLAGS, replay_failures
 from trajscope.errors import AnalysisError
-from trajscope.health import FLAGS, replay_failures
-from trajscope.registry import holds
+from trajscope.metrics.registry import holds
 
 __all__ = [
     "headline", "format_headline", "holds_fraction", "fraction", "convexity_ratio_window",
@@ -44,7 +44,7 @@ __all__ = [
 
 def fraction(values: Any, condition: str) -> float:
     """The fraction of the finite ``values`` that satisfy ``condition``, a comparison in the
-    ``holds_if`` form (``"<= 0"``, ``"> 0"``, …; see :func:`trajscope.registry.holds`). NaN when
+    ``holds_if`` form (``"<= 0"``, ``"> 0"``, …; see :func:`trajscope.metrics.registry.holds`). NaN when
     no value is finite."""
     v = np.asarray(values, dtype=np.float64)
     ok = holds(condition, v)
@@ -410,7 +410,7 @@ def summarize(run_or_ds: str | Path | xr.Dataset, *, steps_per_epoch: int | None
     if isinstance(run_or_ds, xr.Dataset):
         ds = run_or_ds
     else:
-        from trajscope.analysis import open_metrics
+        from trajscope.analysis.driver import open_metrics
 
         ds = open_metrics(run_or_ds, analysis)
     n = int(ds.sizes.get("step", 0))
@@ -455,7 +455,7 @@ def format_summary(s: dict[str, Any]) -> str:
     h = s.get("headline", {})
     lines = [_untrusted(h["pairs_replay_failed"], s["pairs"])] if "pairs_replay_failed" in h else []
     lines += [f"pairs analyzed: {s['pairs']}", "", "where the theory holds (fraction of pairs):"]
-    from trajscope.registry import get_metrics
+    from trajscope.metrics.registry import get_metrics
 
     specs = get_metrics()
     for name, frac in s["holds"].items():

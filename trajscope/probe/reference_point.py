@@ -6,7 +6,7 @@ reference point of ``convexity_ratio_ref`` (by default the final recorded state)
 * ``extras["loss_ref"]`` = f(x*; z_t), the loss at x* on step t's minibatch (loss units);
 * ``terms["G0.x_ref"]`` = ⟨G0, x_t − x*⟩ per parameter tensor, G0 = ∇f(x_t; z_t) (loss units).
 
-They are persisted apart from the rest of the pair (:mod:`trajscope.persist`), tagged with the
+They are persisted apart from the rest of the pair (:mod:`trajscope.analysis.persist`), tagged with the
 step of x* and the identity of its snapshot (:func:`snapshot_identity`), so that a new x* (a run
 that gains its final state, or another ``reference=``) recomputes only them:
 :func:`probe_reference` costs one backward pass at x_t (for G0) and one forward pass at x*,
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from trajscope.errors import TrajscopeError
-from trajscope.line import _replayed_rng, sdpa_math_kernel
+from trajscope.metrics.pair import TERMS, VECTORS, PairStats
 from trajscope.objective import Objective
-from trajscope.pairs import TERMS, VECTORS, PairStats
-from trajscope.probe import ProbeSettings, _batchnorm_replay, _grad, _prepare
-from trajscope.run import Snapshot, Storage
-from trajscope.vectors import layer_terms
+from trajscope.probe.line import _replayed_rng, sdpa_math_kernel
+from trajscope.probe.pair import ProbeSettings, _batchnorm_replay, _grad, _prepare
+from trajscope.probe.vectors import layer_terms
+from trajscope.store.run import Snapshot, Storage
 
 __all__ = ["REF_EXTRA", "REF_TERM", "ReferencePart", "merge", "probe_reference", "snapshot_identity",
            "split"]
@@ -113,7 +113,7 @@ def merge(stats: PairStats, part: ReferencePart | None) -> PairStats:
 def probe_reference(objective: Objective, snap: Snapshot, ref: Snapshot, settings: ProbeSettings, *,
                     trainable: list[str] | None = None) -> ReferencePart:
     """f(x*; z_t) and ⟨G0, x_t − x*⟩ per layer for the pair starting at ``snap`` (x_t, z_t),
-    x* = ``ref``: the reference part alone, evaluated as :func:`trajscope.probe.probe_pair`
+    x* = ``ref``: the reference part alone, evaluated as :func:`trajscope.probe.pair.probe_pair`
     evaluates it (the same f from ``_prepare``, training's mode, BatchNorm without running-stat
     writes, the step's replayed RNG state, ``settings.sdpa_math``; the inner products summed in
     float64 by the same reduction).

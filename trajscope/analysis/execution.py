@@ -1,7 +1,7 @@
 """Where the analysis graph runs: one small interface over dask's schedulers.
 
 Every scheduler runs the same pair task on the same snapshot references (see
-:mod:`trajscope.tasks`). A backend decides where tasks run, and its :class:`Placement` how
+:mod:`trajscope.analysis.tasks`). A backend decides where tasks run, and its :class:`Placement` how
 snapshots reach them:
 
 * ``synchronous``: in the calling thread (debugging, profiling);
@@ -11,7 +11,7 @@ snapshots reach them:
   (``Placement.by_path``) rather than receiving loaded snapshots through the driver;
 * ``tcp://host:port`` (any dask.distributed address) or a ``distributed.Client``: a cluster, whose
   workers see the run directory at the same path; a loaded snapshot that moves between workers
-  pickles as plain arrays (:class:`trajscope.snapshots.ShippedSnapshot`).
+  pickles as plain arrays (:class:`trajscope.analysis.loading.ShippedSnapshot`).
 
 Each backend runs one graph at a time (the analyzer feeds it bounded windows of pairs) and calls
 ``on_pair`` once per finished pair, for the progress bar. What each worker needs to know about
@@ -38,8 +38,8 @@ import dask.multiprocessing
 import dask.threaded
 from dask.callbacks import Callback
 
+from trajscope.analysis.process import die_with_parent, keep_freed_memory
 from trajscope.errors import AnalysisError
-from trajscope.process import die_with_parent, keep_freed_memory
 
 __all__ = [
     "LOCAL_SCHEDULERS",
@@ -225,7 +225,7 @@ def _warm_up() -> int:
     import torch
     from torch.func import functional_call, jvp, vmap
 
-    import trajscope.tasks  # noqa: F401  (the pair task: snapshots, the probe, persistence)
+    import trajscope.analysis.tasks  # noqa: F401  (the pair task: snapshots, the probe, persistence)
 
     lin = torch.nn.Linear(2, 1)
     p = {n: t.detach() for n, t in lin.named_parameters()}

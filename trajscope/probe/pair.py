@@ -6,7 +6,7 @@ For the pair (t, t+1) it evaluates, on the *same* minibatch z_t,
   AD (``torch.func.jvp``: value and directional derivative in one pass), the grid points batched
   with ``torch.func.vmap`` in chunks; or, for a model an op of which has no forward-mode rule, by
   one backward pass per point (``ProbeSettings.derivatives``, decided once per analysis by
-  :func:`trajscope.plan.resolve_derivatives`);
+  :func:`trajscope.analysis.plan.resolve_derivatives`);
 * G0 = ∇f(x_t; z_t) and G1 = ∇f(x_{t+1}; z_t) by reverse-mode autograd;
 
 and reduces everything the metrics need to small float64 numbers: the line arrays and, per
@@ -31,7 +31,7 @@ Faithful replay of training conditions (see ``docs/metrics.md``, "Replay fidelit
   along the whole line (``vmap(randomness="same")`` draws like the unbatched call: tested).
 
 The line evaluation itself (batching, chunking, the point-by-point fallback) is in
-:mod:`trajscope.line`.
+:mod:`trajscope.probe.line`.
 """
 
 from __future__ import annotations
@@ -48,16 +48,16 @@ import torch
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from trajscope import line_plan
 from trajscope.errors import AnalysisError, ForwardModeError, ObjectiveError
-from trajscope.grid import alpha_grid  # part of this module's API
-from trajscope.line import _replayed_rng, sdpa_math_kernel
+from trajscope.metrics.pair import TERMS, PairStats
 from trajscope.objective import Objective
-from trajscope.pairs import TERMS, PairStats
-from trajscope.params import first, mismatches, shapes
-from trajscope.snapshot import Snapshot, pair_coordinates
-from trajscope.trees import tree_map
-from trajscope.vectors import REPLAY_TERMS, layer_terms, pair_vectors
+from trajscope.probe import line_plan
+from trajscope.probe.grid import alpha_grid  # part of this module's API
+from trajscope.probe.line import _replayed_rng, sdpa_math_kernel
+from trajscope.probe.vectors import REPLAY_TERMS, layer_terms, pair_vectors
+from trajscope.store.names import first, mismatches, shapes
+from trajscope.store.snapshot import Snapshot, pair_coordinates
+from trajscope.store.trees import tree_map
 
 __all__ = ["DERIVATIVES", "ProbeSettings", "alpha_grid", "probe_pair"]
 
@@ -73,7 +73,7 @@ class ProbeSettings:
     device: str = "cpu"
     dtype: str = "float32"
     chunk_size: int | None = None  # α points per vmap call; None: all at once
-    batched: bool | None = True  # False: α points one by one; None: whichever is faster (trajscope.line_plan)
+    batched: bool | None = True  # False: α points one by one; None: whichever is faster (trajscope.probe.line_plan)
     sharpness: bool = False  # λ_max(∇²f(x_t; z_t)) by Lanczos (one double-backward per iteration)
     sharpness_max_iter: int = 100  # Lanczos iterations (Hessian-vector products) at most
     sharpness_tol: float | None = None  # Ritz residual / max|Ritz value|; None: 1e-5 f32, 1e-8 f64
@@ -82,7 +82,7 @@ class ProbeSettings:
     sdpa_math: bool = False  # hold scaled_dot_product_attention to its math kernel (forward mode needs it)
     derivatives_reason: str = field(default="", compare=False)  # why this path (Dataset attrs only)
     # Bytes the line evaluation of one worker may add to what it holds; 0: half the available memory;
-    # None: no budget (all points in one vmap call, halved on a CUDA out-of-memory). trajscope.memory
+    # None: no budget (all points in one vmap call, halved on a CUDA out-of-memory). trajscope.probe.memory
     max_memory: int | None = field(default=None, compare=False)
     plan_id: str = field(default="", compare=False)  # the analysis: line plans are decided once per analysis
 
@@ -202,7 +202,7 @@ class _Prepared:
         model: the objective's model, on the device and in training's mode.
         replay: whether evaluations run under the RNG state captured at the step's forward pass.
         device, dtype: where and in which floating-point dtype everything is evaluated.
-        unrecorded: coordinates that changed without a recorded gradient (:class:`~trajscope.params.Coordinates`).
+        unrecorded: coordinates that changed without a recorded gradient (:class:`~trajscope.store.names.Coordinates`).
     """
 
     names: list[str]
@@ -254,8 +254,8 @@ def probe_pair(
     """Probe the pair (snap.step, nxt.step) and reduce it to :class:`PairStats`.
 
     Four stages: :func:`_prepare` (checks, points on the device, f), :func:`_evaluate` (ℓ, ℓ',
-    G0, G1, f(x*), sharpness), :func:`~trajscope.vectors.pair_vectors` (the
-    :data:`~trajscope.pairs.VECTORS` per layer) and :func:`~trajscope.vectors.layer_terms` (the
+    G0, G1, f(x*), sharpness), :func:`~trajscope.probe.vectors.pair_vectors` (the
+    :data:`~trajscope.metrics.pair.VECTORS` per layer) and :func:`~trajscope.probe.vectors.layer_terms` (the
     :data:`TERMS` inner products). ``extras["line_batched"]`` is 1.0
     when ``vmap`` computed the line, 0.0 when it was evaluated point by point.
 
@@ -267,7 +267,7 @@ def probe_pair(
         init: snapshot of x_0, for the distance from initialisation (optional).
         ref: snapshot of the reference point x* of ``convexity_ratio_ref`` (optional).
         trainable: the coordinates of x (default: the parameters with a gradient) unless step t
-            recorded its own set; changed parameters join them (:func:`trajscope.snapshot.pair_coordinates`).
+            recorded its own set; changed parameters join them (:func:`trajscope.store.snapshot.pair_coordinates`).
     """
     prep = _prepare(objective, snap, nxt, settings, ref=ref, trainable=trainable)
     ev = _evaluate(prep, snap, settings, ref=ref)
@@ -407,7 +407,7 @@ def _sharpness(prep: _Prepared, snap: Snapshot, settings: ProbeSettings) -> dict
     Raises:
         AnalysisError: the objective does not support double backward.
     """
-    from trajscope.sharpness import hessian_max_eig
+    from trajscope.probe.sharpness import hessian_max_eig
 
     try:
         with _replayed_rng(snap.rng, prep.replay):

@@ -1,14 +1,14 @@
 """Reading a run directory: :func:`open_run` returns a :class:`Run` with lazy snapshot access.
 
 The format is specified in ``docs/format.md`` (HDF5 storage: ``docs/format-hdf5.md``); names and
-encodings live in :mod:`trajscope.format`. Reading never executes or unpickles anything from the run
+encodings live in :mod:`trajscope.runformat`. Reading never executes or unpickles anything from the run
 directory (a recorded ``batch_fn`` is a *name*, imported from the analyzing user's environment
 exactly like the objective).
 
 Snapshots are stored either as one safetensors file per step or as rows of one HDF5 file. The
 storage backends (:mod:`trajscope.recorders.backends`: :class:`Storage`, one subclass per format)
 turn either into the same raw form, ``(metadata, {key: tensor})``, from which :class:`Snapshot` is
-built by one function (:func:`trajscope.snapshot.snapshot_from_raw`); everything
+built by one function (:func:`trajscope.store.snapshot.snapshot_from_raw`); everything
 above it (``Run``, ``read_snapshot``, the analyzer) does not know which format it reads. A step's
 location is a path in both cases: the file, or ``trajectory.h5/step_00000012`` for an HDF5 row,
 which :func:`read_snapshot` understands.
@@ -22,12 +22,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import RunFormatError, one_line
 from trajscope.recorders.backends import STORAGES, HDF5Storage, SafetensorsStorage, Storage, read_raw
-from trajscope.snapshot import Snapshot, is_nonneg_int, snapshot_from_raw
+from trajscope.store.snapshot import Snapshot, is_nonneg_int, snapshot_from_raw
 
-# Snapshot, Storage, its formats and read_raw live in trajscope.snapshot and
+# Snapshot, Storage, its formats and read_raw live in trajscope.store.snapshot and
 # trajscope.recorders.backends; they are part of this module's API and stay importable from here.
 __all__ = ["STORAGES", "HDF5Storage", "Run", "SafetensorsStorage", "Snapshot", "Storage", "open_run",
            "read_raw", "read_snapshot"]

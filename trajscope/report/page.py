@@ -2,9 +2,9 @@
 a small ``index.html`` that shows them beside the summary table.
 
 This module loads the runs (:func:`load_runs`), renders each figure of
-:data:`trajscope.figures.FIGURES` to PNG and writes the page (:func:`write_report`). It presents
-and computes nothing: the figures are drawn by :mod:`trajscope.figures`, the table's numbers and
-labels come from :func:`trajscope.summary.table_rows`. The figure functions and the helpers the
+:data:`trajscope.report.figures.FIGURES` to PNG and writes the page (:func:`write_report`). It presents
+and computes nothing: the figures are drawn by :mod:`trajscope.report.figures`, the table's numbers and
+labels come from :func:`trajscope.report.summary.table_rows`. The figure functions and the helpers the
 figures draw (``ema``, ``stability_ratio``) are importable from here as well.
 """
 
@@ -22,9 +22,10 @@ import numpy as np
 import xarray as xr
 
 from trajscope import confine
-from trajscope import format as fmt
+from trajscope import runformat as fmt
+from trajscope.analysis.outputs import check_writable, per_run
 from trajscope.errors import AnalysisError, RunFormatError
-from trajscope.figures import (
+from trajscope.report.figures import (
     FIGURES,
     REPLAY_FLOOR,
     FigureSpec,
@@ -39,8 +40,7 @@ from trajscope.figures import (
     figure_data,
     loss_line_shape,
 )
-from trajscope.outputs import check_writable, per_run
-from trajscope.summary import TABLE_LABELS, ema, stability_ratio, table_rows
+from trajscope.report.summary import TABLE_LABELS, ema, stability_ratio, table_rows
 
 __all__ = [
     "Report",
@@ -66,7 +66,7 @@ __all__ = [
 REPORT_DIR = fmt.REPORT_DIR
 
 summary_rows = table_rows
-"""The summary table's numbers for one run (:func:`trajscope.summary.table_rows`)."""
+"""The summary table's numbers for one run (:func:`trajscope.report.summary.table_rows`)."""
 
 
 # --- the page -----------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def load_runs(runs: str | Path | xr.Dataset | Sequence[str | Path | xr.Dataset] 
     dim is split into its runs, dropping the steps a run lacks), or a mapping label → Dataset.
     ``analysis``: the analysis directory of each run directory, in order (as in ``open_metrics``).
     """
-    from trajscope.analysis import open_metrics
+    from trajscope.analysis.driver import open_metrics
 
     if isinstance(runs, Mapping) and not isinstance(runs, xr.Dataset):  # a Dataset is a Mapping too
         out = dict(runs)
@@ -157,7 +157,7 @@ class Report:
         index: path of ``index.html``.
         figures: figure name → PNG path, in page order.
         data: figure name → :func:`figure_data` of the figure as drawn (what the PNG shows).
-        summary: run label → :func:`trajscope.summary.table_rows`.
+        summary: run label → :func:`trajscope.report.summary.table_rows`.
         skipped: figure name → why it was left out (its variables are absent).
     """
 

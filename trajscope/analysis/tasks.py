@@ -34,19 +34,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import dask
 import torch
 
-from trajscope import format as fmt
-from trajscope import health
+from trajscope import runformat as fmt
+from trajscope.analysis import health
+from trajscope.analysis.loading import Loaded, SnapshotRef, on_device, resolved
+from trajscope.analysis.persist import later, pair_path, reference_path, save_pair, save_reference
 from trajscope.errors import ObjectiveError, TrajscopeError, one_line
+from trajscope.metrics.pair import PairStats
 from trajscope.objective import Objective, resolve_objective
-from trajscope.pairs import PairStats
-from trajscope.persist import later, pair_path, reference_path, save_pair, save_reference
-from trajscope.probe import ProbeSettings, probe_pair
-from trajscope.reference import ReferencePart, probe_reference, split
-from trajscope.run import Run, Snapshot, open_run
-from trajscope.snapshots import Loaded, SnapshotRef, on_device, resolved
+from trajscope.probe.pair import ProbeSettings, probe_pair
+from trajscope.probe.reference_point import ReferencePart, probe_reference, split
+from trajscope.store.run import Run, Snapshot, open_run
 
 if TYPE_CHECKING:
-    from trajscope.execution import Placement
+    from trajscope.analysis.execution import Placement
 
 __all__ = ["ObjectiveSource", "objective_for", "pair_task", "reference_task", "window_graph"]
 
@@ -111,7 +111,7 @@ def pair_task(snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loaded, prev: Snaps
               objective_key: str | None = None, run_path: str | None = None,
               strict: bool = False, ref_digest: str | None = None) -> PairStats | health.SkippedPair:
     """Probe the pair (x_t, x_{t+1}) = (``snap``, ``nxt``) and persist its PairStats to ``out``:
-    the reference part (:mod:`trajscope.reference`) apart, next to it, tagged ``ref_digest``
+    the reference part (:mod:`trajscope.probe.reference_point`) apart, next to it, tagged ``ref_digest``
     (None: not persisted), the rest tagged ``digest``.
 
     ``run_path`` is the run a factory that takes the run is called with (opened in this process).

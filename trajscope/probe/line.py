@@ -6,7 +6,7 @@ Two derivative paths (``ProbeSettings.derivatives``):
   derivative together). The points are batched with ``torch.func.vmap`` in chunks, or evaluated
   one by one. Under a memory budget (``ProbeSettings.max_memory``, set by every analysis) the chunk
   is planned from one point's measured cost, and a calibration on the first pair picks the faster
-  of the two (:mod:`trajscope.line_plan`); without one, all points go in one call and a chunk that
+  of the two (:mod:`trajscope.probe.line_plan`); without one, all points go in one call and a chunk that
   raises out-of-memory (CUDA) is halved. A model ``vmap`` cannot batch is evaluated point by point
   instead, with the same numbers and a :class:`~trajscope.errors.ProbeWarning` that names the
   reason. An op without a forward-mode AD rule raises :class:`~trajscope.errors.ForwardModeError`
@@ -34,7 +34,7 @@ from torch.func import jvp, vmap
 
 from trajscope.errors import AnalysisError, ForwardModeError, ObjectiveError, ProbeWarning, one_line
 
-__all__: list[str] = []  # private to the probe (trajscope.probe)
+__all__: list[str] = []  # private to the probe (trajscope.probe.pair)
 
 Loss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 """f(x; z_t) of named parameter tensors, a 0-d tensor."""
@@ -137,14 +137,14 @@ def _line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.
 
     Batched (``settings.batched``): all α points in one ``vmap`` over stacked parameters, in
     chunks (``settings.chunk_size``) that shrink automatically when a chunk raises out-of-memory.
-    Under a memory budget, :func:`trajscope.line_plan.line_and_path` plans the chunk instead.
+    Under a memory budget, :func:`trajscope.probe.line_plan.line_and_path` plans the chunk instead.
     Point by point when ``settings.batched`` is False, or, with a
     :class:`~trajscope.errors.ProbeWarning` naming the exception, when the batched path fails
     (a module ``vmap`` cannot batch). Both paths build x_t + αΔ_t with the same two roundings and
     run the same jvp, so they give the same numbers (tested). An ObjectiveError (the loss is not
     a scalar) is raised at once: the point loop would only fail the same way.
 
-    ``settings`` is a :class:`~trajscope.probe.ProbeSettings` (``derivatives``, ``batched``,
+    ``settings`` is a :class:`~trajscope.probe.pair.ProbeSettings` (``derivatives``, ``batched``,
     ``chunk_size``, ``device``). With ``derivatives="reverse"`` the points are evaluated one by one
     by :func:`_reverse_point` (the third result is False). A forward-mode failure raises
     :class:`~trajscope.errors.ForwardModeError` at once, batched or not.

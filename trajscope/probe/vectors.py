@@ -1,9 +1,9 @@
-"""The last two stages of the line probe (:func:`trajscope.probe.probe_pair`): the vectors of a pair,
+"""The last two stages of the line probe (:func:`trajscope.probe.pair.probe_pair`): the vectors of a pair,
 and their inner products per parameter tensor.
 
-:func:`pair_vectors` forms every vector of :data:`~trajscope.pairs.VECTORS` from what the probe
+:func:`pair_vectors` forms every vector of :data:`~trajscope.metrics.pair.VECTORS` from what the probe
 evaluated (G0, G1, Δ_t, …) and what the snapshots recorded (g_t, g_{t±1}, x_0, x_{t−1});
-:func:`layer_terms` reduces them to the float64 inner products of :data:`~trajscope.pairs.TERMS`,
+:func:`layer_terms` reduces them to the float64 inner products of :data:`~trajscope.metrics.pair.TERMS`,
 the only thing a pair hands to the metrics.
 
 g_t is the gradient the optimizer consumed. A run recorded with ``Recorder(grads=False)`` stores
@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from trajscope.pairs import TERMS, VECTORS
-from trajscope.snapshot import Snapshot
+from trajscope.metrics.pair import TERMS, VECTORS
+from trajscope.store.snapshot import Snapshot
 
 if TYPE_CHECKING:
-    from trajscope.probe import _Evaluation, _Prepared
+    from trajscope.probe.pair import _Evaluation, _Prepared
 
 __all__ = ["REPLAY_TERMS", "consumed_gradient", "layer_terms", "pair_vectors"]
 

@@ -4,7 +4,7 @@ Every storage format reads a snapshot as ``(metadata, {key: tensor})`` (keys ``p
 ``grad/NAME``, ``buffer/NAME``, ``batch/I``, ``rng/…``, ``optim/NAME/KEY``; the metadata is the
 ``trajscope`` JSON object of ``docs/format.md``). :func:`snapshot_from_raw` turns that into a
 :class:`Snapshot`, whatever the format; :func:`check_meta` type-checks the metadata. This module
-knows no storage format, so the storage backends and :mod:`trajscope.run` both import it.
+knows no storage format, so the storage backends and :mod:`trajscope.store.run` both import it.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import ObjectiveError, RunFormatError
 from trajscope.objective import import_named
-from trajscope.params import Coordinates, coordinates
+from trajscope.store.names import Coordinates, coordinates
 
 __all__ = ["Snapshot", "check_meta", "is_nonneg_int", "pair_coordinates", "snapshot_from_raw"]
 
@@ -252,7 +252,7 @@ def _is_number(x: Any) -> bool:
 
 def pair_coordinates(snap: Snapshot, nxt: Snapshot, trainable: Sequence[str] | None) -> Coordinates:
     """The coordinates of x for the pair (``snap``, ``nxt``) = (x_t, x_{t+1}), by
-    :func:`trajscope.params.coordinates`.
+    :func:`trajscope.store.names.coordinates`.
 
     The trainable set is the one step t recorded (``snap.trainable``), else ``trainable`` (the
     manifest's), else the parameters with a recorded gradient. Any other parameter whose value

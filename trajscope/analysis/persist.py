@@ -5,7 +5,7 @@ Each finished pair is persisted by the task that computed it, in two files:
 * ``analysis/pairs/pair_<t>.safetensors``: everything but the reference part, tagged with the
   digest of the probe settings (the reference step aside) and objective (:func:`settings_digest`);
 * ``analysis/pairs/ref_<t>.safetensors``: the reference part (f(x*; z_t), ⟨G0, x_t − x*⟩,
-  :mod:`trajscope.reference`), tagged with that digest, the step of x* and its snapshot's identity
+  :mod:`trajscope.probe.reference_point`), tagged with that digest, the step of x* and its snapshot's identity
   (:func:`reference_digest`).
 
 In an analysis directory other than ``RUN/analysis`` the pairs' digest also covers the run's
@@ -38,11 +38,11 @@ from typing import IO, Any
 import numpy as np
 
 from trajscope import confine
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import AnalysisError, RunFormatError
-from trajscope.pairs import PairStats
-from trajscope.probe import ProbeSettings
-from trajscope.reference import ReferencePart, merge
+from trajscope.metrics.pair import PairStats
+from trajscope.probe.pair import ProbeSettings
+from trajscope.probe.reference_point import ReferencePart, merge
 
 __all__ = ["PERSIST_EVERY_S", "VERSION", "PairTable", "analysis_lock", "grouped_writes", "later", "load_pair",
            "load_reference", "pair_path", "pairs_digest", "reference_digest", "reference_path",
@@ -222,7 +222,7 @@ def settings_digest(settings: ProbeSettings, objective_id: str, objective_code: 
 
 def reference_digest(digest: str, reference_step: int | None, identity: str) -> str:
     """The tag of persisted reference parts: sha256 of the pairs' :func:`settings_digest`, the step
-    of x* and its snapshot's identity (:func:`trajscope.reference.snapshot_identity`), so a part
+    of x* and its snapshot's identity (:func:`trajscope.probe.reference_point.snapshot_identity`), so a part
     computed for another x*, or for a snapshot since replaced, is recomputed."""
     blob = json.dumps({"pairs": digest, "reference": reference_step, "identity": identity}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -230,7 +230,7 @@ def reference_digest(digest: str, reference_step: int | None, identity: str) -> 
 
 def pairs_digest(digest: str, run_dir: Path, path: Path) -> str:
     """The tag of the pairs persisted under the analysis directory ``path``: ``digest``
-    (:func:`trajscope.persist.settings_digest`) for ``run_dir/analysis``; elsewhere it also covers
+    (:func:`trajscope.analysis.persist.settings_digest`) for ``run_dir/analysis``; elsewhere it also covers
     the run's absolute path (symlinks resolved), so that a directory given to the analyses of two
     runs never hands one run's pairs to the other: sha256(digest + path), 16 hex digits."""
     if path.resolve() == (run_dir / fmt.ANALYSIS_DIR).resolve():

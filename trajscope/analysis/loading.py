@@ -23,13 +23,13 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from trajscope import health
+from trajscope.analysis import health
 from trajscope.errors import AnalysisError, RunFormatError
-from trajscope.run import Snapshot
-from trajscope.trees import tree_map
+from trajscope.store.run import Snapshot
+from trajscope.store.trees import tree_map
 
 if TYPE_CHECKING:
-    from trajscope.run import Storage
+    from trajscope.store.run import Storage
 
 __all__ = ["SnapshotRef", "ShippedSnapshot", "ship", "resolved", "on_device"]
 
@@ -41,14 +41,14 @@ _RECENT_SNAPSHOTS = 4
 few enough that memory stays bounded whatever the run length."""
 
 # Keyed by (location, mtime, size, parameters only, wrapper prefix stripped from its names): a
-# rewritten snapshot is never served stale, nor one named for another model (trajscope.unwrap).
+# rewritten snapshot is never served stale, nor one named for another model (trajscope.store.unwrap).
 _CacheKey = tuple[str, int, int, bool, str]
 _recent: collections.OrderedDict[_CacheKey, Snapshot] = collections.OrderedDict()
 _recent_lock = threading.Lock()
 
 
 class SnapshotRef:
-    """Where one snapshot is: ``storage`` (a run's :class:`trajscope.run.Storage`, which holds
+    """Where one snapshot is: ``storage`` (a run's :class:`trajscope.store.run.Storage`, which holds
     only a path), ``step``, ``params_only`` and the ``stat`` taken when the reference was made.
 
     Made by the driver without reading anything; pickles as these four small values.
@@ -111,7 +111,7 @@ def _read_cached(ref: SnapshotRef, pin: bool) -> tuple[Stat, Loaded]:
 
 
 def _read(ref: SnapshotRef) -> Loaded:
-    """Read through the storage; damage is local (see :mod:`trajscope.health`): a damaged
+    """Read through the storage; damage is local (see :mod:`trajscope.analysis.health`): a damaged
     snapshot comes back as its error, not raised."""
     try:
         return ref.storage.read_params(ref.step) if ref.params_only else ref.storage.read(ref.step)

@@ -4,9 +4,9 @@ in chunks of how many α points.
 Decided once per analysis in each worker process, on the first pair that process probes
 (:func:`planned_line`), and kept in :data:`_PLANS` for its following pairs:
 
-1. α₀ is evaluated alone (one jvp) under a :class:`~trajscope.memory.PeakMeter`: its peak is the
+1. α₀ is evaluated alone (one jvp) under a :class:`~trajscope.probe.memory.PeakMeter`: its peak is the
    one-point cost c, and the chunk that fits the budget B is ``min(n, ⌊B / (1.25·c)⌋)``
-   (:func:`~trajscope.memory.plan_chunk`; B < c is an error that names both).
+   (:func:`~trajscope.probe.memory.plan_chunk`; B < c is an error that names both).
 2. With ``batched=None`` (auto), unless c exceeds :data:`LARGE_POINT`: α₁ alone is timed (t₁),
    then two batched chunks of k = min(fit, :data:`CALIBRATION_POINTS`) points: the first
    measures memory (its peak/k refines c), the second is timed (t_k per point). Batched is chosen
@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from trajscope import memory
 from trajscope.errors import ObjectiveError
-from trajscope.line import (
+from trajscope.probe import memory
+from trajscope.probe.line import (
     Loss,
     _forward_line,
     _forward_mode_error,
@@ -118,7 +118,7 @@ def line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.T
                   alphas: torch.Tensor, settings: Any, rng: Mapping[str, torch.Tensor],
                   replay: bool) -> tuple[np.ndarray, np.ndarray, bool, LinePlan | None]:
     """:func:`planned_line` for forward mode under a budget (``settings.max_memory`` set, no
-    ``chunk_size``, ``batched`` not False); :func:`trajscope.line._line_and_path` otherwise
+    ``chunk_size``, ``batched`` not False); :func:`trajscope.probe.line._line_and_path` otherwise
     (no plan)."""
     if (settings.derivatives == "forward" and settings.max_memory is not None and settings.chunk_size is None
             and settings.batched is not False):
@@ -130,7 +130,7 @@ def planned_line(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Te
                  alphas: torch.Tensor, settings: Any, rng: Mapping[str, torch.Tensor],
                  replay: bool) -> tuple[np.ndarray, np.ndarray, bool, LinePlan]:
     """ℓ(α), ℓ'(α), whether the batched path computed them, and the plan they followed, under the
-    budget ``settings.max_memory`` (bytes per worker; 0: :func:`~trajscope.memory.default_budget`)."""
+    budget ``settings.max_memory`` (bytes per worker; 0: :func:`~trajscope.probe.memory.default_budget`)."""
     key = _key(settings, x0, len(alphas))
     plan = _PLANS.get(key)
     if plan is not None:

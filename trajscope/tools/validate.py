@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from trajscope import format as fmt
-from trajscope import health
+from trajscope import runformat as fmt
+from trajscope.analysis import health
 from trajscope.errors import TrajscopeError, one_line
-from trajscope.params import dtypes, mismatches, shapes
-from trajscope.run import Run, Snapshot, _ranges, open_run, read_snapshot
+from trajscope.store.names import dtypes, mismatches, shapes
+from trajscope.store.run import Run, Snapshot, _ranges, open_run, read_snapshot
 
 __all__ = ["ValidationReport", "validate_run"]
 

@@ -2,7 +2,7 @@
 values, zero-length updates.
 
 * A damaged or missing snapshot costs only the pairs that need it. Reading it
-  (:meth:`trajscope.snapshots.SnapshotRef.resolve`) hands its
+  (:meth:`trajscope.analysis.loading.SnapshotRef.resolve`) hands its
   :class:`~trajscope.errors.RunFormatError` to the pair task as a :class:`BadSnapshot` value,
   the pair task turns it into a :class:`SkippedPair` (:func:`skip_reason`), and the Dataset lists
   every skipped pair and why in its ``skipped_pairs`` attribute (:func:`record_skipped`), with a
@@ -30,17 +30,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import DamagedRunWarning, TrajscopeError
-from trajscope.params import first, mismatches, shapes
-from trajscope.registry import get_metrics, holds_bound
+from trajscope.metrics.registry import get_metrics, holds_bound
+from trajscope.store.names import first, mismatches, shapes
 
 if TYPE_CHECKING:
     import torch
     import xarray as xr
 
-    from trajscope.pairs import PairStats
-    from trajscope.run import Run, Snapshot
+    from trajscope.metrics.pair import PairStats
+    from trajscope.store.run import Run, Snapshot
 
 __all__ = [
     "FLAGS",
@@ -241,7 +241,7 @@ def _finite(a: Any) -> bool:
 
 
 def pair_flags(stats: PairStats, loss_given: bool = False, next_has_grad: bool = False) -> int:
-    """The ``pair_flags`` bits of one pair's :class:`~trajscope.pairs.PairStats`.
+    """The ``pair_flags`` bits of one pair's :class:`~trajscope.metrics.pair.PairStats`.
 
     Inner products of non-finite vectors are non-finite, so the per-layer terms tell which inputs
     were affected without touching the tensors again. (A squared norm that overflows float64 is

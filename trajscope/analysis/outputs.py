@@ -5,7 +5,7 @@ directory that cannot be written (a shared dataset, a mounted snapshot) can stil
 An analysis directory holds the same entries wherever it is (``metrics.nc``, ``pairs/``,
 ``.lock``: ``docs/format.md``), and is created and written through the same confinement helpers
 (:func:`trajscope.confine.safe_output_dir` and the atomic writers). The readers
-(:func:`trajscope.open_metrics`, :func:`trajscope.summarize`, :func:`trajscope.report.write_report`)
+(:func:`trajscope.open_metrics`, :func:`trajscope.summarize`, :func:`trajscope.report.page.write_report`)
 take the same directory as ``analysis=DIR`` (``--analysis DIR``).
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trajscope import confine
-from trajscope import format as fmt
+from trajscope import runformat as fmt
 from trajscope.errors import AnalysisError, RunFormatError
 
 __all__ = ["analysis_dir", "check_writable", "create_analysis_dir", "per_run"]

@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from trajscope import format as fmt
-from trajscope import health
+from trajscope import runformat as fmt
+from trajscope.analysis import health
+from trajscope.analysis.outputs import per_run
+from trajscope.analysis.persist import VERSION
 from trajscope.errors import RunFormatError, one_line
-from trajscope.outputs import per_run
-from trajscope.pairs import PairStats
-from trajscope.persist import VERSION
-from trajscope.probe import ProbeSettings
-from trajscope.registry import MetricSpec
-from trajscope.run import Run
+from trajscope.metrics.pair import PairStats
+from trajscope.metrics.registry import MetricSpec
+from trajscope.probe.pair import ProbeSettings
+from trajscope.store.run import Run
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -122,7 +122,7 @@ def _on_layers(row: np.ndarray, have: Sequence[str], layers: Sequence[str]) -> n
 
 def _line_plan_attrs(stats: Sequence[PairStats]) -> dict[str, Any]:
     """``line_mode`` (batched or pointwise) and ``line_chunk`` (α points per evaluation call) of the
-    first pair probed under a memory plan (trajscope.line_plan); none when every pair was reused or
+    first pair probed under a memory plan (trajscope.probe.line_plan); none when every pair was reused or
     unplanned. The measured costs and timings stay in the pairs' extras (``line_point_bytes``, …):
     they vary from run to run, and a resumed analysis has the same attrs as an uninterrupted one."""
     planned = [s.extras for s in stats if "line_chunk" in s.extras]

@@ -1,25 +1,25 @@
 """Every built-in metric, one small pure function each. Read this file to add one.
 
-A pair metric receives a :class:`~trajscope.pairs.PairView` ``p`` of one pair (t, t+1) and returns a
+A pair metric receives a :class:`~trajscope.metrics.pair.PairView` ``p`` of one pair (t, t+1) and returns a
 float (or an array over α). What it can read:
 
 * ``p.alpha``, ``p.loss_line`` (ℓ(α)), ``p.dloss_line`` (ℓ'(α)); ``p.ell(a)`` / ``p.dell(a)`` at a
   grid point; ``p.integral_dell()`` = ∫₀¹ ℓ'(α) dα by quadrature;
 * ``p.dot("a", "b")``, ``p.sq("a")``, ``p.norm("a")`` for the vectors of
-  :data:`trajscope.pairs.VECTORS` (Δ = ``delta``, G0, G1, dG = G1 − G0, g = g_t, g_next, …);
+  :data:`trajscope.metrics.pair.VECTORS` (Δ = ``delta``, G0, G1, dG = G1 − G0, g = g_t, g_next, …);
 * ``p.loss_recorded`` (f(x_t; z_t) as logged), ``p.lr`` (learning rate of param group 0);
 * ``p.extra("loss_ref")`` (f(x*; z_t)) and, for metrics declaring ``needs=("sharpness",)``,
   ``p.extra("sharpness")`` and its solver diagnostics (NaN when the probe did not compute them).
 
 Norms are global Euclidean norms over all parameters (sums of per-layer squares, then a root);
 everything is float64. A metric registered with ``per_layer=True`` is evaluated again on each
-parameter tensor's :class:`~trajscope.pairs.LayerView`, which offers only ``dot``/``sq``/``norm``.
+parameter tensor's :class:`~trajscope.metrics.pair.LayerView`, which offers only ``dot``/``sq``/``norm``.
 Series metrics read the Dataset.
 
 Units are written in terms of ``loss`` (the objective's units) and ``param`` (the parameters').
 Each docstring-free function is documented by its ``description`` (the formula, also stored in
 the Dataset attrs) and ``holds_if`` (what the theory needs). The catalogue is ``metrics.md``.
-The registry loads this module like a plugin module (:data:`trajscope.registry.BUILTIN_MODULES`);
+The registry loads this module like a plugin module (:data:`trajscope.metrics.registry.BUILTIN_MODULES`);
 importing it registers nothing. It imports numpy only.
 """
 
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from trajscope.pairs import LayerView, PairStats, PairView, quadrature  # noqa: F401 - re-exported
-from trajscope.registry import metric, series
+from trajscope.metrics.pair import LayerView, PairStats, PairView, quadrature  # noqa: F401 - re-exported
+from trajscope.metrics.registry import metric, series
 
 TINY = 1e-30
 

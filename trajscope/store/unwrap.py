@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trajscope.errors import TrajscopeWarning
-from trajscope.params import strip_prefix, wrapper_prefix
 from trajscope.recorders.backends import Storage
 from trajscope.recorders.backends.base import Raw
-from trajscope.run import Run, Snapshot
+from trajscope.store.names import strip_prefix, wrapper_prefix
+from trajscope.store.run import Run, Snapshot
 
 if TYPE_CHECKING:
     import torch
@@ -88,7 +88,7 @@ class UnwrappedStorage(Storage):
 
 def unwrapped(run: Run, model: torch.nn.Module) -> Run:
     """``run`` with the plain names of ``model`` when it was recorded through a wrapper
-    (:func:`trajscope.params.wrapper_prefix`), with a :class:`TrajscopeWarning` saying so;
+    (:func:`trajscope.store.names.wrapper_prefix`), with a :class:`TrajscopeWarning` saying so;
     otherwise ``run`` itself."""
     prefix = wrapper_prefix([str(q["name"]) for q in run.manifest["params"]],
                             dict(model.named_parameters()))
