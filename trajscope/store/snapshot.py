@@ -19,8 +19,8 @@ import torch
 
 from trajscope import runformat as fmt
 from trajscope.errors import ObjectiveError, RunFormatError
-from trajscope.objective import import_named
 from trajscope.store.names import Coordinates, coordinates
+from trajscope.store.user_code import import_named
 
 __all__ = ["Snapshot", "check_meta", "is_nonneg_int", "pair_coordinates", "snapshot_from_raw"]
 
