@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from torch.func import jvp
 
-from trajscope.analysis import health
 from trajscope.analysis.execution import resolve_device
 from trajscope.analysis.tasks import ObjectiveSource, objective_for
 from trajscope.errors import AnalysisError, ForwardModeError, RunFormatError, TrajscopeError
@@ -24,6 +23,7 @@ from trajscope.metrics.registry import MetricSpec, get_metrics
 from trajscope.objective import Objective
 from trajscope.probe.line import _replayed_rng, forward_ad_failure, sdpa_math_kernel
 from trajscope.probe.pair import DERIVATIVES, ProbeSettings, _batchnorm_replay, _prepare, alpha_grid
+from trajscope.store import coverage
 from trajscope.store.run import Run, Snapshot
 
 __all__ = ["FORWARD_AD_SETUP_S", "check_derivatives", "eval_dtype", "forward_mode_failure", "objective_id",
@@ -204,7 +204,7 @@ def pairs_to_analyze(r: Run, steps: str | slice | Iterable[int] | None) -> tuple
         AnalysisError: if no pair is selected.
     """
     pairs = select_steps(r.pairs, steps)
-    lost_all = health.lost_pairs(r)
+    lost_all = coverage.lost_pairs(r)
     lost = {t: lost_all[t] for t in select_steps(list(lost_all), steps)}
     if not pairs and lost:
         first = min(lost)

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from trajscope import runformat as fmt
-from trajscope.analysis import health
 from trajscope.errors import TrajscopeError, one_line
+from trajscope.store import coverage
 from trajscope.store.names import dtypes, mismatches, shapes
 from trajscope.store.run import Run, Snapshot, _ranges, open_run, read_snapshot
 
@@ -88,7 +88,7 @@ def validate_run(path: str | Path, *, objective: Any = None, quick: bool = False
     else:
         for step, file in _step_files(steps_dir, rep):
             _check_step(file, step, run, rep, quick)
-    for s in health.missing_steps(run):
+    for s in coverage.missing_steps(run):
         rep.problems.append(
             f"step {s}: {run.step_path(s)} is missing although the run recorded it; the pairs "
             f"that need it are lost"
@@ -100,7 +100,7 @@ def validate_run(path: str | Path, *, objective: Any = None, quick: bool = False
             check_run_objective(resolve_objective(objective, run.objective, run), run.manifest)
         except TrajscopeError as exc:
             rep.problems.append(f"objective: {exc}")
-    lost = health.lost_pairs(run)
+    lost = coverage.lost_pairs(run)
     rep.notes.append(
         f"{run.path}: status {run.status}, {len(run.steps)} snapshot(s) ({_ranges(run.steps)}), "
         f"{len(run.pairs)} analyzable pair(s)" + (f", {len(lost)} lost" if lost else "")
