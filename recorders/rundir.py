@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -14,23 +13,18 @@ from trajscope.errors import RecorderError, RunFormatError
 from trajscope.recorders.backends import HDF5Writer, SafetensorsWriter
 from trajscope.recorders.storage import AsyncWriter, SlotPool
 
-__all__ = ["RECORDING_LOCK", "WRITTEN", "open_writer", "prepare_run_dir", "recorder_alive", "release_lock"]
+__all__ = ["WRITTEN", "open_writer", "prepare_run_dir", "release_lock"]
 
 
-RECORDING_LOCK = ".recording.lock"
-"""Held (``flock``, exclusive) by a live recorder from start to close: a command that rewrites a
-run tells a live recording from one whose recorder died before it could close the run."""
-
-
-WRITTEN = (fmt.MANIFEST, fmt.SCALARS, fmt.STEPS_DIR, fmt.HDF5_FILE, RECORDING_LOCK)
+WRITTEN = (fmt.MANIFEST, fmt.SCALARS, fmt.STEPS_DIR, fmt.HDF5_FILE, fmt.RECORDING_LOCK)
 """What the recorder writes in a run directory, besides temporary names and the step files inside
 ``steps/`` (those are created with ``O_EXCL | O_NOFOLLOW`` and renamed into place)."""
 
 
 def prepare_run_dir(run_dir: Path, storage: str, *, overwrite: bool) -> IO[bytes] | None:
     """Create ``run_dir`` (or empty an existing run in it when ``overwrite``) for a new run, and
-    take its :data:`RECORDING_LOCK` (the open lock file; None where there is no ``flock``). The
-    recorder keeps it until the final manifest is written (:func:`release_lock`).
+    take its :data:`~trajscope.runformat.RECORDING_LOCK` (the open lock file; None where there is
+    no ``flock``). The recorder keeps it until the final manifest is written (:func:`release_lock`).
 
     Every entry of :data:`WRITTEN` (and, with ``overwrite``, the ``analysis/`` and ``report/`` it
     removes) must be absent, a regular file or a real directory: a symlink there would lead a write
@@ -57,7 +51,7 @@ def prepare_run_dir(run_dir: Path, storage: str, *, overwrite: bool) -> IO[bytes
     run_dir.mkdir(parents=True, exist_ok=True)
     if storage == fmt.STORAGE_SAFETENSORS:
         (run_dir / fmt.STEPS_DIR).mkdir(exist_ok=True)
-    return _take_lock(run_dir / RECORDING_LOCK)
+    return _take_lock(run_dir / fmt.RECORDING_LOCK)
 
 
 def _confined(check: Callable[[Path], None], path: Path) -> None:
@@ -91,30 +85,6 @@ def release_lock(fh: IO[bytes] | None) -> None:
     """Give up the recording lock (closing the file releases the ``flock``); the file stays."""
     if fh is not None:
         fh.close()
-
-
-def recorder_alive(run_dir: Path) -> bool | None:
-    """Whether a live recorder holds ``run_dir``'s :data:`RECORDING_LOCK`: True, False, or None when
-    it cannot be told (no lock file, as in runs recorded without one, or no ``flock``)."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    try:
-        fd = os.open(run_dir / RECORDING_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
 
 
 def open_writer(

@@ -24,9 +24,9 @@ from runkit import cli, copy_run, edit_manifest, fingerprint, no_hang, quad_run
 import trajscope
 from trajscope import runformat as fmt
 from trajscope.errors import RunFormatError, TrajscopeError
-from trajscope.recorders.rundir import RECORDING_LOCK, recorder_alive
 from trajscope.report import page as report_mod
 from trajscope.report.figures import FIGURES
+from trajscope.runformat import RECORDING_LOCK, recorder_alive
 from trajscope.tools.convert import convert_run
 
 TARGETS = ("file", "dir", "dangling", "other_run")

@@ -33,6 +33,10 @@ LOCK_FILE = ".lock"
 """Inside ``analysis/``: held by the one analysis that may write there."""
 REPORT_DIR = "report"
 """The default report directory of ``trajscope report RUN_DIR`` (figures and ``index.html``)."""
+RECORDING_LOCK = ".recording.lock"
+"""Held (``flock``, exclusive) by a live recorder from start to close: a command that rewrites a
+run tells a live recording from one whose recorder died before it could close the run
+(:func:`recorder_alive`)."""
 
 PARAM = "param/"
 GRAD = "grad/"
@@ -89,6 +93,30 @@ def parse_step_name(name: str) -> int | None:
     """Inverse of :func:`step_name`, or None for any other name."""
     m = _STEP_NAME.match(name)
     return int(m.group(1)) if m else None
+
+
+def recorder_alive(run_dir: Path) -> bool | None:
+    """Whether a live recorder holds ``run_dir``'s :data:`RECORDING_LOCK`: True, False, or None when
+    it cannot be told (no lock file, as in runs recorded without one, or no ``flock``)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(run_dir / RECORDING_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -392,6 +420,15 @@ stored through an integer of the same width (numpy has no bfloat16 or float8; fl
 follow the same rule, so HDF5 stores all of them as unsigned integers with a ``dtype``
 attribute); ``None`` means the dtype's own numpy type. The storage backends
 (:mod:`trajscope.recorders.backends`) derive their maps from it."""
+
+
+
+def int_view(name: str) -> str | None:
+    """The same-width integer dtype whose bits stand for ``name`` (``"bfloat16"`` → ``"int16"``),
+    or None for a dtype numpy holds as itself and for names not in :data:`DTYPES`."""
+    entry = DTYPES.get(name)
+    return entry[2] if entry is not None else None
+
 
 SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {k: (code, size) for k, (code, size, _) in DTYPES.items()}
 """torch dtype name → (safetensors dtype code, bytes per element), a view of :data:`DTYPES`."""

@@ -1,20 +1,16 @@
-"""Storage backends: one module per snapshot format, each with its reader, writer and dtype map.
+"""Storage writers: one module per snapshot format, each with its writer and dtype map.
 
-* :mod:`~trajscope.recorders.backends.base`: the :class:`Storage` interface (and
-  :class:`FormatStorage`, a format's), the registry
-  :data:`STORAGES` (format name → reader class) and the dtype helpers over
-  :data:`trajscope.runformat.DTYPES`;
+* :mod:`~trajscope.recorders.backends.base`: the dtype helpers over
+  :data:`trajscope.runformat.DTYPES` and the ``O_DIRECT`` alignment;
 * :mod:`~trajscope.recorders.backends.safetensors`: ``steps/step_XXXXXXXX.safetensors``;
 * :mod:`~trajscope.recorders.backends.hdf5`: ``trajectory.h5`` (h5py imported only when used).
 
-Importing this package registers both formats.
+The readers of both formats are on the reading side, :mod:`trajscope.store`.
 """
 
 from __future__ import annotations
 
-from trajscope.recorders.backends.base import STORAGES, Storage, read_raw
-from trajscope.recorders.backends.hdf5 import HDF5Storage, HDF5Writer
-from trajscope.recorders.backends.safetensors import SafetensorsStorage, SafetensorsWriter
+from trajscope.recorders.backends.hdf5 import HDF5Writer
+from trajscope.recorders.backends.safetensors import SafetensorsWriter
 
-__all__ = ["STORAGES", "HDF5Storage", "HDF5Writer", "SafetensorsStorage", "SafetensorsWriter", "Storage",
-           "read_raw"]
+__all__ = ["HDF5Writer", "SafetensorsWriter"]

@@ -1,54 +1,30 @@
-"""What every storage backend shares: the :class:`Storage` interface, the registry, the dtype maps.
+"""What the storage writers share: the dtype maps over :data:`trajscope.runformat.DTYPES` and the
+``O_DIRECT`` alignment.
 
-A run's snapshots are stored in one format, named by the manifest's ``storage`` field. Each format
-is one module of this package holding its reader (a :class:`Storage` subclass, registered in
-:data:`STORAGES` under its format name) and its writer. Readers hand out the stored form of a
-snapshot, ``(metadata, {key: CPU tensor})``; :func:`trajscope.store.snapshot.snapshot_from_raw` builds
-the :class:`~trajscope.store.snapshot.Snapshot` from it, the same way for every format.
-
-The one dtype table is :data:`trajscope.runformat.DTYPES` (torch dtype name → safetensors code,
-element size, same-width integer view), re-exported here as :data:`DTYPES`; the backends and the
-recorder's copy path derive their torch/numpy/HDF5 maps from it. It is defined in
-:mod:`trajscope.runformat` because that module encodes safetensors headers with it and must stay
-importable without torch and without this package (importing anything under
-``trajscope.recorders`` runs the recorder package, which imports :mod:`trajscope.runformat`).
+Each format's writer is one module of this package; its reader is on the reading side
+(:mod:`trajscope.store`). The one dtype table is :data:`trajscope.runformat.DTYPES` (torch dtype
+name → safetensors code, element size, same-width integer view), re-exported here as
+:data:`DTYPES`; the writers and the recorder's copy path derive their torch/numpy/HDF5 maps from it.
+It is defined in :mod:`trajscope.runformat` because that module encodes safetensors headers with it
+and is shared by the reader and the writer.
 """
 
 from __future__ import annotations
 
-import abc
-import os
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from trajscope import runformat as fmt
-from trajscope.store.snapshot import Snapshot, snapshot_from_raw
+from trajscope.runformat import int_view
 
-__all__ = [
-    "DIRECT_IO_ALIGN",
-    "DTYPES",
-    "FormatStorage",
-    "STORAGES",
-    "Raw",
-    "Storage",
-    "bits_dtype",
-    "dtype_name",
-    "int_view",
-    "read_raw",
-    "register",
-    "stat_path",
-]
+__all__ = ["DIRECT_IO_ALIGN", "DTYPES", "bits_dtype", "dtype_name", "int_view"]
 
 DTYPES = fmt.DTYPES
 
 DIRECT_IO_ALIGN = 4096
 """O_DIRECT needs the buffer address, length and file offset aligned to the block size."""
-
-Raw = tuple[dict[str, Any], dict[str, torch.Tensor]]
-"""The stored form of one snapshot: (``trajscope`` metadata, {key: CPU tensor})."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -56,130 +32,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def int_view(name: str) -> str | None:
-    """The same-width integer dtype whose bits stand for ``name`` (``"bfloat16"`` → ``"int16"``),
-    or None for a dtype numpy holds as itself and for names not in :data:`DTYPES`."""
-    entry = DTYPES.get(name)
-    return entry[2] if entry is not None else None
-
-
 def bits_dtype(name: str) -> np.dtype[Any]:
     """The numpy dtype that holds the bits of a tensor of dtype ``name``: its integer view if it
     has one, else its own numpy type."""
     return np.dtype(int_view(name) or name)
-
-
-class Storage(abc.ABC):
-    """How a run's snapshots are stored, as the reader sees them: one :class:`FormatStorage` per
-    format, or a view over one (:class:`trajscope.store.unwrap.UnwrappedStorage`)."""
-
-    kind = ""
-
-    def __init__(self, run_path: Path) -> None:
-        self.run_path = run_path
-
-    @abc.abstractmethod
-    def steps(self) -> list[int]:
-        """Steps with a complete snapshot, ascending."""
-
-    @abc.abstractmethod
-    def location(self, step: int) -> Path:
-        """Where the snapshot of ``step`` is (a file, or a pseudo-path inside a container)."""
-
-    @abc.abstractmethod
-    def read_raw(self, step: int) -> Raw:
-        """The stored form of the snapshot of ``step``: (metadata, {key: CPU tensor}).
-
-        Raises:
-            RunFormatError: if it is missing or damaged.
-        """
-
-    def read(self, step: int) -> Snapshot:
-        """The whole snapshot of ``step``. Raises :class:`RunFormatError` if it is damaged."""
-        return snapshot_from_raw(*self.read_raw(step), where=self.location(step))
-
-    def read_params(self, step: int) -> Snapshot:
-        """The snapshot of ``step`` with its parameters only (x_0, x*): formats that can read
-        part of a snapshot do so. Raises :class:`RunFormatError` if it is damaged."""
-        full = self.read(step)
-        return Snapshot(step=full.step, kind=full.kind, params=full.params)
-
-    @abc.abstractmethod
-    def stat(self, step: int) -> tuple[int, int]:
-        """(mtime in ns, size in bytes) of what holds the snapshot of ``step``, or (-1, -1) if it
-        is missing. Made without reading the snapshot; :meth:`unchanged` compares two."""
-
-    def unchanged(self, then: tuple[int, int], now: tuple[int, int]) -> bool:
-        """Whether a snapshot stat'ed as ``then`` and later as ``now`` still holds the same data."""
-        return then == now
-
-    @abc.abstractmethod
-    def disk_bytes(self) -> int:
-        """Bytes the snapshots occupy on disk."""
-
-
-class FormatStorage(Storage):
-    """A storage format: reads a snapshot from its location alone, so that a snapshot path can be
-    read without its run (:func:`read_raw`: ``read_snapshot``, ``trajscope convert``). Subclasses
-    are registered in :data:`STORAGES`."""
-
-    @classmethod
-    def claims(cls, path: Path) -> bool:
-        """Whether ``path`` names a snapshot in the form this format's :meth:`location` hands out
-        and no other format could: a backend that claims nothing is only the fallback."""
-        return False
-
-    @classmethod
-    @abc.abstractmethod
-    def read_location(cls, path: Path) -> Raw:
-        """The stored form of the snapshot at ``path`` (a :meth:`location` of this format).
-
-        Raises:
-            RunFormatError: if it is missing or damaged.
-        """
-
-    def read_raw(self, step: int) -> Raw:
-        return type(self).read_location(self.location(step))
-
-
-STORAGES: dict[str, type[FormatStorage]] = {}
-"""Format name (the manifest's ``storage``) → its :class:`Storage`. Filled by :func:`register` as
-the backend modules are imported; importing :mod:`trajscope.recorders.backends` imports them all."""
-
-_S = TypeVar("_S", bound=type[FormatStorage])
-
-
-def register(cls: _S) -> _S:
-    """Class decorator: make ``cls`` the reader of format ``cls.kind``."""
-    if cls.kind not in fmt.STORAGES:
-        raise ValueError(f"{cls.__name__}.kind={cls.kind!r} is not a format named in trajscope.runformat")
-    STORAGES[cls.kind] = cls
-    # The registry lists formats in the order of trajscope.runformat.STORAGES whatever the import order
-    # (messages name the formats in that order).
-    ordered = sorted(STORAGES.items(), key=lambda item: fmt.STORAGES.index(item[0]))
-    STORAGES.clear()
-    STORAGES.update(ordered)
-    return cls
-
-
-def read_raw(path: str | Path) -> Raw:
-    """The stored form of one snapshot, whatever the format: (metadata, {key: CPU tensor}).
-
-    ``path`` is a snapshot's :meth:`Storage.location`. The format that claims it reads it; a path
-    no format claims is read as the default format's (safetensors: a step file).
-    """
-    p = Path(path)
-    default = STORAGES[fmt.STORAGE_SAFETENSORS]
-    for cls in STORAGES.values():
-        if cls is not default and cls.claims(p):
-            return cls.read_location(p)
-    return default.read_location(p)
-
-
-def stat_path(path: Path) -> tuple[int, int]:
-    """(mtime in ns, size in bytes) of ``path``, or (-1, -1) if it cannot be stat'ed."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (-1, -1)  # missing: the reader reports it as a damaged snapshot
-    return (st.st_mtime_ns, st.st_size)

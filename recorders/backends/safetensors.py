@@ -1,104 +1,26 @@
-"""The safetensors storage: ``steps/step_XXXXXXXX.safetensors``, one file per snapshot.
+"""The safetensors storage, written: ``steps/step_XXXXXXXX.safetensors``, one file per snapshot.
 
 Layout and header rules: ``docs/format.md``. The writer receives a :class:`StepImage` that
 :func:`trajscope.recorders.storage.build_image` already laid out as the complete file (its dtype
 codes are :data:`trajscope.runformat.SAFETENSORS_DTYPES`, a view of the shared dtype table) and only
-puts it on disk; the reader checks the header itself before handing the bytes to the safetensors
-library, which validates the rest.
+puts it on disk. The reader is :class:`trajscope.store.safetensors.SafetensorsStorage`.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trajscope import confine
 from trajscope import runformat as fmt
-from trajscope.errors import RunFormatError
-from trajscope.recorders.backends.base import DIRECT_IO_ALIGN, FormatStorage, Raw, register, stat_path
-from trajscope.store.snapshot import Snapshot, check_meta
+from trajscope.recorders.backends.base import DIRECT_IO_ALIGN
 
 if TYPE_CHECKING:
     from trajscope.recorders.storage import StepImage
 
-__all__ = ["SafetensorsStorage", "SafetensorsWriter", "header_meta"]
-
-
-def header_meta(header: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The ``trajscope`` metadata of a snapshot header, type-checked field by field."""
-    raw = header.get("__metadata__", {}).get("trajscope")
-    if raw is None:
-        raise RunFormatError(f"{path}: not a trajscope snapshot (no 'trajscope' metadata)")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise RunFormatError(f"{path}: snapshot metadata is not valid JSON ({exc.msg})") from exc
-    except RecursionError:
-        raise RunFormatError(f"{path}: snapshot metadata is nested too deeply") from None
-    return check_meta(meta, path)
-
-
-@register
-class SafetensorsStorage(FormatStorage):
-    """``steps/step_XXXXXXXX.safetensors``, one file per snapshot (renamed into place: complete)."""
-
-    kind = fmt.STORAGE_SAFETENSORS
-
-    @classmethod
-    def read_location(cls, path: Path) -> Raw:
-        """Read one snapshot file, checking its header before handing the bytes to safetensors."""
-        import safetensors.torch
-
-        header = fmt.read_safetensors_header(path)
-        meta = header_meta(header, path)
-        try:
-            # Eager read of a regular file: mmap-based loading is slow on network filesystems.
-            tensors = safetensors.torch.load(fmt.read_file_bytes(path, "snapshot"))
-        except RunFormatError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for damaged buffers
-            raise RunFormatError(f"{path}: damaged safetensors file ({exc})") from exc
-        return meta, tensors
-
-    def steps(self) -> list[int]:
-        d = self.run_path / fmt.STEPS_DIR
-        if not d.is_dir():
-            return []
-        return sorted(s for s in (fmt.parse_step_filename(f.name) for f in d.iterdir()) if s is not None)
-
-    def location(self, step: int) -> Path:
-        return self.run_path / fmt.STEPS_DIR / fmt.step_filename(step)
-
-    def stat(self, step: int) -> tuple[int, int]:
-        return stat_path(self.location(step))
-
-    def read_params(self, step: int) -> Snapshot:
-        """Only the ``param/…`` tensors are read (lazily, through the same checked header)."""
-        from safetensors import safe_open
-
-        p = self.location(step)
-        meta = header_meta(fmt.read_safetensors_header(p), p)
-        try:
-            with safe_open(str(p), framework="pt") as fh:
-                params = {fmt.check_name(k[len(fmt.PARAM):], f"{p}: tensor key param/…"): fh.get_tensor(k)
-                          for k in fh.keys() if k.startswith(fmt.PARAM)}
-        except RunFormatError:
-            raise
-        except Exception as exc:
-            raise RunFormatError(f"{p}: damaged safetensors file ({exc})") from exc
-        return Snapshot(step=meta["step"], kind=str(meta.get("kind", fmt.KIND_STEP)), params=params)
-
-    def disk_bytes(self) -> int:
-        total = 0
-        for s in self.steps():
-            try:
-                total += self.location(s).stat().st_size
-            except OSError:
-                pass
-        return total
+__all__ = ["SafetensorsWriter"]
 
 
 class SafetensorsWriter:

@@ -155,5 +155,5 @@ def snapshot_identity(storage: Storage, step: int) -> str | None:
     for name in sorted(params):
         t = params[name].detach().cpu().contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()[:16]

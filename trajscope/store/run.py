@@ -6,7 +6,7 @@ directory (a recorded ``batch_fn`` is a *name*, imported from the analyzing user
 exactly like the objective).
 
 Snapshots are stored either as one safetensors file per step or as rows of one HDF5 file. The
-storage backends (:mod:`trajscope.recorders.backends`: :class:`Storage`, one subclass per format)
+storage readers (:mod:`trajscope.store.storage`: :class:`Storage`, one subclass per format)
 turn either into the same raw form, ``(metadata, {key: tensor})``, from which :class:`Snapshot` is
 built by one function (:func:`trajscope.store.snapshot.snapshot_from_raw`); everything
 above it (``Run``, ``read_snapshot``, the analyzer) does not know which format it reads. A step's
@@ -24,11 +24,13 @@ from typing import Any
 
 from trajscope import runformat as fmt
 from trajscope.errors import RunFormatError, one_line
-from trajscope.recorders.backends import STORAGES, HDF5Storage, SafetensorsStorage, Storage, read_raw
+from trajscope.store.hdf5 import HDF5Storage
+from trajscope.store.safetensors import SafetensorsStorage
 from trajscope.store.snapshot import Snapshot, is_nonneg_int, snapshot_from_raw
+from trajscope.store.storage import STORAGES, Storage, read_raw
 
-# Snapshot, Storage, its formats and read_raw live in trajscope.store.snapshot and
-# trajscope.recorders.backends; they are part of this module's API and stay importable from here.
+# Snapshot, Storage, its formats and read_raw live in trajscope.store.snapshot, .storage,
+# .safetensors and .hdf5; they are part of this module's API and stay importable from here.
 __all__ = ["STORAGES", "HDF5Storage", "Run", "SafetensorsStorage", "Snapshot", "Storage", "open_run",
            "read_raw", "read_snapshot"]
 
@@ -185,14 +187,12 @@ class Run:
         """One line saying that and how the run is incomplete, None when its status is
         ``complete``: ``run is incomplete: status recording (the recorder is gone: crashed or
         killed), last recorded step 41, no final state``. Whether the recorder of a ``recording``
-        run lives is asked of its recording lock (:func:`trajscope.recorders.rundir.recorder_alive`),
+        run lives is asked of its recording lock (:func:`trajscope.runformat.recorder_alive`),
         so a live recording is told from a dead one."""
         if self.status == fmt.STATUS_COMPLETE:
             return None
         if self.status == fmt.STATUS_RECORDING:
-            from trajscope.recorders.rundir import recorder_alive
-
-            alive = recorder_alive(self.path)
+            alive = fmt.recorder_alive(self.path)
             why = ("the recorder is alive" if alive else "the recorder is gone: crashed or killed"
                    if alive is False else "no recording lock tells whether the recorder is alive")
         else:  # crashed: a write failed (the manifest's error says which), or the loop raised

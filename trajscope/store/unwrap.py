@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trajscope.errors import TrajscopeWarning
-from trajscope.recorders.backends import Storage
-from trajscope.recorders.backends.base import Raw
 from trajscope.store.names import strip_prefix, wrapper_prefix
 from trajscope.store.run import Run, Snapshot
+from trajscope.store.storage import Raw, Storage
 
 if TYPE_CHECKING:
     import torch

@@ -72,14 +72,12 @@ def _check_not_recording(run: Run, force: bool) -> None:
     run marked ``recording`` whose lock nobody holds lost its recorder (killed) and is converted.
     Without a lock to test (runs recorded without one), ``force`` says the recorder is gone.
     """
-    from trajscope.recorders.rundir import RECORDING_LOCK, recorder_alive
-
     if run.status != fmt.STATUS_RECORDING:
         return
-    alive = recorder_alive(run.path)
+    alive = fmt.recorder_alive(run.path)
     if alive:
         raise RunFormatError(
-            f"{run.path / RECORDING_LOCK}: the run is being recorded (its recorder holds this lock); "
+            f"{run.path / fmt.RECORDING_LOCK}: the run is being recorded (its recorder holds this lock); "
             "converting it in place would remove the storage the recorder writes: wait for the "
             "recorder to close, or convert a copy with --out"
         )

@@ -1,0 +1,93 @@
+"""The safetensors storage, read: ``steps/step_XXXXXXXX.safetensors``, one file per snapshot.
+
+Layout and header rules: ``docs/format.md``. The reader checks the header itself before handing the
+bytes to the safetensors library, which validates the rest. The writer is
+:class:`trajscope.recorders.backends.safetensors.SafetensorsWriter`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from trajscope import runformat as fmt
+from trajscope.errors import RunFormatError
+from trajscope.store.snapshot import Snapshot, check_meta
+from trajscope.store.storage import FormatStorage, Raw, register, stat_path
+
+__all__ = ["SafetensorsStorage", "header_meta"]
+
+
+def header_meta(header: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``trajscope`` metadata of a snapshot header, type-checked field by field."""
+    raw = header.get("__metadata__", {}).get("trajscope")
+    if raw is None:
+        raise RunFormatError(f"{path}: not a trajscope snapshot (no 'trajscope' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RunFormatError(f"{path}: snapshot metadata is not valid JSON ({exc.msg})") from exc
+    except RecursionError:
+        raise RunFormatError(f"{path}: snapshot metadata is nested too deeply") from None
+    return check_meta(meta, path)
+
+
+@register
+class SafetensorsStorage(FormatStorage):
+    """``steps/step_XXXXXXXX.safetensors``, one file per snapshot (renamed into place: complete)."""
+
+    kind = fmt.STORAGE_SAFETENSORS
+
+    @classmethod
+    def read_location(cls, path: Path) -> Raw:
+        """Read one snapshot file, checking its header before handing the bytes to safetensors."""
+        import safetensors.torch
+
+        header = fmt.read_safetensors_header(path)
+        meta = header_meta(header, path)
+        try:
+            # Eager read of a regular file: mmap-based loading is slow on network filesystems.
+            tensors = safetensors.torch.load(fmt.read_file_bytes(path, "snapshot"))
+        except RunFormatError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for damaged buffers
+            raise RunFormatError(f"{path}: damaged safetensors file ({exc})") from exc
+        return meta, tensors
+
+    def steps(self) -> list[int]:
+        d = self.run_path / fmt.STEPS_DIR
+        if not d.is_dir():
+            return []
+        return sorted(s for s in (fmt.parse_step_filename(f.name) for f in d.iterdir()) if s is not None)
+
+    def location(self, step: int) -> Path:
+        return self.run_path / fmt.STEPS_DIR / fmt.step_filename(step)
+
+    def stat(self, step: int) -> tuple[int, int]:
+        return stat_path(self.location(step))
+
+    def read_params(self, step: int) -> Snapshot:
+        """Only the ``param/…`` tensors are read (lazily, through the same checked header)."""
+        from safetensors import safe_open
+
+        p = self.location(step)
+        meta = header_meta(fmt.read_safetensors_header(p), p)
+        try:
+            with safe_open(str(p), framework="pt") as fh:
+                params = {fmt.check_name(k[len(fmt.PARAM):], f"{p}: tensor key param/…"): fh.get_tensor(k)
+                          for k in fh.keys() if k.startswith(fmt.PARAM)}
+        except RunFormatError:
+            raise
+        except Exception as exc:
+            raise RunFormatError(f"{p}: damaged safetensors file ({exc})") from exc
+        return Snapshot(step=meta["step"], kind=str(meta.get("kind", fmt.KIND_STEP)), params=params)
+
+    def disk_bytes(self) -> int:
+        total = 0
+        for s in self.steps():
+            try:
+                total += self.location(s).stat().st_size
+            except OSError:
+                pass
+        return total
