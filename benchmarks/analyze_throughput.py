@@ -24,7 +24,7 @@ import torch
 import trajscope
 from benchmarks.common import FACTORIES, interleaved, machine, median, ratio_line, record_run, set_clock
 from benchmarks.hand_loop import hand_loop
-from trajscope.probe.pair import alpha_grid
+from trajscope.probe import alpha_grid
 
 
 def run_case(run_dir: Path, model: str, pairs: int, device: str, repeats: int, points: int,

@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.common import interleaved, machine, ratio_line, record_run, set_clock
 from trajscope.metrics.pair import PairStats
-from trajscope.probe.pair import ProbeSettings, probe_pair
+from trajscope.probe import ProbeSettings, probe_pair
 
 
 def pair_case(run_dir: Path, settings: ProbeSettings):

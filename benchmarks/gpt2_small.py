@@ -156,7 +156,7 @@ def _hand(cfg: dict[str, Any], peaks: Peaks) -> dict[str, Any]:
 
     import trajscope
     from trajscope.analysis.execution import keep_freed_memory
-    from trajscope.probe.pair import alpha_grid
+    from trajscope.probe import alpha_grid
 
     keep_freed_memory()  # as the analyzer sets it in its workers
     dev, r = cfg["device"], trajscope.open_run(cfg["run"])
@@ -311,7 +311,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
            **{k: d[k] if getattr(args, k) is None else getattr(args, k) for k in ("batch", "seq", "pairs")}}
     cfg["marginal"] = device == "cuda" or args.hand
     # The tiny shape stands in for GPT-2 small, whose line work `auto` gives to forward mode; at
-    # its own size `auto` would pick reverse mode (trajscope.analysis.plan.reverse_is_cheaper).
+    # its own size `auto` would pick reverse mode (trajscope.probe.trials.reverse_is_cheaper).
     cfg["derivatives"] = "forward" if args.tiny else "auto"
     if not 1 <= cfg["seq"] <= shape["block"]:
         raise SystemExit(f"gpt2_small: --seq {cfg['seq']}: expected 1..{shape['block']} (the model's block)")

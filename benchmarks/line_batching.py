@@ -18,8 +18,9 @@ import torch
 from torch.func import functional_call
 
 from benchmarks.common import interleaved, machine, median, ratio_line, record_run, set_clock
+from trajscope.probe import ProbeSettings, alpha_grid
 from trajscope.probe.line import _line
-from trajscope.probe.pair import ProbeSettings, _Bound, _to, alpha_grid
+from trajscope.probe.stages import _Bound, _to
 
 
 def line_case(run_dir: Path, factory: str, device: str, points: int, batched: bool):

@@ -142,7 +142,7 @@ def _hand(run: str, pairs: int) -> dict[str, float]:
 
     import trajscope
     from trajscope.analysis.execution import keep_freed_memory
-    from trajscope.probe.pair import alpha_grid
+    from trajscope.probe import alpha_grid
 
     keep_freed_memory()  # as the analyzer sets it in its workers
     r = trajscope.open_run(run)

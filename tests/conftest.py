@@ -16,12 +16,12 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.fixture(autouse=True, scope="session")
 def _no_small_analysis_shortcut() -> Iterator[None]:
     """``derivatives="auto"`` sends an analysis too small to repay forward-mode AD's set-up to
-    reverse mode, judged by timing one evaluation (:func:`trajscope.analysis.plan.reverse_is_cheaper`).
+    reverse mode, judged by timing one evaluation (:func:`trajscope.probe.trials.reverse_is_cheaper`).
     Tests pin it off, from before the first fixture's analysis, so that which path a test takes
     never depends on the machine's speed or on the tests that ran before it;
     tests/test_small_analysis.py turns it back on."""
-    import trajscope.analysis.plan
+    import trajscope.probe.trials
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trajscope.analysis.plan, "FORWARD_AD_SETUP_S", 0.0)
+        mp.setattr(trajscope.probe.trials, "FORWARD_AD_SETUP_S", 0.0)
         yield

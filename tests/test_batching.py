@@ -18,9 +18,9 @@ from torch.func import functional_call
 
 import trajscope
 import trajscope.probe.line as line_mod
-import trajscope.probe.pair as probe
+import trajscope.probe.stages as stages
 from trajscope.errors import AnalysisError, ProbeWarning
-from trajscope.probe.pair import ProbeSettings, alpha_grid
+from trajscope.probe import ProbeSettings, alpha_grid, probe_pair
 
 # A fallback from the batched path is an error in this file unless a test expects it (pytest.warns).
 pytestmark = pytest.mark.filterwarnings("error::trajscope.errors.ProbeWarning")
@@ -40,7 +40,7 @@ def line_inputs(run_dir: Path, factory, dtype: torch.dtype, points: int = 9):
     snap, nxt = run.snapshot(1), run.snapshot(2)
     obj = factory()
     obj.model.train(True)
-    bound = probe._Bound(obj.model, obj.loss)
+    bound = stages._Bound(obj.model, obj.loss)
     x0 = {n: t.to(dtype) for n, t in snap.params.items()}
     delta = {n: nxt.params[n].to(dtype) - x0[n] for n in x0}
     batch = (snap.batch[0].to(dtype), snap.batch[1])
@@ -63,7 +63,7 @@ def line(inputs, *, batched: bool, chunk: int | None = None, replay: bool = Fals
         return line_mod._line(f, x0, delta, alphas, settings, rng, replay)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProbeWarning)
-        vals, ders, ran_batched = line_mod._line_and_path(f, x0, delta, alphas, settings, rng, replay)
+        vals, ders, ran_batched = line_mod.line_and_path(f, x0, delta, alphas, settings, rng, replay)
     assert ran_batched == batched, "the batched path did not run" if batched else "the point loop did not run"
     return vals, ders
 
@@ -172,22 +172,22 @@ def test_analysis_batched_equals_pointwise(runs: dict[str, Path], monkeypatch: p
 def _count_batched_lines(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A one-element list counting the batched line evaluations that returned (a spy)."""
     count = [0]
-    real = line_mod._line_batched
+    real = line_mod.line_batched
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         count[0] += 1
         return out
 
-    monkeypatch.setattr(line_mod, "_line_batched", spy)
+    monkeypatch.setattr(line_mod, "line_batched", spy)
     return count
 
 
 def test_probe_records_the_path_that_ran(runs: dict[str, Path]) -> None:
     run = trajscope.open_run(runs["mlp"])
     snap, nxt = run.snapshot(1), run.snapshot(2)
-    batched = probe.probe_pair(make_mlp(), snap, nxt, ProbeSettings(dtype="float64"))
-    pointwise = probe.probe_pair(make_mlp(), snap, nxt, ProbeSettings(dtype="float64", batched=False))
+    batched = probe_pair(make_mlp(), snap, nxt, ProbeSettings(dtype="float64"))
+    pointwise = probe_pair(make_mlp(), snap, nxt, ProbeSettings(dtype="float64", batched=False))
     assert batched.extras["line_batched"] == 1.0 and pointwise.extras["line_batched"] == 0.0
     np.testing.assert_allclose(batched.loss_line, pointwise.loss_line, rtol=1e-12)
 

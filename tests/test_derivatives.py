@@ -295,7 +295,7 @@ def test_probe_pair_forward_failure_names_the_op(softplus_run: Path) -> None:
     batched or not, and the error crosses process boundaries whole."""
     import pickle
 
-    from trajscope.probe.pair import ProbeSettings, probe_pair
+    from trajscope.probe import ProbeSettings, probe_pair
 
     run = trajscope.open_run(softplus_run)
     for batched in (True, False):

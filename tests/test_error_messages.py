@@ -419,7 +419,7 @@ def test_bad_arguments(run_dir: Path, kw: dict, needle: str) -> None:
                  "evaluation per pair); expected at most 20001"),
 ])
 def test_alpha_grid_bounds(points: object, margin: object, message: str) -> None:
-    from trajscope.probe.pair import alpha_grid
+    from trajscope.probe import alpha_grid
 
     with pytest.raises(AnalysisError) as e:
         alpha_grid(points, margin)  # type: ignore[arg-type]

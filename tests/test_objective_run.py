@@ -169,6 +169,6 @@ def test_digest_is_deterministic(tmp_path: Path) -> None:
 
     r = open_run(record(tmp_path / "run", {"hidden": 4}, steps=2))
     kw: dict[str, Any] = dict(points=5, margin=0.5, device="cpu", dtype=None, chunk_size=None, batched=True,
-                              sharpness=False, sharpness_max_iter=10, reference=None, resolve=True)
+                              sharpness=False, sharpness_max_iter=10, reference=None)
     name = objective_id(None, r.objective)
     assert settings_digest(probe_settings(r, **kw), name) == settings_digest(probe_settings(r, **kw), name)

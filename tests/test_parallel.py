@@ -87,7 +87,7 @@ def test_each_snapshot_is_read_once(run_dir: Path, monkeypatch: pytest.MonkeyPat
 def test_graph_keys_are_deterministic_and_shared(run_dir: Path) -> None:
     r = trajscope.open_run(run_dir)
     from trajscope.analysis.execution import Placement
-    from trajscope.probe.pair import ProbeSettings
+    from trajscope.probe import ProbeSettings
 
     def keys(window: list[int]) -> set:
         graph_tasks = tasks.window_graph(r, window, set(r.steps), 0, "tok", None, "k", ProbeSettings(),
@@ -239,7 +239,7 @@ def test_process_pool_pair_tasks_get_file_references_without_load_tasks(
     import pickle
 
     from trajscope.analysis.execution import Placement
-    from trajscope.probe.pair import ProbeSettings
+    from trajscope.probe import ProbeSettings
 
     r = trajscope.open_run(run_dir)
     steps = [1, 2, 3]

@@ -8,7 +8,7 @@ from problems import make_mlp, train_classifier
 from reference import PROPERTY_CHECKS, Reference
 
 import trajscope
-from trajscope.probe.pair import alpha_grid
+from trajscope.probe import alpha_grid
 
 POINTS = 5
 STEPS = [0, 1, 4, 5, 8, 9]  # windows of 3 every 4, + final state 10

@@ -22,7 +22,7 @@ import trajscope
 import trajscope.analysis.tasks as tasks
 from trajscope.analysis.persist import PairTable, reference_path
 from trajscope.errors import DamagedRunWarning
-from trajscope.probe.pair import ProbeSettings, probe_pair
+from trajscope.probe import ProbeSettings, probe_pair
 from trajscope.probe.reference_point import merge, probe_reference, split
 from trajscope.runformat import read_safetensors_header
 

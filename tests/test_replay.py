@@ -22,7 +22,8 @@ from torch.func import functional_call, vmap
 
 import trajscope
 from trajscope.errors import ProbeWarning
-from trajscope.probe.pair import ProbeSettings, _batchnorm_replay, probe_pair
+from trajscope.probe import ProbeSettings, probe_pair
+from trajscope.probe.stages import batchnorm_replay
 from trajscope.recorders import Recorder
 
 STEPS = 6
@@ -84,7 +85,7 @@ def test_vmap_batches_train_mode_batchnorm_with_the_recorded_masks(cnn_run) -> N
         torch.set_rng_state(snap.rng["cpu"])
         with pytest.raises(RuntimeError, match="running_mean"):
             vmap(loss, randomness="same")(scales)  # unpatched: the in-place update is refused
-    with torch.random.fork_rng(devices=[]), _batchnorm_replay(model):
+    with torch.random.fork_rng(devices=[]), batchnorm_replay(model):
         torch.set_rng_state(snap.rng["cpu"])
         batched = vmap(loss, randomness="same")(scales)
     assert all(m.track_running_stats for m in model.modules() if hasattr(m, "track_running_stats"))

@@ -1,5 +1,5 @@
 """``derivatives="auto"`` on an analysis too small to repay forward-mode AD's one-time set-up:
-reverse mode, the same numbers (:func:`trajscope.analysis.plan.reverse_is_cheaper`).
+reverse mode, the same numbers (:func:`trajscope.probe.trials.reverse_is_cheaper`).
 
 conftest.py pins the shortcut off for every other test; here each test sets the set-up cost it
 needs and whether this process has paid it, so no outcome depends on the machine's speed."""
@@ -18,7 +18,8 @@ from problems import make_mlp, train_classifier
 
 import trajscope
 import trajscope.analysis.plan as plan
-from trajscope.probe.pair import ProbeSettings
+import trajscope.probe.trials as trials
+from trajscope.probe import ProbeSettings
 
 JVP_SETUP = "torch._decomp.decompositions_for_jvp"  # what torch imports on the first jvp
 
@@ -32,8 +33,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _settings(r: trajscope.Run) -> ProbeSettings:
     return plan.probe_settings(r, points=9, margin=0.5, device="cpu", dtype=None, chunk_size=None,
-                               batched=None, sharpness=False, sharpness_max_iter=20, reference=None,
-                               resolve=True)
+                               batched=None, sharpness=False, sharpness_max_iter=20, reference=None)
 
 
 def _analyze(run: Path, **kw: object) -> xr.Dataset:
@@ -50,10 +50,10 @@ def unpaid(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def test_small_analysis_runs_in_reverse_mode_with_the_same_numbers(run: Path, unpaid: None,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(plan, "FORWARD_AD_SETUP_S", 1e9)  # any line work costs less
+    monkeypatch.setattr(trials, "FORWARD_AD_SETUP_S", 1e9)  # any line work costs less
     small = _analyze(run)
     assert small.attrs["derivatives"] == "reverse"
-    assert small.attrs["derivatives_reason"] == plan.SMALL_ANALYSIS
+    assert small.attrs["derivatives_reason"] == trials.SMALL_ANALYSIS
     assert JVP_SETUP not in sys.modules  # the set-up it avoided was not paid after all
     forward = _analyze(run, derivatives="forward")
     assert forward.attrs["derivatives"] == "forward"
@@ -65,19 +65,19 @@ def test_small_analysis_runs_in_reverse_mode_with_the_same_numbers(run: Path, un
 
 def test_line_work_above_the_set_up_stays_in_forward_mode(run: Path, unpaid: None,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(plan, "FORWARD_AD_SETUP_S", 1e-12)
+    monkeypatch.setattr(trials, "FORWARD_AD_SETUP_S", 1e-12)
     ds = _analyze(run)
     assert ds.attrs["derivatives"] == "forward" and ds.attrs["derivatives_reason"] == "forward-mode AD works"
 
 
 def test_a_paid_set_up_keeps_forward_mode(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(plan, "FORWARD_AD_SETUP_S", 1e9)
+    monkeypatch.setattr(trials, "FORWARD_AD_SETUP_S", 1e9)
     monkeypatch.setitem(sys.modules, JVP_SETUP, types.ModuleType(JVP_SETUP))
     assert _analyze(run).attrs["derivatives"] == "forward"
 
 
 def test_explicit_paths_are_taken_as_asked(run: Path, unpaid: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(plan, "FORWARD_AD_SETUP_S", 1e9)
+    monkeypatch.setattr(trials, "FORWARD_AD_SETUP_S", 1e9)
     ds = _analyze(run, derivatives="forward")
     assert ds.attrs["derivatives"] == "forward" and ds.attrs["derivatives_reason"] == "requested"
 
@@ -89,22 +89,23 @@ def test_the_estimate_is_pairs_times_points_times_a_reverse_point(run: Path, unp
     # One evaluation of f takes 10 ms on a fake clock: 17 α points x 3 evaluations each x 10 ms
     # = 0.51 s of line work per pair, against a set-up of 1 s.
     ticks = iter([0.0, 0.010])
-    monkeypatch.setattr(plan, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
-    monkeypatch.setattr(plan, "FORWARD_AD_SETUP_S", 1.0)
+    monkeypatch.setattr(trials, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    monkeypatch.setattr(trials, "FORWARD_AD_SETUP_S", 1.0)
     r = trajscope.open_run(run)
     settings = _settings(r)
-    assert len(settings.alphas) == 17 and plan.REVERSE_FORWARDS == 3.0
-    assert plan.reverse_is_cheaper(r, make_mlp, r.snapshot(0), pairs, settings) is cheaper
+    assert len(settings.alphas) == 17 and trials.REVERSE_FORWARDS == 3.0
+    assert trials.reverse_is_cheaper(make_mlp(), r.snapshot(0), pairs, settings, r.trainable) is cheaper
 
 
 def test_no_evaluable_pair_leaves_the_decision_to_the_forward_trial(run: Path, unpaid: None,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(plan, "FORWARD_AD_SETUP_S", 1e9)
+    monkeypatch.setattr(trials, "FORWARD_AD_SETUP_S", 1e9)
     r = trajscope.open_run(run)
     settings = _settings(r)
 
-    def broken() -> trajscope.Objective:
-        raise RuntimeError("no model here")
+    def no_loss(model: object, batch: object) -> object:
+        raise RuntimeError("no loss here")
 
-    assert plan.reverse_is_cheaper(r, broken, r.snapshot(0), len(r.pairs), settings) is False
-    assert plan.reverse_is_cheaper(r, make_mlp, None, 1, settings) is False  # no readable snapshot
+    broken = trajscope.Objective(model=make_mlp().model, loss=no_loss)
+    assert trials.reverse_is_cheaper(broken, r.snapshot(0), len(r.pairs), settings, r.trainable) is False
+    assert trials.reverse_is_cheaper(make_mlp(), None, 1, settings) is False  # no readable snapshot

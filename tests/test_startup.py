@@ -59,7 +59,7 @@ def test_a_tiny_analysis_skips_forward_mode_set_up(tmp_path: Path) -> None:
     # Two pairs of a quadratic at 3 α points: reverse mode's whole line work (2 x 3 x 3
     # evaluations of f) is far below what torch's first jvp costs to set up, so `auto` takes
     # reverse mode and never imports the jvp decompositions. It would take one evaluation slower
-    # than 15 ms for the estimate to reach the set-up (plan.FORWARD_AD_SETUP_S).
+    # than 15 ms for the estimate to reach the set-up (trajscope.probe.trials.FORWARD_AD_SETUP_S).
     run = tmp_path / "run"
     train_quadratic(run, steps=2)
     assert _analyze_fresh(run, "--points", "3", "--margin", "0")["jvp_setup"] is False

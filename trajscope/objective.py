@@ -42,10 +42,14 @@ from trajscope.store.user_code import import_named
 if TYPE_CHECKING:  # trajscope.store.run imports this module: Run is only named in annotations
     from trajscope.store.run import Run
 
+ObjectiveSource: TypeAlias = "str | Callable[..., Objective] | Objective | None"
+"""How an analysis is given its objective: ``"module:function"``, a factory, an :class:`Objective`,
+or None for the name the run recorded."""
+
 RunArgument: TypeAlias = "Run | Callable[[], Run] | None"
 """What a factory taking the run is called with: the run, or a function that opens it."""
 
-__all__ = ["Objective", "load_objective", "resolve_objective", "check_run_objective", "takes_run",
+__all__ = ["Objective", "ObjectiveSource", "load_objective", "resolve_objective", "check_run_objective", "takes_run",
            "objective_digest"]
 
 
@@ -186,8 +190,7 @@ def _preview(names: dict[str, Any]) -> str:
     return shown + (", …" if len(names) > 5 else "")
 
 
-def resolve_objective(objective: str | Callable[..., Objective] | Objective | None,
-                      recorded: str | None, run: RunArgument = None) -> Objective:
+def resolve_objective(objective: ObjectiveSource, recorded: str | None, run: RunArgument = None) -> Objective:
     """The objective to analyze with: the explicit one if given, else the run's recorded name.
 
     ``run`` is what a factory that takes an argument is called with: the :class:`Run`, or a

@@ -28,7 +28,7 @@ from trajscope.analysis.persist import VERSION
 from trajscope.errors import RunFormatError, one_line
 from trajscope.metrics.pair import PairStats
 from trajscope.metrics.registry import MetricSpec
-from trajscope.probe.pair import ProbeSettings
+from trajscope.probe.settings import ProbeSettings
 from trajscope.store.run import Run
 
 if TYPE_CHECKING:

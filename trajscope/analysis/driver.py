@@ -45,6 +45,7 @@ from trajscope.analysis.execution import (
     check_device,
     check_scheduler,
     open_backend,
+    resolve_device,
     usable_cores,
 )
 from trajscope.analysis.outputs import analysis_dir, create_analysis_dir
@@ -64,22 +65,21 @@ from trajscope.analysis.plan import (
     check_derivatives,
     objective_id,
     pairs_to_analyze,
-    persisted_objective_change,
     probe_settings,
-    resolve_derivatives,
     select_metrics,
     training_rounding,
     with_requirements,
 )
 from trajscope.analysis.progress import Progress as _Progress
-from trajscope.analysis.tasks import ObjectiveSource, objective_for, window_graph
+from trajscope.analysis.tasks import objective_for, window_graph
 from trajscope.errors import AnalysisError, RunFormatError, TrajscopeWarning
 from trajscope.metrics.pair import PairStats
 from trajscope.metrics.registry import MetricSpec, evaluate_pair
-from trajscope.objective import check_run_objective, objective_digest
+from trajscope.objective import ObjectiveSource, check_run_objective, objective_digest
 from trajscope.probe import memory
-from trajscope.probe.pair import ProbeSettings
 from trajscope.probe.reference_point import ReferencePart, merge, snapshot_identity
+from trajscope.probe.settings import ProbeSettings
+from trajscope.probe.trials import persisted_objective_change, resolve_derivatives
 from trajscope.store.run import Run, open_run
 from trajscope.store.unwrap import unwrapped
 
@@ -152,7 +152,7 @@ def analyze(
             faster (None: :mod:`trajscope.probe.line_plan`), ``chunk_size`` at a time (default: as many
             as fit ``max_memory``, bytes or ``"4GB"``; default half the free memory).
         derivatives: ℓ'(α) by ``forward``-mode AD (batched), ``reverse`` mode (one backward per α
-            point) or ``auto`` (decided once: :func:`trajscope.analysis.plan.resolve_derivatives`).
+            point) or ``auto`` (decided once: :func:`trajscope.probe.trials.resolve_derivatives`).
         sharpness: also compute λ_max(∇²f(x_t; z_t)) per pair by Lanczos (at most
             ``sharpness_max_iter`` Hessian-vector products); implied when ``metrics`` names a
             metric that needs it.
@@ -172,8 +172,9 @@ def analyze(
     selected, sharpness = select_metrics(metrics, sharpness)
     settings = probe_settings(r, points=points, margin=margin, device=device, dtype=dtype,
                               chunk_size=chunk_size, batched=batched, sharpness=sharpness,
-                              sharpness_max_iter=sharpness_max_iter, reference=reference,
-                              resolve=local)
+                              sharpness_max_iter=sharpness_max_iter, reference=reference)
+    if local:  # a missing GPU fails before any work; a cluster's workers resolve the spec themselves
+        settings = replace(settings, device=resolve_device(device))
     settings = _with_budget(settings, max_memory, scheduler, workers)  # a malformed size fails at once
     specs = with_requirements(selected)
     pairs, lost = pairs_to_analyze(r, steps)
@@ -305,7 +306,7 @@ def _resolve_objective(r: Run, objective: ObjectiveSource, settings: ProbeSettin
     obj = objective_for(objective, r.objective, run=r)
     r = unwrapped(r, obj.model)  # a run recorded through torch.compile/DDP: the model's plain names
     check_run_objective(obj, r.manifest)
-    return r, resolve_derivatives(derivatives, settings, r, objective, pairs, local), objective_digest(obj)
+    return r, resolve_derivatives(derivatives, settings, r, obj, pairs, local), objective_digest(obj)
 
 
 def _compute_pairs(job: _Job, pairs: list[int], lost: dict[int, str], scheduler: Any, workers: int | None,
@@ -340,7 +341,8 @@ def _unchanged(job: _Job, done: PairTable, pairs: list[int]) -> PairTable:
     first = next((t for t in pairs if t in done), None)
     if first is None:
         return done
-    what = persisted_objective_change(job.run, job.objective, job.settings, done.get(first), job.local)
+    objective = objective_for(job.objective, job.run.objective, run=job.run)
+    what = persisted_objective_change(job.run, objective, job.settings, done.get(first), job.local)
     if what is None:
         return done
     warnings.warn(f"objective changed since the persisted pairs were computed: {what}; recomputing",

@@ -41,8 +41,8 @@ from trajscope import confine
 from trajscope import runformat as fmt
 from trajscope.errors import AnalysisError, RunFormatError
 from trajscope.metrics.pair import PairStats
-from trajscope.probe.pair import ProbeSettings
 from trajscope.probe.reference_point import ReferencePart, merge
+from trajscope.probe.settings import ProbeSettings
 
 __all__ = ["PERSIST_EVERY_S", "VERSION", "PairTable", "analysis_lock", "grouped_writes", "later", "load_pair",
            "load_reference", "pair_path", "pairs_digest", "reference_digest", "reference_path",

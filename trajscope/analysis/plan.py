@@ -1,35 +1,29 @@
 """What an analysis will compute, decided before any work: which pairs (``--steps``), which
 metrics (with the series they read and the optional probes they need), the probe settings, and
-the name of the objective that tags persisted pairs, and the derivative path of the line probe
-(:func:`resolve_derivatives`, once per analysis).
+the name of the objective that tags persisted pairs.
+
+Every function here takes data (the run's manifest and step lists, the arguments) and returns
+data: none runs the model. The decisions that need f evaluated (the derivative path, whether
+persisted pairs still hold) are trials of the probe (:mod:`trajscope.probe.trials`), which the
+analysis entry calls.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterable
-from dataclasses import replace
 from pathlib import Path
 
-import torch
-from torch.func import jvp
-
-from trajscope.analysis.execution import resolve_device
-from trajscope.analysis.tasks import ObjectiveSource, objective_for
-from trajscope.errors import AnalysisError, ForwardModeError, RunFormatError, TrajscopeError
-from trajscope.metrics.pair import PairStats
+from trajscope.errors import AnalysisError, RunFormatError
 from trajscope.metrics.registry import MetricSpec, get_metrics
-from trajscope.objective import Objective
-from trajscope.probe.line import _replayed_rng, forward_ad_failure, sdpa_math_kernel
-from trajscope.probe.pair import DERIVATIVES, ProbeSettings, _batchnorm_replay, _prepare, alpha_grid
+from trajscope.objective import Objective, ObjectiveSource
+from trajscope.probe.grid import alpha_grid
+from trajscope.probe.settings import DERIVATIVES, ProbeSettings
 from trajscope.store import coverage
-from trajscope.store.run import Run, Snapshot
+from trajscope.store.run import Run
 
-__all__ = ["FORWARD_AD_SETUP_S", "check_derivatives", "eval_dtype", "forward_mode_failure", "objective_id",
-           "pairs_to_analyze", "persisted_objective_change", "probe_settings", "replayed_loss",
-           "resolve_derivatives", "reverse_is_cheaper", "select_metrics", "select_steps",
-           "training_rounding", "with_requirements"]
+__all__ = ["check_derivatives", "eval_dtype", "objective_id", "pairs_to_analyze", "probe_settings",
+           "select_metrics", "select_steps", "training_rounding", "with_requirements"]
 
 
 def objective_id(source: ObjectiveSource, recorded: str | None) -> str:
@@ -178,14 +172,14 @@ def _floating(dtype: object) -> bool:
 
 def probe_settings(r: Run, *, points: int, margin: float, device: str, dtype: str | None,
                    chunk_size: int | None, batched: bool | None, sharpness: bool, sharpness_max_iter: int,
-                   reference: int | None, resolve: bool) -> ProbeSettings:
-    """The probe's settings. ``resolve``: a local scheduler resolves ``device`` here, so that a
-    missing GPU fails before any work; a cluster's workers resolve the spec themselves (this
-    machine may have no GPU at all). ``dtype``: see :func:`eval_dtype`."""
+                   reference: int | None) -> ProbeSettings:
+    """The probe's settings. ``device``: a device (a local scheduler's, resolved by the caller so
+    that a missing GPU fails before any work) or the spec a cluster's workers resolve themselves
+    (this machine may have no GPU at all). ``dtype``: see :func:`eval_dtype`."""
     ref_step = _reference_step(r, reference)
     return ProbeSettings(
         alphas=tuple(float(a) for a in alpha_grid(points, margin)),
-        device=resolve_device(device) if resolve else device,
+        device=device,
         dtype=eval_dtype(r, dtype),
         chunk_size=chunk_size,
         batched=batched,
@@ -218,172 +212,6 @@ def pairs_to_analyze(r: Run, steps: str | slice | Iterable[int] | None) -> tuple
 
 
 def check_derivatives(derivatives: str) -> None:
-    """Raise AnalysisError unless ``derivatives`` is one of :data:`~trajscope.probe.pair.DERIVATIVES`."""
+    """Raise AnalysisError unless ``derivatives`` is one of :data:`~trajscope.probe.settings.DERIVATIVES`."""
     if derivatives not in DERIVATIVES:
         raise AnalysisError(f"derivatives={derivatives!r}: expected one of {', '.join(DERIVATIVES)}")
-
-
-def resolve_derivatives(requested: str, settings: ProbeSettings, r: Run, source: ObjectiveSource,
-                        pairs: list[int], local: bool) -> ProbeSettings:
-    """``settings`` with the derivative path of the line probe, decided once for the analysis.
-
-    ``"reverse"`` is taken as asked. ``"auto"`` takes reverse mode for a small analysis, one
-    whose whole line work in reverse mode costs less than forward mode's one-time set-up
-    (:func:`reverse_is_cheaper`). Otherwise one jvp of f at the first readable pair's x_t
-    (:func:`forward_mode_failure`) decides: forward mode works → ``forward``; an op
-    without a forward-mode rule → forward again with ``scaled_dot_product_attention`` held to its
-    math kernel (exact, still batched) → if that works, ``forward`` with ``sdpa_math``; else
-    ``"auto"`` resolves to ``reverse`` and ``"forward"`` raises :class:`ForwardModeError` naming the
-    op. Any other failure of the loss is left to the pairs, which report it per step. The test runs
-    on ``settings.device`` for a ``local`` scheduler, else on the CPU (the driver of a cluster may
-    have no GPU).
-    """
-    if requested == "reverse":
-        return replace(settings, derivatives="reverse", derivatives_reason="requested")
-    trial = settings if local else replace(settings, device="cpu")
-    snap = _first_readable(r, pairs)
-    if requested == "auto" and reverse_is_cheaper(r, source, snap, len(pairs), trial):
-        return replace(settings, derivatives="reverse", derivatives_reason=SMALL_ANALYSIS)
-    what = _forward_failure(r, source, snap, trial)
-    if what is None:
-        return replace(settings, derivatives="forward",
-                       derivatives_reason="requested" if requested == "forward" else "forward-mode AD works")
-    with_math = _forward_failure(r, source, snap, replace(trial, sdpa_math=True))
-    if with_math is None:
-        return replace(settings, derivatives="forward", sdpa_math=True, derivatives_reason=(
-            f"forward-mode AD is not implemented for {what} used by the loss; attention runs on "
-            "scaled_dot_product_attention's math kernel"))
-    what = with_math  # what still fails with attention on its math kernel
-    if requested == "forward":
-        raise ForwardModeError(
-            f"derivatives='forward': {what} used by the loss has no forward-mode AD rule; "
-            "use --derivatives reverse (or auto)", what)
-    return replace(settings, derivatives="reverse",
-                   derivatives_reason=f"forward-mode AD is not implemented for {what} used by the loss")
-
-
-FORWARD_AD_SETUP_S = 0.3
-"""What the first forward-mode AD call in a process costs before any arithmetic, in seconds:
-torch compiles its jvp decompositions (TorchScript) then. ``python -m benchmarks.startup`` measures
-it on the machine at hand (docs/performance.md, "Start-up")."""
-
-REVERSE_FORWARDS = 3.0
-"""One reverse-mode point (f and its gradient) in units of one evaluation of f."""
-
-SMALL_ANALYSIS = "a small analysis: reverse mode costs less than forward-mode AD's one-time set-up"
-"""``derivatives_reason`` of an ``auto`` analysis that :func:`reverse_is_cheaper` sent to reverse mode."""
-
-
-def reverse_is_cheaper(r: Run, source: ObjectiveSource, snap: Snapshot | None, pairs: int,
-                       trial: ProbeSettings) -> bool:
-    """Whether reverse mode does the whole line work of ``pairs`` pairs in less time than forward
-    mode needs before its first jvp.
-
-    Estimate: pairs × α points × :data:`REVERSE_FORWARDS` × the time of one f(x_t; z_t) at ``snap``
-    (the first readable pair's x_t; :func:`replayed_loss` on ``trial``'s device, start-up costs
-    included, so a doubtful case stays in forward mode), against :data:`FORWARD_AD_SETUP_S`.
-    False when this process has already paid the set-up, and when f cannot be evaluated there (the
-    forward-mode trial and the pairs then report why).
-    """
-    if snap is None or "torch._decomp.decompositions_for_jvp" in sys.modules:  # paid: forward mode is free
-        return False
-    try:
-        objective = objective_for(source, r.objective, run=r)
-        start = time.perf_counter()
-        replayed_loss(objective, snap, trial, r.trainable)  # float(): waits for the device
-    except Exception:  # noqa: BLE001 - the pairs report a failing loss in context
-        return False
-    return pairs * len(trial.alphas) * REVERSE_FORWARDS * (time.perf_counter() - start) < FORWARD_AD_SETUP_S
-
-
-def forward_mode_failure(objective: Objective, snap: Snapshot, settings: ProbeSettings,
-                         trainable: list[str] | None = None) -> str | None:
-    """What stops forward mode on this objective, or None when it works: one jvp of f at x_t
-    (tangent x_t itself), evaluated as the line probe evaluates (train mode, BatchNorm replay,
-    replayed RNG, ``settings.sdpa_math``).
-
-    Returns what has no forward-mode rule (see :func:`~trajscope.probe.line.forward_ad_failure`). Any
-    other error propagates: the caller decides whether the pairs should report it.
-    """
-    nxt = replace(snap, step=snap.step + 1)  # f is all that is needed: Δ_t = 0 is fine
-    prep = _prepare(objective, snap, nxt, settings, ref=None, trainable=trainable)
-    try:
-        with (torch.no_grad(), _batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math),
-              _replayed_rng(snap.rng, prep.replay)):
-            jvp(prep.f, (prep.x0,), (prep.x0,))
-    except (NotImplementedError, RuntimeError) as exc:
-        what = forward_ad_failure(exc)
-        if what is None:
-            raise
-        return what
-    return None
-
-
-def _first_readable(r: Run, pairs: list[int]) -> Snapshot | None:
-    """x_t of the first of the first three pairs whose snapshot reads and holds its minibatch
-    (a damaged snapshot costs only its pair); None if there is none."""
-    for t in pairs[:3]:
-        try:
-            snap = r.snapshot(t)
-        except TrajscopeError:
-            continue
-        if snap.batch is not None:
-            return snap
-    return None
-
-
-def _forward_failure(r: Run, source: ObjectiveSource, snap: Snapshot | None, trial: ProbeSettings) -> str | None:
-    """What stops forward mode at ``snap`` (None: it works, or there is no readable snapshot, or
-    the loss fails otherwise; the pairs then report the trouble)."""
-    if snap is None:
-        return None
-    try:
-        return forward_mode_failure(objective_for(source, r.objective, run=r), snap, trial, r.trainable)
-    except Exception:  # noqa: BLE001 - not a forward-mode failure: the pair tasks report it in context
-        return None
-
-
-REPLAY_RTOL = {"float32": 1e-5, "float64": 1e-12}
-"""Relative tolerance of :func:`persisted_objective_change`, per evaluation dtype. The probe
-evaluates ℓ(0) batched (vmap) and the check evaluates f once: in float32 the two reductions differ
-by a few ulps (a few 1e-7 relative with dropout); 1e-5 is ``loss_replay_error``'s own bound."""
-
-
-def replayed_loss(objective: Objective, snap: Snapshot, settings: ProbeSettings,
-                  trainable: list[str] | None = None) -> float:
-    """f(x_t; z_t) evaluated as the line probe evaluates ℓ(0): train mode, BatchNorm replay,
-    replayed RNG, ``settings`` device, dtype and attention kernel."""
-    nxt = replace(snap, step=snap.step + 1)  # f is all that is needed: Δ_t = 0 is fine
-    prep = _prepare(objective, snap, nxt, settings, ref=None, trainable=trainable)
-    with (torch.no_grad(), _batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math),
-          _replayed_rng(snap.rng, prep.replay)):
-        return float(prep.f(prep.x0))
-
-
-def persisted_objective_change(r: Run, source: ObjectiveSource, settings: ProbeSettings, stats: PairStats,
-                               local: bool) -> str | None:
-    """What shows that the objective no longer computes the persisted pair ``stats`` (None: it
-    does, or the pair's snapshot cannot be read to tell).
-
-    The check: f(x_t; z_t) now (:func:`replayed_loss`) must equal the persisted ℓ(0) to
-    :data:`REPLAY_RTOL`. It catches what the objective's digest cannot see, e.g. a changed global
-    constant. It runs on ``settings.device`` for a ``local`` scheduler (where the pairs ran), else
-    on the CPU.
-    """
-    trial = settings if local else replace(settings, device="cpu")
-    try:
-        snap = r.snapshot(stats.step)
-    except TrajscopeError:
-        return None
-    if snap.batch is None or 0.0 not in settings.alphas:
-        return None
-    stored = float(stats.loss_line[settings.alphas.index(0.0)])
-    try:
-        now = replayed_loss(objective_for(source, r.objective, run=r), snap, trial, r.trainable)
-    except Exception as exc:  # noqa: BLE001 - the recomputed pairs report it in context
-        return f"f(x_t; z_t) at step {stats.step} now fails ({type(exc).__name__})"
-    if now == stored or (now != now and stored != stored):  # equal, or both NaN
-        return None
-    if abs(now - stored) <= REPLAY_RTOL.get(settings.dtype, 1e-6) * max(abs(stored), 1e-30):
-        return None
-    return f"f(x_t; z_t) at step {stats.step} is {now:.10g}, the persisted pair has {stored:.10g}"

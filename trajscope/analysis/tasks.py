@@ -40,17 +40,16 @@ from trajscope.analysis.loading import Loaded, SnapshotRef, on_device, resolved
 from trajscope.analysis.persist import later, pair_path, reference_path, save_pair, save_reference
 from trajscope.errors import ObjectiveError, TrajscopeError, one_line
 from trajscope.metrics.pair import PairStats
-from trajscope.objective import Objective, resolve_objective
-from trajscope.probe.pair import ProbeSettings, probe_pair
+from trajscope.objective import Objective, ObjectiveSource, resolve_objective
+from trajscope.probe.pair import probe_pair
 from trajscope.probe.reference_point import ReferencePart, probe_reference, split
+from trajscope.probe.settings import ProbeSettings
 from trajscope.store.run import Run, Snapshot, open_run
 
 if TYPE_CHECKING:
     from trajscope.analysis.execution import Placement
 
-__all__ = ["ObjectiveSource", "objective_for", "pair_task", "reference_task", "window_graph"]
-
-ObjectiveSource = str | Callable[..., Objective] | Objective | None
+__all__ = ["objective_for", "pair_task", "reference_task", "window_graph"]
 
 _local = threading.local()
 _OBJECTIVES_PER_THREAD = 4

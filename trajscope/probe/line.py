@@ -15,7 +15,7 @@ Two derivative paths (``ProbeSettings.derivatives``):
   ℓ'(α) = Σ_n ⟨∇_n f, Δ_n⟩ summed in float64. Works wherever training's backward works.
 
 Both build x_t + αΔ_t the same way (:func:`_on_line`) and run every evaluation under the RNG state
-captured at the step's forward pass (:func:`_replayed_rng`), so they agree to rounding (tested).
+captured at the step's forward pass (:func:`replayed_rng`), so they agree to rounding (tested).
 With ``sdpa_math``, every evaluation runs with ``F.scaled_dot_product_attention`` held to its math
 kernel (:func:`sdpa_math_kernel`), which has forward-mode rules where the fused kernels have none.
 """
@@ -34,7 +34,7 @@ from torch.func import jvp, vmap
 
 from trajscope.errors import AnalysisError, ForwardModeError, ObjectiveError, ProbeWarning, one_line
 
-__all__: list[str] = []  # private to the probe (trajscope.probe.pair)
+__all__: list[str] = []  # the probe's own (trajscope.probe.stages, .line_plan, .trials)
 
 Loss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 """f(x; z_t) of named parameter tensors, a 0-d tensor."""
@@ -43,7 +43,7 @@ Point = Callable[[Loss, dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple
 
 
 @contextlib.contextmanager
-def _replayed_rng(rng: Mapping[str, torch.Tensor], enabled: bool) -> Iterator[None]:
+def replayed_rng(rng: Mapping[str, torch.Tensor], enabled: bool) -> Iterator[None]:
     """Run the block with the RNG state captured at the step's forward pass, then restore."""
     if not enabled or "cpu" not in rng:
         yield
@@ -113,7 +113,7 @@ def _custom_function(exc: BaseException) -> str:
     return name
 
 
-def _forward_mode_error(exc: BaseException, what: str) -> ForwardModeError:
+def forward_mode_error(exc: BaseException, what: str) -> ForwardModeError:
     return ForwardModeError(
         f"forward-mode AD failed: {what} used by the loss has no forward-mode AD rule "
         f"({type(exc).__name__}: {one_line(str(exc).splitlines()[0] if str(exc) else '', 200)}); "
@@ -125,60 +125,60 @@ def _forward_mode_error(exc: BaseException, what: str) -> ForwardModeError:
 def _line(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
           alphas: torch.Tensor, settings: Any, rng: Mapping[str, torch.Tensor],
           replay: bool) -> tuple[np.ndarray, np.ndarray]:
-    """ℓ(α) and ℓ'(α) at every grid point (float64 arrays); see :func:`_line_and_path`."""
-    vals, ders, _ = _line_and_path(f, x0, delta, alphas, settings, rng, replay)
+    """ℓ(α) and ℓ'(α) at every grid point (float64 arrays); see :func:`line_and_path`."""
+    vals, ders, _ = line_and_path(f, x0, delta, alphas, settings, rng, replay)
     return vals, ders
 
 
-def _line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+def line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
                    alphas: torch.Tensor, settings: Any, rng: Mapping[str, torch.Tensor],
                    replay: bool) -> tuple[np.ndarray, np.ndarray, bool]:
     """ℓ(α), ℓ'(α) at every grid point and whether the batched path computed them.
 
     Batched (``settings.batched``): all α points in one ``vmap`` over stacked parameters, in
     chunks (``settings.chunk_size``) that shrink automatically when a chunk raises out-of-memory.
-    Under a memory budget, :func:`trajscope.probe.line_plan.line_and_path` plans the chunk instead.
+    Under a memory budget, :func:`trajscope.probe.line_plan.line_with_plan` plans the chunk instead.
     Point by point when ``settings.batched`` is False, or, with a
     :class:`~trajscope.errors.ProbeWarning` naming the exception, when the batched path fails
     (a module ``vmap`` cannot batch). Both paths build x_t + αΔ_t with the same two roundings and
     run the same jvp, so they give the same numbers (tested). An ObjectiveError (the loss is not
     a scalar) is raised at once: the point loop would only fail the same way.
 
-    ``settings`` is a :class:`~trajscope.probe.pair.ProbeSettings` (``derivatives``, ``batched``,
+    ``settings`` is a :class:`~trajscope.probe.settings.ProbeSettings` (``derivatives``, ``batched``,
     ``chunk_size``, ``device``). With ``derivatives="reverse"`` the points are evaluated one by one
-    by :func:`_reverse_point` (the third result is False). A forward-mode failure raises
+    by :func:`reverse_point` (the third result is False). A forward-mode failure raises
     :class:`~trajscope.errors.ForwardModeError` at once, batched or not.
     """
     if getattr(settings, "derivatives", "forward") == "reverse":
         with torch.no_grad():
-            vals, ders = _line_pointwise(f, x0, delta, alphas, settings.device, rng, replay, _reverse_point)
+            vals, ders = line_pointwise(f, x0, delta, alphas, settings.device, rng, replay, reverse_point)
         return vals, ders, False
-    return _forward_line(f, x0, delta, alphas, settings, rng, replay, settings.batched is not False,
-                         settings.chunk_size)
+    return forward_line(f, x0, delta, alphas, settings, rng, replay, batched=settings.batched is not False,
+                        chunk=settings.chunk_size)
 
 
-def _forward_line(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
-                  alphas: torch.Tensor, settings: Any, rng: Mapping[str, torch.Tensor],
-                  replay: bool, batched: bool, chunk: int | None) -> tuple[np.ndarray, np.ndarray, bool]:
+def forward_line(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+                 alphas: torch.Tensor, settings: Any, rng: Mapping[str, torch.Tensor],
+                 replay: bool, *, batched: bool, chunk: int | None) -> tuple[np.ndarray, np.ndarray, bool]:
     """The forward-mode line: batched in chunks of ``chunk`` points (None: all) when ``batched``,
     falling back to the point loop (with a ProbeWarning) when vmap fails; else point by point."""
     fallback: str | None = None
     with torch.no_grad():
         if batched:
             try:
-                vals, ders = _line_batched(f, x0, delta, alphas, chunk, rng, replay, settings.device)
+                vals, ders = line_batched(f, x0, delta, alphas, chunk, rng, replay, settings.device)
                 return vals, ders, True
             except ObjectiveError:
                 raise
             except Exception as exc:  # noqa: BLE001 - modules vmap cannot batch: the point loop gives the same result
                 fallback = vmap_failure(exc)
         try:
-            vals, ders = _line_pointwise(f, x0, delta, alphas, settings.device, rng, replay, _jvp_point)
+            vals, ders = line_pointwise(f, x0, delta, alphas, settings.device, rng, replay, jvp_point)
         except (NotImplementedError, RuntimeError) as exc:
             what = forward_ad_failure(exc)
             if what is None:
                 raise
-            raise _forward_mode_error(exc, what) from None
+            raise forward_mode_error(exc, what) from None
     if fallback is not None:
         # Warned only once the point loop has succeeded: when it fails too, its error says why.
         warn_fallback(fallback)
@@ -190,7 +190,7 @@ def vmap_failure(exc: Exception) -> str:
     :class:`~trajscope.errors.ForwardModeError` when the point loop would fail the same way."""
     what = forward_ad_failure(exc)
     if what is not None:
-        raise _forward_mode_error(exc, what) from None
+        raise forward_mode_error(exc, what) from None
     # Only the text is kept: the exception's frames would pin the failed chunk's memory.
     return f"{type(exc).__name__}: {one_line(exc, 300)}"
 
@@ -203,14 +203,14 @@ def warn_fallback(reason: str) -> None:
     )
 
 
-def _jvp_point(f: Loss, x: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]
+def jvp_point(f: Loss, x: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(x), ⟨∇f(x), Δ⟩) by one forward-mode pass."""
     out = jvp(f, (x,), (delta,))  # (value, tangent): no aux
     return out[0], out[1]
 
 
-def _reverse_point(f: Loss, x: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]
+def reverse_point(f: Loss, x: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(x), ⟨∇f(x), Δ⟩) by one forward and one backward pass: ⟨∇f, Δ⟩ = Σ_n Σ_i ∂f/∂x_{n,i}·Δ_{n,i},
     summed in float64. A parameter the loss does not use contributes 0."""
@@ -225,15 +225,15 @@ def _reverse_point(f: Loss, x: dict[str, torch.Tensor], delta: dict[str, torch.T
     return v.detach(), d
 
 
-def _line_pointwise(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+def line_pointwise(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
                     alphas: torch.Tensor, device: str, rng: Mapping[str, torch.Tensor],
-                    replay: bool, point: Point = _jvp_point) -> tuple[np.ndarray, np.ndarray]:
-    """ℓ(α), ℓ'(α) by one ``point`` evaluation per grid point (:func:`_jvp_point` or
-    :func:`_reverse_point`), each under the replayed RNG state."""
+                    replay: bool, point: Point = jvp_point) -> tuple[np.ndarray, np.ndarray]:
+    """ℓ(α), ℓ'(α) by one ``point`` evaluation per grid point (:func:`jvp_point` or
+    :func:`reverse_point`), each under the replayed RNG state."""
     vals, ders = [], []
     try:
         for a in alphas:
-            with _replayed_rng(rng, replay):
+            with replayed_rng(rng, replay):
                 v, d = point(f, _on_line(x0, delta, a), delta)
             vals.append(float(v))
             ders.append(float(d))
@@ -306,7 +306,7 @@ def _stack_on_line(x0: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Ten
     return bufs
 
 
-def _line_batched(f: Any, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+def line_batched(f: Any, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
                   alphas: torch.Tensor, chunk: int | None, rng: Mapping[str, torch.Tensor],
                   replay: bool, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """ℓ(α), ℓ'(α) by ``vmap(jvp(f))`` over chunks of α points; raises what vmap raises.
@@ -319,7 +319,7 @@ def _line_batched(f: Any, x0: dict[str, torch.Tensor], delta: dict[str, torch.Te
     # x_t + αΔ_t per op, and the tangent Δ_t stays unbatched, so Δ_t·h products become one large
     # matmul over k·batch rows. randomness="same": one dropout mask for all α, drawn from the
     # replayed state, which is the mask the unbatched evaluation at that state would draw.
-    batched = vmap(lambda p: _jvp_point(f, p, delta), randomness="same" if replay else "error")
+    batched = vmap(lambda p: jvp_point(f, p, delta), randomness="same" if replay else "error")
     n = len(alphas)
     key = (device, sum(t.numel() for t in x0.values()))
     size = min(n, max(1, chunk) if chunk else n, _CHUNK_HINTS.get(key, n))
@@ -331,7 +331,7 @@ def _line_batched(f: Any, x0: dict[str, torch.Tensor], delta: dict[str, torch.Te
         stacked: dict[str, torch.Tensor] | None = None
         oom = False
         try:
-            with _replayed_rng(rng, replay):
+            with replayed_rng(rng, replay):
                 stacked = _stack_on_line(x0, delta, a)
                 v, d = batched(stacked)
         except Exception as exc:

@@ -39,18 +39,18 @@ from trajscope.errors import ObjectiveError
 from trajscope.probe import memory
 from trajscope.probe.line import (
     Loss,
-    _forward_line,
-    _forward_mode_error,
-    _jvp_point,
-    _line_and_path,
-    _line_batched,
-    _line_pointwise,
     forward_ad_failure,
+    forward_line,
+    forward_mode_error,
+    jvp_point,
+    line_and_path,
+    line_batched,
+    line_pointwise,
     vmap_failure,
     warn_fallback,
 )
 
-__all__ = ["LinePlan", "line_and_path", "planned_line"]
+__all__ = ["LinePlan", "line_with_plan", "planned_line"]
 
 CALIBRATION_POINTS = 6
 """α points of each of the calibration's two batched chunks: enough for vmap's saving per call to
@@ -114,16 +114,16 @@ def _key(settings: Any, x0: Mapping[str, torch.Tensor], n: int) -> tuple[Any, ..
             settings.max_memory, numel, n)
 
 
-def line_and_path(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+def line_with_plan(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
                   alphas: torch.Tensor, settings: Any, rng: Mapping[str, torch.Tensor],
                   replay: bool) -> tuple[np.ndarray, np.ndarray, bool, LinePlan | None]:
     """:func:`planned_line` for forward mode under a budget (``settings.max_memory`` set, no
-    ``chunk_size``, ``batched`` not False); :func:`trajscope.probe.line._line_and_path` otherwise
+    ``chunk_size``, ``batched`` not False); :func:`trajscope.probe.line.line_and_path` otherwise
     (no plan)."""
     if (settings.derivatives == "forward" and settings.max_memory is not None and settings.chunk_size is None
             and settings.batched is not False):
         return planned_line(f, x0, delta, alphas, settings, rng, replay)
-    return (*_line_and_path(f, x0, delta, alphas, settings, rng, replay), None)
+    return (*line_and_path(f, x0, delta, alphas, settings, rng, replay), None)
 
 
 def planned_line(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
@@ -134,22 +134,22 @@ def planned_line(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Te
     key = _key(settings, x0, len(alphas))
     plan = _PLANS.get(key)
     if plan is not None:
-        vals, ders, batched = _forward_line(f, x0, delta, alphas, settings, rng, replay,
-                                            plan.mode == "batched", plan.chunk)
+        vals, ders, batched = forward_line(f, x0, delta, alphas, settings, rng, replay,
+                                           batched=plan.mode == "batched", chunk=plan.chunk)
         return vals, ders, batched, plan
     with torch.no_grad():
         try:
             vals, ders, plan = _calibrate(f, x0, delta, alphas, settings, rng, replay)
-        except (NotImplementedError, RuntimeError) as exc:  # as the point loop of _forward_line reports it
+        except (NotImplementedError, RuntimeError) as exc:  # as the point loop of forward_line reports it
             what = forward_ad_failure(exc)
             if what is None:
                 raise
-            raise _forward_mode_error(exc, what) from None
+            raise forward_mode_error(exc, what) from None
     _PLANS[key] = plan
     i = len(vals)
     if i < len(alphas):
-        rest_v, rest_d, _ = _forward_line(f, x0, delta, alphas[i:], settings, rng, replay,
-                                          plan.mode == "batched", plan.chunk)
+        rest_v, rest_d, _ = forward_line(f, x0, delta, alphas[i:], settings, rng, replay,
+                                         batched=plan.mode == "batched", chunk=plan.chunk)
         vals, ders = np.concatenate([vals, rest_v]), np.concatenate([ders, rest_d])
     return vals, ders, plan.mode == "batched", plan
 
@@ -164,7 +164,7 @@ def _calibrate(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tens
     budget = settings.max_memory or memory.default_budget(device)
     param_bytes = sum(t.numel() * t.element_size() for t in x0.values())
     with memory.PeakMeter(device) as m0:
-        v, d = _line_pointwise(f, x0, delta, alphas[:1], device, rng, replay, _jvp_point)
+        v, d = line_pointwise(f, x0, delta, alphas[:1], device, rng, replay, jvp_point)
     # Without a way to measure (m0.peak == 0), one point holds at least its parameters.
     point_bytes = max(m0.peak, param_bytes)
     fit = memory.plan_chunk(budget, point_bytes, n)
@@ -178,18 +178,18 @@ def _calibrate(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tens
     if k < 2 or point_bytes > LARGE_POINT:
         return v, d, LinePlan("pointwise", fit, point_bytes, budget)
     with memory.PeakMeter(device, memory=False) as m1:
-        v, d = _line_pointwise(f, x0, delta, alphas[1:2], device, rng, replay, _jvp_point)
+        v, d = line_pointwise(f, x0, delta, alphas[1:2], device, rng, replay, jvp_point)
     vals.append(v)
     ders.append(d)
     try:
         # The first chunk measures memory and writes the chunk's fresh buffers; the second, of the
         # same shape, is timed as every later chunk runs: into reused memory.
         with memory.PeakMeter(device) as mb:
-            v, d = _line_batched(f, x0, delta, alphas[2 : 2 + k], k, rng, replay, device)
+            v, d = line_batched(f, x0, delta, alphas[2 : 2 + k], k, rng, replay, device)
         vals.append(v)
         ders.append(d)
         with memory.PeakMeter(device, memory=False) as mt:
-            v, d = _line_batched(f, x0, delta, alphas[2 + k : 2 + 2 * k], k, rng, replay, device)
+            v, d = line_batched(f, x0, delta, alphas[2 + k : 2 + 2 * k], k, rng, replay, device)
     except ObjectiveError:
         raise
     except Exception as exc:  # noqa: BLE001 - modules vmap cannot batch: the point loop gives the same result

@@ -1,6 +1,6 @@
 """Memory budget of the line evaluation: sizes, available memory, one point's cost, the chunk plan.
 
-The batched line evaluation (:func:`trajscope.probe.line._line_batched`) holds the activations of every
+The batched line evaluation (:func:`trajscope.probe.line.line_batched`) holds the activations of every
 α point of a chunk at once, so its memory grows with the chunk. A CPU allocation that fails is a
 kill by the kernel, not an exception, so the chunk is planned before the first batched call
 instead of shrunk after a failure:

@@ -27,8 +27,9 @@ import torch
 from trajscope.errors import TrajscopeError
 from trajscope.metrics.pair import TERMS, VECTORS, PairStats
 from trajscope.objective import Objective
-from trajscope.probe.line import _replayed_rng, sdpa_math_kernel
-from trajscope.probe.pair import ProbeSettings, _batchnorm_replay, _grad, _prepare
+from trajscope.probe.line import replayed_rng, sdpa_math_kernel
+from trajscope.probe.settings import ProbeSettings
+from trajscope.probe.stages import batchnorm_replay, grad, prepare
 from trajscope.probe.vectors import layer_terms
 from trajscope.store.run import Snapshot, Storage
 
@@ -114,7 +115,7 @@ def probe_reference(objective: Objective, snap: Snapshot, ref: Snapshot, setting
                     trainable: list[str] | None = None) -> ReferencePart:
     """f(x*; z_t) and ⟨G0, x_t − x*⟩ per layer for the pair starting at ``snap`` (x_t, z_t),
     x* = ``ref``: the reference part alone, evaluated as :func:`trajscope.probe.pair.probe_pair`
-    evaluates it (the same f from ``_prepare``, training's mode, BatchNorm without running-stat
+    evaluates it (the same f from ``prepare``, training's mode, BatchNorm without running-stat
     writes, the step's replayed RNG state, ``settings.sdpa_math``; the inner products summed in
     float64 by the same reduction).
 
@@ -125,12 +126,12 @@ def probe_reference(objective: Objective, snap: Snapshot, ref: Snapshot, setting
         ObjectiveError: the recorded tensors do not fit the objective's model.
     """
     same = dataclasses.replace(snap, step=snap.step + 1)  # f alone is needed: Δ_t = 0 is fine
-    prep = _prepare(objective, snap, same, settings, ref=ref, trainable=trainable)
-    with _batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math):
-        with _replayed_rng(snap.rng, prep.replay):
-            G0 = _grad(prep.f, prep.x0)
+    prep = prepare(objective, snap, same, settings, ref=ref, trainable=trainable)
+    with batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math):
+        with replayed_rng(snap.rng, prep.replay):
+            G0 = grad(prep.f, prep.x0)
         xref = prep.on_device(ref.params)
-        with torch.no_grad(), _replayed_rng(snap.rng, prep.replay):
+        with torch.no_grad(), replayed_rng(snap.rng, prep.replay):
             loss_ref = float(prep.f(xref))
     vec: dict[str, dict[str, torch.Tensor | None]] = {k: dict.fromkeys(prep.names) for k in VECTORS}
     vec["delta"].update(prep.delta)

@@ -25,7 +25,7 @@ from trajscope.metrics.pair import TERMS, VECTORS
 from trajscope.store.snapshot import Snapshot
 
 if TYPE_CHECKING:
-    from trajscope.probe.pair import _Evaluation, _Prepared
+    from trajscope.probe.stages import Evaluation, Prepared
 
 __all__ = ["REPLAY_TERMS", "consumed_gradient", "layer_terms", "pair_vectors"]
 
@@ -74,14 +74,14 @@ def layer_terms(vec: Mapping[str, Mapping[str, torch.Tensor | None]], names: Seq
     return {f"{a}.{b}": values[:, i].copy() for i, (a, b) in enumerate(TERMS)}
 
 
-def _stored(prep: _Prepared, s: Snapshot, n: str) -> torch.Tensor:
+def _stored(prep: Prepared, s: Snapshot, n: str) -> torch.Tensor:
     """The stored gradient of parameter ``n`` at ``s`` on the evaluation device and dtype; zero
     when the parameter had none (unused in the step)."""
     g = s.grads.get(n)
     return g.to(device=prep.device, dtype=prep.dtype) if g is not None else torch.zeros_like(prep.x0[n])
 
 
-def consumed_gradient(prep: _Prepared, ev: _Evaluation, snap: Snapshot) -> dict[str, torch.Tensor | None]:
+def consumed_gradient(prep: Prepared, ev: Evaluation, snap: Snapshot) -> dict[str, torch.Tensor | None]:
     """g_t per coordinate, the gradient the optimizer consumed.
 
     Stored (``grads=True``): the recorded gradient, zero for a parameter without one. Not stored
@@ -99,7 +99,7 @@ def consumed_gradient(prep: _Prepared, ev: _Evaluation, snap: Snapshot) -> dict[
     return {n: c * ev.G0[n] if n in had else torch.zeros_like(prep.x0[n]) for n in prep.names}
 
 
-def pair_vectors(prep: _Prepared, ev: _Evaluation, snap: Snapshot, nxt: Snapshot, *,
+def pair_vectors(prep: Prepared, ev: Evaluation, snap: Snapshot, nxt: Snapshot, *,
                  prev: Snapshot | None, init: Snapshot | None) -> Vectors:
     """The :data:`VECTORS` of the pair (``snap``, ``nxt``), name → parameter → tensor (None where
     a vector is unavailable).
