@@ -87,11 +87,13 @@ def test_each_snapshot_is_read_once(run_dir: Path, monkeypatch: pytest.MonkeyPat
 def test_graph_keys_are_deterministic_and_shared(run_dir: Path) -> None:
     r = trajscope.open_run(run_dir)
     from trajscope.analysis.execution import Placement
+    from trajscope.analysis.job import Job
     from trajscope.probe import ProbeSettings
 
+    job = Job(r, None, "k", ProbeSettings(), "cpu", "dig", None, run_token="tok")
+
     def keys(window: list[int]) -> set:
-        graph_tasks = tasks.window_graph(r, window, set(r.steps), 0, "tok", None, "k", ProbeSettings(),
-                                         Placement(), "dig", None)
+        graph_tasks = tasks.window_graph(job, Placement(), window)
         graph = dict(tasks.dask.delayed(graph_tasks).__dask_graph__())
         return {k for k in graph if isinstance(k, tuple)}
 
@@ -239,15 +241,17 @@ def test_process_pool_pair_tasks_get_file_references_without_load_tasks(
     import pickle
 
     from trajscope.analysis.execution import Placement
+    from trajscope.analysis.job import Job
     from trajscope.probe import ProbeSettings
 
     r = trajscope.open_run(run_dir)
     steps = [1, 2, 3]
     settings = ProbeSettings(alphas=(0.0, 1.0))
 
+    job = Job(r, "problems:make_mlp", "key", settings, "cpu", "dig", None, run_token="tok")
+
     def graph_keys(by_path: bool) -> set[str]:
-        graph_tasks = tasks.window_graph(r, steps, set(r.steps), 0, "tok", "problems:make_mlp",
-                                         "key", settings, Placement(by_path=by_path), "dig", None)
+        graph_tasks = tasks.window_graph(job, Placement(by_path=by_path), steps)
         return {k[0] if isinstance(k, tuple) else k for t in graph_tasks for k in dict(t.dask)}
 
     assert {k for k in graph_keys(False) if k.startswith("load-")}  # in-process: load tasks

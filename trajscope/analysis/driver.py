@@ -27,7 +27,7 @@ import sys
 import uuid
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,7 @@ from trajscope.analysis.execution import (
     resolve_device,
     usable_cores,
 )
+from trajscope.analysis.job import Job
 from trajscope.analysis.outputs import analysis_dir, create_analysis_dir
 from trajscope.analysis.persist import (
     VERSION,
@@ -212,30 +213,6 @@ def _warn_replay(ds: xr.Dataset) -> None:
         warnings.warn(unrecorded, TrajscopeWarning, stacklevel=3)
 
 
-@dataclass(frozen=True)
-class _Job:
-    """What every pair of one analysis shares."""
-
-    run: Run
-    objective: ObjectiveSource
-    objective_id: str
-    settings: ProbeSettings
-    device: str
-    """The ``device=`` spec, resolved per worker."""
-    digest: str
-    """Tags persisted pairs (their reference parts aside): see :func:`persist.settings_digest`."""
-    pairs_dir: Path | None
-    """Where pairs are persisted (None: nothing is written)."""
-    local: bool = True
-    """The scheduler runs on this machine (the driver may check on ``settings.device``)."""
-    ref_digest: str | None = None
-    """Tags persisted reference parts (:func:`persist.reference_digest`); None: none are kept (no
-    reference point, nothing written, or x* unreadable)."""
-    key: str = ""
-    """Names the tasks: ``digest`` with the reference point (two analyses of one run on one
-    cluster with other reference points never share a task)."""
-
-
 def _destination(r: Run, out: str | Path | None, write: bool) -> Path | None:
     """The analysis directory (``out`` or ``RUN/analysis``, checked writable:
     :func:`trajscope.analysis.outputs.analysis_dir`); None when nothing is written."""
@@ -247,7 +224,7 @@ def _destination(r: Run, out: str | Path | None, write: bool) -> Path | None:
 
 
 def _job(r: Run, objective: ObjectiveSource, name: str, settings: ProbeSettings, device: str, code: str,
-         where: Path | None, local: bool) -> _Job:
+         where: Path | None, local: bool) -> Job:
     """What every pair shares; creates the analysis directory ``where`` and its ``pairs/`` (real
     directories only: nothing is written through a symlink), unless it is None.
 
@@ -263,8 +240,9 @@ def _job(r: Run, objective: ObjectiveSource, name: str, settings: ProbeSettings,
     identity = snapshot_identity(r.storage, ref_step) if where is not None and ref_step is not None else None
     ref_digest = reference_digest(digest, ref_step, identity) if identity is not None else None
     key = ref_digest or reference_digest(digest, ref_step, "")
-    return _Job(r, objective, name, settings, device, digest,
-                where / fmt.PAIRS_DIR if where is not None else None, local, ref_digest, key)
+    run_token = hashlib.sha256(str(r.path.resolve()).encode()).hexdigest()[:10]
+    return Job(r, objective, name, settings, device, digest, where / fmt.PAIRS_DIR if where is not None else None,
+               local, ref_digest, key, run_token)
 
 
 def _check_arguments(dtype: str | None, scheduler: Any, device: str, chunk_size: int | None,
@@ -309,7 +287,7 @@ def _resolve_objective(r: Run, objective: ObjectiveSource, settings: ProbeSettin
     return r, resolve_derivatives(derivatives, settings, r, obj, pairs, local), objective_digest(obj)
 
 
-def _compute_pairs(job: _Job, pairs: list[int], lost: dict[int, str], scheduler: Any, workers: int | None,
+def _compute_pairs(job: Job, pairs: list[int], lost: dict[int, str], scheduler: Any, workers: int | None,
                    force: bool, progress: bool | None) -> tuple[PairTable, dict[int, str]]:
     """Every pair's PairStats, persisted ones reused (unless ``force``), and the skipped pairs
     (start step → why): damaged or missing snapshots cost only their pairs. A pair persisted but
@@ -335,7 +313,7 @@ def _compute_pairs(job: _Job, pairs: list[int], lost: dict[int, str], scheduler:
     return done, skipped
 
 
-def _unchanged(job: _Job, done: PairTable, pairs: list[int]) -> PairTable:
+def _unchanged(job: Job, done: PairTable, pairs: list[int]) -> PairTable:
     """``done``, unless the objective no longer computes its first pair's ℓ(0) (a change its digest
     cannot see, e.g. a global constant): then an empty table, and one warning naming the change."""
     first = next((t for t in pairs if t in done), None)
@@ -361,26 +339,16 @@ def _finished(r: Run, ordered: list[PairStats], skipped: dict[int, str]) -> list
     return ordered
 
 
-def _run_pairs(backend: Backend, job: _Job, todo: list[int], ref_only: set[int], done: PairTable,
+def _run_pairs(backend: Backend, job: Job, todo: list[int], ref_only: set[int], done: PairTable,
                skipped: dict[int, str], on_pair: Callable[[], None]) -> None:
     """Probe the ``todo`` pairs on ``backend`` in windows, two windows in flight at a time; of
     those in ``ref_only`` compute the reference part alone."""
-    r, settings = job.run, job.settings
-    # A shipped function or Objective has no stable identity in a worker; name it once here.
-    objective_key = (job.objective if isinstance(job.objective, str)
-                     else r.objective if job.objective is None
-                     else f"{job.objective_id}#{uuid.uuid4().hex}")
-    placement = backend.placement(job.device, pin=PIN_MEMORY and settings.device.startswith("cuda"))
-    run_token = hashlib.sha256(str(r.path.resolve()).encode()).hexdigest()[:10]
-    have = set(r.steps)
-    init_step = r.steps[0] if r.steps and r.steps[0] == 0 else None
+    placement = backend.placement(job.device, pin=PIN_MEMORY and job.settings.device.startswith("cuda"))
     size = (SERIAL_WINDOW if backend.name == "synchronous"
             else max(MIN_WINDOW, PAIRS_PER_WORKER * backend.workers))
     in_flight: collections.deque[Callable[[], list[Any]]] = collections.deque()
     for i in range(0, len(todo), size):
-        tasks = window_graph(r, todo[i : i + size], have, init_step, run_token, job.objective,
-                             objective_key, settings, placement, job.digest, job.pairs_dir, todo[0],
-                             ref_only=ref_only, ref_digest=job.ref_digest, key=job.key)
+        tasks = window_graph(job, placement, todo[i : i + size], strict_step=todo[0], ref_only=ref_only)
         in_flight.append(backend.submit(tasks, on_pair))
         if len(in_flight) == 2:
             _collect(in_flight.popleft()(), done, skipped)

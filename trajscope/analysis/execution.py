@@ -225,7 +225,9 @@ def _warm_up() -> int:
     import torch
     from torch.func import functional_call, jvp, vmap
 
-    import trajscope.analysis.tasks  # noqa: F401  (the pair task: snapshots, the probe, persistence)
+    # What a pair task runs: the probe and persistence (and, through the package, the task module).
+    import trajscope.analysis.persist
+    import trajscope.probe.pair  # noqa: F401
 
     lin = torch.nn.Linear(2, 1)
     p = {n: t.detach() for n, t in lin.named_parameters()}

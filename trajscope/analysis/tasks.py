@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import dask
 import torch
 
-from trajscope import runformat as fmt
 from trajscope.analysis import health
+from trajscope.analysis.job import Job, PairJob
 from trajscope.analysis.loading import Loaded, SnapshotRef, on_device, resolved
 from trajscope.analysis.persist import later, pair_path, reference_path, save_pair, save_reference
 from trajscope.errors import ObjectiveError, TrajscopeError, one_line
@@ -103,17 +103,13 @@ def load_task(ref: SnapshotRef, pin: bool = False) -> Loaded:
     return ref.resolve(pin=pin)
 
 
-def pair_task(snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loaded, prev: SnapshotRef | Loaded | None,
-              init: SnapshotRef | Loaded | None, source: ObjectiveSource, recorded: str | None,
-              settings: ProbeSettings, trainable: list[str], out: str | None, digest: str,
-              ref: SnapshotRef | Loaded | None = None, placement: Placement | None = None,
-              objective_key: str | None = None, run_path: str | None = None,
-              strict: bool = False, ref_digest: str | None = None) -> PairStats | health.SkippedPair:
-    """Probe the pair (x_t, x_{t+1}) = (``snap``, ``nxt``) and persist its PairStats to ``out``:
-    the reference part (:mod:`trajscope.probe.reference_point`) apart, next to it, tagged ``ref_digest``
-    (None: not persisted), the rest tagged ``digest``.
-
-    ``run_path`` is the run a factory that takes the run is called with (opened in this process).
+def pair_task(job: PairJob, snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loaded,
+              prev: SnapshotRef | Loaded | None, init: SnapshotRef | Loaded | None,
+              ref: SnapshotRef | Loaded | None = None, *, out: str | None,
+              strict: bool = False) -> PairStats | health.SkippedPair:
+    """Probe the pair (x_t, x_{t+1}) = (``snap``, ``nxt``) as ``job`` says and persist its
+    PairStats to ``out``: the reference part (:mod:`trajscope.probe.reference_point`) apart, next to
+    it, tagged ``job.ref_digest`` (None: not persisted), the rest tagged ``job.digest``.
 
     ``prev`` (x_{t−1}), ``init`` (x_0) and ``ref`` (x*) are optional neighbours. A damaged
     snapshot skips only this pair (or, as a neighbour, only the terms that need it). So does an
@@ -121,8 +117,9 @@ def pair_task(snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loaded, prev: Snaps
     the first pair of an analysis is strict, so that a broken objective stops the analysis with
     its :class:`ObjectiveError` instead of skipping every pair.
     """
-    (x_t, x_next, x_prev, x_0, x_ref), settings = _placed((snap, nxt, prev, init, ref), placement, settings)
-    objective = objective_for(source, recorded, objective_key, run_path)
+    (x_t, x_next, x_prev, x_0, x_ref), settings = _placed((snap, nxt, prev, init, ref), job.placement, job.settings)
+    objective = objective_for(job.source, job.recorded, job.objective_key, job.run_path)
+    trainable = job.trainable
     skip = health.skip_reason(x_t, x_next, objective.model)
     if skip is not None:
         return skip
@@ -134,25 +131,23 @@ def pair_task(snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loaded, prev: Snaps
     if out is not None and isinstance(stats, PairStats):
         rest, part = split(stats, settings.reference_step)
         pairs_dir = Path(out).parent
-        later(pairs_dir, save_pair, Path(out), rest, digest)
-        if part is not None and ref_digest is not None:
-            later(pairs_dir, save_reference, reference_path(pairs_dir, part.step), part, ref_digest)
+        later(pairs_dir, save_pair, Path(out), rest, job.digest)
+        if part is not None and job.ref_digest is not None:
+            later(pairs_dir, save_reference, reference_path(pairs_dir, part.step), part, job.ref_digest)
     return stats
 
 
-def reference_task(snap: SnapshotRef | Loaded, ref: SnapshotRef | Loaded, source: ObjectiveSource,
-                   recorded: str | None, settings: ProbeSettings, trainable: list[str], out: str | None,
-                   ref_digest: str | None, placement: Placement | None = None,
-                   objective_key: str | None = None, run_path: str | None = None,
+def reference_task(job: PairJob, snap: SnapshotRef | Loaded, ref: SnapshotRef | Loaded, *, out: str | None,
                    strict: bool = False) -> ReferencePart | health.SkippedPair:
     """Compute the reference part of the pair starting at ``snap`` (x_t), x* = ``ref``, for a
-    pair whose other results are persisted, and persist it to ``out`` tagged ``ref_digest``.
+    pair whose other results are persisted, and persist it to ``out`` tagged ``job.ref_digest``.
 
     A damaged x_t skips the pair, as :func:`pair_task` would; a damaged x* gives the NaN part,
     not persisted. A loss that raises skips the pair unless ``strict`` (see :func:`pair_task`).
     """
-    (x_t, x_ref), settings = _placed((snap, ref), placement, settings)
-    objective = objective_for(source, recorded, objective_key, run_path)
+    (x_t, x_ref), settings = _placed((snap, ref), job.placement, job.settings)
+    objective = objective_for(job.source, job.recorded, job.objective_key, job.run_path)
+    trainable = job.trainable
     why = health.snapshot_problem(x_t, objective.model)
     if why is None and isinstance(x_t, Snapshot) and x_t.batch is None:
         why = f"step {x_t.step}: snapshot holds no minibatch"
@@ -164,8 +159,8 @@ def reference_task(snap: SnapshotRef | Loaded, ref: SnapshotRef | Loaded, source
         return ReferencePart.absent(x_t.step, settings.reference_step, tuple(trainable))
     part = _probe(objective, x_t.step, strict,
                   lambda obj: probe_reference(obj, x_t, ref_ok, settings, trainable=trainable))
-    if out is not None and ref_digest is not None and isinstance(part, ReferencePart):
-        later(Path(out).parent, save_reference, Path(out), part, ref_digest)
+    if out is not None and job.ref_digest is not None and isinstance(part, ReferencePart):
+        later(Path(out).parent, save_reference, Path(out), part, job.ref_digest)
     return part
 
 
@@ -231,22 +226,19 @@ def _marking(loss: Callable[..., Any]) -> Callable[..., Any]:
     return marked
 
 
-def window_graph(r: Run, window: list[int], have: set[int], init_step: int | None, run_token: str,
-                 objective: ObjectiveSource, objective_key: str | None, settings: ProbeSettings,
-                 placement: Placement, digest: str, pairs_dir: Path | None,
-                 strict_step: int | None = None, *, ref_only: Collection[int] = (),
-                 ref_digest: str | None = None, key: str | None = None) -> list[Any]:
-    """The delayed tasks of one window, over the references to the snapshots they read (wrapped
-    in load tasks shared by adjacent pairs, except in a local process pool): a pair task per pair,
-    or for a pair of ``ref_only`` (persisted but for its reference part) a reference task.
+def window_graph(job: Job, placement: Placement, window: list[int], *, strict_step: int | None = None,
+                 ref_only: Collection[int] = ()) -> list[Any]:
+    """The delayed tasks of one window of ``job``, over the references to the snapshots they read
+    (wrapped in load tasks shared by adjacent pairs, except where ``placement`` resolves them in
+    the task itself: a local process pool): a pair task per pair, or for a pair of ``ref_only``
+    (persisted but for its reference part) a reference task.
 
-    Pairs persist to ``pairs_dir`` tagged ``digest``, reference parts tagged ``ref_digest``;
-    ``key`` (default ``digest``) names the tasks, and must change with the reference point. The
-    task starting at ``strict_step`` (the first of the analysis) fails the analysis when the
-    objective's loss raises; the others are skipped (see :func:`pair_task`)."""
-    storage = r.storage
+    Every task is handed ``job.for_tasks(placement)``. Pairs persist to ``job.pairs_dir``; the
+    tasks are named by ``job.task_key``, which changes with the reference point. The task starting
+    at ``strict_step`` (the first of the analysis) fails the analysis when the objective's loss
+    raises; the others are skipped (see :func:`pair_task`)."""
+    storage, run_token, key, pairs_dir = job.run.storage, job.run_token, job.task_key, job.pairs_dir
     loads: dict[int, Any] = {}
-    key = digest if key is None else key
 
     def load(step: int) -> Any:
         if step not in loads:
@@ -265,18 +257,13 @@ def window_graph(r: Run, window: list[int], have: set[int], init_step: int | Non
             return ref
         return dask.delayed(load_task, pure=True)(ref, dask_key_name=(f"params-{run_token}", step))
 
-    init = params_of(init_step)
-    ref = params_of(settings.reference_step)
-    # The arguments every task shares are bound once: dask walks the arguments of each delayed
-    # call looking for collections, and these (settings, names, placement) would be walked anew
-    # for every pair. Naming the function also spares tokenizing it.
-    shared: dict[str, Any] = {
-        "source": objective, "recorded": r.objective, "settings": settings, "trainable": r.trainable,
-        "ref_digest": ref_digest, "placement": placement, "objective_key": objective_key,
-        "run_path": str(r.path)}
-    probe = dask.delayed(functools.partial(pair_task, digest=digest, **shared), pure=True,
-                         name=f"pair-task-{key}")
-    probe_ref = dask.delayed(functools.partial(reference_task, **shared), pure=True,
+    init = params_of(job.init_step)
+    ref = params_of(job.settings.reference_step)
+    # The job is bound once per window: dask walks the arguments of each delayed call looking for
+    # collections, and would walk it anew for every pair. Naming the function spares tokenizing it.
+    tasks_job = job.for_tasks(placement)
+    probe = dask.delayed(functools.partial(pair_task, tasks_job), pure=True, name=f"pair-task-{key}")
+    probe_ref = dask.delayed(functools.partial(reference_task, tasks_job), pure=True,
                              name=f"pair-ref-task-{key}")
     tasks = []
     for t in window:
@@ -285,8 +272,8 @@ def window_graph(r: Run, window: list[int], have: set[int], init_step: int | Non
             tasks.append(probe_ref(load(t), ref, out=out, strict=t == strict_step,
                                    dask_key_name=(f"pair-ref-{key}-{run_token}", t)))
             continue
-        prev = load(t - 1) if (t - 1) in have and r.kind(t - 1) == fmt.KIND_STEP else None
+        prev = job.previous(t)
         out = str(pair_path(pairs_dir, t)) if pairs_dir is not None else None
-        tasks.append(probe(load(t), load(t + 1), prev, init, out=out, ref=ref, strict=t == strict_step,
-                           dask_key_name=(f"pair-{key}-{run_token}", t)))
+        tasks.append(probe(load(t), load(t + 1), load(prev) if prev is not None else None, init, ref,
+                           out=out, strict=t == strict_step, dask_key_name=(f"pair-{key}-{run_token}", t)))
     return tasks
