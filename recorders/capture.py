@@ -12,21 +12,23 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
 from trajscope import runformat as fmt
 from trajscope.errors import RecorderError
 from trajscope.recorders.hooks import grad_hooks
-from trajscope.recorders.manifest import jsonable
 from trajscope.recorders.storage import dtype_name
 
 if TYPE_CHECKING:
-    from trajscope.recorders.recorder import Recorder
+    from trajscope.recorders.schedule import Schedule
 
 __all__ = [
+    "Recording",
+    "jsonable",
     "ParamIndex",
     "ForwardState",
     "StepCapture",
@@ -44,6 +46,56 @@ __all__ = [
     "step_entries",
     "PreclipNorms",
 ]
+
+
+class Recording(Protocol):
+    """What the snapshot entries (:func:`step_entries`) and the manifest
+    (:func:`trajscope.recorders.manifest.build_manifest`) read of a
+    :class:`~trajscope.recorders.Recorder`: its settings and where it stands."""
+
+    @property
+    def model(self) -> torch.nn.Module: ...
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def objective(self) -> str | None: ...
+    @property
+    def schedule(self) -> Schedule: ...
+    @property
+    def accumulation(self) -> int: ...
+    @property
+    def accumulation_reduction(self) -> str: ...
+    @property
+    def batch_fn(self) -> str | None: ...
+    @property
+    def optimizer_state(self) -> bool: ...
+    @property
+    def grads(self) -> bool: ...
+    @property
+    def grad_scaler(self) -> Any: ...
+    @property
+    def world_size(self) -> int: ...
+    @property
+    def step(self) -> int: ...
+    @property
+    def metadata(self) -> dict[str, Any]: ...
+
+
+def jsonable(value: Any) -> Any:
+    """Optimizer hyperparameters and state as JSON (tensors to numbers, tuples to lists, rest as repr)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    return repr(value)
 
 Entries = list[tuple[str, torch.Tensor]]
 """Snapshot entries: (tensor key, tensor) in the order they are stored."""
@@ -335,7 +387,7 @@ def optimizer_state_entries(optimizer: torch.optim.Optimizer, trainable: list[tu
     return out
 
 
-def step_entries(rec: Recorder, step: int, micro: list[dict[str, Any]], meta: dict[str, Any], *,
+def step_entries(rec: Recording, step: int, micro: list[dict[str, Any]], meta: dict[str, Any], *,
                  trainable: list[tuple[str, torch.nn.Parameter]], preclip: PreclipNorms,
                  forward: StepCapture) -> Entries:
     """A recorded step's entries besides x_t, in the order they are stored, and their fields of

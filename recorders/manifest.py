@@ -1,4 +1,4 @@
-"""The run's manifest (``trajscope.json``) as the recorder writes it, and the JSON helpers it needs.
+"""The run's manifest (``trajscope.json``) as the recorder writes it.
 
 The manifest describes the whole run: where the objective lives, the schedule, the parameters and
 buffers with their shapes and dtypes, the optimizer's hyperparameters, and the run's status. The
@@ -7,13 +7,12 @@ recorder rewrites it at start, when recording fails, and at close.
 
 from __future__ import annotations
 
-import math
 import platform
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import safetensors
@@ -22,13 +21,10 @@ import torch
 from trajscope import runformat as fmt
 from trajscope._version import VERSION
 from trajscope.errors import RecorderError
+from trajscope.recorders.capture import ParamIndex, Recording, jsonable
 from trajscope.recorders.storage import dtype_name
 
-if TYPE_CHECKING:
-    from trajscope.recorders.capture import ParamIndex
-    from trajscope.recorders.recorder import Recorder
-
-__all__ = ["objective_name", "jsonable", "library_versions", "build_manifest"]
+__all__ = ["objective_name", "library_versions", "build_manifest"]
 
 
 def objective_name(objective: str | Callable[..., Any] | None, what: str = "objective") -> str | None:
@@ -61,21 +57,6 @@ def objective_name(objective: str | Callable[..., Any] | None, what: str = "obje
     raise RecorderError(f"{what}={objective!r}: expected 'module:function' or a function")
 
 
-def jsonable(value: Any) -> Any:
-    """Optimizer hyperparameters as JSON (tensors to numbers, tuples to lists, rest as repr)."""
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, (bool, int, str)) or value is None:
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    return repr(value)
-
-
 def library_versions(storage: str) -> dict[str, str]:
     """Versions of the libraries that wrote the run (h5py and HDF5 only for an HDF5 run)."""
     libraries = {
@@ -92,7 +73,7 @@ def library_versions(storage: str) -> dict[str, str]:
     return libraries
 
 
-def build_manifest(rec: Recorder, index: ParamIndex, *, status: str, error: str | None) -> dict[str, Any]:
+def build_manifest(rec: Recording, index: ParamIndex, *, status: str, error: str | None) -> dict[str, Any]:
     """The manifest of ``rec``'s run as it stands now (``num_steps``: steps taken so far)."""
     groups = []
     for names, group in zip(index.group_names, rec.optimizer.param_groups):

@@ -32,7 +32,7 @@ from trajscope.store.storage import STORAGES, Storage, read_raw
 # Snapshot, Storage, its formats and read_raw live in trajscope.store.snapshot, .storage,
 # .safetensors and .hdf5; they are part of this module's API and stay importable from here.
 __all__ = ["STORAGES", "HDF5Storage", "Run", "SafetensorsStorage", "Snapshot", "Storage", "open_run",
-           "read_raw", "read_snapshot"]
+           "read_raw", "read_snapshot", "step_ranges"]
 
 
 class Run:
@@ -128,7 +128,7 @@ class Run:
         """Load the snapshot of ``step`` (eagerly read: mmap is slow on network filesystems)."""
         if step not in self.steps:
             raise RunFormatError(
-                f"{self.path}: step {step} is not recorded (recorded: {_ranges(self.steps)})"
+                f"{self.path}: step {step} is not recorded (recorded: {step_ranges(self.steps)})"
             )
         return snapshot_from_raw(*self.storage.read_raw(step), where=self.step_path(step))
 
@@ -138,7 +138,7 @@ class Run:
     def __repr__(self) -> str:
         return (
             f"<trajscope.Run {str(self.path)!r} status={self.status} "
-            f"steps={_ranges(self.steps)} pairs={len(self.pairs)}>"
+            f"steps={step_ranges(self.steps)} pairs={len(self.pairs)}>"
         )
 
     def describe(self) -> str:
@@ -166,7 +166,7 @@ class Run:
                          "of g_{t+1}, g_{t-1} and grad_replay_error are NaN")
         lines += [
             f"steps      {m.get('num_steps')} optimizer steps, {len(self.steps)} snapshots "
-            f"({_ranges(self.steps)}), {n_disk / 1e6:.1f} MB",
+            f"({step_ranges(self.steps)}), {n_disk / 1e6:.1f} MB",
             f"pairs      {len(self.pairs)} analyzable (t, t+1)",
             f"final      {self.final_step if self.final_step is not None else '(none: run incomplete)'}",
         ]
@@ -381,7 +381,7 @@ def validate_manifest(manifest: Any, mpath: Path) -> None:
         raise RunFormatError(f"{mpath}: 'optimizer.param_groups' must be a list of objects")
 
 
-def _ranges(steps: list[int]) -> str:
+def step_ranges(steps: list[int]) -> str:
     """Compact '0-9, 20-21' rendering of a sorted step list."""
     if not steps:
         return "none"

@@ -20,7 +20,7 @@ from trajscope import runformat as fmt
 from trajscope.errors import TrajscopeError, one_line
 from trajscope.store import coverage
 from trajscope.store.names import dtypes, mismatches, shapes
-from trajscope.store.run import Run, Snapshot, _ranges, open_run, read_snapshot
+from trajscope.store.run import Run, Snapshot, open_run, read_snapshot, step_ranges
 
 __all__ = ["ValidationReport", "validate_run"]
 
@@ -102,7 +102,7 @@ def validate_run(path: str | Path, *, objective: Any = None, quick: bool = False
             rep.problems.append(f"objective: {exc}")
     lost = coverage.lost_pairs(run)
     rep.notes.append(
-        f"{run.path}: status {run.status}, {len(run.steps)} snapshot(s) ({_ranges(run.steps)}), "
+        f"{run.path}: status {run.status}, {len(run.steps)} snapshot(s) ({step_ranges(run.steps)}), "
         f"{len(run.pairs)} analyzable pair(s)" + (f", {len(lost)} lost" if lost else "")
     )
     return rep
