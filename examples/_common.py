@@ -52,7 +52,7 @@ def report_and_time(args: argparse.Namespace, results: dict[str, Any], runs: Seq
     """The figures of ``runs`` (unless ``--no-report``) and the wall time since ``t0``, into
     ``results``."""
     if not args.no_report:
-        from trajscope.report.page import write_report
+        from trajscope.report import write_report
 
         results["report"] = str(write_report(list(runs), args.out / "report").index)
     results["wall_s"] = round(time.perf_counter() - t0, 1)

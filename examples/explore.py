@@ -21,7 +21,7 @@ import numpy as np
 import xarray as xr
 
 import trajscope
-from trajscope.report.page import ema, fig_inst_gap
+from trajscope.report import ema, fig_inst_gap
 
 ap = argparse.ArgumentParser(description="xarray queries on a trajscope analysis")
 ap.add_argument("--runs", type=Path, default=Path("runs/convex"), help="output of examples/convex.py")
@@ -87,7 +87,7 @@ print("convexity ratio per epoch:", ratio_by_epoch.values.round(3).tolist())
 # ## Rolling means and exponential averages
 #
 # `rolling` smooths noisy per-step metrics; `min_periods=1` keeps the first steps.
-# `trajscope.report.page.ema` is the bias-corrected EMA the report draws (the paper used β = 0.99 and
+# `trajscope.report.ema` is the bias-corrected EMA the report draws (the paper used β = 0.99 and
 # 0.9999 on long runs).
 
 # %%

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 import trajscope
-from trajscope.report.summary import format_headline, headline
+from trajscope.report import format_headline, headline
 
 
 # The objective tells the analyzer how training computed the loss. It must be a module-level

@@ -9,6 +9,7 @@ xarray, so a training job does not pay for the analyzer.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from trajscope._version import VERSION as __version__
@@ -16,37 +17,34 @@ from trajscope._version import VERSION as __version__
 _LAZY = {
     "Recorder": "trajscope.recorders",
     "Objective": "trajscope.objective",
-    "open_run": "trajscope.store.run",
-    "Run": "trajscope.store.run",
-    "Snapshot": "trajscope.store.run",
-    "analyze": "trajscope.analysis.driver",
-    "open_metrics": "trajscope.analysis.driver",
-    "MetricSpec": "trajscope.metrics.registry",
-    "get_metrics": "trajscope.metrics.registry",
-    "summarize": "trajscope.report.summary",
+    "open_run": "trajscope.store",
+    "Run": "trajscope.store",
+    "Snapshot": "trajscope.store",
+    "analyze": "trajscope.analysis",
+    "open_metrics": "trajscope.analysis",
+    "MetricSpec": "trajscope.metrics",
+    "get_metrics": "trajscope.metrics",
+    "summarize": "trajscope.report",
     "TrajscopeError": "trajscope.errors",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:
-    from trajscope.analysis.driver import analyze, open_metrics
+    from trajscope.analysis import analyze, open_metrics
     from trajscope.errors import TrajscopeError
-    from trajscope.metrics.registry import MetricSpec, get_metrics
+    from trajscope.metrics import MetricSpec, get_metrics
     from trajscope.objective import Objective
     from trajscope.recorders import Recorder
-    from trajscope.report.summary import summarize
-    from trajscope.store.run import Run, Snapshot, open_run
+    from trajscope.report import summarize
+    from trajscope.store import Run, Snapshot, open_run
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'trajscope' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value = getattr(importlib.import_module(_LAZY[name]), name)
+    return value
 
 
 def __dir__() -> list[str]:

@@ -1,5 +1,12 @@
-"""Orchestrating an analysis: :func:`analyze` plans the work, runs one task per pair on a dask
-scheduler, persists each finished pair and assembles the metrics Dataset."""
+"""Orchestrating an analysis: :func:`analyze` (:mod:`~trajscope.analysis.driver`) decides what to
+compute (:mod:`~trajscope.analysis.plan`), hands every pair task one job
+(:mod:`~trajscope.analysis.job`, :mod:`~trajscope.analysis.tasks`), runs them on a dask scheduler
+(:mod:`~trajscope.analysis.execution`, :mod:`~trajscope.analysis.process`) over shared snapshot
+loads (:mod:`~trajscope.analysis.loading`), persists every finished pair
+(:mod:`~trajscope.analysis.persist`, :mod:`~trajscope.analysis.outputs`) and builds the metrics
+Dataset (:mod:`~trajscope.analysis.dataset`, with what went wrong in
+:mod:`~trajscope.analysis.health`). See ``docs/architecture.md``.
+"""
 
 from __future__ import annotations
 
