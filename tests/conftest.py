@@ -10,6 +10,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
+# The shared helpers (tests/support) assert too: rewrite their asserts as pytest does a test's,
+# so a failing helper reports the values it compared.
+pytest.register_assert_rewrite("support")
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -19,7 +23,7 @@ def _no_small_analysis_shortcut() -> Iterator[None]:
     reverse mode, judged by timing one evaluation (:func:`trajscope.probe.trials.reverse_is_cheaper`).
     Tests pin it off, from before the first fixture's analysis, so that which path a test takes
     never depends on the machine's speed or on the tests that ran before it;
-    tests/test_small_analysis.py turns it back on."""
+    tests/probe/test_trials.py turns it back on."""
     import trajscope.probe.trials
 
     with pytest.MonkeyPatch.context() as mp:

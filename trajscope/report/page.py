@@ -2,10 +2,11 @@
 a small ``index.html`` that shows them beside the summary table.
 
 This module loads the runs (:func:`load_runs`), renders each figure of
-:data:`trajscope.report.figures.FIGURES` to PNG and writes the page (:func:`write_report`). It presents
-and computes nothing: the figures are drawn by :mod:`trajscope.report.figures`, the table's numbers and
-labels come from :func:`trajscope.report.summary.table_rows`. The figure functions and the helpers the
-figures draw (``ema``, ``stability_ratio``) are importable from here as well.
+:data:`trajscope.report.figures.FIGURES` to PNG and writes the page (:func:`write_report`). It
+presents and computes nothing: the figures are drawn by :mod:`trajscope.report.figures`, the table's
+numbers and labels come from :func:`trajscope.report.summary.table_rows`. The figure functions and
+the helpers the figures draw (``ema``, ``stability_ratio``) are importable from
+:mod:`trajscope.report`.
 """
 
 from __future__ import annotations
@@ -27,46 +28,15 @@ from trajscope.analysis.outputs import check_writable, per_run
 from trajscope.errors import AnalysisError, RunFormatError
 from trajscope.report.figures import (
     FIGURES,
-    REPLAY_FLOOR,
-    FigureSpec,
     Runs,
-    fig_convexity_ratio,
-    fig_inst_gap,
-    fig_loss,
-    fig_loss_line,
-    fig_replay,
-    fig_smoothness,
-    fig_update_corr,
     figure_data,
-    loss_line_shape,
 )
-from trajscope.report.summary import TABLE_LABELS, ema, stability_ratio, table_rows
+from trajscope.report.summary import TABLE_LABELS, table_rows
 
-__all__ = [
-    "Report",
-    "FIGURES",
-    "FigureSpec",
-    "REPLAY_FLOOR",
-    "write_report",
-    "load_runs",
-    "ema",
-    "stability_ratio",
-    "figure_data",
-    "fig_loss",
-    "fig_loss_line",
-    "fig_inst_gap",
-    "fig_convexity_ratio",
-    "fig_smoothness",
-    "fig_update_corr",
-    "fig_replay",
-    "summary_rows",
-    "loss_line_shape",
-]
+__all__ = ["Report", "load_runs", "write_report"]
 
 REPORT_DIR = fmt.REPORT_DIR
 
-summary_rows = table_rows
-"""The summary table's numbers for one run (:func:`trajscope.report.summary.table_rows`)."""
 
 
 # --- the page -----------------------------------------------------------------------------------

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 
-from trajscope.metrics.pair import LayerView, PairView
-from trajscope.metrics.registry import metric
+from trajscope.metrics import LayerView, PairView, metric
 
 
 @metric(
