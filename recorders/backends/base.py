@@ -19,7 +19,7 @@ import torch
 from trajscope import runformat as fmt
 from trajscope.runformat import int_view
 
-__all__ = ["DIRECT_IO_ALIGN", "DTYPES", "bits_dtype", "dtype_name", "int_view"]
+__all__ = ["DIRECT_IO_ALIGN", "DTYPES", "bits_dtype", "dtype_name"]
 
 DTYPES = fmt.DTYPES
 

@@ -72,7 +72,7 @@ def test_snapshots_ship_as_arrays_and_back() -> None:
     import torch
 
     from trajscope.analysis.loading import ShippedSnapshot, ship
-    from trajscope.store.run import Snapshot
+    from trajscope.store import Snapshot
 
     snap = Snapshot(step=3, kind="step", params={"w": torch.randn(3, 2), "h": torch.randn(4).bfloat16()},
                     grads={"w": torch.randn(3, 2)}, rng={"cpu": torch.get_rng_state()},

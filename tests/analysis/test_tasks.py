@@ -23,7 +23,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_each_snapshot_is_read_once(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reads: list[str] = []
-    from trajscope.store.run import Storage
+    from trajscope.store import Storage
 
     real = Storage.read
     monkeypatch.setattr(Storage, "read", lambda self, s: reads.append(self.location(s).name) or real(self, s))

@@ -29,7 +29,7 @@ from support.rundirs import assert_same_stored_steps
 from trajscope import runformat as fmt
 from trajscope.errors import RunFormatError
 from trajscope.recorders import Recorder
-from trajscope.store.run import open_run, read_snapshot
+from trajscope.store import open_run, read_snapshot
 
 
 def _train_lowp(run_dir: Path, dtype: torch.dtype, format: str) -> None:

@@ -24,7 +24,7 @@ from support.recorder_objectives import (
 )
 from trajscope import runformat as fmt
 from trajscope.recorders import Recorder
-from trajscope.store.run import open_run, read_raw
+from trajscope.store import open_run, read_raw
 
 FORMATS = ["safetensors", "hdf5"]
 

@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 
 from support.problems import train_quadratic
-from trajscope.store.run import open_run, read_raw
+from trajscope.store import open_run, read_raw
 
 
 def quad_run(path: Path, steps: int = 6, **kw: Any) -> Path:

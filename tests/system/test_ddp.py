@@ -24,7 +24,7 @@ from support.recorder_objectives import (
     xent,
 )
 from trajscope.recorders import Recorder
-from trajscope.store.run import open_run, read_raw
+from trajscope.store import open_run, read_raw
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
                                 or not torch.distributed.is_gloo_available(),

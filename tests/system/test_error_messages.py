@@ -30,7 +30,7 @@ from trajscope.errors import (
     TrajscopeError,
 )
 from trajscope.objective import Objective, load_objective
-from trajscope.store.run import open_run, read_snapshot
+from trajscope.store import open_run, read_snapshot
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from trajscope.metrics.builtins import GRADS_OFF_NAN, GRADS_OFF_RECOMPUTED
 from trajscope.metrics.registry import get_metrics
 from trajscope.recorders import Recorder
 from trajscope.report.summary import format_headline, format_summary, headline, summarize
-from trajscope.store.run import open_run, read_snapshot
+from trajscope.store import open_run, read_snapshot
 from trajscope.tools.validate import validate_run
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"

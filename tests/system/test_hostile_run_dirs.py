@@ -23,7 +23,7 @@ from support.rundirs import cli, copy_run, edit_manifest, fingerprint, no_hang, 
 from trajscope import runformat as fmt
 from trajscope.errors import ObjectiveError, RunFormatError
 from trajscope.objective import load_objective
-from trajscope.store.run import open_run, read_snapshot
+from trajscope.store import open_run, read_snapshot
 from trajscope.tools.validate import validate_run
 
 

@@ -31,7 +31,7 @@ from support.rundirs import no_hang, quad_run, step_file
 from trajscope import runformat as fmt
 from trajscope.errors import TrajscopeError
 from trajscope.recorders import Recorder
-from trajscope.store.run import Run, Snapshot, open_run, read_snapshot
+from trajscope.store import Run, Snapshot, open_run, read_snapshot
 from trajscope.tools.validate import validate_run
 
 PROPERTY_EXAMPLES = max(500, int(os.environ.get("TRAJSCOPE_PROPERTY_EXAMPLES", "500")))

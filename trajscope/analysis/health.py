@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     import xarray as xr
 
     from trajscope.metrics.pair import PairStats
-    from trajscope.store.run import Run, Snapshot
+    from trajscope.store import Run, Snapshot
 
 __all__ = [
     "FLAGS",

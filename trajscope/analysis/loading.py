@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from trajscope.analysis import health
 from trajscope.errors import AnalysisError, RunFormatError
-from trajscope.store.run import Snapshot
+from trajscope.store import Snapshot
 from trajscope.store.trees import tree_map
 
 if TYPE_CHECKING:
-    from trajscope.store.run import Storage
+    from trajscope.store import Storage
 
 __all__ = ["SnapshotRef", "ShippedSnapshot", "ship", "resolved", "on_device"]
 
@@ -48,7 +48,7 @@ _recent_lock = threading.Lock()
 
 
 class SnapshotRef:
-    """Where one snapshot is: ``storage`` (a run's :class:`trajscope.store.run.Storage`, which holds
+    """Where one snapshot is: ``storage`` (a run's :class:`trajscope.store.storage.Storage`, which holds
     only a path), ``step``, ``params_only`` and the ``stat`` taken when the reference was made.
 
     Made by the driver without reading anything; pickles as these four small values.

@@ -44,7 +44,7 @@ from trajscope.objective import Objective, ObjectiveSource, resolve_objective
 from trajscope.probe.pair import probe_pair
 from trajscope.probe.reference_point import ReferencePart, probe_reference, split
 from trajscope.probe.settings import ProbeSettings
-from trajscope.store.run import Run, Snapshot, open_run
+from trajscope.store import Run, Snapshot, open_run
 
 if TYPE_CHECKING:
     from trajscope.analysis.execution import Placement

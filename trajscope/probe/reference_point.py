@@ -31,7 +31,7 @@ from trajscope.probe.line import replayed_rng, sdpa_math_kernel
 from trajscope.probe.settings import ProbeSettings
 from trajscope.probe.stages import batchnorm_replay, grad, prepare
 from trajscope.probe.vectors import layer_terms
-from trajscope.store.run import Snapshot, Storage
+from trajscope.store import Snapshot, Storage
 
 __all__ = ["REF_EXTRA", "REF_TERM", "ReferencePart", "merge", "probe_reference", "snapshot_identity",
            "split"]

@@ -26,7 +26,7 @@ from trajscope.objective import Objective
 from trajscope.probe.line import forward_ad_failure, replayed_rng, sdpa_math_kernel
 from trajscope.probe.settings import ProbeSettings
 from trajscope.probe.stages import batchnorm_replay, prepare
-from trajscope.store.run import Run, Snapshot
+from trajscope.store import Run, Snapshot
 
 __all__ = ["FORWARD_AD_SETUP_S", "REPLAY_RTOL", "SMALL_ANALYSIS", "forward_mode_failure", "persisted_objective_change",
            "replayed_loss", "resolve_derivatives", "reverse_is_cheaper"]

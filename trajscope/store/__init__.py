@@ -10,6 +10,9 @@ and the two meet only in :mod:`trajscope.runformat`. See ``docs/architecture.md`
 
 from __future__ import annotations
 
+# Importing the package registers both storage readers (store.storage.STORAGES), whichever
+# module of it is imported first.
+from trajscope.store import hdf5, safetensors  # noqa: F401
 from trajscope.store.run import Run, open_run, read_snapshot
 from trajscope.store.snapshot import Snapshot
 from trajscope.store.storage import STORAGES, Storage, read_raw

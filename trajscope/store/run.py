@@ -24,15 +24,11 @@ from typing import Any
 
 from trajscope import runformat as fmt
 from trajscope.errors import RunFormatError, one_line
-from trajscope.store.hdf5 import HDF5Storage
 from trajscope.store.safetensors import SafetensorsStorage
 from trajscope.store.snapshot import Snapshot, is_nonneg_int, snapshot_from_raw
 from trajscope.store.storage import STORAGES, Storage, read_raw
 
-# Snapshot, Storage, its formats and read_raw live in trajscope.store.snapshot, .storage,
-# .safetensors and .hdf5; they are part of this module's API and stay importable from here.
-__all__ = ["STORAGES", "HDF5Storage", "Run", "SafetensorsStorage", "Snapshot", "Storage", "open_run",
-           "read_raw", "read_snapshot", "step_ranges"]
+__all__ = ["Run", "open_run", "read_snapshot", "step_ranges", "validate_manifest"]
 
 
 class Run:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from trajscope.errors import TrajscopeWarning
 from trajscope.store.names import strip_prefix, wrapper_prefix
-from trajscope.store.run import Run, Snapshot
+from trajscope.store.run import Run
+from trajscope.store.snapshot import Snapshot
 from trajscope.store.storage import Raw, Storage
 
 if TYPE_CHECKING:

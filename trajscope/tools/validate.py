@@ -18,9 +18,9 @@ import torch
 
 from trajscope import runformat as fmt
 from trajscope.errors import TrajscopeError, one_line
-from trajscope.store import coverage
+from trajscope.store import Run, Snapshot, coverage, open_run, read_snapshot
 from trajscope.store.names import dtypes, mismatches, shapes
-from trajscope.store.run import Run, Snapshot, open_run, read_snapshot, step_ranges
+from trajscope.store.run import step_ranges
 
 __all__ = ["ValidationReport", "validate_run"]
 
