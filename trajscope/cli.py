@@ -41,7 +41,7 @@ def cli() -> None:
 
 
 def _check_scheduler(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    # Imported here: trajscope.analysis.execution pulls in dask, which `trajscope --help` must not pay for.
+    # Imported here: trajscope.analysis pulls in dask and torch, which `trajscope --help` must not pay for.
     from trajscope.analysis.execution import check_scheduler
     from trajscope.errors import AnalysisError
 

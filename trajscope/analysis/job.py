@@ -89,7 +89,7 @@ class Job:
     ref_digest: str | None = None
     key: str = ""
     run_token: str = ""
-    _uid: str = field(default_factory=lambda: uuid.uuid4().hex, repr=False, compare=False)
+    _uid: str = field(default_factory=lambda: uuid.uuid4().hex, init=False, repr=False, compare=False)
 
     @property
     def task_key(self) -> str:

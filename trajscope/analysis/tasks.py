@@ -119,7 +119,6 @@ def pair_task(job: PairJob, snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loade
     """
     (x_t, x_next, x_prev, x_0, x_ref), settings = _placed((snap, nxt, prev, init, ref), job.placement, job.settings)
     objective = objective_for(job.source, job.recorded, job.objective_key, job.run_path)
-    trainable = job.trainable
     skip = health.skip_reason(x_t, x_next, objective.model)
     if skip is not None:
         return skip
@@ -127,7 +126,7 @@ def pair_task(job: PairJob, snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loade
     # a damaged neighbour only costs its terms
     prev_ok, init_ok, ref_ok = (health.usable(s, objective.model) for s in (x_prev, x_0, x_ref))
     stats = _probe(objective, x_t.step, strict, lambda obj: probe_pair(
-        obj, x_t, x_next, settings, prev=prev_ok, init=init_ok, ref=ref_ok, trainable=trainable))
+        obj, x_t, x_next, settings, prev=prev_ok, init=init_ok, ref=ref_ok, trainable=job.trainable))
     if out is not None and isinstance(stats, PairStats):
         rest, part = split(stats, settings.reference_step)
         pairs_dir = Path(out).parent
@@ -147,7 +146,6 @@ def reference_task(job: PairJob, snap: SnapshotRef | Loaded, ref: SnapshotRef | 
     """
     (x_t, x_ref), settings = _placed((snap, ref), job.placement, job.settings)
     objective = objective_for(job.source, job.recorded, job.objective_key, job.run_path)
-    trainable = job.trainable
     why = health.snapshot_problem(x_t, objective.model)
     if why is None and isinstance(x_t, Snapshot) and x_t.batch is None:
         why = f"step {x_t.step}: snapshot holds no minibatch"
@@ -156,9 +154,9 @@ def reference_task(job: PairJob, snap: SnapshotRef | Loaded, ref: SnapshotRef | 
     assert isinstance(x_t, Snapshot) and settings.reference_step is not None
     ref_ok = health.usable(x_ref, objective.model)
     if ref_ok is None:
-        return ReferencePart.absent(x_t.step, settings.reference_step, tuple(trainable))
+        return ReferencePart.absent(x_t.step, settings.reference_step, tuple(job.trainable))
     part = _probe(objective, x_t.step, strict,
-                  lambda obj: probe_reference(obj, x_t, ref_ok, settings, trainable=trainable))
+                  lambda obj: probe_reference(obj, x_t, ref_ok, settings, trainable=job.trainable))
     if out is not None and job.ref_digest is not None and isinstance(part, ReferencePart):
         later(Path(out).parent, save_reference, Path(out), part, job.ref_digest)
     return part
