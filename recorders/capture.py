@@ -1,11 +1,9 @@
-"""What the recorder copies, and when: the parameters it names, the state of a step's forward pass,
-and the entries of a step's snapshot.
+"""What the recorder copies: the parameters it names and the entries of a step's snapshot.
 
 A recorded step's snapshot holds x_t, g_t (with ``Recorder(grads=False)``, only the names of the
 parameters that had a gradient) and the minibatch z_t, and, when the model's forward pass was seen,
-the RNG state and buffers as they were when that forward pass began (what dropout and BatchNorm
-used). The forward pass runs before ``rec.batch(...)`` names its minibatch, so the forward state is
-held as *pending* until ``rec.batch`` adopts it for the step; see :class:`StepCapture`.
+how each micro-batch's forward pass ran (:mod:`trajscope.recorders.forward`: RNG states, buffers,
+autocast), and the memory format of every tensor not stored in its training layout.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import torch
 
 from trajscope import runformat as fmt
 from trajscope.errors import RecorderError
+from trajscope.recorders.forward import StepCapture
 from trajscope.recorders.hooks import grad_hooks
 from trajscope.recorders.storage import dtype_name
 
@@ -30,10 +29,6 @@ __all__ = [
     "Recording",
     "jsonable",
     "ParamIndex",
-    "ForwardState",
-    "StepCapture",
-    "capture_forward",
-    "cpu_copy",
     "as_float",
     "unwrap_model",
     "gradient_entries",
@@ -78,6 +73,8 @@ class Recording(Protocol):
     @property
     def world_size(self) -> int: ...
     @property
+    def compiled(self) -> bool: ...
+    @property
     def step(self) -> int: ...
     @property
     def metadata(self) -> dict[str, Any]: ...
@@ -99,12 +96,6 @@ def jsonable(value: Any) -> Any:
 
 Entries = list[tuple[str, torch.Tensor]]
 """Snapshot entries: (tensor key, tensor) in the order they are stored."""
-
-
-def cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    """A fresh contiguous CPU copy of ``t``."""
-    # copy=True guarantees a fresh tensor even on CPU: the optimizer updates x and g in place next.
-    return t.detach().to("cpu", copy=True).contiguous()
 
 
 def as_float(loss: Any) -> float | None:
@@ -223,68 +214,6 @@ class ParamIndex:
             out += [(fmt.GRAD + n, dtype_name(p.dtype), tuple(p.shape)) for n, p in self.trainable]
         out += [(fmt.BUFFER + n, dtype_name(b.dtype), tuple(b.shape)) for n, b in model.named_buffers()]
         return out
-
-
-@dataclass
-class ForwardState:
-    """The state a forward pass began with: what its dropout masks and running statistics used.
-
-    Attributes:
-        tensors: ``rng/cpu`` (and ``rng/cuda<i>`` for each initialised CUDA device) and a copy of
-            every buffer as ``buffer/<name>``, keyed as in the snapshot.
-        training: the module's ``training`` flag at that moment.
-    """
-
-    tensors: dict[str, torch.Tensor]
-    training: bool
-
-
-def capture_forward(module: torch.nn.Module) -> ForwardState:
-    """Copy the RNG states and ``module``'s buffers now (they are not modified)."""
-    tensors = {fmt.RNG + "cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i in range(torch.cuda.device_count()):
-            tensors[f"{fmt.RNG}cuda{i}"] = torch.cuda.get_rng_state(i)
-    for name, b in module.named_buffers():
-        tensors[fmt.BUFFER + name] = cpu_copy(b)
-    return ForwardState(tensors, module.training)
-
-
-@dataclass
-class StepCapture:
-    """The forward states held for the optimizer step being recorded.
-
-    Attributes:
-        pending: captured at the first training forward pass since the last ``rec.batch(...)``;
-            it belongs to the micro-batch that the next ``rec.batch`` names.
-        of_step: the forward state of the step's first micro-batch, adopted from ``pending`` by
-            the step's first ``rec.batch``: the state the snapshot stores.
-    """
-
-    pending: ForwardState | None = None
-    of_step: ForwardState | None = None
-
-    def on_batch(self, first_of_step: bool) -> None:
-        """``rec.batch`` named a micro-batch: the pending state is now its (or dropped)."""
-        if first_of_step:
-            self.of_step = self.pending
-        self.pending = None
-
-    def for_snapshot(self) -> ForwardState | None:
-        """The state to store with the step: the step's own, else one captured since its batch."""
-        return self.of_step if self.of_step is not None else self.pending
-
-    def entries(self, model: torch.nn.Module, meta: dict[str, Any]) -> Entries:
-        """The snapshot's forward-state entries; sets ``meta["training"]`` and
-        ``meta["captured_at"]`` (``forward``, or ``step`` when no forward pass was seen)."""
-        forward = self.for_snapshot()
-        meta["training"] = forward.training if forward is not None else model.training
-        meta["captured_at"] = "forward" if forward is not None else "step"
-        return list(forward.tensors.items()) if forward is not None else []
-
-    def clear(self) -> None:
-        """The step was taken: nothing captured so far belongs to the next one."""
-        self.pending = self.of_step = None
 
 
 def gradient_entries(trainable: list[tuple[str, torch.nn.Parameter]], step: int, meta: dict[str, Any], *,

@@ -23,6 +23,12 @@ divides each micro-batch loss by the number of micro-batches of the step, which 
 ``accumulation_reduction="mean"``. ``num_items_in_batch`` is part of the stored inputs, so the
 replay computes the same normalisation.
 
+The optimizer a callback receives is accelerate's ``AcceleratedOptimizer``: the Recorder hooks the
+torch optimizer inside it, whose ``step`` runs only on real updates, and is handed the wrapper's
+``GradScaler`` (fp16 on a GPU) so that the pre-clip norm of ``max_grad_norm`` clipping is measured
+unscaled. A callback never sees the ``Trainer`` itself; a loop that scales its loss some other way
+passes its scaler as ``grad_scaler=``.
+
 This module imports ``transformers``; ``import trajscope.recorders`` does not import this module.
 """
 
@@ -36,24 +42,11 @@ import torch
 from transformers import TrainerCallback
 
 from trajscope.errors import RecorderError
+from trajscope.recorders.arguments import unwrap_optimizer, wrapped_grad_scaler
 from trajscope.recorders.hooks import BoundHook
 from trajscope.recorders.recorder import Recorder
 
 __all__ = ["TrajscopeCallback"]
-
-
-def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer under accelerate's ``AcceleratedOptimizer`` (and similar wrappers)."""
-    seen = 0
-    while not type(optimizer).__module__.startswith("torch.") and seen < 8:
-        inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            break
-        optimizer = inner
-        seen += 1
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise RecorderError(f"optimizer: expected a torch optimizer, got {type(optimizer).__name__}")
-    return optimizer
 
 
 class TrajscopeCallback(TrainerCallback):
@@ -63,7 +56,9 @@ class TrajscopeCallback(TrainerCallback):
         run_dir: the run directory to create.
         objective: ``"module:function"`` (or a module-level function) returning the Objective.
         every, window: record steps t..t+window−1 for every t divisible by ``every``.
-        **recorder_kwargs: any other :class:`~trajscope.recorders.Recorder` keyword.
+        **recorder_kwargs: any other :class:`~trajscope.recorders.Recorder` keyword. ``grad_scaler``
+            defaults to the scaler of the Trainer's optimizer wrapper (the ``Accelerator``'s, None
+            without fp16).
     """
 
     def __init__(self, run_dir: str | Path, *, objective: str | Callable[[], Any] | None = None,
@@ -86,11 +81,15 @@ class TrajscopeCallback(TrainerCallback):
                        optimizer: Any = None, **kwargs: Any) -> None:
         if model is None or optimizer is None:
             raise RecorderError("TrajscopeCallback: the Trainer passed no model or optimizer")
+        recorder_kwargs = dict(self.recorder_kwargs)
+        # The Trainer's optimizer is accelerate's AcceleratedOptimizer: it holds the Accelerator's
+        # GradScaler (fp16), which divides the pre-clip norm measured on scaled gradients.
+        recorder_kwargs.setdefault("grad_scaler", wrapped_grad_scaler(optimizer))
         self.recorder = Recorder(
-            self.run_dir, model, _unwrap_optimizer(optimizer), objective=self.objective,
+            self.run_dir, model, unwrap_optimizer(optimizer), objective=self.objective,
             every=self.every, window=self.window,
             accumulation=int(args.gradient_accumulation_steps), accumulation_reduction="mean",
-            **self.recorder_kwargs,
+            **recorder_kwargs,
         )
         self.recorder.start()
         # BoundHooks keep the model copyable and picklable (checkpointing, EMA) while recording.

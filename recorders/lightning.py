@@ -13,7 +13,9 @@ with an objective whose loss calls the module's own step, e.g.
 The adapter only translates Lightning's hooks into recorder calls (all logic is in the Recorder):
 
 * ``on_train_start``: the Recorder is created on the LightningModule and the trainer's optimizer,
-  with ``accumulation=trainer.accumulate_grad_batches``.
+  with ``accumulation=trainer.accumulate_grad_batches`` and ``grad_scaler`` the precision plugin's
+  ``GradScaler`` (``precision="16-mixed"``; None otherwise): Lightning unscales the gradients before
+  clipping them, so the pre-clip norm measured after backward is divided by the scale.
 * ``on_train_batch_start``: the batch (already on the device) is kept, and the forward state (RNG,
   buffers) captured, since ``training_step`` need not call ``forward``.
 * ``on_before_backward``: Lightning passes the loss divided by ``accumulate_grad_batches`` (and
@@ -37,6 +39,7 @@ import lightning.pytorch as pl
 import torch
 
 from trajscope.errors import RecorderError
+from trajscope.recorders.arguments import unwrap_optimizer
 from trajscope.recorders.recorder import Recorder
 
 __all__ = ["TrajscopeCallback"]
@@ -51,6 +54,7 @@ class TrajscopeCallback(pl.Callback):
         every, window: record steps t..t+window−1 for every t divisible by ``every``.
         **recorder_kwargs: any other :class:`~trajscope.recorders.Recorder` keyword (``schedule``,
             ``format``, ``grads``, ``on_error``, ``optimizer_state``, ``metadata``, ``overwrite``, ...).
+            ``grad_scaler`` defaults to ``trainer.precision_plugin.scaler``.
     """
 
     def __init__(self, run_dir: str | Path, *, objective: str | Callable[[], Any] | None = None,
@@ -82,9 +86,11 @@ class TrajscopeCallback(pl.Callback):
                 "trajscope.recorders.Recorder in training_step instead"
             )
         self._k = int(trainer.accumulate_grad_batches)
+        recorder_kwargs = dict(self.recorder_kwargs)
+        recorder_kwargs.setdefault("grad_scaler", getattr(trainer.precision_plugin, "scaler", None))
         self.recorder = Recorder(
-            self.run_dir, pl_module, trainer.optimizers[0], objective=self.objective,
-            every=self.every, window=self.window, accumulation=self._k, **self.recorder_kwargs,
+            self.run_dir, pl_module, unwrap_optimizer(trainer.optimizers[0]), objective=self.objective,
+            every=self.every, window=self.window, accumulation=self._k, **recorder_kwargs,
         )
         self.recorder.start()
 
@@ -92,7 +98,9 @@ class TrajscopeCallback(pl.Callback):
                              batch: Any, batch_idx: int) -> None:
         if self.recorder is not None:
             self._batch = batch
-            self.recorder.capture_forward_state()
+            # Lightning enters its precision plugin's autocast inside training_step, after this hook.
+            plugin_autocast = getattr(trainer.precision_plugin, "autocast_context_manager", None)
+            self.recorder.capture_forward_state(autocast=plugin_autocast() if callable(plugin_autocast) else None)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            loss: torch.Tensor) -> None:

@@ -95,6 +95,7 @@ def build_manifest(rec: Recording, index: ParamIndex, *, status: str, error: str
         "optimizer_state": rec.optimizer_state,
         "grads": rec.grads,
         "distributed": {"world_size": rec.world_size, "writer_rank": 0},
+        "compiled": rec.compiled,
         "params": [
             {"name": n, "shape": list(p.shape), "dtype": dtype_name(p.dtype),
              "trainable": n in trainable}

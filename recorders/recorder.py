@@ -35,15 +35,12 @@ import torch
 
 from trajscope import runformat as fmt
 from trajscope.errors import RecorderError
-from trajscope.recorders import distributed
-from trajscope.recorders.arguments import check_arguments, json_metadata
+from trajscope.recorders import arguments, distributed
 from trajscope.recorders.backends import HDF5Writer, SafetensorsWriter
 from trajscope.recorders.capture import (
     Entries,
     ParamIndex,
     PreclipNorms,
-    StepCapture,
-    capture_forward,
     micro_entry,
     micro_weights,
     step_entries,
@@ -51,6 +48,7 @@ from trajscope.recorders.capture import (
     unwrap_model,
     with_buffers,
 )
+from trajscope.recorders.forward import StepCapture, capture_forward, memory_formats
 from trajscope.recorders.hooks import BoundHook, attach, detach, step_closure, with_capture_after_first_call
 from trajscope.recorders.manifest import build_manifest, objective_name
 from trajscope.recorders.rundir import open_writer, prepare_run_dir, release_lock
@@ -63,7 +61,9 @@ __all__ = ["Recorder", "RecorderStats", "RecorderWarning", "objective_name"]
 
 
 class RecorderWarning(UserWarning):
-    """Recording stopped (``on_error="warn"``) while training goes on; the run is incomplete."""
+    """What the recorder tells while training goes on: recording stopped (``on_error="warn"``; the
+    run is incomplete), or a setting of the training program keeps a step from replaying exactly
+    (a compiled model's dropout)."""
 
 
 class Recorder:
@@ -85,7 +85,10 @@ class Recorder:
             unless ``overwrite=True``.
         model: the module being trained; a ``torch.compile``, DDP or DataParallel wrapper is
             unwrapped, so its parameters are recorded by the plain module's ``named_parameters`` names.
-        optimizer: the optimizer whose steps define the trajectory.
+        optimizer: the optimizer whose steps define the trajectory. A wrapper (accelerate's
+            ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, any object exposing
+            ``.optimizer``) is unwrapped: the hooks go on the torch optimizer inside, and an
+            accelerate wrapper's ``GradScaler`` is taken as ``grad_scaler``.
         objective: ``"module:function"`` (or the function itself) returning a
             :class:`trajscope.Objective`; how the analyzer rebuilds the loss.
         every, window: record steps t..t+window−1 for every t divisible by ``every``.
@@ -142,10 +145,14 @@ class Recorder:
         grad_scaler: Any = None,
         grads: bool = True,
     ) -> None:
-        check_arguments(model, optimizer, format, accumulation, accumulation_reduction, on_error, max_pending,
-                        grads)
+        wrapper = optimizer  # accelerate's AcceleratedOptimizer, Lightning's: hooks go on the optimizer inside
+        optimizer = arguments.check_arguments(model, optimizer, format, accumulation, accumulation_reduction,
+                                              on_error, max_pending, grads)
+        if (note := arguments.compiled_dropout_warning(model)) is not None:
+            warnings.warn(note, RecorderWarning, stacklevel=2)
         self.run_dir = Path(run_dir)
         self.model = unwrap_model(model)
+        self.compiled = arguments.inductor_compiled(model)
         self.optimizer = optimizer
         self.objective = objective_name(objective)
         self.schedule: Schedule = as_schedule(schedule, every, window)
@@ -159,7 +166,7 @@ class Recorder:
         self.max_pending = max_pending
         self.on_error = on_error
         self.direct_io = direct_io
-        self.metadata = json_metadata(metadata)
+        self.metadata = arguments.json_metadata(metadata)
         self._overwrite = overwrite
         self.rank, self.world_size = distributed.rank_and_world()
         self._index = ParamIndex.of(self.model, optimizer)
@@ -167,7 +174,7 @@ class Recorder:
         self.step = 0  # index of the next optimizer step: it moves x_step to x_{step+1}
         self._micro: list[dict[str, Any]] = []  # micro-batches named for the coming step
         self._capture = StepCapture()
-        self.grad_scaler = grad_scaler
+        self.grad_scaler = grad_scaler if grad_scaler is not None else arguments.wrapped_grad_scaler(wrapper)
         self._preclip = PreclipNorms([p for _, p in self._index.trainable])
         # Storage and hooks, set up by start(); storage only on the writing rank.
         self._scalars: ScalarsLog | None = None
@@ -340,28 +347,30 @@ class Recorder:
             if self.is_writer and not self._failed:
                 self._write_scalars(skipped=True)
             self._micro = []
-        self._capture.on_batch(first_of_step=not self._micro)
+        self._capture.on_batch(len(self._micro))
         self._micro.append(micro_entry(batch, loss, weight, step=self.step, indices=self.batch_fn is not None,
                                        keep=self.schedule(self.step)))
 
-    def capture_forward_state(self) -> None:
+    def capture_forward_state(self, autocast: torch.autocast | None = None) -> None:
         """Capture the RNG state and buffers now, as the state of the coming forward pass.
 
         The model's forward pre-hook does this by itself; call it (as the Lightning adapter does)
         when the loss is computed by a method other than the recorded model's ``forward``.
+        ``autocast``: the ``torch.autocast`` the coming forward pass will run under, when it is not
+        in force yet (Lightning enters its precision plugin's autocast inside ``training_step``).
         """
         if self._open and self._capture.pending is None and self.schedule(self.step):
-            self._capture.pending = capture_forward(self.model)
+            self._capture.pending = capture_forward(self.model, buffers=not self._micro, autocast=autocast)
 
     # --- hooks ----------------------------------------------------------------------------------
 
     def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
         # The first training forward since the last rec.batch() is the one whose dropout masks
         # and running statistics produced the coming micro-batch's loss; evaluation passes under
-        # no_grad are ignored.
+        # no_grad are ignored. Buffers are the step's first micro-batch's: later ones keep only RNG.
         if self._capture.pending is None and torch.is_grad_enabled() and self.schedule(self.step):
             t0, c0 = time.perf_counter(), time.thread_time()
-            self._capture.pending = capture_forward(module)
+            self._capture.pending = capture_forward(module, buffers=not self._micro)
             self._refresh_trainable()  # before backward: the pre-clip hooks cover what trains now
             self._timed(t0, c0)
 
@@ -442,6 +451,8 @@ class Recorder:
             tensors += step_entries(self, step, micro, meta, trainable=self._index.trainable,
                                     preclip=self._preclip, forward=self._capture)
         tensors = with_buffers(tensors, self.model)
+        if formats := memory_formats(tensors):  # stored contiguous: the analyzer restores the layout
+            meta["memory_formats"] = formats
         t0 = time.perf_counter()
         slot = self._writer.pool.acquire()  # blocks while max_pending snapshots wait: back-pressure
         t1 = time.perf_counter()

@@ -4,24 +4,25 @@ traceback unless ``--debug``), 2 on a usage error.
 Every failure is printed as one line, ``trajscope: error: <message>``, where the message names the
 file, step or argument at fault and what was expected; strings that come from a run directory are
 printed with control characters escaped. ``--debug`` (anywhere on the command line) adds the
-traceback. Warnings (e.g. pairs skipped because a snapshot is damaged) print as
-``trajscope: warning: <message>``.
+traceback. trajscope's own warnings (e.g. pairs skipped because a snapshot is damaged) print as
+``trajscope: warning: <message>``; other libraries' warnings print as Python prints them.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from trajscope import runformat as fmt
-from trajscope.errors import TrajscopeError, one_line
+from trajscope.errors import TrajscopeError, TrajscopeWarning, one_line
 from trajscope.probe.grid import MAX_MARGIN, MAX_POINTS
 
 if TYPE_CHECKING:
@@ -89,9 +90,12 @@ def _check_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--device", default="auto", show_default=True, callback=_check_device,
               help="cpu, cuda, cuda:N or auto (CUDA when available). With several GPUs, cuda or "
                    "auto gives each worker its own.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float64"]), default="auto",
-              show_default=True, help="Evaluation dtype; auto: float64 when the run's floating "
-                                      "parameters are all float64, else float32.")
+@click.option("--dtype", type=click.Choice(["as-trained", "float32", "float64", "auto"]), default="as-trained",
+              show_default=True, help="Evaluation precision. as-trained: each step under the autocast "
+                                      "and memory formats training used, in float64 when the run's floating "
+                                      "parameters are all float64, else float32 (auto: the same). float32, "
+                                      "float64: that dtype throughout, without autocast; the replay check "
+                                      "then allows training's rounding.")
 @click.option("--scheduler", default="synchronous", show_default=True, callback=_check_scheduler,
               metavar="synchronous|threads|processes|ADDRESS",
               help="Where pairs are probed: this thread, a thread pool (one GPU), a process pool "
@@ -145,7 +149,7 @@ def analyze(run_dir: str, objective: str | None, points: int, margin: float, dev
     _libraries_imported()
     names = [n.strip() for n in metric_names.split(",") if n.strip()] if metric_names else None
     ds = run_analysis(run, objective, points=points, margin=margin, device=device,
-                      dtype=None if dtype == "auto" else dtype,
+                      dtype=None if dtype in ("auto", "as-trained") else dtype,
                       scheduler=scheduler, workers=workers, steps=steps, metrics=names,
                       derivatives=derivatives, max_memory=max_memory, sharpness=sharpness, reference=reference,
                       force=force, out=out,
@@ -248,16 +252,36 @@ def validate(run_dir: str, objective: str | None, quick: bool) -> None:
         raise SystemExit(1)
 
 
+def _is_trajscope_warning(category: type[Warning]) -> bool:
+    """Whether ``category`` is one of trajscope's warnings: defined in a trajscope module (the
+    recorder's included) or derived from :class:`TrajscopeWarning` (a metric plugin's)."""
+    return (category.__module__ == "trajscope" or category.__module__.startswith("trajscope.")
+            or issubclass(category, TrajscopeWarning))
+
+
 def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int,
-                  file: Any = None, line: str | None = None) -> None:
-    click.echo(f"trajscope: warning: {one_line(message)}", err=True)
+                  file: Any = None, line: str | None = None, *,
+                  other: Callable[..., None] | None = None) -> None:
+    """Print trajscope's own warning as one ``trajscope: warning:`` line without a source location.
+
+    Any other (a library's ``FutureWarning``, ``DeprecationWarning``, ...) goes to ``other``, the
+    ``warnings.showwarning`` in place before the command, or without one is printed as Python
+    prints it (``warnings.formatwarning``, with the file and line that warned) on ``file`` or stderr.
+    """
+    if _is_trajscope_warning(category):
+        click.echo(f"trajscope: warning: {one_line(message)}", err=True)
+    elif other is not None:
+        other(message, category, filename, lineno, file, line)
+    else:
+        (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 @contextmanager
 def _cli_warnings() -> Iterator[None]:
-    """Print warnings as one ``trajscope: warning:`` line each, without source locations."""
+    """Print trajscope's warnings as one ``trajscope: warning:`` line each, and every other warning
+    as it was printed before (:func:`_show_warning`)."""
     saved = warnings.showwarning
-    warnings.showwarning = _show_warning
+    warnings.showwarning = functools.partial(_show_warning, other=saved)
     try:
         yield
     finally:

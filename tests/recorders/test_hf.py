@@ -3,6 +3,7 @@ run analyzed."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +51,15 @@ def test_hf_trainer_callback_mean_accumulation(tmp_path: Path) -> None:
 
     x, y = dataset()
     rows = [{"x": x[i], "labels": y[i]} for i in range(40)]
+    callback = TrajscopeCallback(tmp_path / "run", objective=make_hf_objective)
     trainer = transformers.Trainer(
         model=TinyHF(), args=_args(tmp_path, max_steps=5, gradient_accumulation_steps=2),
-        train_dataset=Rows(rows),
-        callbacks=[TrajscopeCallback(tmp_path / "run", objective=make_hf_objective)],
+        train_dataset=Rows(rows), callbacks=[callback],
     )
     trainer.train()
+    # hooked on the torch optimizer inside accelerate's wrapper; fp32 on the CPU: no scaler
+    assert callback.recorder is not None and callback.recorder.optimizer is trainer.optimizer.optimizer
+    assert callback.recorder.grad_scaler is None
     run = open_run(tmp_path / "run")
     assert run.status == "complete" and run.steps == list(range(6))
     snap = run.snapshot(1)
@@ -92,3 +96,37 @@ def test_hf_trainer_callback_token_normalised_accumulation(tmp_path: Path) -> No
     ds = trajscope.analyze(tmp_path / "run", make_gpt2_objective, **FAST)
     assert float(ds.loss_replay_error.max()) <= 1e-5
     assert float(ds.grad_replay_error.max()) <= 1e-4
+
+
+@pytest.fixture
+def accelerator() -> Iterator[Any]:
+    """A CPU ``Accelerator``, accelerate's process-wide state reset before and after."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_hf_callback_hands_the_wrappers_grad_scaler_to_the_recorder(tmp_path: Path, accelerator: Any) -> None:
+    """With fp16 on a GPU the Trainer's optimizer is an AcceleratedOptimizer holding the
+    Accelerator's GradScaler (a CPU Trainer has none): the callback hands it to the Recorder, unless
+    the user passed ``grad_scaler=`` themselves."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from trajscope.recorders.hf import TrajscopeCallback
+
+    model = TinyHF()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler, own = torch.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")
+    wrapped = AcceleratedOptimizer(opt, device_placement=False, scaler=scaler)
+    args = _args(tmp_path)
+    for name, kwargs, expected in (("a", {}, scaler), ("b", {"grad_scaler": own}, own)):
+        callback = TrajscopeCallback(tmp_path / name, objective=make_hf_objective, **kwargs)
+        callback.on_train_begin(args, None, None, model=model, optimizer=wrapped)
+        assert callback.recorder is not None
+        assert callback.recorder.optimizer is opt and callback.recorder.grad_scaler is expected
+        callback.on_train_end(args, None, None)

@@ -82,3 +82,37 @@ def test_lightning_callback_with_accumulation_and_clipping(tmp_path: Path) -> No
     np.testing.assert_allclose(ds.grad_norm.values, 0.05, rtol=1e-5)
     assert np.all(ds.clip_factor.values < 1)
     assert float(ds.grad_replay_error.max()) <= 1e-4
+
+
+def test_lightning_callback_hands_the_fp16_grad_scaler_to_the_recorder(tmp_path: Path) -> None:
+    """fp16 with a GradScaler and clipping: Lightning clips unscaled gradients, the gradients the
+    recorder's pre-clip hooks measured carry the scale, and the precision plugin's scaler (handed to
+    the Recorder) divides it out: the recorded clip factor is ‖g_t‖ / ‖∇f(x_t; z_t)‖."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from trajscope.recorders.lightning import TrajscopeCallback
+
+    x, y = dataset()
+    loader = DataLoader(TensorDataset(x[:48], y[:48]), batch_size=16)
+    # precision="16-mixed" becomes bf16 on the CPU; the plugin itself runs fp16 with a real scaler
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    precision = pl.plugins.precision.MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    callback = TrajscopeCallback(tmp_path / "run", objective=make_lit_objective, every=1)
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, plugins=[precision],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         gradient_clip_val=0.05, default_root_dir=tmp_path, callbacks=[callback])
+    torch.manual_seed(0)
+    trainer.fit(LitMLP(), loader)
+    assert callback.recorder is not None and callback.recorder.grad_scaler is scaler
+    run = open_run(tmp_path / "run")
+    assert run.steps == [0, 1, 2, 3]
+    for t in range(3):
+        snap = run.snapshot(t)
+        model = LitMLP()
+        model.load_state_dict(snap.params)
+        bx, by = snap.batch
+        F.cross_entropy(model.net(bx), by).backward()  # float32: fp16's rounding is within the tolerance
+        preclip = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        consumed = torch.linalg.vector_norm(torch.stack([g.norm() for g in snap.grads.values()]))
+        assert float(consumed) == pytest.approx(0.05, rel=1e-3)  # Lightning's clip_grad_norm_
+        assert snap.clip_factor == pytest.approx(float(consumed / preclip), rel=2e-2)

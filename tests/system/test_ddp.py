@@ -117,7 +117,8 @@ def test_two_gloo_ranks_record_one_run_identical_to_a_single_process(tmp_path: P
         meta_d, tens_d = read_raw(ddp.step_path(s))
         meta_s, tens_s = read_raw(single.step_path(s))
         assert meta_d == meta_s, s
-        assert tens_d.keys() == tens_s.keys()
+        # the single process saw micro-batch 1's forward pass and keeps its RNG state; rank 0 did not
+        assert tens_d.keys() == {k for k in tens_s if not k.startswith("rng/micro")}
         for k in tens_d:
             assert torch.equal(tens_d[k], tens_s[k]), (s, k)
     snap = ddp.snapshot(1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,11 @@ class Snapshot:
     """The parameters the optimizer updated at this step, when that set differed from the
     manifest's ``trainable`` flags (parameters unfrozen, frozen, added to or removed from the
     optimizer during training); None: the manifest's set."""
+    micro_rng: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """The RNG states of the step's later micro-batches' forward passes, by micro-batch index
+    (1, 2, …), each keyed like :attr:`rng`; ``rng`` is micro-batch 0's."""
+    autocast: dict[str, tuple[torch.dtype, bool]] = field(default_factory=dict)
+    """The autocast the step's forward pass ran under: device type → (dtype, weight cache on)."""
 
     @property
     def has_grad(self) -> bool:
@@ -82,7 +88,8 @@ class Snapshot:
         else the recorded ``grad_names``."""
         return tuple(self.grads) if self.unstored_grad_names is None else self.unstored_grad_names
 
-    def loss_fn(self, loss: Callable[[torch.nn.Module, Any], torch.Tensor]
+    def loss_fn(self, loss: Callable[[torch.nn.Module, Any], torch.Tensor],
+                around: Callable[[int], AbstractContextManager[Any]] | None = None,
                 ) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
         """The minibatch loss f(x; z_t) of this step, as a function ``(model, batch) -> scalar``.
 
@@ -90,10 +97,19 @@ class Snapshot:
         micro-batches it is Σ_i w_i · loss(model, batch[i]) with the recorded weights: the loss
         whose gradient the optimizer consumed (e.g. the mean of the micro-batch losses for
         ``(loss / k).backward()`` accumulation, or the average over ranks under DDP). The
-        micro-batches are evaluated in order, so recorded dropout RNG replays as in training.
+        micro-batches are evaluated in order. Each loss(model, batch[i]) runs inside ``around(i)``
+        (the probe enters micro-batch i's recorded RNG state and autocast there: training ran each
+        micro-batch's forward pass in an autocast region of its own); the weighting runs outside.
         """
         if self.micro_weights is None:
-            return loss
+            if around is None:
+                return loss
+
+            def single(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+                with around(0):
+                    return loss(model, batch)
+
+            return single
         weights = list(self.micro_weights)
 
         def weighted(model: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -103,8 +119,10 @@ class Snapshot:
                     f"{type(batch).__name__}"
                 )
             total: torch.Tensor | None = None
-            for w, mb in zip(weights, batch, strict=True):
-                term = loss(model, mb) * w
+            for i, (w, mb) in enumerate(zip(weights, batch, strict=True)):
+                with around(i) if around is not None else nullcontext():
+                    value = loss(model, mb)
+                term = value * w
                 total = term if total is None else total + term
             assert total is not None
             return total
@@ -136,7 +154,7 @@ def snapshot_from_raw(meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
     rng: dict[str, torch.Tensor] = {}
     optim: dict[str, dict[str, torch.Tensor]] = {}
     leaves: dict[int, torch.Tensor] = {}
-    for key, t in tensors.items():
+    for key, t in _in_layout(tensors, meta.get("memory_formats") or {}, where).items():
         prefix, _, name = key.partition("/")
         if prefix in ("param", "grad", "buffer", "rng", "optim"):
             fmt.check_name(name, f"{where}: tensor key {prefix}/…")
@@ -175,6 +193,7 @@ def snapshot_from_raw(meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
         fn = _import_batch_fn(str(meta["batch_fn"]), where)
         indices = batch
         batch = [fn(ix) for ix in batch] if weights is not None else fn(batch)
+    rng, micro_rng = _split_rng(rng, where)
     loss = meta.get("loss")
     clip = meta.get("clip_factor")
     names = meta.get("grad_names")
@@ -201,7 +220,47 @@ def snapshot_from_raw(meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
         clip_uniform=bool(meta.get("clip_uniform", False)) if clip is not None else None,
         unstored_grad_names=tuple(names) if names is not None else None,
         trainable=tuple(meta["trainable"]) if meta.get("trainable") is not None else None,
+        micro_rng=micro_rng,
+        autocast={dev: (_AUTOCAST_DTYPES[a["dtype"]], bool(a.get("cache", True)))
+                  for dev, a in (meta.get("autocast") or {}).items()},
     )
+
+
+def _in_layout(tensors: dict[str, torch.Tensor], layouts: dict[str, str], where: Path) -> dict[str, torch.Tensor]:
+    """``tensors`` with those ``layouts`` names (the ``memory_formats`` field) back in the layout
+    training's kernels saw: stored contiguous, a channels_last tensor rounds differently in them."""
+    out = dict(tensors)
+    for key, layout in layouts.items():
+        t = out.get(key)
+        if t is None:
+            continue
+        if t.dim() != _MEMORY_DIMS[layout]:
+            raise RunFormatError(f"{where}: {key!r:.80} is {t.dim()}-d, not {layout}")
+        out[key] = t.contiguous(memory_format=_MEMORY_FORMATS[layout])
+    return out
+
+
+def _split_rng(rng: dict[str, torch.Tensor], where: Path
+               ) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+    """The first micro-batch's RNG states (``rng/<device>``) and the later ones' by index
+    (``rng/micro<i>/<device>``, i ≥ 1)."""
+    first: dict[str, torch.Tensor] = {}
+    later: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in rng.items():
+        if not name.startswith("micro"):
+            first[name] = t
+            continue
+        index, _, dev = name.removeprefix("micro").partition("/")
+        if not (index.isascii() and index.isdigit() and int(index) >= 1 and dev):
+            raise RunFormatError(f"{where}: tensor key 'rng/{name:.80}': expected rng/micro<i>/<device>, i >= 1")
+        later.setdefault(int(index), {})[dev] = t
+    return first, later
+
+
+_MEMORY_FORMATS = {"channels_last": torch.channels_last, "channels_last_3d": torch.channels_last_3d}
+_MEMORY_DIMS = {"channels_last": 4, "channels_last_3d": 5}
+_AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                    "float64": torch.float64}
 
 
 def check_meta(meta: Any, path: Path) -> dict[str, Any]:
@@ -236,10 +295,28 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
             raise RunFormatError(f"{path}: snapshot 'grad_names' must be a list of parameter names")
         for i, n in enumerate(names):
             fmt.check_name(n, f"{path}: grad_names[{i}]")
+    _check_forward_meta(meta, path)
     trainable = meta.get("trainable")
     if not (trainable is None or (isinstance(trainable, list) and all(isinstance(n, str) for n in trainable))):
         raise RunFormatError(f"{path}: snapshot 'trainable' must be a list of parameter names")
     return meta
+
+
+def _check_forward_meta(meta: dict[str, Any], path: Path) -> None:
+    """Type-check ``autocast`` and ``memory_formats`` (how the step's forward pass ran)."""
+    autocast = meta.get("autocast")
+    if autocast is not None and not (
+        isinstance(autocast, dict) and all(
+            isinstance(dev, str) and isinstance(a, dict) and a.get("dtype") in _AUTOCAST_DTYPES
+            and isinstance(a.get("cache", True), bool) for dev, a in autocast.items())):
+        raise RunFormatError(
+            f"{path}: snapshot 'autocast' must map device types to {{\"dtype\": one of "
+            f"{', '.join(_AUTOCAST_DTYPES)}, \"cache\": bool}}")
+    layouts = meta.get("memory_formats")
+    if layouts is not None and not (
+        isinstance(layouts, dict) and all(isinstance(k, str) and v in _MEMORY_FORMATS for k, v in layouts.items())):
+        raise RunFormatError(f"{path}: snapshot 'memory_formats' must map tensor keys to "
+                             f"{' or '.join(_MEMORY_FORMATS)}")
 
 
 def is_nonneg_int(x: Any) -> bool:
