@@ -135,7 +135,10 @@ def synthetic_pair(step: int = 3, *, lr: float = 0.1, seed: int = 0, points: int
         f"{a}.{b}": np.array([vec[a][i:j] @ vec[b][i:j] for i, j in zip(bounds[:-1], bounds[1:], strict=True)])
         for a, b in TERMS
     }
-    extras = {"loss_ref": q.f(q.x_ref)}
+    # As an evaluation under training's autocast gives them: f(x_t), f(x_{t+1}) from the gradient
+    # passes and the loss resolution (here a rounding far below every loss difference).
+    extras = {"loss_ref": q.f(q.x_ref), "loss_x0": q.ell(0.0), "loss_x1": q.ell(1.0),
+              "loss_resolution": 1e-9 * abs(q.ell(0.0))}
     if "sharpness" in needs:
         extras |= {"sharpness": float(h.max()), "sharpness_iterations": float(n), "sharpness_converged": 1.0}
     stats = PairStats(

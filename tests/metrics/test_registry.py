@@ -28,7 +28,7 @@ from click.testing import CliRunner
 import trajscope
 from support.problems import make_quadratic, train_quadratic
 from trajscope.cli import cli
-from trajscope.errors import MetricRegistrationError
+from trajscope.errors import MetricRegistrationError, TrajscopeWarning
 from trajscope.metrics import registry
 from trajscope.metrics.registry import MetricSpec, get_metrics, markdown_table, metric, refresh_plugins, series
 
@@ -165,7 +165,7 @@ def test_broken_plugins_warn_and_good_ones_register(monkeypatch: pytest.MonkeyPa
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             specs = get_metrics()
-        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        messages = [str(w.message) for w in caught if issubclass(w.category, TrajscopeWarning)]
         assert "fake_ok" in specs and "fake_bad" not in specs
         assert any("'bad'" in m and "holds_if 'often'" in m for m in messages), messages
         assert any("'gone'" in m and "no_such_module_xyz" in m for m in messages), messages

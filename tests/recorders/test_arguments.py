@@ -95,6 +95,9 @@ def test_accelerate_prepared_model_and_optimizer_record_and_replay(tmp_path: Pat
     run = open_run(tmp_path / "run")
     assert run.status == "complete" and run.steps == [0, 1, 2, 3, 4]
     assert run.snapshot(0).micro_weights == [0.5, 0.5]
+    ds = trajscope.analyze(tmp_path / "run", make_mlp_dropout_bf16, **FAST)
+    assert float(ds.loss_replay_error.max()) <= 1e-6  # the dropout masks and bf16 autocast replayed
+    assert float(ds.grad_replay_error.max()) <= 1e-4
 
 
 def test_wrappers_are_looked_through_and_their_scaler_found(accelerate_state: Any) -> None:

@@ -13,6 +13,9 @@ A test that starts a child interpreter itself puts ``tests/`` on the child's ``P
 * :mod:`support.replay_problems`: a CNN whose replay is hard (train-mode BatchNorm, three dropouts).
 * :mod:`support.recorder_objectives`: the recorder tests' tiny MLP, index minibatches, an SGD loop,
   the Hugging Face model and dataset, and the autouse fixture that runs torch single-threaded.
+* :mod:`support.gpu_style`: training programs written the way GPU training is (bf16 autocast,
+  channels_last, torch.compile, the Hugging Face Trainer, Lightning, accelerate, fp16 with a
+  GradScaler) on the CPU, and their objectives.
 * :mod:`support.recording`: the plain recorded training loop (``zero_grad``, ``backward``,
   ``rec.batch``, ``step``), for tests whose loop has nothing special.
 * :mod:`support.rundirs`: run directories for the reliability tests: a complete quadratic run,

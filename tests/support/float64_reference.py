@@ -196,6 +196,7 @@ class Reference:
             "effective_lr": float(d.norm() / g.norm()),
             "replay_grad_norm": float(G0.norm()),
             "loss_replay_error": abs(ell[i0] - rec) / abs(rec),
+            "loss_resolution": nan,  # evaluated without autocast: nothing rounds below the dtype
             # a uniform recorded clip c: training consumed g_t = c·G0
             "grad_replay_error": float((clip * G0 - g).norm() / g.norm()),
             "clip_factor": snap.clip_factor if snap.clip_factor is not None else 1.0,

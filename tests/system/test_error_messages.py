@@ -390,7 +390,7 @@ def test_loss_returns_non_scalar(run_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("kw,needle", [
-    ({"dtype": "float16"}, "dtype='float16': expected float32 or float64"),
+    ({"dtype": "float16"}, "dtype='float16': expected as-trained (or None or 'auto'), float32 or float64"),
     ({"steps": "a:b"}, "steps='a:b': expected START:STOP[:STRIDE]"),
     ({"device": "tpu"}, "device='tpu': expected cpu, cuda, cuda:N or auto"),
     ({"points": 1}, "points=1: expected an int from 2 to 10001"),

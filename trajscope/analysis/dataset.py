@@ -81,6 +81,7 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
         "probe": json.dumps(settings.to_json()),
         "device": settings.device,
         "eval_dtype": settings.dtype,
+        "eval_precision": settings.precision_label,
         "derivatives": settings.derivatives_label,
         "derivatives_reason": settings.derivatives_reason,
         # pairs whose line vmap could not batch (evaluated point by point: same numbers, slower)

@@ -69,6 +69,7 @@ from trajscope.analysis.plan import (
     probe_settings,
     select_metrics,
     training_rounding,
+    with_precision,
     with_requirements,
 )
 from trajscope.analysis.progress import Progress as _Progress
@@ -80,7 +81,7 @@ from trajscope.objective import ObjectiveSource, check_run_objective, objective_
 from trajscope.probe import memory
 from trajscope.probe.reference_point import ReferencePart, merge, snapshot_identity
 from trajscope.probe.settings import ProbeSettings
-from trajscope.probe.trials import persisted_objective_change, resolve_derivatives
+from trajscope.probe.trials import first_readable, persisted_objective_change, resolve_derivatives
 from trajscope.store.run import Run, open_run
 from trajscope.store.unwrap import unwrapped
 
@@ -138,9 +139,9 @@ def analyze(
         points, margin: α grid (``points`` on [0, 1], extended by ``margin`` on both sides).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available). With several
             GPUs, ``cuda``/``auto`` gives each worker its own GPU (set ``workers`` to the count).
-        dtype: evaluation dtype, ``float32`` or ``float64``; None (or ``"auto"``): float64 when
-            every floating parameter the run recorded is float64, else float32 (bf16/fp16/float32
-            runs). The Dataset's ``eval_dtype`` attribute says which was used.
+        dtype: None (``"as-trained"``, ``"auto"``): each step under its recorded autocast and
+            memory formats, in float64 for a float64 run, else float32. ``"float32"``/``"float64"``:
+            that dtype throughout, without autocast (:func:`~trajscope.analysis.plan.with_precision`).
         scheduler: ``synchronous`` (this thread), ``threads``, ``processes``, a dask.distributed
             scheduler address (``tcp://host:8786``) or a ``distributed.Client``. The results
             are the same under every scheduler. A cluster's workers must see the run directory
@@ -179,7 +180,7 @@ def analyze(
     settings = _with_budget(settings, max_memory, scheduler, workers)  # a malformed size fails at once
     specs = with_requirements(selected)
     pairs, lost = pairs_to_analyze(r, steps)
-    r, settings, code = _resolve_objective(r, objective, settings, derivatives, pairs, local)
+    r, settings, code = _resolve_objective(r, objective, settings, dtype, derivatives, pairs, local)
     name = objective_id(objective, r.objective)
     job = _job(r, objective, name, settings, device, code, where, local)
     with analysis_lock(where) if where is not None else contextlib.nullcontext():
@@ -198,7 +199,11 @@ def _dataset(r: Run, ordered: list[PairStats], specs: dict[str, MetricSpec], set
     values = [evaluate_pair(s, list(specs.values())) for s in ordered]
     ds = build_dataset(ordered, values, specs, r, settings, name)
     health.record_skipped(ds, skipped, total)
-    ds.attrs["training_rounding"] = training_rounding(r)  # scales the replay gate's bounds
+    ds.attrs["training_rounding"] = training_rounding(r, settings)  # scales the replay gate's bounds
+    for metric in health.REPLAY_METRICS:
+        bound = health.replay_bound(ds, metric)
+        if bound is not None:
+            ds.attrs[metric.removesuffix("_error") + "_bound"] = bound
     return ds
 
 
@@ -249,8 +254,8 @@ def _check_arguments(dtype: str | None, scheduler: Any, device: str, chunk_size:
                      derivatives: str) -> Any:
     """Validate the arguments checked before the run is read further; returns the scheduler."""
     check_derivatives(derivatives)
-    if dtype not in (None, "auto", "float32", "float64"):
-        raise AnalysisError(f"dtype={dtype!r}: expected float32 or float64 (or None or 'auto': the run's)")
+    if dtype not in (None, "auto", "as-trained", "float32", "float64"):
+        raise AnalysisError(f"dtype={dtype!r}: expected as-trained (or None or 'auto'), float32 or float64")
     scheduler = check_scheduler(scheduler)
     check_device(device)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -276,15 +281,18 @@ def _memory_budget(max_memory: int | str | None, scheduler: Any, workers: int | 
     return max(1, memory.parse_size(max_memory) // procs)
 
 
-def _resolve_objective(r: Run, objective: ObjectiveSource, settings: ProbeSettings, derivatives: str,
-                       pairs: list[int], local: bool) -> tuple[Run, ProbeSettings, str]:
-    """The run as the objective's model names it, the settings with the derivative path decided,
-    and the digest of what the objective computes (:func:`objective_digest`). Resolved once,
-    before any work, so import errors and name/shape mismatches surface at once."""
+def _resolve_objective(r: Run, objective: ObjectiveSource, settings: ProbeSettings, dtype: str | None,
+                       derivatives: str, pairs: list[int], local: bool) -> tuple[Run, ProbeSettings, str]:
+    """The run as the objective's model names it, the settings with the precision
+    (:func:`~trajscope.analysis.plan.with_precision`) and the derivative path decided, and the
+    digest of what the objective computes (:func:`objective_digest`). Resolved once, before any
+    work, so import errors and name/shape mismatches surface at once."""
     obj = objective_for(objective, r.objective, run=r)
     r = unwrapped(r, obj.model)  # a run recorded through torch.compile/DDP: the model's plain names
     check_run_objective(obj, r.manifest)
-    return r, resolve_derivatives(derivatives, settings, r, obj, pairs, local), objective_digest(obj)
+    snap = first_readable(r, pairs)
+    settings = with_precision(settings, dtype, snap, compiled=r.manifest.get("compiled") is True)
+    return r, resolve_derivatives(derivatives, settings, r, obj, pairs, local, snap), objective_digest(obj)
 
 
 def _compute_pairs(job: Job, pairs: list[int], lost: dict[int, str], scheduler: Any, workers: int | None,

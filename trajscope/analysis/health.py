@@ -77,6 +77,9 @@ FLAGS: dict[str, tuple[int, str]] = {
     "unrecorded_update": (1024, "a parameter without a recorded gradient changed between x_t and x_{t+1} (the "
                                 "trainable set changed during training and the run does not record it): it "
                                 "is a coordinate of x, its g_t counts as 0, so grad_replay_error shows it"),
+    "below_resolution": (2048, "evaluated under training's autocast, |loss_change| or |inst_gap| is at most "
+                               "twice loss_resolution (the rounding of one evaluation of ℓ): its sign cannot "
+                               "be told at this precision, so the headline fractions leave the pair out"),
 }
 """``pair_flags`` bits: name → (mask, meaning). The clip bits describe training, not a problem."""
 
@@ -212,9 +215,26 @@ def pair_flags(stats: PairStats, loss_given: bool = False, next_has_grad: bool =
             flags |= 64
     if stats.extras.get("unrecorded_params", 0.0) > 0:
         flags |= FLAGS["unrecorded_update"][0]
+    if _below_resolution(stats):
+        flags |= FLAGS["below_resolution"][0]
     if np.isfinite(stats.extras.get("clip_factor", np.nan)):
         flags |= FLAGS["clipped"][0] if stats.extras.get("clip_uniform") == 1.0 else FLAGS["clipped_nonuniform"][0]
     return flags
+
+
+def _below_resolution(stats: PairStats) -> bool:
+    """Whether ℓ(1) − ℓ(0) or ℓ(1) − ℓ(0) − ℓ'(1) (loss_change, inst_gap) is within twice the
+    pair's ``loss_resolution`` (a difference of two evaluations, each off by up to it)."""
+    res = stats.extras.get("loss_resolution", np.nan)
+    if not np.isfinite(res):
+        return False
+    alpha = np.asarray(stats.alpha, dtype=np.float64)
+    at0, at1 = np.flatnonzero(alpha == 0.0), np.flatnonzero(alpha == 1.0)
+    if not (at0.size and at1.size):
+        return False
+    l0, l1 = float(stats.loss_line[at0[0]]), float(stats.loss_line[at1[0]])
+    d1 = float(stats.dloss_line[at1[0]])
+    return abs(l1 - l0) <= 2 * res or abs(l1 - l0 - d1) <= 2 * res
 
 
 def losses_given(run: Run) -> set[int]:
@@ -307,10 +327,12 @@ class ReplayCheck:
         return not (self.failed >= 1 and self.failed > REPLAY_FAIL_FRACTION * self.pairs)
 
 
-ROUNDING_FACTOR = 16.0
-"""A run trained in low precision replays only to its rounding: the gate's bound of a replay error
-is max(its ``holds_if`` bound, ROUNDING_FACTOR · u), u the Dataset's ``training_rounding``
-attribute (the unit roundoff of the training dtype: 2⁻⁸ for bfloat16)."""
+ROUNDING_FACTOR = {"loss_replay_error": 16.0, "grad_replay_error": 32.0}
+"""A replay that does not reproduce training's rounding (a run trained in low precision, or under an
+autocast the evaluation leaves out) agrees with training only to that rounding: the gate's bound of
+a replay error is max(its ``holds_if`` bound, ROUNDING_FACTOR · u), u the Dataset's
+``training_rounding`` attribute (the unit roundoff of the dtype: 2⁻⁸ for bfloat16). The gradient's
+factor is twice the loss's: it is rounded in the backward pass as well as the forward."""
 
 
 def replay_bound(ds: xr.Dataset, name: str) -> float | None:
@@ -319,7 +341,7 @@ def replay_bound(ds: xr.Dataset, name: str) -> float | None:
     bound = holds_bound(spec.holds_if if spec is not None else None)
     if bound is None:
         return None
-    return max(bound, ROUNDING_FACTOR * float(ds.attrs.get("training_rounding", 0.0)))
+    return max(bound, ROUNDING_FACTOR.get(name, 16.0) * float(ds.attrs.get("training_rounding", 0.0)))
 
 
 def _exceeds(ds: xr.Dataset, name: str, n: int) -> np.ndarray:
@@ -345,10 +367,18 @@ def replay_failures(ds: xr.Dataset) -> ReplayCheck:
 def replay_warning(check: ReplayCheck, ds: xr.Dataset) -> str:
     """The one-line warning of a failed replay gate, with the likely causes."""
     bounds = " or ".join(f"{m} > {b:.3g}" for m in REPLAY_METRICS if (b := replay_bound(ds, m)) is not None)
-    text = (f"replay failed on {check.failed} of {check.pairs} pairs ({bounds}): the metrics may not "
-            "describe the training run. Likely causes: a wrong objective, or one that differs from "
-            "training's; a missing zero_grad (gradients accumulate); a data pipeline that is not "
-            "reproducible, or a batch changed after rec.batch; unrecorded randomness")
+    worst = "; ".join(f"max {m} {float(np.nanmax(ds[m].values)):.3g}" for m in REPLAY_METRICS
+                      if m in ds and np.any(np.isfinite(np.asarray(ds[m].values, dtype=np.float64))))
+    text = (f"replay failed on {check.failed} of {check.pairs} pairs ({bounds}; {worst}): the metrics may "
+            "not describe the training run. Likely causes: a wrong objective, or one that differs from "
+            "training's (precision: autocast or a dtype inside the loss that training did not use, or "
+            "the reverse; memory format: a model trained channels_last replayed from an objective that "
+            "converts it); a missing zero_grad (gradients accumulate); a data pipeline that is not "
+            "reproducible, or a batch changed after rec.batch; unrecorded randomness (a compiled "
+            "model's dropout, a run recorded by an older trajscope)")
+    precision = ds.attrs.get("eval_precision")
+    if precision:
+        text += f". Evaluated {precision}"
     if check.nonuniform:
         text += (f" ({check.nonuniform} non-uniformly clipped pairs exceed grad_replay_error's bound "
                  "as expected and are not counted)")

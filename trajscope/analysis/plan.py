@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from trajscope.errors import AnalysisError, RunFormatError
@@ -19,11 +20,11 @@ from trajscope.metrics.registry import MetricSpec, get_metrics
 from trajscope.objective import Objective, ObjectiveSource
 from trajscope.probe.grid import alpha_grid
 from trajscope.probe.settings import DERIVATIVES, ProbeSettings
-from trajscope.store import coverage
+from trajscope.store import Snapshot, coverage
 from trajscope.store.run import Run
 
 __all__ = ["check_derivatives", "eval_dtype", "objective_id", "pairs_to_analyze", "probe_settings",
-           "select_metrics", "select_steps", "training_rounding", "with_requirements"]
+           "select_metrics", "select_steps", "training_rounding", "with_precision", "with_requirements"]
 
 
 def objective_id(source: ObjectiveSource, recorded: str | None) -> str:
@@ -147,21 +148,45 @@ def eval_dtype(r: Run, dtype: str | None) -> str:
     objective may hold float64 constants, and float64 replays it near exactly. Any other run
     (float32, bf16, fp16, mixed, or a manifest without dtypes) evaluates in float32.
     """
-    if dtype is not None and dtype != "auto":
+    if dtype is not None and dtype not in ("auto", "as-trained"):
         return dtype
     floating = [q.get("dtype") for q in r.manifest["params"] if _floating(q.get("dtype"))]
     known = all(isinstance(q.get("dtype"), str) and q.get("dtype") for q in r.manifest["params"])
     return "float64" if floating and known and all(d == "float64" for d in floating) else "float32"
 
 
-def training_rounding(r: Run) -> float:
-    """The unit roundoff of the coarsest floating-point dtype the run's parameters were recorded in
-    (2⁻⁸ for bfloat16, 2⁻¹¹ for float16, 2⁻²⁴ for float32, 2⁻⁵³ for float64; float32's when the
-    manifest names none): the replay of a low-precision run differs from training by about this
-    much, relative, however faithful the objective."""
-    eps = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24, "float64": 2.0**-53}
+_UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24, "float64": 2.0**-53}
+
+
+def training_rounding(r: Run, settings: ProbeSettings | None = None) -> float:
+    """The unit roundoff of the coarsest floating-point dtype training computed in that the
+    evaluation does not reproduce (2⁻⁸ for bfloat16, 2⁻¹¹ for float16, 2⁻²⁴ for float32, 2⁻⁵³ for
+    float64): the dtypes the run's parameters were recorded in (float32's when the manifest names
+    none) and, when ``settings`` evaluate without the autocast training ran under, that autocast's
+    dtype. The replay then differs from training by about this much, relative, however
+    faithful the objective."""
+    eps = _UNIT_ROUNDOFF
     found = [eps.get(q.get("dtype"), 2.0**-3) for q in r.manifest["params"] if _floating(q.get("dtype"))]
+    if settings is not None and settings.training_autocast and not settings.autocast:
+        found.append(eps.get(settings.training_autocast, 2.0**-3))
     return max(found) if found else eps["float32"]
+
+
+def with_precision(settings: ProbeSettings, dtype: str | None, snap: Snapshot | None,
+                   compiled: bool = False) -> ProbeSettings:
+    """``settings`` with the evaluation's autocast decided from the ``dtype`` asked for and the
+    autocast the run trained under (read from ``snap``, the first readable pair's x_t).
+
+    As trained (``dtype`` None, ``"auto"`` or ``"as-trained"``), each step is evaluated under its
+    own recorded autocast. ``"float32"``/``"float64"`` evaluate in that dtype throughout; for a run
+    that trained without autocast the two are the same evaluation, and the settings say so (the
+    pairs' digest does not change). A run that trained a ``torch.compile`` d model (``compiled``,
+    the manifest's) under autocast has its gradient passes compiled as well when evaluated as
+    trained: only inductor's fused kernels round as training did."""
+    label = "/".join(sorted({str(d).removeprefix("torch.") for d, _ in snap.autocast.values()})) if snap else ""
+    as_trained = dtype in (None, "auto", "as-trained")
+    return replace(settings, autocast=as_trained or not label, training_autocast=label,
+                   compiled=bool(compiled and as_trained and label))
 
 
 def _floating(dtype: object) -> bool:

@@ -350,10 +350,24 @@ def replay_grad_norm(p: PairView | LayerView) -> float:
 
 
 @metric("loss_replay_error", long_name="loss replay error", units="1", holds_if="<= 1e-5",
-        description="|ℓ(0) − recorded f(x_t; z_t)| / max(|recorded|, 1e-30)")
+        description="|f(x_t; z_t) − recorded| / max(|recorded|, 1e-30), f(x_t; z_t) from the plain "
+                    "forward pass that gives G0 (the computation training ran; ℓ(0) for pairs "
+                    "probed without one)")
 def loss_replay_error(p: PairView) -> float:
     rec = p.loss_recorded
-    return abs(p.ell(0) - rec) / max(abs(rec), TINY)
+    replayed = p.extra("loss_x0")
+    if not np.isfinite(replayed) and not np.isnan(rec):
+        replayed = p.ell(0)
+    return abs(replayed - rec) / max(abs(rec), TINY)
+
+
+@metric("loss_resolution", long_name="loss resolution", units="loss",
+        description="the largest deviation of f(x_t), f(x_{t+1}) evaluated as trained (under the "
+                    "step's autocast) from the same in the evaluation dtype throughout: the rounding "
+                    "of one evaluation of ℓ. A pair whose |loss_change| or |inst_gap| is at most "
+                    "twice this is flagged below_resolution. NaN: evaluated without autocast")
+def loss_resolution(p: PairView) -> float:
+    return p.extra("loss_resolution")
 
 
 @metric("grad_replay_error", long_name="gradient replay error", units="1", holds_if="<= 1e-4",

@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from trajscope.errors import AnalysisError, MetricRegistrationError
+from trajscope.errors import AnalysisError, MetricRegistrationError, TrajscopeWarning
 from trajscope.metrics.pair import LayerView, PairStats, PairView, layer_views
 
 __all__ = [
@@ -340,7 +340,7 @@ def _load_plugins() -> None:
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the tool
             warnings.warn(
                 f"trajscope metric plugin {ep.name!r} ({ep.value}, from {dist}) failed to load: {exc}",
-                RuntimeWarning,
+                TrajscopeWarning,
                 stacklevel=2,
             )
 

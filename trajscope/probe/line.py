@@ -49,20 +49,30 @@ def replayed_rng(rng: Mapping[str, torch.Tensor], enabled: bool) -> Iterator[Non
         yield
         return
     saved = torch.get_rng_state()
-    cuda_saved = {}
+    cuda_saved = {i: torch.cuda.get_rng_state(i) for i in _cuda_devices(rng)}
     try:
-        torch.set_rng_state(rng["cpu"])
-        for key, state in rng.items():
-            if key.startswith("cuda") and torch.cuda.is_available():
-                i = int(key[4:])
-                if i < torch.cuda.device_count():
-                    cuda_saved[i] = torch.cuda.get_rng_state(i)
-                    torch.cuda.set_rng_state(state, i)
+        set_rng_states(rng)
         yield
     finally:
         torch.set_rng_state(saved)
         for i, state in cuda_saved.items():
             torch.cuda.set_rng_state(state, i)
+
+
+def _cuda_devices(rng: Mapping[str, torch.Tensor]) -> list[int]:
+    """The CUDA devices of this process that ``rng`` holds a state of (``cuda<i>`` keys)."""
+    if not torch.cuda.is_available():
+        return []
+    found = (int(k[4:]) for k in rng if k.startswith("cuda") and k[4:].isdigit())
+    return [i for i in found if i < torch.cuda.device_count()]
+
+
+def set_rng_states(rng: Mapping[str, torch.Tensor]) -> None:
+    """Set the CPU generator (and each CUDA device's present here) to the recorded states."""
+    if "cpu" in rng:
+        torch.set_rng_state(rng["cpu"])
+    for i in _cuda_devices(rng):
+        torch.cuda.set_rng_state(rng[f"cuda{i}"], i)
 
 
 def sdpa_math_kernel(enabled: bool) -> contextlib.AbstractContextManager[None]:

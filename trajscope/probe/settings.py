@@ -30,6 +30,9 @@ class ProbeSettings:
     alphas: tuple[float, ...] = tuple(alpha_grid())
     device: str = "cpu"
     dtype: str = "float32"
+    autocast: bool = True  # evaluate under the autocast each step's forward ran under (as trained)
+    training_autocast: str = field(default="", compare=False)  # the run's autocast dtype ("bfloat16"); "": none
+    compiled: bool = False  # gradient passes compiled, as a run trained compiled under autocast ran them
     chunk_size: int | None = None  # α points per vmap call; None: all at once
     batched: bool | None = True  # False: α points one by one; None: whichever is faster (trajscope.probe.line_plan)
     sharpness: bool = False  # λ_max(∇²f(x_t; z_t)) by Lanczos (one double-backward per iteration)
@@ -81,7 +84,26 @@ class ProbeSettings:
             out["derivatives"] = self.derivatives
         if self.sdpa_math:
             out["sdpa_math"] = True
+        if not self.autocast:  # named only when off: pairs of runs without autocast keep their digest
+            out["autocast"] = False
+        if self.compiled:
+            out["compiled"] = True
         return out
+
+    @property
+    def reduced_precision(self) -> bool:
+        """Whether f is evaluated under training's autocast (its values carry that rounding)."""
+        return self.autocast and bool(self.training_autocast)
+
+    @property
+    def precision_label(self) -> str:
+        """The evaluation's precision in words (the Dataset's ``eval_precision``)."""
+        if self.reduced_precision:
+            compiled = ", gradient passes compiled as training was" if self.compiled else ""
+            return f"as trained: {self.dtype} under {self.training_autocast} autocast{compiled}"
+        if self.training_autocast:
+            return f"{self.dtype} (training ran under {self.training_autocast} autocast)"
+        return self.dtype
 
     @property
     def derivatives_label(self) -> str:

@@ -23,10 +23,10 @@ import torch
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from trajscope.errors import AnalysisError, ForwardModeError, ObjectiveError
+from trajscope.errors import AnalysisError, ForwardModeError, ObjectiveError, ProbeWarning
 from trajscope.objective import Objective
 from trajscope.probe import line_plan
-from trajscope.probe.line import replayed_rng, sdpa_math_kernel
+from trajscope.probe.line import Loss, replayed_rng, sdpa_math_kernel, set_rng_states
 from trajscope.probe.settings import ProbeSettings
 from trajscope.store.names import first, mismatches, shapes
 from trajscope.store.snapshot import Snapshot, pair_coordinates
@@ -107,6 +107,8 @@ class Prepared:
         replay: whether evaluations run under the RNG state captured at the step's forward pass.
         device, dtype: where and in which floating-point dtype everything is evaluated.
         unrecorded: coordinates that changed without a recorded gradient (:class:`~trajscope.store.names.Coordinates`).
+        f_full: f evaluated without the step's autocast (in ``dtype`` throughout), when f runs under
+            it: the full-precision reference of the pair's loss resolution; None otherwise.
     """
 
     names: list[str]
@@ -119,6 +121,7 @@ class Prepared:
     device: str
     dtype: torch.dtype
     unrecorded: tuple[str, ...] = ()
+    f_full: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
 
     def on_device(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``tensors[n]`` for every coordinate n, on the evaluation device and dtype."""
@@ -172,15 +175,13 @@ def prepare(objective: Objective, snap: Snapshot, nxt: Snapshot, settings: Probe
     model.to(device=dev)
     if snap.training is not None:
         model.train(snap.training)
-    # f(x; z_t): the objective's loss, or the weighted sum over the step's micro-batches.
-    bound = _Bound(model, snap.loss_fn(objective.loss))
+    replay = bool(snap.training) and bool(snap.rng)
     x0 = {n: _to(snap.params[n], dev, dt) for n in names}
     x1 = {n: _to(nxt.params[n], dev, dt) for n in names}
     delta = {n: x1[n] - x0[n] for n in names}
     fixed = {f"model.{n}": _to(t, dev, dt) for n, t in snap.params.items() if n not in x0}
     buffers = {f"model.{n}": _to(t, dev, dt) for n, t in snap.buffers.items()}
     batch = tree_map(lambda t: _to(t, dev, dt), snap.batch, leaf=torch.Tensor)
-    replay = bool(snap.training) and bool(snap.rng)
     if replay and str(dev).startswith("cuda") and not any(k.startswith("cuda") for k in snap.rng):
         # Random ops (dropout) on a GPU draw from the CUDA generator, whose state this run did not
         # record (it trained on the CPU): masks will differ from training's, and the replay-error
@@ -188,24 +189,64 @@ def prepare(objective: Objective, snap: Snapshot, nxt: Snapshot, settings: Probe
         warnings.warn(
             f"the run trained on the CPU but is analyzed on {dev}: random ops (dropout) "
             "cannot be replayed on another device's generator; use --device cpu for exact replay",
-            RuntimeWarning, stacklevel=3,
+            ProbeWarning, stacklevel=3,
         )
 
-    def f(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        # Fresh buffer copies per call: a module may write a buffer in place (train-mode BatchNorm
-        # is patched not to, others may), and such writes must never reach the recorded state or
-        # the next evaluation.
-        state = {**fixed, **{k: v.clone() for k, v in buffers.items()}}
-        state.update({f"model.{n}": p for n, p in params.items()})
-        out = functional_call(bound, state, (batch,))
-        if not isinstance(out, torch.Tensor) or out.numel() != 1:
-            raise ObjectiveError(
-                f"objective loss returned {type(out).__name__}"
-                f"{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}; expected a scalar tensor"
-            )
-        return out.reshape(())
+    def evaluator(cast: Callable[[], contextlib.AbstractContextManager[Any]] | None) -> Loss:
+        # f(x; z_t): the objective's loss, or the weighted sum over the step's micro-batches,
+        # each micro-batch in an autocast region of its own and, with several, from the RNG
+        # state its own forward pass began with.
+        bound = _Bound(model, snap.loss_fn(objective.loss, _around(snap, replay, cast)))
 
-    return Prepared(names, x0, x1, delta, f, model, replay, dev, dt, coords.unrecorded)
+        def f(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            # Fresh buffer copies per call: a module may write a buffer in place (train-mode
+            # BatchNorm is patched not to, others may), and such writes must never reach the
+            # recorded state or the next evaluation.
+            state = {**fixed, **{k: v.clone() for k, v in buffers.items()}}
+            state.update({f"model.{n}": p for n, p in params.items()})
+            out = functional_call(bound, state, (batch,))
+            if not isinstance(out, torch.Tensor) or out.numel() != 1:
+                raise ObjectiveError(
+                    f"objective loss returned {type(out).__name__}"
+                    f"{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}; expected a scalar tensor"
+                )
+            return out.reshape(()).to(dt)
+
+        return f
+
+    cast = training_autocast(snap, dev) if settings.autocast else None
+    return Prepared(names, x0, x1, delta, evaluator(cast), model, replay, dev, dt, coords.unrecorded,
+                    f_full=evaluator(None) if cast is not None else None)
+
+
+
+def training_autocast(snap: Snapshot, device: str) -> Callable[[], contextlib.AbstractContextManager[Any]] | None:
+    """A factory of the autocast the step's forward pass ran under, on ``device``'s type (None: it
+    ran without). Recorded for another device type (a CUDA run analyzed on the CPU), the same dtype
+    is applied on ``device``: the ops autocast lowers are the same on every device type."""
+    if not snap.autocast:
+        return None
+    kind = torch.device(device).type
+    dtype, cache = snap.autocast.get(kind, next(iter(snap.autocast.values())))
+    return lambda: torch.autocast(device_type=kind, dtype=dtype, cache_enabled=cache)
+
+
+def _around(snap: Snapshot, replay: bool, cast: Callable[[], contextlib.AbstractContextManager[Any]] | None
+            ) -> Callable[[int], contextlib.AbstractContextManager[Any]] | None:
+    """What each micro-batch i's loss runs inside: its recorded RNG state (a step of several
+    micro-batches with later states recorded, when replaying) and the step's autocast (``cast``)."""
+    states = {0: snap.rng, **snap.micro_rng} if replay and snap.micro_rng else {}
+    if cast is None and not states:
+        return None
+
+    @contextlib.contextmanager
+    def around(i: int) -> Iterator[None]:
+        if i in states:
+            set_rng_states(states[i])
+        with cast() if cast is not None else contextlib.nullcontext():
+            yield
+
+    return around
 
 
 def evaluate(prep: Prepared, snap: Snapshot, settings: ProbeSettings, *,
@@ -216,6 +257,11 @@ def evaluate(prep: Prepared, snap: Snapshot, settings: ProbeSettings, *,
     * ℓ(α) = f(x_t + αΔ_t) and ℓ'(α) = ⟨∇f(x_t + αΔ_t), Δ_t⟩ on the α grid
       (``settings.derivatives``: forward or reverse mode);
     * G0 = ∇f(x_t) and G1 = ∇f(x_{t+1}) (reverse mode);
+    * ``extras["loss_x0"]``, ``extras["loss_x1"]`` = f(x_t), f(x_{t+1}) from the passes that gave
+      G0 and G1 (the computation training ran: ``loss_replay_error`` compares the first). For a
+      run trained compiled under autocast (``settings.compiled``) these two passes run compiled
+      too (:func:`compiled_as_trained`);
+    * ``extras["loss_resolution"]`` when f runs under the step's autocast (:func:`_resolution`);
     * ``extras["loss_ref"]`` = f(x*) when a reference snapshot is given;
     * ``extras["sharpness"]`` = λ_max(∇²f(x_t)) and its Lanczos diagnostics, when asked for;
     * ``extras["line_batched"]``: 1.0 if ``vmap`` computed the line, 0.0 if the point loop did;
@@ -231,10 +277,14 @@ def evaluate(prep: Prepared, snap: Snapshot, settings: ProbeSettings, *,
                                                                            settings, rng, replay)
         except ForwardModeError as exc:
             raise ForwardModeError(f"step {snap.step}: {exc}", exc.what) from None
-        with replayed_rng(rng, replay):
-            G0 = grad(f, prep.x0)
-        with replayed_rng(rng, replay):
-            G1 = grad(f, prep.x1)
+        with compiled_as_trained(settings.compiled) as compile_f:
+            f_grad = compile_f(f)
+            with replayed_rng(rng, replay):
+                G0, extras["loss_x0"] = grad_and_value(f_grad, prep.x0)
+            with replayed_rng(rng, replay):
+                G1, extras["loss_x1"] = grad_and_value(f_grad, prep.x1)
+        if prep.f_full is not None:
+            extras["loss_resolution"] = _resolution(prep, snap, settings, loss_line, extras)
         xref: dict[str, torch.Tensor] | None = None
         if ref is not None:
             xref = prep.on_device(ref.params)
@@ -284,13 +334,73 @@ def _sharpness(prep: Prepared, snap: Snapshot, settings: ProbeSettings) -> dict[
     }
 
 
+@contextlib.contextmanager
+def compiled_as_trained(enabled: bool) -> Iterator[Callable[[Loss], Loss]]:
+    """A function that compiles f as training's ``torch.compile`` did (inductor, dropout drawn
+    from torch's generator: ``fallback_random``), or leaves it as it is when not ``enabled``.
+
+    Inductor's fused kernels keep the intermediates of an autocast region in float32 where an eager
+    pass rounds each op's output to bf16/fp16, so only a compiled pass reproduces the gradient of a
+    run trained compiled under autocast. The compiled f is used for the gradient passes only (the
+    line's jvp and vmap run eagerly). Each pair compiles a new closure of the same code, which
+    dynamo's cache serves after the first. When compiling fails (no C++ compiler on a CPU
+    machine), f runs eagerly with a :class:`~trajscope.errors.ProbeWarning`.
+    """
+    if not enabled:
+        yield lambda f: f
+        return
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fallback_random=True):
+        yield lambda f: _or_eager(torch.compile(f), f)
+
+
+def _or_eager(compiled: Loss, f: Loss) -> Loss:
+    """``compiled``, falling back to ``f`` (with one ProbeWarning) when compiling it fails."""
+    def call(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        try:
+            return compiled(params)
+        except ObjectiveError:
+            raise
+        except Exception as exc:  # the backend failed (re-raised otherwise): f computes it eagerly
+            if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                warnings.warn(f"compiling the replay as training was compiled failed ({type(exc).__name__}); "
+                              "the gradient is replayed eagerly and differs from training's fused kernels by "
+                              "the autocast's rounding", ProbeWarning, stacklevel=2)
+                return f(params)
+            raise
+
+    return call
+
+
 def grad(f: Any, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """∇f(x) by plain reverse-mode autograd (works with any module, in-place buffers included)."""
+    return grad_and_value(f, x)[0]
+
+
+def grad_and_value(f: Any, x: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+    """(∇f(x), f(x)) by one plain forward and backward pass: the computation training ran."""
     leaves = {n: t.detach().requires_grad_(True) for n, t in x.items()}
     with torch.enable_grad():
         loss = f(leaves)
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    return {
-        n: (g.detach() if g is not None else torch.zeros_like(x[n]))
-        for n, g in zip(leaves, grads, strict=True)
-    }
+    out = {n: (g.detach() if g is not None else torch.zeros_like(x[n])) for n, g in zip(leaves, grads, strict=True)}
+    return out, float(loss.detach())
+
+
+def _resolution(prep: Prepared, snap: Snapshot, settings: ProbeSettings, loss_line: np.ndarray,
+                extras: dict[str, float]) -> float:
+    """The loss resolution of an evaluation under the step's autocast: the largest deviation of an
+    as-trained value of f at x_t or x_{t+1} (the line's ℓ(0) and ℓ(1), and the plain passes that
+    gave G0 and G1) from f evaluated in ``prep.dtype`` throughout, in loss units. A difference of
+    two as-trained values smaller than twice this cannot be told from rounding."""
+    assert prep.f_full is not None
+    full = []
+    for x in (prep.x0, prep.x1):
+        with torch.no_grad(), replayed_rng(snap.rng, prep.replay):
+            full.append(float(prep.f_full(x)))
+    values = [(extras["loss_x0"], full[0]), (extras["loss_x1"], full[1])]
+    for a, ref in ((0.0, full[0]), (1.0, full[1])):
+        if a in settings.alphas:
+            values.append((float(loss_line[settings.alphas.index(a)]), ref))
+    return max(abs(v - ref) for v, ref in values)

@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 from torch.func import jvp
 
-from trajscope.errors import ForwardModeError, TrajscopeError
+from trajscope.errors import ForwardModeError, TrajscopeError, one_line
 from trajscope.metrics.pair import PairStats
 from trajscope.objective import Objective
 from trajscope.probe.line import forward_ad_failure, replayed_rng, sdpa_math_kernel
@@ -28,12 +28,12 @@ from trajscope.probe.settings import ProbeSettings
 from trajscope.probe.stages import batchnorm_replay, prepare
 from trajscope.store import Run, Snapshot
 
-__all__ = ["FORWARD_AD_SETUP_S", "REPLAY_RTOL", "SMALL_ANALYSIS", "forward_mode_failure", "persisted_objective_change",
-           "replayed_loss", "resolve_derivatives", "reverse_is_cheaper"]
+__all__ = ["FORWARD_AD_SETUP_S", "REPLAY_RTOL", "SMALL_ANALYSIS", "first_readable", "forward_mode_failure",
+           "persisted_objective_change", "replayed_loss", "resolve_derivatives", "reverse_is_cheaper"]
 
 
 def resolve_derivatives(requested: str, settings: ProbeSettings, r: Run, objective: Objective,
-                        pairs: list[int], local: bool) -> ProbeSettings:
+                        pairs: list[int], local: bool, snap: Snapshot | None) -> ProbeSettings:
     """``settings`` with the derivative path of the line probe, decided once for the analysis.
 
     ``"reverse"`` is taken as asked. ``"auto"`` takes reverse mode for a small analysis, one
@@ -45,12 +45,12 @@ def resolve_derivatives(requested: str, settings: ProbeSettings, r: Run, objecti
     ``"auto"`` resolves to ``reverse`` and ``"forward"`` raises :class:`ForwardModeError` naming the
     op. Any other failure of the loss is left to the pairs, which report it per step. The test runs
     on ``settings.device`` for a ``local`` scheduler, else on the CPU (the driver of a cluster may
-    have no GPU).
+    have no GPU). ``snap``: the first readable pair's x_t (:func:`first_readable`), where the
+    trials run.
     """
     if requested == "reverse":
         return replace(settings, derivatives="reverse", derivatives_reason="requested")
     trial = settings if local else replace(settings, device="cpu")
-    snap = _first_readable(r, pairs)
     if requested == "auto" and reverse_is_cheaper(objective, snap, len(pairs), trial, r.trainable):
         return replace(settings, derivatives="reverse", derivatives_reason=SMALL_ANALYSIS)
     what = _forward_failure(objective, snap, trial, r.trainable)
@@ -121,13 +121,25 @@ def forward_mode_failure(objective: Objective, snap: Snapshot, settings: ProbeSe
             jvp(prep.f, (prep.x0,), (prep.x0,))
     except (NotImplementedError, RuntimeError) as exc:
         what = forward_ad_failure(exc)
-        if what is None:
-            raise
-        return what
+        if what is not None:
+            return what
+        # An error torch does not word as a missing rule (e.g. a convolution under autocast:
+        # "Input type … and weight type … should be the same"): forward mode is to blame when f
+        # itself evaluates.
+        with (torch.no_grad(), batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math),
+              replayed_rng(snap.rng, prep.replay)):
+            prep.f(prep.x0)  # raises what the loss raises: the pairs report it
+        under = "" if prep.f_full is None else f" under {_autocast_label(snap)} autocast"
+        return f"an op{under} ({type(exc).__name__}: {one_line(str(exc).splitlines()[0] if str(exc) else '', 160)})"
     return None
 
 
-def _first_readable(r: Run, pairs: list[int]) -> Snapshot | None:
+def _autocast_label(snap: Snapshot) -> str:
+    """The dtype of the step's autocast in words (``bfloat16``)."""
+    return "/".join(sorted({str(d).removeprefix("torch.") for d, _ in snap.autocast.values()}))
+
+
+def first_readable(r: Run, pairs: list[int]) -> Snapshot | None:
     """x_t of the first of the first three pairs whose snapshot reads and holds its minibatch
     (a damaged snapshot costs only its pair); None if there is none."""
     for t in pairs[:3]:

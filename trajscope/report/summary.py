@@ -56,6 +56,7 @@ def fraction(values: Any, condition: str) -> float:
 
 _ZERO_UPDATE = FLAGS["zero_update"][0]
 _CLIPPED = FLAGS["clipped"][0] | FLAGS["clipped_nonuniform"][0]
+_BELOW_RESOLUTION = FLAGS["below_resolution"][0]
 
 
 def _flags(ds: xr.Dataset) -> np.ndarray:
@@ -72,7 +73,10 @@ def headline(ds: xr.Dataset) -> dict[str, float]:
 
     The fractions leave out zero-update pairs (``pair_flags`` bit ``zero_update``: x_{t+1} = x_t,
     e.g. lr = 0 during warm-up), where inst_gap = 0 would count as "convex along the step" without
-    a step. ``pairs_moved`` is their denominator, present when it differs from ``pairs``.
+    a step, and pairs below the evaluation's resolution (bit ``below_resolution``: evaluated under
+    training's autocast, a loss difference within its rounding has no sign), counted in
+    ``pairs_below_resolution``. ``pairs_moved`` is their denominator, present when it differs from
+    ``pairs``.
     ``pairs_clipped`` counts the pairs whose step training clipped (uniformly or not), present
     when there are some. ``pairs_replay_failed`` counts the pairs whose replay disagrees with the
     recorded loss or gradient, present when the replay gate fails (:func:`replay_failures`): the
@@ -81,9 +85,12 @@ def headline(ds: xr.Dataset) -> dict[str, float]:
     n = int(ds.sizes.get("step", 0))
     out: dict[str, float] = {"pairs": float(n)}
     flags = _flags(ds)
-    moved = (flags & _ZERO_UPDATE) == 0
+    moved = _counted(flags)
     if not moved.all():
         out["pairs_moved"] = float(moved.sum())
+    below = int(np.count_nonzero(flags & _BELOW_RESOLUTION))
+    if below:
+        out["pairs_below_resolution"] = float(below)
 
     def frac(name: str, cond: str) -> float:
         return fraction(np.asarray(ds[name].values, dtype=np.float64)[moved], cond)
@@ -110,6 +117,11 @@ def headline(ds: xr.Dataset) -> dict[str, float]:
     return out
 
 
+def _counted(flags: np.ndarray) -> np.ndarray:
+    """The pairs the headline fractions count: with an update, and above the evaluation's resolution."""
+    return (flags & (_ZERO_UPDATE | _BELOW_RESOLUTION)) == 0
+
+
 def _nanstat(fn: Callable[[np.ndarray], Any], v: Any) -> float:
     v = np.asarray(v, dtype=np.float64)
     return float(fn(v)) if np.any(np.isfinite(v)) else float("nan")
@@ -117,7 +129,8 @@ def _nanstat(fn: Callable[[np.ndarray], Any], v: Any) -> float:
 
 _LABELS = {
     "pairs": "pairs analyzed",
-    "pairs_moved": "pairs with an update (the fractions' denominator)",
+    "pairs_moved": "pairs counted (the fractions' denominator)",
+    "pairs_below_resolution": "pairs below the evaluation's resolution",
     "pairs_clipped": "gradient clipping",
     "frac_inst_gap_le_0": "pairs with inst_gap <= 0 (convex along the step)",
     "frac_inst_gap_fwd_le_0": "pairs with inst_gap_fwd <= 0",
@@ -142,6 +155,8 @@ def format_headline(h: dict[str, float]) -> str:
             continue
         if k == "pairs_clipped":
             lines.append(f"  {label:<52} clipped on {int(v)} of {int(h.get('pairs', v))} pairs")
+        elif k == "pairs_below_resolution":
+            lines.append(f"  {label:<52} {int(v)} (left out of the fractions)")
         elif k in ("pairs", "pairs_moved"):
             lines.append(f"  {label:<52} {int(v)}")
         elif not np.isfinite(v):  # nowhere defined, e.g. grad_replay_error without stored gradients
@@ -160,9 +175,9 @@ def holds_fraction(ds: xr.Dataset) -> dict[str, float]:
     """For every step-only variable whose ``holds_if`` is a comparison (``"<= 0"``, ``"> 0"``, …):
     the fraction of pairs, among those where it is defined (finite), that satisfy it. NaN when it
     is nowhere defined. ``bounded`` and empty conditions are not fractions and are skipped.
-    Zero-update pairs (``pair_flags``) are left out, as in :func:`headline`."""
+    Zero-update pairs and pairs below resolution (``pair_flags``) are left out, as in :func:`headline`."""
     out: dict[str, float] = {}
-    moved = (_flags(ds) & _ZERO_UPDATE) == 0
+    moved = _counted(_flags(ds))
     for name, da in ds.data_vars.items():
         cond = str(da.attrs.get("holds_if", ""))
         if da.dims == ("step",) and holds(cond, []) is not None:
@@ -357,7 +372,8 @@ def _last_half_median(v: np.ndarray) -> float:
 
 TABLE_LABELS = {
     "pairs": "pairs analyzed",
-    "pairs_moved": "pairs with an update (the fractions' denominator)",
+    "pairs_moved": "pairs counted (the fractions' denominator)",
+    "pairs_below_resolution": "pairs below the evaluation's resolution",
     "pairs_clipped": "pairs whose gradient training clipped",
     "frac_inst_gap_le_0": "pairs with inst_gap ≤ 0 (convex along the step)",
     "frac_inst_gap_fwd_le_0": "pairs with inst_gap_fwd ≤ 0",
@@ -493,6 +509,9 @@ def format_summary(s: dict[str, Any]) -> str:
     if "pairs_clipped" in h:
         lines.append(f"  gradient clipping: clipped on {int(h['pairs_clipped'])} of {s['pairs']} pairs "
                      "(replayed as c·G0 where the clip was uniform)")
+    if "pairs_below_resolution" in h:
+        lines.append(f"  {int(h['pairs_below_resolution'])} pairs below the evaluation's resolution "
+                     "(loss differences within its rounding), left out of the fractions")
     if "pairs_moved" in h:
-        lines.append(f"  fractions over the {int(h['pairs_moved'])} of {s['pairs']} pairs with an update")
+        lines.append(f"  fractions over the {int(h['pairs_moved'])} of {s['pairs']} pairs counted")
     return "\n".join(lines)
