@@ -6,8 +6,12 @@ loss (1/W)·Σ_r f(x; z_r). Rank 0 writes the run; at recorded steps every rank 
 batches (and their losses) to rank 0, which stores them as the step's micro-batches with their
 weights divided by W. The replay then evaluates exactly the loss whose gradient DDP applied.
 
-Only tensors cross ranks (no pickle): each rank packs its batch leaves into one byte tensor and
-describes them in JSON, which travels as another byte tensor.
+Each micro-batch travels with the RNG states its forward pass began with, so the replay evaluates
+every rank's micro-batch from its own state (dropout replays under DDP on the CPU; a CUDA state is
+that of the rank's own device).
+
+Only tensors cross ranks (no pickle): each rank packs its batch leaves and RNG states into one byte
+tensor and describes them in JSON, which travels as another byte tensor.
 """
 
 from __future__ import annotations
@@ -37,8 +41,14 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _pack(micro: list[dict[str, Any]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pack(micro: list[dict[str, Any]], rngs: list[dict[str, torch.Tensor] | None],
+          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     tree, leaves = fmt.flatten_batch([m["batch"] for m in micro])
+    # The RNG states follow the batch leaves: [[device key, leaf index], …] per micro-batch.
+    rng_index = []
+    for rng in rngs:
+        rng_index.append([[key, len(leaves) + i] for i, key in enumerate(rng or {})])
+        leaves += list((rng or {}).values())
     specs = []
     chunks = []
     offset = 0
@@ -58,6 +68,7 @@ def _pack(micro: list[dict[str, Any]], device: torch.device) -> tuple[torch.Tens
         "leaves": specs,
         "weights": [m["weight"] for m in micro],
         "losses": [m["loss"] for m in micro],
+        "rng": rng_index,
     }
     js = torch.frombuffer(bytearray(json.dumps(desc, allow_nan=True).encode()),
                           dtype=torch.uint8).to(device)
@@ -65,7 +76,7 @@ def _pack(micro: list[dict[str, Any]], device: torch.device) -> tuple[torch.Tens
     return js, data
 
 
-def _unpack(js: torch.Tensor, data: torch.Tensor) -> list[dict[str, Any]]:
+def _unpack(js: torch.Tensor, data: torch.Tensor) -> list[tuple[dict[str, Any], dict[str, torch.Tensor] | None]]:
     desc = json.loads(bytes(js.cpu().numpy()).decode())
     data = data.cpu()
     leaves = []
@@ -73,15 +84,19 @@ def _unpack(js: torch.Tensor, data: torch.Tensor) -> list[dict[str, Any]]:
         raw = data[offset : offset + n]
         leaves.append(raw.view(getattr(torch, dtype)).reshape(shape) if n else
                       torch.empty(shape, dtype=getattr(torch, dtype)))
-    batches = fmt.unflatten_batch(desc["tree"], leaves)
+    rngs = [{key: leaves[i].clone() for key, i in index} or None for index in desc["rng"]]
+    n_batch = len(leaves) - sum(len(index) for index in desc["rng"])
+    batches = fmt.unflatten_batch(desc["tree"], leaves[:n_batch])
     return [
-        {"batch": b, "weight": w, "loss": loss}
-        for b, w, loss in zip(batches, desc["weights"], desc["losses"])
+        ({"batch": b, "weight": w, "loss": loss}, rng)
+        for b, w, loss, rng in zip(batches, desc["weights"], desc["losses"], rngs, strict=True)
     ]
 
 
-def gather_micro_batches(micro: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """Collective: every rank passes its micro-batches; rank 0 gets all ranks', in rank order.
+def gather_micro_batches(micro: list[dict[str, Any]], rngs: list[dict[str, torch.Tensor] | None]
+                         ) -> tuple[list[dict[str, Any]], list[dict[str, torch.Tensor] | None]] | None:
+    """Collective: every rank passes its micro-batches and the RNG states their forward passes
+    began with (None where not seen); rank 0 gets all ranks', in rank order.
 
     Each item is ``{"batch", "weight", "loss"}`` with ``loss`` a float or None. Returned weights are
     the ranks' weights divided by the world size (DDP averages gradients). Other ranks get None.
@@ -89,7 +104,7 @@ def gather_micro_batches(micro: list[dict[str, Any]]) -> list[dict[str, Any]] | 
     dist = torch.distributed
     rank, world = dist.get_rank(), dist.get_world_size()
     device = _device()
-    js, data = _pack(micro, device)
+    js, data = _pack(micro, rngs, device)
     sizes = torch.tensor([js.numel(), data.numel()], dtype=torch.int64, device=device)
     all_sizes = [torch.empty_like(sizes) for _ in range(world)]
     dist.all_gather(all_sizes, sizes)
@@ -109,9 +124,11 @@ def gather_micro_batches(micro: list[dict[str, Any]]) -> list[dict[str, Any]] | 
         return None
     assert js_list is not None and data_list is not None
     out: list[dict[str, Any]] = []
+    out_rngs: list[dict[str, torch.Tensor] | None] = []
     for r in range(world):
         n_js, n_data = (int(v) for v in all_sizes[r])
-        for item in _unpack(js_list[r][:n_js], data_list[r][:n_data]):
+        for item, rng in _unpack(js_list[r][:n_js], data_list[r][:n_data]):
             item["weight"] = item["weight"] / world
             out.append(item)
-    return out
+            out_rngs.append(rng)
+    return out, out_rngs

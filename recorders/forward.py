@@ -172,6 +172,16 @@ class StepCapture:
             self.later[index] = self.pending.rng()
         self.pending = None
 
+    def micro_rng(self, count: int) -> list[dict[str, torch.Tensor] | None]:
+        """The RNG states of the step's ``count`` micro-batches, in order (None: forward not seen)."""
+        first = self.of_step.rng() if self.of_step is not None else None
+        return [first, *(self.later.get(i) for i in range(1, count))]
+
+    def adopt_gathered(self, rngs: list[dict[str, torch.Tensor] | None]) -> None:
+        """Take the RNG states of the global batch's micro-batches (every rank's, in the order the
+        snapshot stores them) as those of micro-batches 1, 2, …; micro-batch 0 is this rank's own."""
+        self.later = {i: rng for i, rng in enumerate(rngs) if i >= 1 and rng is not None}
+
     def for_snapshot(self) -> ForwardState | None:
         """The state to store with the step: the step's own, else one captured since its batch."""
         return self.of_step if self.of_step is not None else self.pending

@@ -430,11 +430,12 @@ class Recorder:
                 "recorded step; call rec.batch(batch, loss=loss) before every optimizer.step()"
             )
         micro = step_micro_batches(self._micro, self.accumulation_reduction)
-        if self.world_size > 1:
-            gathered = distributed.gather_micro_batches(micro)
+        if self.world_size > 1:  # each rank's micro-batches travel to rank 0 with their RNG states
+            gathered = distributed.gather_micro_batches(micro, self._capture.micro_rng(len(micro)))
             if gathered is None:
                 return  # not the writer: its batches now travel with rank 0's snapshot
-            micro = gathered
+            micro, rngs = gathered
+            self._capture.adopt_gathered(rngs)
         self._submit(self.step, fmt.KIND_STEP, micro)
 
     def _submit(self, step: int, kind: str, micro: list[dict[str, Any]] | None = None) -> None:

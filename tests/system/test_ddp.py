@@ -42,11 +42,15 @@ WORKER = textwrap.dedent(f'''
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", init_method=os.environ["INIT"], rank=rank, world_size=world)
-    model = DDP(mlp())
+    dropout = float(os.environ.get("DROPOUT", "0"))
+    model = DDP(mlp(dropout=dropout))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = dataset()
     half = {GLOBAL} // world
-    with Recorder(sys.argv[1], model, opt, objective="support.recorder_objectives:make_mlp") as rec:
+    if dropout:
+        torch.manual_seed(100 + rank)  # each rank draws its own dropout masks (and minibatches)
+    objective = "support.recorder_objectives:" + ("make_mlp_dropout" if dropout else "make_mlp")
+    with Recorder(sys.argv[1], model, opt, objective=objective) as rec:
         for idx in batches({STEPS}, size={GLOBAL}):
             mine = idx[rank * half:(rank + 1) * half]
             batch = (x[mine], y[mine])
@@ -84,20 +88,38 @@ def _single_process(run_dir: Path, *, split: bool) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_record_one_run_identical_to_a_single_process(tmp_path: Path) -> None:
+def _two_ranks(tmp_path: Path, run_dir: Path, **env_extra: str) -> list[subprocess.Popen[str]]:
+    """Start the two gloo ranks of WORKER recording into ``run_dir``."""
     tests = Path(__file__).parents[1]  # the helpers: support.recorder_objectives
     (tmp_path / "worker.py").write_text(WORKER)
-    run_dir = tmp_path / "ddp"
     init = f"tcp://127.0.0.1:{_free_port()}"
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "INIT": init,
                "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([str(tests), *sys.path])}
+               "PYTHONPATH": os.pathsep.join([str(tests), *sys.path]), **env_extra}
         procs.append(subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(run_dir)],
                                       env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+@pytest.mark.slow
+def test_dropout_on_every_rank_replays_from_its_own_rng_state(tmp_path: Path) -> None:
+    procs = _two_ranks(tmp_path, tmp_path / "ddp", DROPOUT="0.3")
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
+    snap = open_run(tmp_path / "ddp").snapshot(0)
+    assert sorted(snap.micro_rng) == [1] and not torch.equal(snap.micro_rng[1]["cpu"], snap.rng["cpu"])
+    ds = trajscope.analyze(tmp_path / "ddp", progress=False, points=3, margin=0.0)
+    assert float(ds.loss_replay_error.max()) < 1e-6
+    assert float(ds.grad_replay_error.max()) < 1e-6
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_record_one_run_identical_to_a_single_process(tmp_path: Path) -> None:
+    run_dir = tmp_path / "ddp"
+    procs = _two_ranks(tmp_path, run_dir)
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
 
@@ -117,8 +139,7 @@ def test_two_gloo_ranks_record_one_run_identical_to_a_single_process(tmp_path: P
         meta_d, tens_d = read_raw(ddp.step_path(s))
         meta_s, tens_s = read_raw(single.step_path(s))
         assert meta_d == meta_s, s
-        # the single process saw micro-batch 1's forward pass and keeps its RNG state; rank 0 did not
-        assert tens_d.keys() == {k for k in tens_s if not k.startswith("rng/micro")}
+        assert tens_d.keys() == tens_s.keys()  # rank 1's RNG state travels as micro-batch 1's
         for k in tens_d:
             assert torch.equal(tens_d[k], tens_s[k]), (s, k)
     snap = ddp.snapshot(1)
