@@ -199,3 +199,14 @@ def test_a_replay_that_cannot_compile_runs_eagerly_and_says_so(monkeypatch: pyte
     monkeypatch.setattr(torch, "compile", lambda g: g)
     with compiled_as_trained(True) as compile_f, pytest.raises(ValueError, match="own error"):
         compile_f(failing)({"w": torch.tensor([1.0])})
+
+
+def test_reanalyzing_an_autocast_run_reuses_its_persisted_pairs(tmp_path: Path) -> None:
+    """The check that the objective still computes a persisted pair compares one plain pass with
+    the pair's own plain pass: under autocast, the batched ℓ(0) rounds differently."""
+    run = tmp_path / "run"
+    _train_bf16(run, [0.5] * 3)
+    first, _ = _analyze(run)
+    again, caught = _analyze(run)
+    assert not [m for m in caught if "objective changed" in m], caught
+    np.testing.assert_array_equal(first.grad_replay_error.values, again.grad_replay_error.values)

@@ -186,19 +186,25 @@ def persisted_objective_change(r: Run, objective: Objective, settings: ProbeSett
     """What shows that the objective no longer computes the persisted pair ``stats`` (None: it
     does, or the pair's snapshot cannot be read to tell).
 
-    The check: f(x_t; z_t) now (:func:`replayed_loss`) must equal the persisted ℓ(0) to
-    :data:`REPLAY_RTOL`. It catches what the objective's digest cannot see, e.g. a changed global
-    constant. It runs on ``settings.device`` for a ``local`` scheduler (where the pairs ran), else
-    on the CPU.
+    The check: f(x_t; z_t) now (:func:`replayed_loss`) must equal the persisted f(x_t; z_t) (the
+    pair's ``loss_x0``; ℓ(0) for a pair persisted without it) to :data:`REPLAY_RTOL`. It catches
+    what the objective's digest cannot see, e.g. a changed global constant. It runs on
+    ``settings.device`` for a ``local`` scheduler (where the pairs ran), else on the CPU.
     """
     trial = settings if local else replace(settings, device="cpu")
     try:
         snap = r.snapshot(stats.step)
     except TrajscopeError:
         return None
-    if snap.batch is None or 0.0 not in settings.alphas:
+    plain = stats.extras.get("loss_x0")  # the plain pass (ℓ(0) of the line is batched: under
+    if plain is not None and plain == plain:  # autocast it rounds differently from one pass)
+        stored = float(plain)
+    elif snap.batch is None or 0.0 not in settings.alphas:
         return None
-    stored = float(stats.loss_line[settings.alphas.index(0.0)])
+    else:
+        stored = float(stats.loss_line[settings.alphas.index(0.0)])
+    if snap.batch is None:
+        return None
     try:
         now = replayed_loss(objective, snap, trial, r.trainable)
     except Exception as exc:  # noqa: BLE001 - the recomputed pairs report it in context
