@@ -109,28 +109,29 @@ GPT_MICRO, GPT_BATCH, GPT_CLIP = 2, 4, 0.1
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float) -> None:
         super().__init__()
         self.c_attn = nn.Linear(N_EMBD, 3 * N_EMBD, bias=False)
         self.c_proj = nn.Linear(N_EMBD, N_EMBD, bias=False)
-        self.resid_dropout = nn.Dropout(DROPOUT)
+        self.resid_dropout = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.size()
         q, k, v = self.c_attn(x).split(N_EMBD, dim=2)
         q, k, v = (z.view(b, t, N_HEAD, c // N_HEAD).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=DROPOUT if self.training else 0.0, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c)))
 
 
 class Block(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(N_EMBD, bias=False)
-        self.attn = CausalSelfAttention()
+        self.attn = CausalSelfAttention(dropout)
         self.ln_2 = nn.LayerNorm(N_EMBD, bias=False)
         self.mlp = nn.Sequential(nn.Linear(N_EMBD, 4 * N_EMBD, bias=False), nn.GELU(),
-                                 nn.Linear(4 * N_EMBD, N_EMBD, bias=False), nn.Dropout(DROPOUT))
+                                 nn.Linear(4 * N_EMBD, N_EMBD, bias=False), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -138,19 +139,19 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float) -> None:
         super().__init__()
         self.wte = nn.Embedding(VOCAB, N_EMBD)
         self.wpe = nn.Embedding(BLOCK, N_EMBD)
-        self.drop = nn.Dropout(DROPOUT)
-        self.h = nn.ModuleList([Block() for _ in range(N_LAYER)])
+        self.drop = nn.Dropout(dropout)
+        self.h = nn.ModuleList([Block(dropout) for _ in range(N_LAYER)])
         self.ln_f = nn.LayerNorm(N_EMBD, bias=False)
 
 
 class GPT(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = DROPOUT) -> None:
         super().__init__()
-        self.transformer = Transformer()
+        self.transformer = Transformer(dropout)
         self.lm_head = nn.Linear(N_EMBD, VOCAB, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as nanoGPT does
 
@@ -165,9 +166,9 @@ class GPT(nn.Module):
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
-def gpt() -> GPT:
+def gpt(dropout: float = DROPOUT) -> GPT:
     torch.manual_seed(1)
-    return GPT()
+    return GPT(dropout)
 
 
 def gpt_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -178,7 +179,13 @@ def make_gpt() -> trajscope.Objective:
     return trajscope.Objective(model=gpt(), loss=gpt_loss)
 
 
-def train_gpt(run_dir: Path, steps: int = STEPS, backend: str = "inductor") -> dict[str, Any]:
+def make_gpt_no_dropout() -> trajscope.Objective:
+    """nanoGPT's pretraining default, ``dropout = 0.0``: attention then runs a fused SDPA kernel."""
+    return trajscope.Objective(model=gpt(0.0), loss=gpt_loss)
+
+
+def train_gpt(run_dir: Path, steps: int = STEPS, backend: str = "inductor", dropout: float = DROPOUT
+              ) -> dict[str, Any]:
     """nanoGPT's loop: ``get_batch`` draws from the global RNG, so the second micro-batch's indices
     are drawn between the micro-batches' forward passes (after the first one's backward)."""
     import torch._dynamo
@@ -197,12 +204,13 @@ def train_gpt(run_dir: Path, steps: int = STEPS, backend: str = "inductor") -> d
     preclip: list[float] = []
     # set before compiling, as the record-time warning tells users to
     with torch._inductor.config.patch(fallback_random=True):
-        model = gpt()
+        model = gpt(dropout)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
         cmodel = torch.compile(model, backend=backend)
+        objective = "support.gpu_style:" + ("make_gpt" if dropout else "make_gpt_no_dropout")
         try:
-            with Recorder(run_dir, cmodel, opt, objective="support.gpu_style:make_gpt", every=1, window=2,
+            with Recorder(run_dir, cmodel, opt, objective=objective, every=1, window=2,
                           accumulation=GPT_MICRO) as rec:
                 for _ in range(steps):
                     for _micro in range(GPT_MICRO):

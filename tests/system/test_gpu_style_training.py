@@ -85,6 +85,16 @@ def test_compiled_nanogpt_with_dropout_accumulation_and_clipping_under_bf16(tmp_
     assert_replays_as_trained(ds, failed, gpu_style.STEPS)
 
 
+def test_nanogpt_without_dropout_replays_its_fused_attention_kernel(tmp_path: Path) -> None:
+    """At dropout 0 attention runs a fused SDPA kernel, which has no forward-mode rule: the line
+    holds SDPA to its math kernel, and the gradient passes must still run training's kernel (the
+    math kernel's bf16 rounding differs from it by ~3e-3)."""
+    gpu_style.train_gpt(tmp_path / "run", steps=3, backend="eager", dropout=0.0)
+    ds, failed = analyze_as_trained(tmp_path / "run", write=False)
+    assert ds.attrs["derivatives"] == "forward (sdpa math kernel)"
+    assert_replays_as_trained(ds, failed, 3)
+
+
 @pytest.mark.slow
 def test_hf_trainer_tiny_gpt2_bf16_accumulation_and_clipping(tmp_path: Path, fresh_accelerate: None) -> None:
     pytest.importorskip("transformers")

@@ -251,8 +251,9 @@ def _around(snap: Snapshot, replay: bool, cast: Callable[[], contextlib.Abstract
 
 def evaluate(prep: Prepared, snap: Snapshot, settings: ProbeSettings, *,
               ref: Snapshot | None) -> Evaluation:
-    """Every evaluation of f for the pair, each under the step's replayed RNG state (and, with
-    ``settings.sdpa_math``, with attention held to its math kernel):
+    """Every evaluation of f for the pair, each under the step's replayed RNG state (with
+    ``settings.sdpa_math``, the line and sharpness hold attention to its math kernel; the gradient
+    passes run the kernel training ran):
 
     * ℓ(α) = f(x_t + αΔ_t) and ℓ'(α) = ⟨∇f(x_t + αΔ_t), Δ_t⟩ on the α grid
       (``settings.derivatives``: forward or reverse mode);
@@ -271,10 +272,11 @@ def evaluate(prep: Prepared, snap: Snapshot, settings: ProbeSettings, *,
     f, rng, replay = prep.f, snap.rng, prep.replay
     extras: dict[str, float] = {}
     alphas = torch.tensor(settings.alphas, dtype=prep.dtype, device=prep.device)
-    with batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math):
+    with batchnorm_replay(prep.model):
         try:
-            loss_line, dloss_line, batched, plan = line_plan.line_with_plan(f, prep.x0, prep.delta, alphas,
-                                                                           settings, rng, replay)
+            with sdpa_math_kernel(settings.sdpa_math):  # the line's forward mode only: G0, G1 run
+                loss_line, dloss_line, batched, plan = line_plan.line_with_plan(  # training's kernel
+                    f, prep.x0, prep.delta, alphas, settings, rng, replay)
         except ForwardModeError as exc:
             raise ForwardModeError(f"step {snap.step}: {exc}", exc.what) from None
         with compiled_as_trained(settings.compiled) as compile_f:
@@ -291,7 +293,8 @@ def evaluate(prep: Prepared, snap: Snapshot, settings: ProbeSettings, *,
             with torch.no_grad(), replayed_rng(rng, replay):
                 extras["loss_ref"] = float(f(xref))
         if settings.sharpness:
-            extras.update(_sharpness(prep, snap, settings))
+            with sdpa_math_kernel(settings.sdpa_math):  # double backward: the fused kernels have none
+                extras.update(_sharpness(prep, snap, settings))
     extras["line_batched"] = float(batched)
     if snap.clip_factor is not None:  # the recorded gradient clip: g_t = c·G0 when uniform
         extras["clip_factor"] = snap.clip_factor

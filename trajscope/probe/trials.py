@@ -172,12 +172,12 @@ by a few ulps (a few 1e-7 relative with dropout); 1e-5 is ``loss_replay_error``'
 
 def replayed_loss(objective: Objective, snap: Snapshot, settings: ProbeSettings,
                   trainable: list[str] | None = None) -> float:
-    """f(x_t; z_t) evaluated as the line probe evaluates ℓ(0): train mode, BatchNorm replay,
-    replayed RNG, ``settings`` device, dtype and attention kernel."""
+    """f(x_t; z_t) evaluated as the gradient passes evaluate it (the pair's ``loss_x0``): train
+    mode, BatchNorm replay, replayed RNG, ``settings`` device and dtype, training's autocast and
+    attention kernel."""
     nxt = replace(snap, step=snap.step + 1)  # f is all that is needed: Δ_t = 0 is fine
     prep = prepare(objective, snap, nxt, settings, ref=None, trainable=trainable)
-    with (torch.no_grad(), batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math),
-          replayed_rng(snap.rng, prep.replay)):
+    with torch.no_grad(), batchnorm_replay(prep.model), replayed_rng(snap.rng, prep.replay):
         return float(prep.f(prep.x0))
 
 
