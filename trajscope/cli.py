@@ -157,6 +157,8 @@ def analyze(run_dir: str, objective: str | None, points: int, margin: float, dev
     if not quiet and derivatives == "auto" and ds.attrs.get("derivatives", "forward") != "forward":
         path = "reverse mode" if ds.attrs["derivatives"] == "reverse" else "forward mode"
         click.echo(f"derivatives: {path} ({ds.attrs.get('derivatives_reason', '')})")
+    if not quiet and ds.attrs.get("eval_precision", ds.attrs.get("eval_dtype")) != ds.attrs.get("eval_dtype"):
+        click.echo(f"precision: {ds.attrs['eval_precision']}")  # autocast applied, or left out
     if not quiet:
         where = out.rstrip("/") if out is not None else f"{run_dir.rstrip('/')}/{fmt.ANALYSIS_DIR}"
         click.echo(f"wrote {where}/{fmt.METRICS_FILE}")

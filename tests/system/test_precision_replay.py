@@ -210,3 +210,15 @@ def test_reanalyzing_an_autocast_run_reuses_its_persisted_pairs(tmp_path: Path) 
     again, caught = _analyze(run)
     assert not [m for m in caught if "objective changed" in m], caught
     np.testing.assert_array_equal(first.grad_replay_error.values, again.grad_replay_error.values)
+
+
+def test_the_cli_says_the_evaluation_ran_under_training_autocast(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                                  ) -> None:
+    from support.rundirs import cli
+
+    _train_bf16(tmp_path / "run", [0.5] * 2)
+    code, out, _ = cli(["analyze", str(tmp_path / "run")], capsys)
+    assert code == 0
+    assert "precision: as trained: float32 under bfloat16 autocast" in out.splitlines()
+    code, out, _ = cli(["analyze", str(tmp_path / "run"), "--dtype", "float32", "--force"], capsys)
+    assert code == 0 and "precision: float32 (training ran under bfloat16 autocast)" in out.splitlines()
