@@ -63,6 +63,17 @@ def test_dropout_replays_per_micro_batch_with_global_rng_draws_between(tmp_path:
     assert np.all(ds.grad_replay_error.values <= 1e-6)
 
 
+def _bf16_step(rec: Recorder, model: nn.Module, opt: torch.optim.Optimizer,
+               batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """One optimizer step with the forward pass under CPU bf16 autocast, named to ``rec``."""
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+    loss.backward()
+    rec.batch(batch, loss=loss)
+    opt.step()
+
+
 def _train_bf16(run: Path, lrs: list[float]) -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=lrs[0])
@@ -71,12 +82,7 @@ def _train_bf16(run: Path, lrs: list[float]) -> None:
         for lr in lrs:
             for group in opt.param_groups:
                 group["lr"] = lr
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            rec.batch((x, y), loss=loss)
-            opt.step()
+            _bf16_step(rec, model, opt, (x, y))
 
 
 def test_bf16_autocast_replays_exactly_and_flags_pairs_below_its_resolution(tmp_path: Path) -> None:
@@ -144,13 +150,7 @@ def test_forward_mode_under_autocast_falls_back_to_reverse(tmp_path: Path) -> No
     with Recorder(tmp_path / "run", model, opt, objective=f"{__name__}:make_conv") as rec:
         for _ in range(3):
             x = torch.randn(6, 3, 6, 6, generator=g).to(memory_format=torch.channels_last)
-            y = torch.randint(0, 3, (6,), generator=g)
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            rec.batch((x, y), loss=loss)
-            opt.step()
+            _bf16_step(rec, model, opt, (x, torch.randint(0, 3, (6,), generator=g)))
     snap = open_run(tmp_path / "run").snapshot(0)
     assert snap.params["conv.weight"].is_contiguous(memory_format=torch.channels_last)
     assert snap.batch[0].is_contiguous(memory_format=torch.channels_last)
