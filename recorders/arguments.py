@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import torch
 
 from trajscope import runformat as fmt
-from trajscope.errors import RecorderError
+from trajscope.errors import RecorderError, RunFormatError
 
-__all__ = ["check_arguments", "compiled_dropout_warning", "inductor_compiled", "json_metadata", "unwrap_optimizer",
-           "wrapped_grad_scaler"]
+__all__ = ["check_arguments", "compiled_dropout_warning", "encode_indented", "inductor_compiled", "json_metadata",
+           "nested_deeper", "unwrap_optimizer", "wrapped_grad_scaler"]
 
 
 def check_arguments(model: Any, optimizer: Any, storage: str, accumulation: Any, accumulation_reduction: str,
@@ -36,6 +36,7 @@ def check_arguments(model: Any, optimizer: Any, storage: str, accumulation: Any,
             "real parameters only (the run format stores no complex dtype, and the metrics are real "
             "inner products)"
         )
+    _check_tensors(model)
     hooked = unwrap_optimizer(optimizer)
     if storage not in fmt.STORAGES:
         raise RecorderError(f"format={storage!r}: expected one of {', '.join(fmt.STORAGES)}")
@@ -52,6 +53,24 @@ def check_arguments(model: Any, optimizer: Any, storage: str, accumulation: Any,
     if not isinstance(grads, bool):
         raise RecorderError(f"grads={grads!r}: expected True (store g_t) or False (store no gradient)")
     return hooked
+
+
+def _check_tensors(model: torch.nn.Module) -> None:
+    """Refuse a parameter or buffer the recorder cannot store or a reader would refuse: one on the
+    meta device (a shape without data: copying it fails), or a name a reader does not accept
+    (:func:`trajscope.runformat.check_name`: at most :data:`~trajscope.runformat.MAX_NAME_CHARS`
+    printable characters)."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.is_meta:
+                raise RecorderError(
+                    f"model: {kind} {name!r} is on the meta device (a shape without data), which cannot "
+                    "be recorded; materialise the model first (model.to_empty(device=...) and initialise it)"
+                )
+            try:
+                fmt.check_name(name, f"model: {kind} name")
+            except RunFormatError as exc:
+                raise RecorderError(f"{exc}, which a reader of the run refuses") from None
 
 
 _MAX_WRAPPERS = 8
@@ -223,10 +242,62 @@ def _dropout(model: torch.nn.Module) -> tuple[str, float] | None:
 
 
 def json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A copy of the user's ``metadata``, checked to be JSON-serialisable."""
+    """A copy of the user's ``metadata``, checked to be JSON-serialisable and within the limits every
+    reader of the manifest accepts: nested at most :data:`~trajscope.runformat.MAX_METADATA_DEPTH`
+    levels of lists and objects (the metadata object itself is one), and at most
+    :data:`~trajscope.runformat.MAX_MANIFEST_BYTES` as the manifest writes it (indented, so a long
+    list costs several bytes an element more than its compact JSON).
+
+    Raises:
+        RecorderError: naming ``metadata`` and the limit it exceeds, or why it is not JSON.
+    """
     out = dict(metadata or {})
+    deep = (f"metadata: nested deeper than {fmt.MAX_METADATA_DEPTH} levels of lists and objects, which "
+            "every reader parses; flatten it")
     try:
-        json.dumps(out)
+        size = len(json.dumps(out))
+    except RecursionError:  # deeper than the encoder recurses: far past the limit
+        raise RecorderError(deep) from None
     except (TypeError, ValueError) as exc:
         raise RecorderError(f"metadata: must be JSON-serialisable ({exc})") from exc
+    # The compact size first, then the depth, then the indented size: each check is cheap only
+    # when the one before it passed (the indented JSON is built by Python's slower encoder).
+    if size <= fmt.MAX_MANIFEST_BYTES:
+        if nested_deeper(out, fmt.MAX_METADATA_DEPTH):  # a leaf under more levels than the limit
+            raise RecorderError(deep)
+        size = len(encode_indented({"metadata": out}))
+    if size > fmt.MAX_MANIFEST_BYTES:
+        raise RecorderError(
+            f"metadata: {size} bytes as written in {fmt.MANIFEST}, more than the {fmt.MAX_MANIFEST_BYTES} "
+            "bytes a reader accepts; store large data in a file of its own and name it in the metadata"
+        )
     return out
+
+
+def encode_indented(value: Any) -> bytes:
+    """``value`` as JSON the way the manifest is written (indented, sorted keys, NaN allowed)."""
+    return json.dumps(value, indent=2, sort_keys=True, allow_nan=True).encode()
+
+
+def nested_deeper(value: Any, limit: int) -> bool:
+    """Whether some node of ``value`` (a nesting of dicts, lists and tuples) lies more than ``limit``
+    containers deep: ``value`` itself is at depth 0, the items of a list it is at depth 1.
+
+    Level by level, without recursion (a value nested far deeper than the interpreter recurses is
+    answered too), and it stops at the first level past ``limit``. This is how a reader counts the
+    depth of a stored batch tree (:func:`trajscope.runformat.unflatten_batch`).
+    """
+    level = [value]
+    for _ in range(limit):
+        level = [c for node in level for c in _children(node)]
+        if not level:
+            return False
+    return any(any(True for _ in _children(node)) for node in level)
+
+
+def _children(node: Any) -> Iterable[Any]:
+    if isinstance(node, dict):
+        return node.values()
+    if isinstance(node, (list, tuple)):
+        return node
+    return ()

@@ -18,6 +18,7 @@ import torch
 
 from trajscope import runformat as fmt
 from trajscope.errors import RecorderError
+from trajscope.recorders.arguments import nested_deeper
 from trajscope.recorders.forward import StepCapture
 from trajscope.recorders.hooks import grad_hooks
 from trajscope.recorders.storage import dtype_name
@@ -34,6 +35,7 @@ __all__ = [
     "gradient_entries",
     "batch_entries",
     "micro_entry",
+    "stored_as_list",
     "micro_weights",
     "step_micro_batches",
     "with_buffers",
@@ -78,6 +80,8 @@ class Recording(Protocol):
     def step(self) -> int: ...
     @property
     def metadata(self) -> dict[str, Any]: ...
+    @property
+    def created(self) -> str: ...
 
 
 def jsonable(value: Any) -> Any:
@@ -141,6 +145,8 @@ class ParamIndex:
 
     The trainable set may change during training (a layer unfrozen with ``requires_grad_(True)``, a
     group added with ``optimizer.add_param_group``, a parameter frozen): :meth:`refresh` follows it.
+    So it does a parameter the model replaced (``model.fc.weight = nn.Parameter(...)``), or refuses
+    it when the optimizer still trains the tensor it replaced (:meth:`follow_replaced`).
 
     Attributes:
         params: every parameter of the model, recorded at every snapshot.
@@ -151,30 +157,35 @@ class ParamIndex:
         group_names: the parameter names of each optimizer param group, in group order.
         initial: the names in ``trainable`` when the index was built: the manifest's ``trainable``
             flags. A step whose set differs records its own (:meth:`step_trainable`).
+        model: the model whose ``named_parameters`` :meth:`follow_replaced` compares with ``params``.
     """
 
     params: list[tuple[str, torch.nn.Parameter]]
     trainable: list[tuple[str, torch.nn.Parameter]]
     group_names: list[list[str]]
     initial: frozenset[str] = frozenset()
+    model: torch.nn.Module | None = None
 
     @classmethod
     def of(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> ParamIndex:
         """Index ``model``'s parameters; every tensor the optimizer updates must be one of them."""
-        index = cls(list(model.named_parameters()), [], [])
+        index = cls(list(model.named_parameters()), [], [], model=model)
         index.refresh(optimizer)
         index.initial = frozenset(n for n, _ in index.trainable)
         return index
 
     def refresh(self, optimizer: torch.optim.Optimizer, step: int | None = None) -> bool:
-        """Read the trainable set and the groups from ``optimizer`` now; True when either changed.
+        """Follow replaced parameters (:meth:`follow_replaced`) and read the trainable set and the
+        groups from ``optimizer``; True when any of them changed.
 
-        One pass over the optimizer's parameters (a dict lookup each): cheap enough for every
-        recorded step. ``step`` names the step in the error.
+        One pass over the model's and the optimizer's parameters (a dict lookup each): cheap enough
+        for every recorded step. ``step`` names the step in the error.
 
         Raises:
-            RecorderError: a group holds a tensor that is not a parameter of the model.
+            RecorderError: a group holds a tensor that is not a parameter of the model, or a
+                parameter was replaced in a way that cannot be recorded (:meth:`follow_replaced`).
         """
+        replaced = self.follow_replaced(optimizer, step)
         names = {id(p): n for n, p in self.params}
         trainable: list[tuple[str, torch.nn.Parameter]] = []
         group_names: list[list[str]] = []
@@ -195,7 +206,50 @@ class ParamIndex:
             group_names.append(gnames)
         changed = [n for n, _ in trainable] != [n for n, _ in self.trainable] or group_names != self.group_names
         self.trainable, self.group_names = trainable, group_names
-        return changed
+        return changed or replaced
+
+    def follow_replaced(self, optimizer: torch.optim.Optimizer, step: int | None = None) -> bool:
+        """Index the tensor the model holds under each recorded name whose tensor was replaced
+        (``model.fc.weight = nn.Parameter(...)``); True when one was.
+
+        A replaced parameter is recorded from then on when the optimizer trains the new tensor (it
+        was put into ``optimizer.param_groups`` too) or neither (a frozen parameter). When the
+        optimizer still holds the tensor it replaced, the new parameter is not being trained, while
+        x_t would silently keep recording the old one: that is refused, as is a new tensor of
+        another shape or dtype (the run's coordinates x_t keep theirs).
+
+        Raises:
+            RecorderError: naming the step and the parameter.
+        """
+        if self.model is None:
+            return False
+        current = dict(self.model.named_parameters(remove_duplicate=False))  # a name tied to another tensor too
+        changed = [(i, n, p) for i, (n, p) in enumerate(self.params) if current.get(n) is not p]
+        if not changed:
+            return False
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        at = "" if step is None else f"step {step}: "
+        for i, name, old in changed:
+            new = current.get(name)
+            if new is None:
+                raise RecorderError(f"{at}parameter {name!r} is not a parameter of the model any more; the "
+                                    "recorder records the parameters the model had when recording started")
+            if id(old) in held:
+                raise RecorderError(
+                    f"{at}parameter {name!r} of the model is a new tensor, but the optimizer still updates "
+                    "the one it replaced: the new parameter is not being trained. Give the optimizer the "
+                    "new parameter (replace the old one in optimizer.param_groups, or create the optimizer "
+                    "after the model), or change the parameter in place (with torch.no_grad(): "
+                    "param.copy_(new))"
+                )
+            if new.shape != old.shape or new.dtype != old.dtype:
+                raise RecorderError(
+                    f"{at}parameter {name!r} of the model is a new tensor of shape {tuple(new.shape)} "
+                    f"{dtype_name(new.dtype)}; it was recorded as {tuple(old.shape)} {dtype_name(old.dtype)}, "
+                    "and a run's parameters keep their shape and dtype"
+                )
+            self.params[i] = (name, new)
+        return True
 
     def step_trainable(self) -> list[str] | None:
         """The trainable names in ``params`` order when they differ from :attr:`initial` (a snapshot's
@@ -243,19 +297,23 @@ def with_buffers(tensors: Entries, model: torch.nn.Module) -> Entries:
     return tensors + [(fmt.BUFFER + n, b) for n, b in model.named_buffers() if fmt.BUFFER + n not in keys]
 
 
-def micro_entry(batch: Any, loss: torch.Tensor | float | None, weight: float | None, *, step: int,
-                indices: bool, keep: bool) -> dict[str, Any]:
-    """One micro-batch named by ``rec.batch``, as the recorder holds it until the step is taken.
+def micro_entry(rec: Recording, batch: Any, loss: torch.Tensor | float | None, weight: float | None) -> dict[str, Any]:
+    """One micro-batch named by ``rec.batch`` for step ``rec.step``, as the recorder holds it until
+    the step is taken.
 
-    With ``indices`` (a run with ``batch_fn``) the batch is the sample indices, as an int64 tensor.
-    Only a recorded step (``keep``) holds a reference to the batch; it is copied at the step.
+    With ``rec.batch_fn`` the batch is the sample indices, as an int64 tensor. Only a recorded step
+    holds a reference to the batch (it is copied at the step), and only there is its nesting checked
+    against the readers' :data:`~trajscope.runformat.MAX_BATCH_DEPTH`: a stored tree nested deeper
+    is refused here rather than recorded into every snapshot and refused by every reader.
 
     Raises:
-        RecorderError: ``weight`` is not a finite number, or the indices are not a sequence of ints.
+        RecorderError: ``weight`` is not a finite number, the indices are not a sequence of ints, or
+            the batch is nested deeper than a reader accepts.
     """
+    step = rec.step
     if weight is not None and not (isinstance(weight, (int, float)) and math.isfinite(weight)):
         raise RecorderError(f"step {step}: weight={weight!r}: expected a finite number")
-    if indices and not isinstance(batch, torch.Tensor):
+    if rec.batch_fn is not None and not isinstance(batch, torch.Tensor):
         try:
             batch = torch.as_tensor(batch, dtype=torch.int64)
         except (TypeError, ValueError, RuntimeError) as exc:
@@ -263,7 +321,24 @@ def micro_entry(batch: Any, loss: torch.Tensor | float | None, weight: float | N
                 f"step {step}: with batch_fn, rec.batch() takes the sample indices "
                 f"(a sequence of ints), got {type(batch).__name__}"
             ) from exc
+    keep = rec.schedule(step)
+    if keep:
+        # A step of several micro-batches stores their list: one level of the readers' depth.
+        listed = stored_as_list(rec, [1.0 if weight is None else float(weight)])
+        limit = fmt.MAX_BATCH_DEPTH - int(listed)
+        if nested_deeper(batch, limit):
+            raise RecorderError(
+                f"step {step}: rec.batch(): the batch is nested deeper than {limit} levels of tuples, lists "
+                f"and dicts{' (one level is the list of micro-batches)' if listed else ''}, more than a "
+                "reader accepts; flatten it"
+            )
     return {"batch": batch if keep else None, "loss": loss, "weight": weight}
+
+
+def stored_as_list(rec: Recording, weights: list[float]) -> bool:
+    """Whether a step's snapshot stores its minibatch as the list of its micro-batches: whenever
+    there may be several (gradient accumulation, data-parallel ranks) or a weight is not 1."""
+    return rec.accumulation > 1 or rec.world_size > 1 or any(w != 1.0 for w in weights)
 
 
 def micro_weights(micro: list[dict[str, Any]], reduction: str) -> list[float]:
@@ -325,7 +400,7 @@ def step_entries(rec: Recording, step: int, micro: list[dict[str, Any]], meta: d
     not 1), the forward state ``forward`` holds, and the optimizer state when ``rec`` stores it."""
     tensors = gradient_entries(trainable, step, meta, store=rec.grads)
     preclip.measure(rec.grad_scaler, meta)
-    as_micro = rec.accumulation > 1 or rec.world_size > 1 or any(mb["weight"] != 1.0 for mb in micro)
+    as_micro = stored_as_list(rec, [mb["weight"] for mb in micro])
     tensors += batch_entries(micro, as_micro, meta)
     if rec.batch_fn is not None:
         meta["batch_fn"] = rec.batch_fn

@@ -2,14 +2,16 @@
 
 The manifest describes the whole run: where the objective lives, the schedule, the parameters and
 buffers with their shapes and dtypes, the optimizer's hyperparameters, and the run's status. The
-recorder rewrites it at start, when recording fails, and at close.
+recorder rewrites it at start, when recording fails, and at close: within the size readers accept,
+and on a full disk too (:func:`write_manifest`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,12 @@ import torch
 from trajscope import runformat as fmt
 from trajscope._version import VERSION
 from trajscope.errors import RecorderError
+from trajscope.recorders.arguments import encode_indented
 from trajscope.recorders.capture import ParamIndex, Recording, jsonable
+from trajscope.recorders.rundir import RunLock
 from trajscope.recorders.storage import dtype_name
 
-__all__ = ["objective_name", "library_versions", "build_manifest"]
+__all__ = ["objective_name", "library_versions", "build_manifest", "write_manifest"]
 
 
 def objective_name(objective: str | Callable[..., Any] | None, what: str = "objective") -> str | None:
@@ -84,7 +88,7 @@ def build_manifest(rec: Recording, index: ParamIndex, *, status: str, error: str
     return {
         "format_version": fmt.FORMAT_VERSION,
         "trajscope_version": VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": rec.created,
         "libraries": library_versions(rec.format),
         "objective": rec.objective,
         "storage": rec.format,
@@ -115,3 +119,40 @@ def build_manifest(rec: Recording, index: ParamIndex, *, status: str, error: str
         "final_step": rec.step if status == fmt.STATUS_COMPLETE else None,
         "metadata": rec.metadata,
     }
+
+
+_RESERVE_SLACK = 1 << 16
+"""Bytes kept beyond two manifests' worth for the last rewrite: the error text, a few more groups."""
+
+
+def write_manifest(path: Path, manifest: dict[str, Any], lock: RunLock | None) -> None:
+    """Replace the manifest ``path`` with ``manifest`` atomically, keeping room for the next time.
+
+    Each write first makes sure ``lock`` keeps a reserve of disk space for two such manifests
+    (:meth:`~trajscope.recorders.rundir.RunLock.reserve`). A write that fails (a full disk) removes
+    its temporary file, gives the reserve back and is tried once more: that is how a run whose
+    snapshot write filled the disk still ends marked ``crashed`` with the cause in ``error``.
+
+    Raises:
+        RecorderError: the manifest is larger than :data:`~trajscope.runformat.MAX_MANIFEST_BYTES`,
+            the most a reader accepts (nothing is written).
+        OSError: the write failed with the reserve given back too, naming ``path``; no temporary
+            file is left behind.
+    """
+    data = encode_indented(manifest) + b"\n"  # the size Recorder(metadata=...) was measured by
+    if len(data) > fmt.MAX_MANIFEST_BYTES:
+        raise RecorderError(
+            f"{path}: the manifest would be {len(data)} bytes, more than the {fmt.MAX_MANIFEST_BYTES} "
+            "bytes a reader accepts; record less metadata (or fewer parameter tensors)"
+        )
+    if lock is not None:
+        lock.reserve(2 * len(data) + _RESERVE_SLACK)
+    while True:
+        try:
+            fmt.atomic_write_bytes(path, data)
+            return
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # the format's temporary name (docs/format.md)
+                os.unlink(path.with_name(f".{path.name}.tmp-{os.getpid()}"))
+            if lock is None or not lock.free_reserve():
+                raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc

@@ -29,7 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
@@ -42,7 +42,6 @@ from trajscope.recorders.capture import (
     ParamIndex,
     PreclipNorms,
     micro_entry,
-    micro_weights,
     step_entries,
     step_micro_batches,
     unwrap_model,
@@ -50,9 +49,9 @@ from trajscope.recorders.capture import (
 )
 from trajscope.recorders.forward import StepCapture, capture_forward, memory_formats
 from trajscope.recorders.hooks import BoundHook, attach, detach, step_closure, with_capture_after_first_call
-from trajscope.recorders.manifest import build_manifest, objective_name
-from trajscope.recorders.rundir import open_writer, prepare_run_dir, release_lock
-from trajscope.recorders.scalars import ScalarsLog
+from trajscope.recorders.manifest import build_manifest, objective_name, write_manifest
+from trajscope.recorders.rundir import RunLock, open_writer, prepare_run_dir, release_lock
+from trajscope.recorders.scalars import ScalarsLog, step_line
 from trajscope.recorders.schedule import Schedule, as_schedule
 from trajscope.recorders.stats import RecorderStats
 from trajscope.recorders.storage import AsyncWriter, build_image
@@ -113,8 +112,10 @@ class Recorder:
             marked incomplete; everything written before stays valid.
         direct_io: write snapshot files with ``O_DIRECT`` (no page-cache copy) when the
             filesystem supports it. None (default) and True try it and fall back; False never.
-        metadata: JSON-serialisable user metadata stored in the manifest.
-        overwrite: replace an existing run in ``run_dir`` (its analysis included).
+        metadata: JSON-serialisable user metadata stored in the manifest, within the readers' limits
+            (``trajscope.runformat.MAX_METADATA_DEPTH`` levels, ``MAX_MANIFEST_BYTES`` as written).
+        overwrite: replace an existing run in ``run_dir`` (its analysis included); refused while
+            another recorder or an analysis holds the run (a run directory has one writer).
         grad_scaler: the AMP ``GradScaler`` of a loop that clips unscaled gradients: its scale
             divides the pre-clip norm, so the recorded clip factor is the clip's alone.
         grads: store g_t (default). False stores no gradient, only the names of the parameters
@@ -167,6 +168,7 @@ class Recorder:
         self.on_error = on_error
         self.direct_io = direct_io
         self.metadata = arguments.json_metadata(metadata)
+        self.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")  # the manifest's `created`: when recording began
         self._overwrite = overwrite
         self.rank, self.world_size = distributed.rank_and_world()
         self._index = ParamIndex.of(self.model, optimizer)
@@ -180,7 +182,7 @@ class Recorder:
         self._scalars: ScalarsLog | None = None
         self._writer: AsyncWriter | None = None
         self._store: SafetensorsWriter | HDF5Writer | None = None
-        self._lock: IO[bytes] | None = None  # the run's recording lock, held from start to close
+        self._lock: RunLock | None = None  # the run's recording lock, held from start to close
         self._handles: list[Any] = []
         self._status = fmt.STATUS_RECORDING
         self._stats = RecorderStats()
@@ -241,14 +243,18 @@ class Recorder:
 
     def _open_storage(self) -> None:
         self._lock = prepare_run_dir(self.run_dir, self.format, overwrite=self._overwrite)
-        self._write_manifest()
-        self._scalars = ScalarsLog(self.run_dir / fmt.SCALARS, self._fail)
-        pin = torch.cuda.is_available() and any(p.is_cuda for _, p in self._index.params)
-        self._store, self._writer = open_writer(
-            self.run_dir, self.format, self._index.declared(self.model, self.grads),
-            slots=self.max_pending if self.async_write else 1, pin=pin, threaded=self.async_write,
-            direct_io=self.direct_io,
-        )
+        try:
+            self._write_manifest()
+            self._scalars = ScalarsLog(self.run_dir / fmt.SCALARS, self._fail)
+            pin = torch.cuda.is_available() and any(p.is_cuda for _, p in self._index.params)
+            self._store, self._writer = open_writer(
+                self.run_dir, self.format, self._index.declared(self.model, self.grads),
+                slots=self.max_pending if self.async_write else 1, pin=pin, threaded=self.async_write,
+                direct_io=self.direct_io,
+            )
+        except BaseException:  # a failed start leaves the run to the next recorder
+            release_lock(self._lock)
+            raise
 
     def close(self, *, crashed: bool = False) -> None:
         """Detach the hooks, save the final state x_T, wait for the writer, mark the run's status.
@@ -294,8 +300,10 @@ class Recorder:
         try:
             self._store.close()
         except Exception as exc:  # noqa: BLE001 - reported like any write failure
-            if self._writer.error is None:
-                self._error = self._error or f"closing {fmt.HDF5_FILE} failed ({exc})"
+            if self._writer.error is None and self._error is None:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                self._error = f"{self.run_dir / fmt.HDF5_FILE}: closing failed ({reason})"
+                pending = pending or RecorderError(self._error)
         if self._scalars is not None:
             self._scalars.close()
         try:
@@ -306,9 +314,10 @@ class Recorder:
         self._status = fmt.STATUS_CRASHED if failed else fmt.STATUS_COMPLETE
         try:
             self._write_manifest()
-        except OSError as exc:
+        except (OSError, RecorderError) as exc:  # a full disk; a manifest grown past the readers' limit
             if pending is None and self.on_error == "raise" and not crashed:
-                pending = RecorderError(f"{self.run_dir / fmt.MANIFEST}: cannot write ({exc})")
+                pending = exc if isinstance(exc, RecorderError) else RecorderError(
+                    f"{self.run_dir / fmt.MANIFEST}: cannot write ({exc.strerror or exc})")
         release_lock(self._lock)  # after the final manifest: until then the run is being recorded
         return pending
     # --- the per-step calls ---------------------------------------------------------------------
@@ -348,8 +357,7 @@ class Recorder:
                 self._write_scalars(skipped=True)
             self._micro = []
         self._capture.on_batch(len(self._micro))
-        self._micro.append(micro_entry(batch, loss, weight, step=self.step, indices=self.batch_fn is not None,
-                                       keep=self.schedule(self.step)))
+        self._micro.append(micro_entry(self, batch, loss, weight))
 
     def capture_forward_state(self, autocast: torch.autocast | None = None) -> None:
         """Capture the RNG state and buffers now, as the state of the coming forward pass.
@@ -475,18 +483,8 @@ class Recorder:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
     def _write_scalars(self, *, skipped: bool) -> None:
-        line: dict[str, Any] = {
-            "step": self.step,
-            "loss": None,
-            "lr": self._lrs(),
-            "skipped": skipped,
-            "recorded": (not skipped) and self.schedule(self.step),
-        }
-        if self.accumulation > 1:
-            line["micro_batches"] = len(self._micro)
-        weights = micro_weights(self._micro, self.accumulation_reduction) if self._micro else []
         assert self._scalars is not None  # only the writing rank writes scalars
-        self._scalars.add(line, [(w, mb["loss"]) for w, mb in zip(weights, self._micro)])
+        self._scalars.add(*step_line(self, self._micro, self._lrs(), skipped=skipped))
 
     # --- errors -------------------------------------------------------------------------------------
 
@@ -503,7 +501,7 @@ class Recorder:
         try:
             # Mark the run now: if the process dies later, the manifest already says why.
             self._write_manifest()
-        except OSError:
+        except (OSError, RecorderError):  # the failure at hand is the one to report
             pass
         if self.on_error == "raise":
             raise RecorderError(message) from exc
@@ -516,4 +514,4 @@ class Recorder:
 
     def _write_manifest(self) -> None:
         manifest = build_manifest(self, self._index, status=self._status, error=self._error)
-        fmt.atomic_write_json(self.run_dir / fmt.MANIFEST, manifest)
+        write_manifest(self.run_dir / fmt.MANIFEST, manifest, self._lock)

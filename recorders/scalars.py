@@ -18,15 +18,32 @@ import torch
 
 from trajscope import confine
 from trajscope.errors import RecorderError, RunFormatError
-from trajscope.recorders.capture import as_float
+from trajscope.recorders.capture import Recording, as_float, micro_weights
 
-__all__ = ["ScalarsLog", "DEFER_LIMIT", "combine_losses"]
+__all__ = ["ScalarsLog", "DEFER_LIMIT", "combine_losses", "step_line"]
 
 DEFER_LIMIT = 64
 """Lines kept back while their GPU losses are copied to the host without blocking."""
 
 WeightedLosses = list[tuple[float, Any]]
 """(weight w_i, loss f_i) of each micro-batch; a loss is a tensor, a number or None."""
+
+
+def step_line(rec: Recording, micro: list[dict[str, Any]], lrs: list[float], *,
+              skipped: bool) -> tuple[dict[str, Any], WeightedLosses]:
+    """The line of step ``rec.step`` (its ``loss`` still unset) and the weighted losses of its
+    micro-batches ``micro`` that :meth:`ScalarsLog.add` combines into it."""
+    line: dict[str, Any] = {
+        "step": rec.step,
+        "loss": None,
+        "lr": lrs,
+        "skipped": skipped,
+        "recorded": (not skipped) and rec.schedule(rec.step),
+    }
+    if rec.accumulation > 1:
+        line["micro_batches"] = len(micro)
+    weights = micro_weights(micro, rec.accumulation_reduction) if micro else []
+    return line, [(w, mb["loss"]) for w, mb in zip(weights, micro)]
 
 
 def combine_losses(parts: WeightedLosses) -> float | None:

@@ -214,6 +214,12 @@ def build_image(slot: Slot, step: int, kind: str, meta: dict[str, Any],
             layout, {"trajscope": json.dumps(meta, allow_nan=True, separators=(",", ":"))}
         )
         h = len(header)
+        if h - 8 > fmt.MAX_HEADER_BYTES:  # past it, every reader refuses the file
+            raise RecorderError(
+                f"step {step}: the snapshot's header would be {h - 8} bytes, more than the "
+                f"{fmt.MAX_HEADER_BYTES} bytes a reader accepts; it holds the batch's numbers and strings "
+                "(its tensors are stored apart): pass large data as tensors"
+            )
         size = h + data_len
         slot.ensure(size)
         slot.array[:h] = np.frombuffer(header, dtype=np.uint8)

@@ -61,11 +61,16 @@ STATUS_CRASHED = "crashed"
 KIND_STEP = "step"
 KIND_FINAL = "final"
 
+# The limits of the run directory: one table for both sides. A reader refuses what exceeds one; the
+# recorder checks the same names when it records (the metadata and the manifest at Recorder(...) and
+# start, a batch at rec.batch, a snapshot header, parameter names), so that it never writes a run
+# that a reader refuses.
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap on the JSON header
 MAX_MANIFEST_BYTES = 64_000_000
 MAX_SCALARS_LINE_BYTES = 1_000_000  # one scalars.jsonl line is ~100 bytes
 MAX_NAME_CHARS = 1024  # parameter/buffer names, tensor keys
 MAX_BATCH_DEPTH = 64  # nesting of a stored batch tree
+MAX_METADATA_DEPTH = 64  # nesting of the manifest's user metadata: readers parse JSON recursively
 
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.safetensors$")
 _STEP_NAME = re.compile(r"^step_(\d{8,})$")

@@ -2,7 +2,10 @@
 
 The failure is injected at the writer's own write calls (``put``, HDF5's hyperslab write, raising
 ``ENOSPC`` while a given step is written), and for real with ``RLIMIT_FSIZE``: HDF5 itself then
-fails mid-flush with its multi-line error text, after part of the row reached the file.
+fails mid-flush with its multi-line error text, after part of the row reached the file. Last, a
+really full disk (a small tmpfs, where a private mount namespace can be made): the HDF5 file keeps
+what it allocated for the failed row, so the manifest that says why recording stopped is written in
+the room the recorder kept for it.
 """
 
 from __future__ import annotations
@@ -253,3 +256,71 @@ def test_hdf5_failing_to_create_the_file_is_one_line(tmp_path: Path) -> None:
     assert info.value.errno == errno.ENOENT and info.value.filename == str(path)
     assert str(info.value) == f"[Errno {errno.ENOENT}] {os.strerror(errno.ENOENT)}: '{path}'"
     assert "errno = 2" in str(info.value.__cause__)  # HDF5's own text, kept in the chain
+
+
+# A disk that is really full: a 1 MiB tmpfs in a private mount namespace (a user namespace makes
+# root's mount available to any user where the kernel allows it). The recording runs in a child
+# interpreter that reports what it finds before the filesystem vanishes with its namespace.
+FULL_DISK_CHILD = '''
+import json, os, sys, torch
+from torch import nn
+from trajscope.recorders import Recorder
+
+run_dir, storage = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+torch.set_num_threads(1)
+model = nn.Sequential(nn.Linear(64, 256), nn.Linear(256, 64))  # 266 kB of x_t and g_t a snapshot
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+raised = None
+try:
+    with Recorder(run_dir, model, opt, format=storage) as rec:
+        for _ in range(20):
+            x = torch.randn(8, 64)
+            loss = model(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            rec.batch(x, loss=loss)
+            opt.step()
+except Exception as exc:
+    raised = f"{type(exc).__name__}: {exc}"
+with open(os.path.join(run_dir, "trajscope.json")) as fh:
+    manifest = json.load(fh)
+print(json.dumps({"raised": raised, "status": manifest["status"], "error": manifest["error"],
+                  "hidden": sorted(n for n in os.listdir(run_dir) if n.startswith(".")),
+                  "lock_bytes": os.path.getsize(os.path.join(run_dir, ".recording.lock"))}))
+'''
+
+
+def _on_a_full_disk(tmp_path: Path, storage: str) -> dict[str, Any]:
+    """Record ``storage`` onto a 1 MiB tmpfs until it is full; what the child saw (skips where no
+    private mount namespace can be made)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("needs unshare(1) to mount a small filesystem")
+    script = 'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" -c "$3" "$1/run" "$4"'
+    done = subprocess.run([unshare, "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh",
+                           str(mount), sys.executable, FULL_DISK_CHILD, storage],
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and not done.stdout:
+        pytest.skip(f"cannot mount a small filesystem here: {done.stderr.strip()[-200:]}")
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout.splitlines()[-1]))
+
+
+@pytest.mark.parametrize("storage", ["hdf5", "safetensors"])
+def test_a_really_full_disk_ends_the_run_crashed_with_its_cause(tmp_path: Path, storage: str) -> None:
+    seen = _on_a_full_disk(tmp_path, storage)
+    assert seen["raised"] is not None and seen["raised"].startswith("RecorderError: ")
+    message = seen["raised"].removeprefix("RecorderError: ")
+    assert re.fullmatch(r"/\S+/run/(trajectory\.h5|steps/step_\d{8}\.safetensors): writing step \d+ failed "
+                        rf"\({ENOSPC_TEXT}\)", message), message
+    assert seen["status"] == fmt.STATUS_CRASHED and seen["error"] == message
+    assert seen["hidden"] == [fmt.RECORDING_LOCK]  # no temporary file is left behind
+    assert seen["lock_bytes"] == 0  # the reserve went with the lock
