@@ -1,5 +1,5 @@
 """Run directories for the reliability tests: tiny runs, raw snapshot surgery, directory
-fingerprints, the command line run in-process, and a guard against hangs.
+fingerprints, the command line run in-process, and guards against hangs and runaway allocations.
 
 Importable as ``support.rundirs`` like :mod:`support.problems` (pytest puts ``tests/`` on ``sys.path``).
 """
@@ -121,6 +121,26 @@ def no_hang(seconds: float = 10.0) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+@contextmanager
+def memory_cap(extra_bytes: int = 2 << 30) -> Iterator[None]:
+    """Let the block map at most ``extra_bytes`` more address space than the process maps on entry
+    (``RLIMIT_AS``, soft limit, restored after): an allocation sized by a hostile file fails with
+    ``MemoryError`` instead of exhausting the machine. Linux only (``/proc/self/status``)."""
+    import resource
+
+    with open("/proc/self/status") as fh:
+        vm = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
+    old = resource.getrlimit(resource.RLIMIT_AS)
+    cap = vm + extra_bytes
+    if old[1] != resource.RLIM_INFINITY:
+        cap = min(cap, old[1])
+    resource.setrlimit(resource.RLIMIT_AS, (cap, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, old)
 
 
 def assert_same_stored_steps(a: Path, b: Path) -> None:

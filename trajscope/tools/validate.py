@@ -62,6 +62,7 @@ def validate_run(path: str | Path, *, objective: Any = None, quick: bool = False
         quick: check snapshot headers and sizes only, without reading the tensors.
     """
     rep = ValidationReport(Path(path))
+    _leftover_files(Path(path), rep)
     try:
         run = open_run(path)
     except TrajscopeError as exc:
@@ -120,6 +121,27 @@ def _check_uncommitted(run: Run, rep: ValidationReport) -> None:
     if n:
         rep.warnings.append(f"{run.path / fmt.HDF5_FILE}: {n} row(s) without a step number (a write that "
                             "failed or was cut off before its commit); ignored")
+
+
+def _leftover_files(run_dir: Path, rep: ValidationReport) -> None:
+    """Temporary files an interrupted write left in the run directory: the manifest's
+    (``.trajscope.json.tmp-<pid>``) and ``trajscope convert``'s (``.trajectory.h5.converting``,
+    ``.steps.converting``). Readers ignore them, so each is a warning that says what it is and that
+    it may be deleted, never a problem: they are no damage to the run."""
+    try:
+        names = sorted(os.listdir(run_dir))
+    except OSError:
+        return  # not a readable directory: open_run says so
+    converting = {f".{fmt.HDF5_FILE}.converting", f".{fmt.STEPS_DIR}.converting"}
+    for name in names:
+        if name.startswith(f".{fmt.MANIFEST}.tmp-"):
+            what = "leftover temporary file of an interrupted manifest write (harmless; may be deleted)"
+        elif name in converting:
+            what = ("left by an interrupted `trajscope convert` (harmless; may be deleted unless a convert "
+                    "of this run is running)")
+        else:
+            continue
+        rep.warnings.append(f"{run_dir / one_line(name)}: {what}")
 
 
 def _step_files(steps_dir: Path, rep: ValidationReport) -> list[tuple[int, Path]]:
