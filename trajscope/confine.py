@@ -4,6 +4,8 @@ A run directory may come from someone else, and anything in it may be a planted 
 file trajscope creates, replaces or removes inside a run goes through these helpers, which refuse
 a symlink or a special file at the path (``lstat``, ``O_NOFOLLOW``) with one error naming it.
 Atomic replacement of regular files (temp file + rename) is :func:`trajscope.runformat.atomic_write_bytes`.
+A directory the user names for output is checked once for a link anywhere along its path
+(:func:`unsafe_component`) and created one real directory at a time (:func:`make_dirs`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 
 from trajscope.errors import RunFormatError
 
-__all__ = ["check_replaceable", "link_error", "open_nofollow", "remove_entry", "safe_output_dir"]
+__all__ = ["check_replaceable", "link_error", "make_dirs", "open_nofollow", "remove_entry", "safe_output_dir",
+           "unsafe_component"]
 
 
 def open_nofollow(path: Path, flags: int, what: str) -> int:
@@ -65,6 +68,48 @@ def safe_output_dir(root: Path, *parts: str) -> Path:
         except OSError as exc:
             raise RunFormatError(f"{path}: cannot create directory ({exc.strerror})") from exc
     return path
+
+
+def unsafe_component(path: Path) -> tuple[Path, str] | None:
+    """The first existing component of the absolute ``path``, from the root down, that is a symlink
+    or not a directory (``lstat``: never followed), with what it is; None when there is none.
+
+    ``path`` itself may be absent (then so are the components below the first absent one), or a
+    directory. An output directory the user names is checked with it once, so that what is written
+    there cannot be redirected by a link anywhere along the way.
+    """
+    for part in [*reversed(path.parents), path]:
+        try:
+            mode = os.lstat(part).st_mode
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return part, f"cannot be inspected ({exc.strerror})"
+        if stat.S_ISLNK(mode):
+            return part, "is a symlink"
+        if not stat.S_ISDIR(mode):
+            return part, "is not a directory"
+    return None
+
+
+def make_dirs(path: Path) -> Path:
+    """Create the absolute ``path`` and its missing parents one real directory at a time
+    (:func:`safe_output_dir` from the deepest existing ancestor), so a link planted at a missing
+    component while they are created is refused, never followed; returns ``path``.
+
+    Raises:
+        RunFormatError: a component is a symlink or not a directory, or cannot be created.
+    """
+    base = path
+    missing: list[str] = []
+    while not os.path.lexists(base) and base.parent != base:
+        missing.insert(0, base.name)
+        base = base.parent
+    if base.is_symlink():
+        raise link_error(base)
+    if not base.is_dir():
+        raise RunFormatError(f"{base}: expected a directory, found a file")
+    return safe_output_dir(base, *missing)
 
 
 def check_replaceable(path: Path) -> None:

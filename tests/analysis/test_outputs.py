@@ -133,6 +133,7 @@ def test_two_runs_into_one_out_never_share_pairs(tmp_path: Path) -> None:
     b_own = trajscope.analyze(b, dtype="float64", write=False, progress=False)
     out = tmp_path / "shared-out"
     trajscope.analyze(a, dtype="float64", out=out, progress=False)
+    (out / "metrics.nc").unlink()  # what a killed analysis leaves: a's pairs, no Dataset naming a
     into_out = trajscope.analyze(b, dtype="float64", out=out, progress=False)
     xr.testing.assert_equal(into_out, b_own)
     xr.testing.assert_equal(trajscope.open_metrics(b, analysis=out), b_own)

@@ -23,7 +23,7 @@ import numpy as np
 
 from trajscope import runformat as fmt
 from trajscope.analysis import health
-from trajscope.analysis.outputs import per_run
+from trajscope.analysis.outputs import check_read, per_run, run_identity
 from trajscope.analysis.persist import VERSION
 from trajscope.errors import RunFormatError, one_line
 from trajscope.metrics.pair import PairStats
@@ -76,6 +76,7 @@ def build_dataset(stats: Sequence[PairStats], values: Sequence[dict[str, np.ndar
         "trajscope_version": VERSION,
         "run": str(run.path.resolve()),
         "run_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+        "run_identity": run_identity(run.manifest, complete=run.status == fmt.STATUS_COMPLETE),
         "run_status": run.status,
         "objective": objective_id,
         "probe": json.dumps(settings.to_json()),
@@ -195,11 +196,19 @@ def open_metrics(run: str | Path | Sequence[str | Path],
                  analysis: str | Path | Sequence[str | Path | None] | None = None) -> xr.Dataset:
     """Open the Dataset written by ``trajscope analyze``; several runs concat along ``run``.
 
+    Each Dataset must be trajscope's and an analysis of the run it is read for
+    (:func:`trajscope.analysis.outputs.check_read`: the same manifest, or the same directory and
+    manifest identity), wherever it was read from.
+
     Args:
         run: a run directory, or several.
         analysis: the analysis directory each run was analyzed into (``analyze(..., out=DIR)``,
             ``trajscope analyze RUN --out DIR``): one directory, or one entry per run (None:
             that run's ``RUN/analysis``). Default: ``RUN/analysis`` of every run.
+
+    Raises:
+        RunFormatError: no analysis there, a file that is not a trajscope metrics Dataset, or the
+            analysis of another run (naming both).
     """
     import xarray as xr
 
@@ -221,6 +230,7 @@ def open_metrics(run: str | Path | Sequence[str | Path],
     fmt.open_regular(path, "metrics Dataset").close()  # a FIFO there would block the open below
     try:
         with xr.open_dataset(path, engine="netcdf4") as ds:
+            check_read(ds.attrs, run_dir, path)  # before loading: a foreign file's data is never read
             return ds.load()
     except (OSError, ValueError) as exc:
         # The netCDF library's OSError carries the path beside its reason: name the file once.

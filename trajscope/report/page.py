@@ -24,7 +24,7 @@ import xarray as xr
 
 from trajscope import confine
 from trajscope import runformat as fmt
-from trajscope.analysis.outputs import check_writable, per_run
+from trajscope.analysis.outputs import check_writable, output_dir, per_run
 from trajscope.errors import AnalysisError, RunFormatError
 from trajscope.report.figures import (
     FIGURES,
@@ -68,7 +68,7 @@ def load_runs(runs: str | Path | xr.Dataset | Sequence[str | Path | xr.Dataset] 
     if isinstance(runs, Mapping) and not isinstance(runs, xr.Dataset):  # a Dataset is a Mapping too
         out = dict(runs)
     else:
-        items = [runs] if isinstance(runs, (str, Path, xr.Dataset)) else list(runs)
+        items = _items(runs)
         if not items:
             raise AnalysisError("report: no runs given; pass at least one analyzed run directory")
         paths = [Path(p) for p in items if not isinstance(p, xr.Dataset)]
@@ -95,6 +95,13 @@ def load_runs(runs: str | Path | xr.Dataset | Sequence[str | Path | xr.Dataset] 
         if "step" not in ds.dims or ds.sizes["step"] == 0:
             raise RunFormatError(f"report: run {label!r} has no analyzed pairs (empty 'step' dimension)")
     return out
+
+
+def _items(runs: str | Path | xr.Dataset | Sequence[str | Path | xr.Dataset] | Runs) -> list[str | Path | xr.Dataset]:
+    """The runs given to the report, as a list (the Datasets of a mapping)."""
+    if isinstance(runs, Mapping) and not isinstance(runs, xr.Dataset):
+        return list(runs.values())
+    return [runs] if isinstance(runs, (str, Path, xr.Dataset)) else list(runs)
 
 
 def _unique_labels(paths: Sequence[Path]) -> dict[Path, str]:
@@ -153,7 +160,10 @@ def write_report(
 
     Args:
         runs: run directories (analyzed), Datasets, or ``{label: Dataset}``; several overlay.
-        out: report directory (default: ``<first run dir>/report``; required for Datasets).
+        out: report directory (default: ``<first run dir>/report``; required for Datasets). Made
+            absolute once and refused where a component is a symlink, in a run's storage or
+            inside a run directory other than the reported runs'
+            (:func:`trajscope.analysis.outputs.output_dir`).
         beta: EMA weight on the past for the ``inst_gap`` figure.
         window: pairs in the windowed convexity ratio (default: a tenth of the run, at least 2).
         dpi: resolution of the PNG files.
@@ -164,17 +174,19 @@ def write_report(
         raise AnalysisError(f"window={window!r}: expected an int >= 1")
     if not 0 <= beta < 1:
         raise AnalysisError(f"beta={beta!r}: expected 0 <= beta < 1")
-    loaded = load_runs(runs, analysis)
     if out is None:
         first = runs[0] if isinstance(runs, Sequence) and not isinstance(runs, str) and runs else runs
         if not isinstance(first, (str, Path)):
             raise AnalysisError("report: pass out=DIR when the runs are given as Datasets")
         # Inside the run: `report` must be a real directory there, never a planted symlink.
         check_writable(Path(first) / REPORT_DIR, "the report", "pass --out DIR (write_report(..., out=DIR))")
+        loaded = load_runs(runs, analysis)
         out_dir = confine.safe_output_dir(Path(first), REPORT_DIR)
     else:
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        own = [Path(p) for p in _items(runs) if isinstance(p, (str, Path))]
+        out_dir, _ = output_dir(out, "the report", own)  # checked before reading, created after
+        loaded = load_runs(runs, analysis)
+        confine.make_dirs(out_dir)  # one real directory at a time: a link planted meanwhile is refused
     rep = Report(out_dir=out_dir, index=out_dir / "index.html")
     options = {"beta": beta, "window": window}
     for spec in FIGURES:
