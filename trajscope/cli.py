@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
 import sys
 import traceback
 import warnings
@@ -163,6 +164,11 @@ def analyze(run_dir: str, objective: str | None, points: int, margin: float, dev
         where = out.rstrip("/") if out is not None else f"{run_dir.rstrip('/')}/{fmt.ANALYSIS_DIR}"
         click.echo(f"wrote {where}/{fmt.METRICS_FILE}")
         click.echo(format_headline(headline(ds)))
+    from trajscope.analysis.health import nothing_computed
+    from trajscope.errors import AnalysisError
+
+    if nothing_computed(ds):  # the analysis warned why; exit 0 would read as a result
+        raise AnalysisError(f"{run_dir}: no pair has a finite loss: nothing was computed")
 
 
 def _warn_incomplete(run: Run) -> None:
@@ -389,14 +395,45 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(f"error: {one_line(exc)}")
     except MemoryError:
         fail("error: out of memory (try fewer --workers, a smaller --steps range, or --device cpu)")
+    except SystemExit as exc:
+        if exc.code == 1 and type(sys.stdout).__name__.endswith("PacifyFlushWrapper"):
+            # click's exit on a closed stdout (`trajscope metrics | head`): the reader has what it wanted
+            _quiet_stdout()
+            sys.exit(0)
+        raise
+    except BrokenPipeError:  # the same, outside click's own handling
+        _quiet_stdout()
+        sys.exit(0)
     except OSError as exc:  # the environment, not the run: disk full, permissions, ...
-        where = f"{exc.filename}: " if exc.filename else ""
+        where = f"{exc.filename}: " if exc.filename else _output_of(args)
         fail(f"error: {one_line(where)}{one_line(exc.strerror or exc)}")
     except Exception as exc:  # noqa: BLE001 - a bug in trajscope: still one line, exit 1
         fail(
             f"internal error: {type(exc).__name__}: {one_line(exc, 500)} (this is a bug in "
             "trajscope; re-run with --debug and report the traceback)"
         )
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: the reader closed the pipe, and the interpreter's last flush
+    at exit must not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _output_of(args: list[str]) -> str:
+    """Where a command writes, for an I/O error that names no file: ``analyze``'s analysis
+    directory (``--out`` or RUN_DIR/analysis), ``report``'s ``-o``; else nothing."""
+    if args[:1] == ["analyze"] and len(args) > 1:
+        out = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "--out"), None)
+        return f"writing {out or args[1].rstrip('/') + '/' + fmt.ANALYSIS_DIR}: "
+    if args[:1] == ["report"]:
+        out = next((args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-o", "--out")), None)
+        return f"writing {out}: " if out else "writing the report: "
+    return ""
 
 
 _COLLECTION_PAUSED = False

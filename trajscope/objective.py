@@ -131,7 +131,7 @@ def _call_factory(factory: Any, what: str, run: RunArgument = None) -> Objective
         result = factory(*args)
     except TrajscopeError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit in a factory is a failure, never a silent exit 0
         raise ObjectiveError(
             f"objective {what}: calling it raised {type(exc).__name__}: {one_line(exc)}"
         ) from exc

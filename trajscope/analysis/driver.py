@@ -169,7 +169,7 @@ def analyze(
     """
     r = run if isinstance(run, Run) else open_run(run)
     scheduler = _check_arguments(dtype, scheduler, device, chunk_size, derivatives)
-    where = _destination(r, out, write)  # checked before any work: a read-only run fails at once
+    where = _destination(r, out, write, force)  # checked before any work: a read-only run fails at once
     local = isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS
     selected, sharpness = select_metrics(metrics, sharpness)
     settings = probe_settings(r, points=points, margin=margin, device=device, dtype=dtype,
@@ -208,24 +208,25 @@ def _dataset(r: Run, ordered: list[PairStats], specs: dict[str, MetricSpec], set
 
 
 def _warn_replay(ds: xr.Dataset) -> None:
-    """A :class:`TrajscopeWarning` when the replay gate fails (:func:`health.replay_failures`), and
-    one when parameters moved without a recorded gradient (:func:`health.unrecorded_warning`)."""
+    """A :class:`TrajscopeWarning` when the replay gate fails (:func:`health.replay_failures`), one
+    when parameters moved without a recorded gradient (:func:`health.unrecorded_warning`), and one
+    when the loss is NaN/Inf on some pair (:func:`health.nonfinite_loss_warning`)."""
     check = health.replay_failures(ds)
     if not check.ok:
         warnings.warn(health.replay_warning(check, ds), TrajscopeWarning, stacklevel=3)
-    unrecorded = health.unrecorded_warning(ds)
-    if unrecorded is not None:
-        warnings.warn(unrecorded, TrajscopeWarning, stacklevel=3)
+    for note in (health.unrecorded_warning(ds), health.nonfinite_loss_warning(ds)):
+        if note is not None:
+            warnings.warn(note, TrajscopeWarning, stacklevel=3)
 
 
-def _destination(r: Run, out: str | Path | None, write: bool) -> Path | None:
+def _destination(r: Run, out: str | Path | None, write: bool, force: bool = False) -> Path | None:
     """The analysis directory (``out`` or ``RUN/analysis``, checked writable:
     :func:`trajscope.analysis.outputs.analysis_dir`); None when nothing is written."""
     if not write:
         if out is not None:
             raise AnalysisError(f"out={str(out)!r}: given with write=False, which writes nothing")
         return None
-    return analysis_dir(r.path, out)
+    return analysis_dir(r.path, out, force=force)
 
 
 def _job(r: Run, objective: ObjectiveSource, name: str, settings: ProbeSettings, device: str, code: str,
@@ -299,15 +300,22 @@ def _compute_pairs(job: Job, pairs: list[int], lost: dict[int, str], scheduler: 
                    force: bool, progress: bool | None) -> tuple[PairTable, dict[int, str]]:
     """Every pair's PairStats, persisted ones reused (unless ``force``), and the skipped pairs
     (start step → why): damaged or missing snapshots cost only their pairs. A pair persisted but
-    for its reference part (x* changed) gets a reference task, not a probe."""
+    for its reference part (x* changed) gets a reference task, not a probe. A pair persisted from
+    other snapshots than the run's current ones (replaced, rewritten, recorded anew) is recomputed, with
+    one warning counting them."""
     done = PairTable(pairs)
     ref_only: list[int] = []  # persisted but for the reference part (a new x*)
     if job.pairs_dir is not None:
         remove_stale_temporaries(job.pairs_dir.parent)
+        job.identify(pairs)  # what every pair reads, before any is read
         if not force:
-            load_persisted(done, job.pairs_dir, pairs, job.digest)
+            changed = load_persisted(done, job.pairs_dir, pairs, job.digest, job.inputs)
+            if changed:
+                warnings.warn(f"{changed} persisted pair(s) were computed from snapshot files that changed since "
+                              "(replaced, rewritten or recorded anew); recomputing them", TrajscopeWarning,
+                              stacklevel=3)
             done = _unchanged(job, done, pairs)
-            ref_only = load_references(done, job.pairs_dir, pairs, job.ref_digest)
+            ref_only = load_references(done, job.pairs_dir, pairs, job.ref_digest, job.reference_inputs)
     todo = sorted([t for t in pairs if t not in done] + ref_only)
     skipped = dict(lost)
     bar = _Progress(len(pairs), len(pairs) - len(todo), sys.stderr.isatty() if progress is None else progress)

@@ -59,6 +59,8 @@ __all__ = [
     "replay_bound",
     "replay_failures",
     "replay_warning",
+    "nonfinite_loss_warning",
+    "nothing_computed",
     "unrecorded_warning",
 ]
 
@@ -383,6 +385,29 @@ def replay_warning(check: ReplayCheck, ds: xr.Dataset) -> str:
         text += (f" ({check.nonuniform} non-uniformly clipped pairs exceed grad_replay_error's bound "
                  "as expected and are not counted)")
     return text
+
+
+def nonfinite_loss_warning(ds: xr.Dataset) -> str | None:
+    """The one-line warning for pairs whose replayed loss is NaN/Inf (``pair_flags`` bit
+    ``nonfinite_replay_loss``; None: there are none). On every pair nothing was computed: the
+    message says so, and ``trajscope analyze`` exits 1 (:func:`nothing_computed`)."""
+    n = int(ds.sizes.get("step", 0))
+    hit = (_pair_flags(ds, n) & FLAGS["nonfinite_replay_loss"][0]) != 0
+    if not hit.any():
+        return None
+    steps = [int(t) for t in np.asarray(ds["step"].values)[hit]]
+    shown = ", ".join(map(str, steps[:5])) + (", …" if len(steps) > 5 else "")
+    what = ("on every pair: nothing was computed" if hit.all()
+            else f"on {len(steps)} of {n} pairs (steps {shown}): their metrics are NaN")
+    return (f"the objective's loss is NaN or Inf {what} (pair_flags bit nonfinite_replay_loss). Likely "
+            "causes: the objective differs from training's (a missing normalisation, a log of 0), or "
+            "training diverged")
+
+
+def nothing_computed(ds: xr.Dataset) -> bool:
+    """Whether no pair has a finite replayed loss (or there are no pairs)."""
+    n = int(ds.sizes.get("step", 0))
+    return n == 0 or bool(((_pair_flags(ds, n) & FLAGS["nonfinite_replay_loss"][0]) != 0).all())
 
 
 def unrecorded_warning(ds: xr.Dataset) -> str | None:

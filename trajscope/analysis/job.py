@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trajscope.analysis.persist import reference_inputs
 from trajscope.objective import ObjectiveSource
 from trajscope.probe.settings import ProbeSettings
 from trajscope.runformat import KIND_STEP
@@ -76,6 +78,9 @@ class Job:
             one run on one cluster with other reference points never share a task (default:
             ``digest``).
         run_token: names the run in the keys of the load tasks.
+
+    Persisted results record what they were computed from (:meth:`inputs`): the identities of the
+    snapshots are taken once per analysis (:meth:`identify`), before any is read for a pair.
     """
 
     run: Run
@@ -90,6 +95,7 @@ class Job:
     key: str = ""
     run_token: str = ""
     _uid: str = field(default_factory=lambda: uuid.uuid4().hex, init=False, repr=False, compare=False)
+    _identities: dict[int, str | None] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def task_key(self) -> str:
@@ -110,6 +116,32 @@ class Job:
     def previous(self, t: int) -> int | None:
         """x_{t−1} of pair t, when it is a recorded step (the final state is not one)."""
         return t - 1 if (t - 1) in self.recorded and self.run.kind(t - 1) == KIND_STEP else None
+
+    def identify(self, pairs: Iterable[int]) -> None:
+        """Take the identity of every snapshot the pairs starting at ``pairs`` read (their x_t,
+        x_{t+1}, x_{t−1} and x_0) and not taken yet, in one pass over the storage
+        (:meth:`~trajscope.store.run.Run.identities`).
+
+        Taken before the pairs' snapshots are read: a snapshot replaced in between is read anew
+        but recorded under its old identity, so the next analysis recomputes its pairs (the
+        other way round, a pair would be reused with data it was not computed from)."""
+        steps = {s for t in pairs for s in (t, t + 1, self.previous(t), self.init_step) if s is not None}
+        missing = steps - self._identities.keys()
+        if missing:
+            self._identities.update(self.run.identities(missing))
+
+    def inputs(self, t: int) -> dict[str, str | None]:
+        """What pair ``t`` reads, as persisted with its results
+        (:data:`trajscope.analysis.persist.Inputs`): the run's identity and, by role, the identity
+        of each snapshot the pair task is given."""
+        self.identify([t])
+        roles = {"x_t": t, "x_next": t + 1, "x_prev": self.previous(t), "x_0": self.init_step}
+        return {"run": self.run.identity,
+                **{role: self._identities[s] for role, s in roles.items() if s is not None}}
+
+    def reference_inputs(self, t: int) -> dict[str, str | None]:
+        """What the reference part of pair ``t`` reads besides x* (which its digest covers)."""
+        return reference_inputs(self.inputs(t))
 
     def for_tasks(self, placement: Placement) -> PairJob:
         """What every task of this analysis is handed, placed by ``placement``."""

@@ -8,6 +8,12 @@ Each finished pair is persisted by the task that computed it, in two files:
   :mod:`trajscope.probe.reference_point`), tagged with that digest, the step of x* and its snapshot's identity
   (:func:`reference_digest`).
 
+Each file also records the identities of what it was computed from (:class:`Tag`, :data:`Inputs`):
+the recording (:attr:`trajscope.store.run.Run.identity`) and every snapshot it read
+(:meth:`trajscope.store.run.Run.identities`). A result whose inputs differ from the run's current ones (a
+snapshot replaced or rewritten, a run recorded anew in its directory) is recomputed, never reused:
+the digests name how a pair was computed, the inputs what it was computed from.
+
 In an analysis directory other than ``RUN/analysis`` the pairs' digest also covers the run's
 path (:func:`pairs_digest`).
 
@@ -22,6 +28,7 @@ is built.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -31,7 +38,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,9 +51,10 @@ from trajscope.metrics.pair import PairStats
 from trajscope.probe.reference_point import ReferencePart, merge
 from trajscope.probe.settings import ProbeSettings
 
-__all__ = ["PERSIST_EVERY_S", "VERSION", "PairTable", "analysis_lock", "grouped_writes", "later", "load_pair",
-           "load_reference", "pair_path", "pairs_digest", "reference_digest", "reference_path",
-           "remove_stale_temporaries", "save_pair", "save_reference", "settings_digest"]
+__all__ = ["PERSIST_EVERY_S", "VERSION", "Inputs", "PairTable", "Tag", "analysis_lock", "grouped_writes", "later",
+           "load_pair", "load_reference", "pair_path", "pairs_digest", "reference_digest", "reference_inputs",
+           "reference_path", "remove_stale_temporaries", "same_inputs", "save_pair", "save_reference",
+           "settings_digest"]
 
 from trajscope._version import VERSION
 
@@ -65,34 +73,83 @@ def reference_path(pairs_dir: Path, step: int) -> Path:
     return pairs_dir / f"ref_{step:08d}.safetensors"
 
 
-def save_pair(path: Path, stats: PairStats, digest: str) -> None:
-    _save(path, stats.to_tensors(),
-          {"digest": digest, "step": str(stats.step), "layers": json.dumps(list(stats.layers))})
+Inputs = Mapping[str, str | None]
+"""What a persisted result was computed from: role → identity. Roles: ``run`` (the recording:
+:attr:`trajscope.store.run.Run.identity`), and the snapshots read (:meth:`trajscope.store.run.Run.identities`):
+``x_t`` and ``x_next`` (the pair), ``x_prev`` (x_{t−1}, when recorded) and ``x_0`` (when recorded);
+a reference part reads ``x_t`` alone (x* is in its digest). None: the snapshot could not be read."""
 
 
-def load_pair(path: Path, digest: str) -> PairStats | None:
-    """A persisted pair if it exists and was computed with the same settings, else None."""
+@dataclasses.dataclass(frozen=True)
+class Tag:
+    """What a persisted file is tagged with: the ``digest`` of how it was computed
+    (:func:`settings_digest`, :func:`pairs_digest`, :func:`reference_digest`) and the identities of
+    the ``inputs`` it was computed from."""
+
+    digest: str
+    inputs: Inputs = dataclasses.field(default_factory=dict)
+
+
+def same_inputs(recorded: str | None, current: Inputs) -> bool:
+    """Whether a result whose metadata records ``recorded`` (the JSON of its :data:`Inputs`) was
+    computed from the inputs ``current`` names: the same roles, each with the same identity.
+
+    A snapshot that cannot be read (current identity None) is not held against the result: a damaged
+    snapshot holds no other data, and a result computed while it was whole stays the best account
+    of it (a damaged snapshot costs only the pairs that must read it). A result that records no
+    inputs (written by an older trajscope) is recomputed.
+    """
+    try:
+        then = json.loads(recorded) if recorded is not None else None
+    except ValueError:
+        return False
+    if not isinstance(then, dict) or then.keys() != current.keys():
+        return False
+    return all(ident is None or then[role] == ident for role, ident in current.items())
+
+
+def reference_inputs(inputs: Inputs) -> dict[str, str | None]:
+    """The inputs of a pair's reference part, of those of the pair (:data:`Inputs`)."""
+    return {role: inputs[role] for role in ("run", "x_t") if role in inputs}
+
+
+def save_pair(path: Path, stats: PairStats, tag: Tag | str) -> None:
+    """Persist a pair's results (its reference part aside), tagged with ``tag`` (a bare digest: no
+    inputs recorded)."""
+    _save(path, stats.to_tensors(), {**_tag_meta(tag), "step": str(stats.step),
+                                     "layers": json.dumps(list(stats.layers))})
+
+
+def load_pair(path: Path, digest: str, inputs: Inputs | None = None) -> PairStats | None:
+    """A persisted pair if it exists, was computed with the same settings and (unless ``inputs``
+    is None) from the same inputs (:func:`same_inputs`), else None."""
     found = _load(path, digest)
-    if found is None:
+    if found is None or (inputs is not None and not same_inputs(found[0].get("inputs"), inputs)):
         return None
-    meta, tensors = found
+    return _pair(*found)
+
+
+def _pair(meta: dict[str, str], tensors: dict[str, np.ndarray]) -> PairStats | None:
+    """The pair a persisted file's (metadata, arrays) hold; None if they do not parse."""
     try:
         return PairStats.from_tensors(int(meta["step"]), tuple(json.loads(meta["layers"])), tensors)
     except Exception:  # noqa: BLE001 - a damaged partial result is simply recomputed
         return None
 
 
-def save_reference(path: Path, part: ReferencePart, digest: str) -> None:
-    """Persist a pair's reference part, tagged with :func:`reference_digest`."""
-    _save(path, part.to_tensors(), {"digest": digest, "step": str(part.step), "reference": str(part.reference),
+def save_reference(path: Path, part: ReferencePart, tag: Tag | str) -> None:
+    """Persist a pair's reference part, tagged with :func:`reference_digest` and its inputs."""
+    _save(path, part.to_tensors(), {**_tag_meta(tag), "step": str(part.step), "reference": str(part.reference),
                                     "layers": json.dumps(list(part.layers))})
 
 
-def load_reference(path: Path, digest: str, layers: tuple[str, ...]) -> ReferencePart | None:
+def load_reference(path: Path, digest: str, layers: tuple[str, ...],
+                   inputs: Inputs | None = None) -> ReferencePart | None:
     """A persisted reference part if it exists, was computed for the same settings and x*
-    (``digest``) and covers ``layers`` (the pair's), else None."""
+    (``digest``), from the same inputs (unless ``inputs`` is None) and covers ``layers`` (the
+    pair's), else None."""
     found = _load(path, digest)
-    if found is None:
+    if found is None or (inputs is not None and not same_inputs(found[0].get("inputs"), inputs)):
         return None
     meta, tensors = found
     try:
@@ -101,6 +158,16 @@ def load_reference(path: Path, digest: str, layers: tuple[str, ...]) -> Referenc
     except Exception:  # noqa: BLE001 - a damaged partial result is simply recomputed
         return None
     return part if part.layers == tuple(layers) and part.x_ref.shape == (len(layers),) else None
+
+
+def _tag_meta(tag: Tag | str) -> dict[str, str]:
+    """The metadata fields of ``tag``: ``digest`` and, when it names any, ``inputs`` (JSON)."""
+    if isinstance(tag, str):
+        return {"digest": tag}
+    meta = {"digest": tag.digest}
+    if tag.inputs:
+        meta["inputs"] = json.dumps(dict(tag.inputs), sort_keys=True)
+    return meta
 
 
 def _save(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> None:
@@ -297,25 +364,39 @@ class PairTable:
         return PairStats.from_tensors(step, self._layers[step], views)
 
 
-def load_persisted(table: PairTable, pairs_dir: Path, steps: Sequence[int], digest: str) -> None:
-    """Put into ``table`` every pair of ``steps`` persisted with the same settings (without its
-    reference part: see :func:`load_references`)."""
+def load_persisted(table: PairTable, pairs_dir: Path, steps: Sequence[int], digest: str,
+                   inputs: Callable[[int], Inputs] | None = None) -> int:
+    """Put into ``table`` every pair of ``steps`` persisted with the same settings and, unless
+    ``inputs`` is None, from the inputs ``inputs(t)`` names (without its reference part: see
+    :func:`load_references`). Returns how many pairs were persisted with the same settings from
+    other inputs (to be recomputed)."""
+    changed = 0
     for t in steps:
-        s = load_pair(pair_path(pairs_dir, t), digest)
+        found = _load(pair_path(pairs_dir, t), digest)
+        if found is None:
+            continue
+        if inputs is not None and not same_inputs(found[0].get("inputs"), inputs(t)):
+            changed += 1
+            continue
+        s = _pair(*found)
         if s is not None:
             table.put(s)
+    return changed
 
 
-def load_references(table: PairTable, pairs_dir: Path, steps: Sequence[int], digest: str | None) -> list[int]:
+def load_references(table: PairTable, pairs_dir: Path, steps: Sequence[int], digest: str | None,
+                    inputs: Callable[[int], Inputs] | None = None) -> list[int]:
     """Merge into every pair of ``steps`` in ``table`` its persisted reference part, and return the
-    steps whose part is missing or stale (computed for another x*). With ``digest`` None (no
-    reference point) every pair gets the NaN part and none is returned."""
+    steps whose part is missing or stale (computed for another x*, or from other inputs than
+    ``inputs(t)``). With ``digest`` None (no reference point) every pair gets the NaN part and
+    none is returned."""
     stale: list[int] = []
     for t in steps:
         if t not in table:
             continue
         stats = table.get(t)
-        part = None if digest is None else load_reference(reference_path(pairs_dir, t), digest, stats.layers)
+        part = None if digest is None else load_reference(reference_path(pairs_dir, t), digest, stats.layers,
+                                                          None if inputs is None else inputs(t))
         if digest is not None and part is None:
             stale.append(t)
         else:

@@ -37,7 +37,16 @@ import torch
 from trajscope.analysis import health
 from trajscope.analysis.job import Job, PairJob
 from trajscope.analysis.loading import Loaded, SnapshotRef, on_device, resolved
-from trajscope.analysis.persist import later, pair_path, reference_path, save_pair, save_reference
+from trajscope.analysis.persist import (
+    Inputs,
+    Tag,
+    later,
+    pair_path,
+    reference_inputs,
+    reference_path,
+    save_pair,
+    save_reference,
+)
 from trajscope.errors import ObjectiveError, TrajscopeError, one_line
 from trajscope.metrics.pair import PairStats
 from trajscope.objective import Objective, ObjectiveSource, resolve_objective
@@ -106,10 +115,11 @@ def load_task(ref: SnapshotRef, pin: bool = False) -> Loaded:
 def pair_task(job: PairJob, snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loaded,
               prev: SnapshotRef | Loaded | None, init: SnapshotRef | Loaded | None,
               ref: SnapshotRef | Loaded | None = None, *, out: str | None,
-              strict: bool = False) -> PairStats | health.SkippedPair:
+              strict: bool = False, inputs: Inputs | None = None) -> PairStats | health.SkippedPair:
     """Probe the pair (x_t, x_{t+1}) = (``snap``, ``nxt``) as ``job`` says and persist its
     PairStats to ``out``: the reference part (:mod:`trajscope.probe.reference_point`) apart, next to
-    it, tagged ``job.ref_digest`` (None: not persisted), the rest tagged ``job.digest``.
+    it, tagged ``job.ref_digest`` (None: not persisted), the rest tagged ``job.digest``; both
+    record ``inputs``, the identities of the snapshots given (:meth:`trajscope.analysis.job.Job.inputs`).
 
     ``prev`` (x_{t−1}), ``init`` (x_0) and ``ref`` (x*) are optional neighbours. A damaged
     snapshot skips only this pair (or, as a neighbour, only the terms that need it). So does an
@@ -130,16 +140,19 @@ def pair_task(job: PairJob, snap: SnapshotRef | Loaded, nxt: SnapshotRef | Loade
     if out is not None and isinstance(stats, PairStats):
         rest, part = split(stats, settings.reference_step)
         pairs_dir = Path(out).parent
-        later(pairs_dir, save_pair, Path(out), rest, job.digest)
+        given = inputs or {}
+        later(pairs_dir, save_pair, Path(out), rest, Tag(job.digest, given))
         if part is not None and job.ref_digest is not None:
-            later(pairs_dir, save_reference, reference_path(pairs_dir, part.step), part, job.ref_digest)
+            later(pairs_dir, save_reference, reference_path(pairs_dir, part.step), part,
+                  Tag(job.ref_digest, reference_inputs(given)))
     return stats
 
 
 def reference_task(job: PairJob, snap: SnapshotRef | Loaded, ref: SnapshotRef | Loaded, *, out: str | None,
-                   strict: bool = False) -> ReferencePart | health.SkippedPair:
+                   strict: bool = False, inputs: Inputs | None = None) -> ReferencePart | health.SkippedPair:
     """Compute the reference part of the pair starting at ``snap`` (x_t), x* = ``ref``, for a
-    pair whose other results are persisted, and persist it to ``out`` tagged ``job.ref_digest``.
+    pair whose other results are persisted, and persist it to ``out`` tagged ``job.ref_digest``,
+    recording ``inputs`` (:meth:`trajscope.analysis.job.Job.reference_inputs`).
 
     A damaged x_t skips the pair, as :func:`pair_task` would; a damaged x* gives the NaN part,
     not persisted. A loss that raises skips the pair unless ``strict`` (see :func:`pair_task`).
@@ -158,7 +171,7 @@ def reference_task(job: PairJob, snap: SnapshotRef | Loaded, ref: SnapshotRef | 
     part = _probe(objective, x_t.step, strict,
                   lambda obj: probe_reference(obj, x_t, ref_ok, settings, trainable=job.trainable))
     if out is not None and job.ref_digest is not None and isinstance(part, ReferencePart):
-        later(Path(out).parent, save_reference, Path(out), part, job.ref_digest)
+        later(Path(out).parent, save_reference, Path(out), part, Tag(job.ref_digest, inputs or {}))
     return part
 
 
@@ -234,7 +247,8 @@ def window_graph(job: Job, placement: Placement, window: list[int], *, strict_st
     Every task is handed ``job.for_tasks(placement)``. Pairs persist to ``job.pairs_dir``; the
     tasks are named by ``job.task_key``, which changes with the reference point. The task starting
     at ``strict_step`` (the first of the analysis) fails the analysis when the objective's loss
-    raises; the others are skipped (see :func:`pair_task`)."""
+    raises; the others are skipped (see :func:`pair_task`). A task that persists is handed the
+    identities of what it reads (:meth:`~trajscope.analysis.job.Job.inputs`), recorded with its results."""
     storage, run_token, key, pairs_dir = job.run.storage, job.run_token, job.task_key, job.pairs_dir
     loads: dict[int, Any] = {}
 
@@ -268,10 +282,12 @@ def window_graph(job: Job, placement: Placement, window: list[int], *, strict_st
         if t in ref_only:
             out = str(reference_path(pairs_dir, t)) if pairs_dir is not None else None
             tasks.append(probe_ref(load(t), ref, out=out, strict=t == strict_step,
+                                   inputs=job.reference_inputs(t) if pairs_dir is not None else None,
                                    dask_key_name=(f"pair-ref-{key}-{run_token}", t)))
             continue
         prev = job.previous(t)
         out = str(pair_path(pairs_dir, t)) if pairs_dir is not None else None
         tasks.append(probe(load(t), load(t + 1), load(prev) if prev is not None else None, init, ref,
-                           out=out, strict=t == strict_step, dask_key_name=(f"pair-{key}-{run_token}", t)))
+                           out=out, strict=t == strict_step, inputs=job.inputs(t) if pairs_dir is not None else None,
+                           dask_key_name=(f"pair-{key}-{run_token}", t)))
     return tasks

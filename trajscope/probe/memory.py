@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import re
 import time
@@ -68,8 +69,8 @@ def parse_size(value: int | float | str) -> int:
                 ) from None
         else:
             n = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if not n > 0 or n != n:
-        raise AnalysisError(f"max_memory={value!r}: expected a size > 0")
+    if not (math.isfinite(n) and n >= 1):  # inf, nan, 0 and fractions of a byte alike
+        raise AnalysisError(f"max_memory={value!r}: expected a finite size of at least 1 byte")
     return int(n)
 
 

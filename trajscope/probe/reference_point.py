@@ -7,8 +7,9 @@ reference point of ``convexity_ratio_ref`` (by default the final recorded state)
 * ``terms["G0.x_ref"]`` = ⟨G0, x_t − x*⟩ per parameter tensor, G0 = ∇f(x_t; z_t) (loss units).
 
 They are persisted apart from the rest of the pair (:mod:`trajscope.analysis.persist`), tagged with the
-step of x* and the identity of its snapshot (:func:`snapshot_identity`), so that a new x* (a run
-that gains its final state, or another ``reference=``) recomputes only them:
+step of x* and the identity of its snapshot (:func:`snapshot_identity`), and recording the identity of
+the x_t they were computed at, so that a new x* (a run that gains its final state, or another
+``reference=``) recomputes only them:
 :func:`probe_reference` costs one backward pass at x_t (for G0) and one forward pass at x*,
 where the full probe evaluates the whole line and a second gradient. :func:`split` and
 :func:`merge` take a pair's :class:`PairStats` apart and put it back together.

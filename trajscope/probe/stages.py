@@ -204,7 +204,11 @@ def prepare(objective: Objective, snap: Snapshot, nxt: Snapshot, settings: Probe
             # recorded state or the next evaluation.
             state = {**fixed, **{k: v.clone() for k, v in buffers.items()}}
             state.update({f"model.{n}": p for n, p in params.items()})
-            out = functional_call(bound, state, (batch,))
+            try:
+                out = functional_call(bound, state, (batch,))
+            except SystemExit as exc:  # an analysis that exits 0 with nothing computed would be silent
+                raise ObjectiveError(f"objective loss called sys.exit({exc.code!r}); expected a scalar "
+                                     "tensor") from None
             if not isinstance(out, torch.Tensor) or out.numel() != 1:
                 raise ObjectiveError(
                     f"objective loss returned {type(out).__name__}"

@@ -56,10 +56,10 @@ def import_named(spec: str, what: str = "objective") -> Any:
             f"{what} {spec!r}: cannot import module {mod_name!r} ({one_line(exc)}){hint}; run "
             "from the directory that holds it or pass --objective MODULE:FUNCTION"
         ) from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a module that exits on import (a script's sys.exit)
         raise ObjectiveError(
             f"{what} {spec!r}: importing module {mod_name!r} raised "
-            f"{type(exc).__name__}: {one_line(exc)}"
+            f"{type(exc).__name__}: {one_line(exc)}{_exit_hint(exc)}"
         ) from exc
     obj: Any = module
     for part in fn_name.split("."):
@@ -105,3 +105,11 @@ def _refuse_run_dir_module(top: str, spec: str, what: str = "objective") -> None
                 f"directory {run_dir}; trajscope never runs code from a run directory (move the "
                 "module out or run from another directory)"
             )
+
+
+def _exit_hint(exc: BaseException) -> str:
+    """For a SystemExit: that the module ran as a script (training unguarded by ``__main__``)."""
+    if not isinstance(exc, SystemExit):
+        return ""
+    return ("; the module exits when imported: put its script part under "
+            "`if __name__ == \"__main__\":`")
