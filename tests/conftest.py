@@ -29,3 +29,25 @@ def _no_small_analysis_shortcut() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trajscope.probe.trials, "FORWARD_AD_SETUP_S", 0.0)
         yield
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """The start steps of the full probes and of the reference parts computed alone (in-process
+    schedulers): which pairs an analysis recomputed."""
+    import trajscope.analysis.tasks as tasks
+
+    seen: dict[str, list[int]] = {"probe": [], "reference": []}
+    real_probe, real_ref = tasks.probe_pair, tasks.probe_reference
+
+    def probe(objective, snap, nxt, settings, **kw):  # type: ignore[no-untyped-def]
+        seen["probe"].append(snap.step)
+        return real_probe(objective, snap, nxt, settings, **kw)
+
+    def reference(objective, snap, ref, settings, **kw):  # type: ignore[no-untyped-def]
+        seen["reference"].append(snap.step)
+        return real_ref(objective, snap, ref, settings, **kw)
+
+    monkeypatch.setattr(tasks, "probe_pair", probe)
+    monkeypatch.setattr(tasks, "probe_reference", reference)
+    return seen

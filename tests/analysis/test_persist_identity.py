@@ -22,7 +22,6 @@ import torch
 import xarray as xr
 
 import trajscope
-import trajscope.analysis.tasks as tasks
 from support.problems import classification_data, classifier_run, make_mlp
 from support.recording import minibatches, train_steps
 from support.rundirs import step_file
@@ -48,25 +47,6 @@ def other(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def run(recorded: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(recorded, tmp_path / "run"))
-
-
-@pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
-    """The start steps of the full probes and of the reference parts computed alone (in-process)."""
-    seen: dict[str, list[int]] = {"probe": [], "reference": []}
-    real_probe, real_ref = tasks.probe_pair, tasks.probe_reference
-
-    def probe(objective, snap, nxt, settings, **kw):
-        seen["probe"].append(snap.step)
-        return real_probe(objective, snap, nxt, settings, **kw)
-
-    def reference(objective, snap, ref, settings, **kw):
-        seen["reference"].append(snap.step)
-        return real_ref(objective, snap, ref, settings, **kw)
-
-    monkeypatch.setattr(tasks, "probe_pair", probe)
-    monkeypatch.setattr(tasks, "probe_reference", reference)
-    return seen
 
 
 def from_scratch(run: Path) -> xr.Dataset:

@@ -17,7 +17,6 @@ import pytest
 import xarray as xr
 
 import trajscope
-import trajscope.analysis.tasks as tasks
 from support.problems import classifier_run, make_mlp_dropout
 from support.replay_problems import make_cnn, train_cnn
 from support.rundirs import edit_manifest, rewrite_snapshot, step_file
@@ -41,26 +40,6 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def run(recorded: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(recorded, tmp_path / "run"))
-
-
-@pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
-    """The start steps of the full probes and of the reference-part computations (in-process
-    schedulers)."""
-    seen: dict[str, list[int]] = {"probe": [], "reference": []}
-    real_probe, real_ref = tasks.probe_pair, tasks.probe_reference
-
-    def probe(objective, snap, nxt, settings, **kw):
-        seen["probe"].append(snap.step)
-        return real_probe(objective, snap, nxt, settings, **kw)
-
-    def reference(objective, snap, ref, settings, **kw):
-        seen["reference"].append(snap.step)
-        return real_ref(objective, snap, ref, settings, **kw)
-
-    monkeypatch.setattr(tasks, "probe_pair", probe)
-    monkeypatch.setattr(tasks, "probe_reference", reference)
-    return seen
 
 
 def scratch(run: Path, tmp_path: Path, **kw: object) -> xr.Dataset:
