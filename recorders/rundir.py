@@ -18,7 +18,7 @@ from trajscope.errors import RecorderError, RunFormatError, one_line
 from trajscope.recorders.backends import HDF5Writer, SafetensorsWriter
 from trajscope.recorders.storage import AsyncWriter, SlotPool
 
-__all__ = ["WRITTEN", "RunLock", "open_writer", "prepare_run_dir", "release_lock"]
+__all__ = ["WRITTEN", "RunLock", "holding_run", "open_writer", "prepare_run_dir", "release_lock"]
 
 
 WRITTEN = (fmt.MANIFEST, fmt.SCALARS, fmt.STEPS_DIR, fmt.HDF5_FILE, fmt.RECORDING_LOCK)
@@ -96,11 +96,13 @@ class RunLock:
         self._note = 0  # bytes of the holder's note at the start of the file
         self._reserved = 0
 
-    def write_note(self) -> None:
-        """Write the holder's note (replacing whatever a previous holder left)."""
+    def write_note(self, what: str = "") -> None:
+        """Write the holder's note (replacing whatever a previous holder left); ``what``: the
+        command holding it when it is not a recorder (``trajscope convert``)."""
         if self._fh is None:
             return
-        note = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        by = f" ({what})" if what else ""
+        note = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}{by}\n"
         with contextlib.suppress(OSError):  # the note only helps a refused recorder say who holds the run
             os.ftruncate(self._fh.fileno(), 0)
             self._note = _write_at(self._fh.fileno(), note.encode(), 0)
@@ -184,7 +186,26 @@ def _holder(fd: int) -> str:
     return one_line(note[0].strip(), 200) if note and note[0].strip() else "its holder left no note"
 
 
-def _take_lock(path: Path) -> RunLock:
+@contextlib.contextmanager
+def holding_run(run_dir: Path, what: str) -> Iterator[None]:
+    """Hold ``run_dir``'s recording lock while the command ``what`` rewrites the run in place
+    (``trajscope convert``): a recorder, even with ``overwrite=True``, is refused meanwhile, naming
+    the command, and the command is refused while a recorder holds it.
+
+    Raises:
+        RunFormatError: a recorder (or another such command) holds the lock, naming its holder.
+    """
+    try:
+        lock = _take_lock(run_dir / fmt.RECORDING_LOCK, what)
+    except RecorderError as exc:
+        raise RunFormatError(str(exc)) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _take_lock(path: Path, what: str = "") -> RunLock:
     """Take the recording lock ``path`` (never through a symlink: a planted one is not followed out
     of the run) and write the holder's note into it.
 
@@ -208,7 +229,7 @@ def _take_lock(path: Path) -> RunLock:
         fh.close()
         return RunLock(None)
     lock = RunLock(fh)
-    lock.write_note()
+    lock.write_note(what)
     return lock
 
 

@@ -438,3 +438,27 @@ def test_a_failed_close_of_the_hdf5_file_names_it(tmp_path: Path, monkeypatch: p
     assert str(info.value) == message
     manifest = json.loads((run_dir / fmt.MANIFEST).read_text())
     assert manifest["status"] == fmt.STATUS_CRASHED and manifest["error"] == message
+
+
+def test_an_in_place_convert_holds_the_run_against_a_recorder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While ``trajscope convert`` rewrites a run in place, it is the run's one writer: a recorder
+    starting into the directory, even with ``overwrite=True``, is refused, naming the convert."""
+    from support.problems import train_quadratic
+    from trajscope.tools import convert
+
+    run = tmp_path / "run"
+    train_quadratic(run, steps=3)
+    real = convert._write_all
+    seen: list[str] = []
+
+    def write_all(*args: Any, **kwargs: Any) -> Any:
+        model = torch.nn.Linear(2, 2)
+        with pytest.raises(RecorderError, match=r"\.recording\.lock: .*\(trajscope convert\)") as err:
+            Recorder(run, model, torch.optim.SGD(model.parameters(), lr=0.1), overwrite=True).start()
+        seen.append(str(err.value))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert, "_write_all", write_all)
+    convert.convert_run(run, "hdf5")
+    assert seen and open_run(run).storage.kind == "hdf5"
+    assert (run / ".recording.lock").read_bytes() == b""  # released, and emptied

@@ -137,11 +137,15 @@ def convert_run(run_dir: str | Path, to: str, *, out: str | Path | None = None,
     old_name = fmt.STEPS_DIR if src_kind == fmt.STORAGE_SAFETENSORS else fmt.HDF5_FILE
     for name in (f".{final_name}.converting", final_name, old_name):
         confine.check_replaceable(dest / name)  # refuse planted links before writing anything
-    tmp = _write_all(run, to, dest, f".{final_name}.converting")
-    final = dest / final_name
-    confine.remove_entry(final)  # a leftover of an earlier conversion with keep=True
-    tmp.rename(final)
-    fmt.atomic_write_json(dest / fmt.MANIFEST, manifest)  # the switch: readers now use `to`
-    if not keep:
-        confine.remove_entry(dest / old_name)
+    from trajscope.recorders.rundir import holding_run  # the recorder's own lock, imported when used
+
+    # The run's one writer meanwhile: a recorder starting into it (overwrite=True) is refused.
+    with holding_run(dest, "trajscope convert"):
+        tmp = _write_all(run, to, dest, f".{final_name}.converting")
+        final = dest / final_name
+        confine.remove_entry(final)  # a leftover of an earlier conversion with keep=True
+        tmp.rename(final)
+        fmt.atomic_write_json(dest / fmt.MANIFEST, manifest)  # the switch: readers now use `to`
+        if not keep:
+            confine.remove_entry(dest / old_name)
     return dest
