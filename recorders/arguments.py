@@ -185,23 +185,32 @@ def inductor_compiled(model: torch.nn.Module) -> bool:
     return bool(_compiled_parts(model))
 
 
+def compiled_module_type() -> type | None:
+    """``torch.compile``'s ``OptimizedModule`` class, if dynamo is loaded (a compiled model implies it).
+
+    Looked up in ``sys.modules`` rather than imported: importing ``torch._dynamo`` is slow, and a
+    process that never compiled cannot hold an ``OptimizedModule``.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return getattr(eval_frame, "OptimizedModule", None)
+
+
 def _compiled_parts(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Any]]:
     """Each compiled part of ``model``: (its name in ``model``, the module compiled, its compiler
     configuration or None for a backend other than inductor).
 
-    A part is a ``torch.compile`` wrapper (``OptimizedModule``, found in ``sys.modules`` like
-    :func:`~trajscope.recorders.capture.unwrap_model` finds it) or a module compiled in place with
+    A part is a ``torch.compile`` wrapper (``OptimizedModule``,
+    :func:`compiled_module_type`) or a module compiled in place with
     ``nn.Module.compile()``.
     """
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    optimized = getattr(eval_frame, "OptimizedModule", None)
+    optimized = compiled_module_type()
     if optimized is None:
         return []  # nothing was compiled in this process
     parts: list[tuple[str, torch.nn.Module, Any]] = []
     for name, module in model.named_modules():
         if isinstance(module, optimized):
             compiled: Any = module
-            root = cast(torch.nn.Module, module._orig_mod)
+            root = cast(torch.nn.Module, compiled._orig_mod)
         elif getattr(module, "_compiled_call_impl", None) is not None:
             compiled, root = module._compiled_call_impl, module
         else:

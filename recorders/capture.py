@@ -9,7 +9,6 @@ autocast), and the memory format of every tensor not stored in its training layo
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -18,7 +17,7 @@ import torch
 
 from trajscope import runformat as fmt
 from trajscope.errors import RecorderError
-from trajscope.recorders.arguments import nested_deeper
+from trajscope.recorders.arguments import compiled_module_type, nested_deeper
 from trajscope.recorders.forward import StepCapture
 from trajscope.recorders.hooks import grad_hooks
 from trajscope.recorders.storage import dtype_name
@@ -111,16 +110,6 @@ def as_float(loss: Any) -> float | None:
     return float(loss)
 
 
-def _compiled_module_type() -> type | None:
-    """``torch.compile``'s ``OptimizedModule`` class, if dynamo is loaded (a compiled model implies it).
-
-    Looked up in ``sys.modules`` rather than imported: importing ``torch._dynamo`` is slow, and a
-    process that never compiled cannot hold an ``OptimizedModule``.
-    """
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    return getattr(eval_frame, "OptimizedModule", None)
-
-
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose parameter names the analyzer's objective uses: the plain model under any
     nesting of ``torch.compile`` (``OptimizedModule._orig_mod``), DDP and DataParallel (``.module``).
@@ -129,7 +118,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     shapes are not the plain model's, so unwrapping would not make them analyzable.
     """
     wrappers: tuple[type, ...] = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    compiled = _compiled_module_type()
+    compiled = compiled_module_type()
     while True:
         if compiled is not None and isinstance(model, compiled):
             model = cast(torch.nn.Module, model._orig_mod)

@@ -387,6 +387,12 @@ def replay_warning(check: ReplayCheck, ds: xr.Dataset) -> str:
     return text
 
 
+def _flagged_steps(ds: xr.Dataset, hit: np.ndarray) -> tuple[list[int], str]:
+    """The steps of the pairs ``hit`` selects, and the first five of them for a message."""
+    steps = [int(t) for t in np.asarray(ds["step"].values)[hit]]
+    return steps, ", ".join(map(str, steps[:5])) + (", …" if len(steps) > 5 else "")
+
+
 def nonfinite_loss_warning(ds: xr.Dataset) -> str | None:
     """The one-line warning for pairs whose replayed loss is NaN/Inf (``pair_flags`` bit
     ``nonfinite_replay_loss``; None: there are none). On every pair nothing was computed: the
@@ -395,8 +401,7 @@ def nonfinite_loss_warning(ds: xr.Dataset) -> str | None:
     hit = (_pair_flags(ds, n) & FLAGS["nonfinite_replay_loss"][0]) != 0
     if not hit.any():
         return None
-    steps = [int(t) for t in np.asarray(ds["step"].values)[hit]]
-    shown = ", ".join(map(str, steps[:5])) + (", …" if len(steps) > 5 else "")
+    steps, shown = _flagged_steps(ds, hit)
     what = ("on every pair: nothing was computed" if hit.all()
             else f"on {len(steps)} of {n} pairs (steps {shown}): their metrics are NaN")
     return (f"the objective's loss is NaN or Inf {what} (pair_flags bit nonfinite_replay_loss). Likely "
@@ -416,8 +421,7 @@ def unrecorded_warning(ds: xr.Dataset) -> str | None:
     hit = (_pair_flags(ds, n) & FLAGS["unrecorded_update"][0]) != 0
     if not hit.any():
         return None
-    steps = [int(t) for t in np.asarray(ds["step"].values)[hit]]
-    shown = ", ".join(map(str, steps[:5])) + (", …" if len(steps) > 5 else "")
+    steps, shown = _flagged_steps(ds, hit)
     return (f"{len(steps)} pair(s) (steps {shown}): parameters without a recorded gradient changed between "
             "x_t and x_{t+1}; the trainable set changed during training and the run does not record it "
             "(re-record with this trajscope version). They are coordinates of x, so the line metrics "

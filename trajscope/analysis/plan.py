@@ -183,7 +183,7 @@ def with_precision(settings: ProbeSettings, dtype: str | None, snap: Snapshot | 
     pairs' digest does not change). A run that trained a ``torch.compile`` d model (``compiled``,
     the manifest's) under autocast has its gradient passes compiled as well when evaluated as
     trained: only inductor's fused kernels round as training did."""
-    label = "/".join(sorted({str(d).removeprefix("torch.") for d, _ in snap.autocast.values()})) if snap else ""
+    label = snap.autocast_label if snap is not None else ""
     as_trained = dtype in (None, "auto", "as-trained")
     return replace(settings, autocast=as_trained or not label, training_autocast=label,
                    compiled=bool(compiled and as_trained and label))

@@ -13,8 +13,10 @@ BatchNorm replay, replayed RNG, the settings' device, dtype and attention kernel
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
@@ -25,7 +27,7 @@ from trajscope.metrics.pair import PairStats
 from trajscope.objective import Objective
 from trajscope.probe.line import forward_ad_failure, replayed_rng, sdpa_math_kernel
 from trajscope.probe.settings import ProbeSettings
-from trajscope.probe.stages import batchnorm_replay, prepare
+from trajscope.probe.stages import Prepared, batchnorm_replay, prepare
 from trajscope.store import Run, Snapshot
 
 __all__ = ["FORWARD_AD_SETUP_S", "REPLAY_RTOL", "SMALL_ANALYSIS", "first_readable", "forward_mode_failure",
@@ -113,11 +115,9 @@ def forward_mode_failure(objective: Objective, snap: Snapshot, settings: ProbeSe
     Returns what has no forward-mode rule (see :func:`~trajscope.probe.line.forward_ad_failure`). Any
     other error propagates: the caller decides whether the pairs should report it.
     """
-    nxt = replace(snap, step=snap.step + 1)  # f is all that is needed: Δ_t = 0 is fine
-    prep = prepare(objective, snap, nxt, settings, ref=None, trainable=trainable)
+    prep = _prepared(objective, snap, settings, trainable)
     try:
-        with (torch.no_grad(), batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math),
-              replayed_rng(snap.rng, prep.replay)):
+        with _as_probed(prep, snap, settings.sdpa_math):
             jvp(prep.f, (prep.x0,), (prep.x0,))
     except (NotImplementedError, RuntimeError) as exc:
         what = forward_ad_failure(exc)
@@ -126,17 +126,26 @@ def forward_mode_failure(objective: Objective, snap: Snapshot, settings: ProbeSe
         # An error torch does not word as a missing rule (e.g. a convolution under autocast:
         # "Input type … and weight type … should be the same"): forward mode is to blame when f
         # itself evaluates.
-        with (torch.no_grad(), batchnorm_replay(prep.model), sdpa_math_kernel(settings.sdpa_math),
-              replayed_rng(snap.rng, prep.replay)):
+        with _as_probed(prep, snap, settings.sdpa_math):
             prep.f(prep.x0)  # raises what the loss raises: the pairs report it
-        under = "" if prep.f_full is None else f" under {_autocast_label(snap)} autocast"
+        under = "" if prep.f_full is None else f" under {snap.autocast_label} autocast"
         return f"an op{under} ({type(exc).__name__}: {one_line(str(exc).splitlines()[0] if str(exc) else '', 160)})"
     return None
 
 
-def _autocast_label(snap: Snapshot) -> str:
-    """The dtype of the step's autocast in words (``bfloat16``)."""
-    return "/".join(sorted({str(d).removeprefix("torch.") for d, _ in snap.autocast.values()}))
+def _prepared(objective: Objective, snap: Snapshot, settings: ProbeSettings,
+              trainable: list[str] | None) -> Prepared:
+    """``snap``'s pair prepared for evaluating f at x_t alone (Δ_t = 0 is fine: f is all a trial needs)."""
+    return prepare(objective, snap, replace(snap, step=snap.step + 1), settings, ref=None, trainable=trainable)
+
+
+@contextlib.contextmanager
+def _as_probed(prep: Prepared, snap: Snapshot, sdpa_math: bool) -> Iterator[None]:
+    """The context f is evaluated in by a trial: no gradient, BatchNorm replay, the step's RNG
+    state, and (``sdpa_math``) attention on its math kernel, as the line probe runs it."""
+    with (torch.no_grad(), batchnorm_replay(prep.model), sdpa_math_kernel(sdpa_math),
+          replayed_rng(snap.rng, prep.replay)):
+        yield
 
 
 def first_readable(r: Run, pairs: list[int]) -> Snapshot | None:
@@ -175,9 +184,8 @@ def replayed_loss(objective: Objective, snap: Snapshot, settings: ProbeSettings,
     """f(x_t; z_t) evaluated as the gradient passes evaluate it (the pair's ``loss_x0``): train
     mode, BatchNorm replay, replayed RNG, ``settings`` device and dtype, training's autocast and
     attention kernel."""
-    nxt = replace(snap, step=snap.step + 1)  # f is all that is needed: Δ_t = 0 is fine
-    prep = prepare(objective, snap, nxt, settings, ref=None, trainable=trainable)
-    with torch.no_grad(), batchnorm_replay(prep.model), replayed_rng(snap.rng, prep.replay):
+    prep = _prepared(objective, snap, settings, trainable)
+    with _as_probed(prep, snap, sdpa_math=False):  # training's attention kernel, as loss_x0's pass
         return float(prep.f(prep.x0))
 
 

@@ -73,6 +73,11 @@ class Snapshot:
     """The autocast the step's forward pass ran under: device type → (dtype, weight cache on)."""
 
     @property
+    def autocast_label(self) -> str:
+        """The dtype(s) of the step's autocast in words (``"bfloat16"``); ``""`` without autocast."""
+        return "/".join(sorted({str(d).removeprefix("torch.") for d, _ in self.autocast.values()}))
+
+    @property
     def has_grad(self) -> bool:
         """Whether the step had a gradient g_t (a training step; stored or not, :attr:`grads_stored`)."""
         return self.kind == fmt.KIND_STEP
