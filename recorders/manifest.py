@@ -8,8 +8,6 @@ and on a full disk too (:func:`write_manifest`).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import platform
 import sys
 from collections.abc import Callable
@@ -151,8 +149,6 @@ def write_manifest(path: Path, manifest: dict[str, Any], lock: RunLock | None) -
         try:
             fmt.atomic_write_bytes(path, data)
             return
-        except OSError as exc:
-            with contextlib.suppress(OSError):  # the format's temporary name (docs/format.md)
-                os.unlink(path.with_name(f".{path.name}.tmp-{os.getpid()}"))
+        except OSError:  # atomic_write_bytes left no temporary and named the file
             if lock is None or not lock.free_reserve():
-                raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+                raise

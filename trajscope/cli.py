@@ -405,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _quiet_stdout()
         sys.exit(0)
     except OSError as exc:  # the environment, not the run: disk full, permissions, ...
-        where = f"{exc.filename}: " if exc.filename else _output_of(args)
+        where = f"{exc.filename}: " if exc.filename else ""
         fail(f"error: {one_line(where)}{one_line(exc.strerror or exc)}")
     except Exception as exc:  # noqa: BLE001 - a bug in trajscope: still one line, exit 1
         fail(
@@ -422,18 +422,6 @@ def _quiet_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):
         pass
-
-
-def _output_of(args: list[str]) -> str:
-    """Where a command writes, for an I/O error that names no file: ``analyze``'s analysis
-    directory (``--out`` or RUN_DIR/analysis), ``report``'s ``-o``; else nothing."""
-    if args[:1] == ["analyze"] and len(args) > 1:
-        out = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "--out"), None)
-        return f"writing {out or args[1].rstrip('/') + '/' + fmt.ANALYSIS_DIR}: "
-    if args[:1] == ["report"]:
-        out = next((args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-o", "--out")), None)
-        return f"writing {out}: " if out else "writing the report: "
-    return ""
 
 
 _COLLECTION_PAUSED = False

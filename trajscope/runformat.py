@@ -7,6 +7,7 @@ that ``import trajscope.recorders`` stays light.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -139,10 +140,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except FileExistsError:
         os.unlink(tmp)
         fd = os.open(tmp, flags, 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk: no half-written temporary left, and the error names the file
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise named(exc, path) from exc
+
+
+def named(exc: OSError, path: Path) -> OSError:
+    """``exc`` itself when it names a file, else the same error naming ``path`` (a failed
+    ``write``/``fsync`` on an open file names none)."""
+    return exc if exc.filename else OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -97,13 +97,39 @@ def test_a_closed_stdout_ends_quietly() -> None:
     assert proc.wait(timeout=60) == 0 and err == "", err
 
 
-def test_an_io_error_without_a_file_name_names_where_it_wrote(run: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from trajscope.analysis import driver
+def test_an_io_error_without_a_file_name_names_the_file_written(run: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import xarray as xr
 
     def full(*args: Any, **kwargs: Any) -> None:
-        raise OSError(28, "No space left on device")
+        raise OSError(28, "No space left on device")  # as the netCDF writer raises it: no file name
 
-    monkeypatch.setattr(driver, "_write_dataset", full)
+    monkeypatch.setattr(xr.Dataset, "dump_to_store", full)
     code, _, err = cli(["analyze", str(run), "--force"], capsys)
-    assert code == 1 and f"writing {run}/analysis: No space left on device" in err, err
+    assert code == 1 and f"{run}/analysis/metrics.nc: No space left on device" in err, err
+    assert not list((run / "analysis").glob(".metrics.nc.tmp-*"))
+
+
+def test_an_atomic_write_that_fails_names_its_file_and_leaves_no_temporary(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from trajscope import runformat as fmt
+
+    class Full:  # the file object of a full disk: its write names no file
+        def __init__(self, fd: int, mode: str) -> None:
+            self.fd = fd
+
+        def __enter__(self) -> Full:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            os.close(self.fd)
+
+        def write(self, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fmt.os, "fdopen", Full)
+    with pytest.raises(OSError, match="No space left") as err:
+        fmt.atomic_write_bytes(tmp_path / "x.json", b"{}")
+    assert err.value.filename == str(tmp_path / "x.json") and list(tmp_path.iterdir()) == []

@@ -158,6 +158,8 @@ def write_dataset(ds: xr.Dataset, path: Path) -> None:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk under the netCDF writer names no file: name this one
+        raise fmt.named(exc, path) from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
