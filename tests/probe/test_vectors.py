@@ -54,3 +54,23 @@ def test_layer_terms_one_chunk_is_one_dot(monkeypatch: pytest.MonkeyPatch) -> No
         va, vb = vec[a]["w"], vec[b]["w"]
         assert va is not None and vb is not None
         assert got[f"{a}.{b}"][0] == float(torch.dot(va.reshape(-1).double(), vb.reshape(-1).double()))
+
+
+@pytest.mark.parametrize("chunk", [7, 2**22])
+def test_differences_formed_by_chunk_equal_whole_differences(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """A Difference (a − b formed a chunk at a time where it is summed, so that a pair never holds
+    its difference vectors whole) gives the sums of the whole difference formed first, bit for bit."""
+    monkeypatch.setattr(vectors, "TERMS_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(1)
+    shapes = {"w": (10, 13), "b": (13,)}
+    a = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    b = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    whole = _vectors(shapes, absent=set())
+    lazy: dict[str, dict[str, vectors.Vector | None]] = {k: dict(v) for k, v in whole.items()}
+    for key in ("dG", "x_dist"):
+        whole[key] = {n: a[n] - b[n] for n in shapes}
+        lazy[key] = {n: vectors.Difference(a[n], b[n]) for n in shapes}
+    got, want = vectors.layer_terms(lazy, list(shapes)), vectors.layer_terms(whole, list(shapes))
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert np.isfinite(got["dG.dG"]).all() and (got["dG.dG"] > 0).all()

@@ -31,7 +31,7 @@ from trajscope.objective import Objective
 from trajscope.probe.line import replayed_rng, sdpa_math_kernel
 from trajscope.probe.settings import ProbeSettings
 from trajscope.probe.stages import batchnorm_replay, grad, prepare
-from trajscope.probe.vectors import layer_terms
+from trajscope.probe.vectors import Difference, Vectors, layer_terms
 from trajscope.store import Snapshot, Storage
 
 __all__ = ["REF_EXTRA", "REF_TERM", "ReferencePart", "merge", "probe_reference", "snapshot_identity",
@@ -134,10 +134,10 @@ def probe_reference(objective: Objective, snap: Snapshot, ref: Snapshot, setting
         xref = prep.on_device(ref.params)
         with torch.no_grad(), replayed_rng(snap.rng, prep.replay):
             loss_ref = float(prep.f(xref))
-    vec: dict[str, dict[str, torch.Tensor | None]] = {k: dict.fromkeys(prep.names) for k in VECTORS}
+    vec: Vectors = {k: dict.fromkeys(prep.names) for k in VECTORS}
     vec["delta"].update(prep.delta)
     vec["G0"].update(G0)
-    vec["x_ref"].update({n: prep.x0[n] - xref[n] for n in prep.names})
+    vec["x_ref"].update({n: Difference(prep.x0[n], xref[n]) for n in prep.names})
     x_ref = layer_terms(vec, prep.names)[REF_TERM]
     return ReferencePart(snap.step, ref.step, tuple(prep.names), loss_ref, x_ref)
 
