@@ -108,3 +108,25 @@ def test_process_pools_pass_snapshots_by_path(run_dir: Path, monkeypatch: pytest
     params = pickle.loads(pickle.dumps(snapshots.SnapshotRef.of(storage, 3, params_only=True))).resolve()
     assert set(params.params) == set(snap.params) and not params.grads and params.batch is None
 
+
+
+@pytest.mark.parametrize("params_first", [True, False])
+def test_one_copy_of_a_steps_parameters_whichever_is_read_first(run_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                params_first: bool) -> None:
+    """x_0 is wanted twice (pair 0's start, and the parameters alone for the distance from
+    initialisation): whichever reference resolves first, the cache ends up holding one copy of its
+    parameter tensors, shared by both snapshots, with the values read from the file."""
+    import torch
+
+    monkeypatch.setattr(snapshots, "_recent", type(snapshots._recent)())
+    r = trajscope.open_run(run_dir)
+    whole_ref = snapshots.SnapshotRef.of(r.storage, 0)
+    params_ref = snapshots.SnapshotRef.of(r.storage, 0, params_only=True)
+    first, second = (params_ref, whole_ref) if params_first else (whole_ref, params_ref)
+    a, b = first.resolve(), second.resolve()
+    whole, alone = (b, a) if params_first else (a, b)
+    assert isinstance(whole, trajscope.Snapshot) and isinstance(alone, trajscope.Snapshot)
+    assert whole.grads and not alone.grads and alone.params.keys() == whole.params.keys()
+    for n, t in alone.params.items():
+        assert t.data_ptr() == whole.params[n].data_ptr()
+        assert torch.equal(t, r.snapshot(0).params[n])

@@ -10,9 +10,11 @@ pairs needing it are skipped.
 
 Resolved snapshots are kept in a small per-process LRU cache: a window's boundary snapshots are
 the next window's first ones, and the same reference resolved by several pair tasks of one process
-is read once. Cached snapshots are :class:`ShippedSnapshot` objects, which pickle their tensors as
-plain arrays (one memcpy each way, about ten times cheaper than torch's own tensor pickling) when a
-cluster moves a loaded snapshot between workers.
+is read once. The parameters alone of a step whose whole snapshot is cached (x_0 while pair 0 runs)
+are served from it, and a whole snapshot read while its parameters alone are cached shares their
+tensors: one copy of x_0 either way. Cached snapshots are :class:`ShippedSnapshot` objects, which
+pickle their tensors as plain arrays (one memcpy each way, about ten times cheaper than torch's own
+tensor pickling) when a cluster moves a loaded snapshot between workers.
 """
 
 from __future__ import annotations
@@ -96,6 +98,10 @@ def _read_cached(ref: SnapshotRef, pin: bool) -> tuple[Stat, Loaded]:
     key = (str(ref.storage.location(ref.step)), *stat, ref.params_only, getattr(ref.storage, "strip_prefix", ""))
     with _recent_lock:
         snap = _recent.get(key)
+        if snap is None and ref.params_only:  # the whole snapshot is here: its parameters, not a copy
+            whole = _recent.get((*key[:3], False, key[4]))
+            if whole is not None:
+                return stat, ship(Snapshot(step=whole.step, kind=whole.kind, params=whole.params))
         if snap is not None:
             _recent.move_to_end(key)
             return stat, snap
@@ -104,10 +110,25 @@ def _read_cached(ref: SnapshotRef, pin: bool) -> tuple[Stat, Loaded]:
         return stat, loaded
     shipped = ship(_pinned(loaded) if pin else loaded)
     with _recent_lock:
+        if not ref.params_only:
+            shipped = _sharing_params(shipped, _recent.get((*key[:3], True, key[4])))
         _recent[key] = shipped
         while len(_recent) > _RECENT_SNAPSHOTS:
             _recent.popitem(last=False)
     return stat, shipped
+
+
+def _sharing_params(whole: ShippedSnapshot, params: Snapshot | None) -> ShippedSnapshot:
+    """``whole`` with the parameter tensors of ``params`` (the same file's parameters, cached
+    alone) where they are laid out alike, so that the copy just read is freed."""
+    if params is None:
+        return whole
+    def alike(a: Any, b: Any) -> bool:
+        return bool(a.stride() == b.stride() and a.device == b.device and a.is_pinned() == b.is_pinned())
+
+    same = {n: params.params[n] if n in params.params and alike(params.params[n], t) else t
+            for n, t in whole.params.items()}
+    return ship(dataclasses.replace(whole, params=same))
 
 
 def _read(ref: SnapshotRef) -> Loaded:
