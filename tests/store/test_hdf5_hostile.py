@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -463,3 +464,22 @@ def test_leftover_manifest_temporary_is_listed_when_the_run_does_not_open(st_bas
     report = validate_run(run_dir)
     assert not report.ok
     assert any(".trajscope.json.tmp-77" in w and "may be deleted" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("key", ["param/x", "param", "meta", "blob", "index/step"])
+def test_snapshot_identities_follow_no_link(run_dir: Path, outside: Path, key: str) -> None:
+    """The cheap identities that tie persisted pairs to their inputs read the file through the same
+    checked helpers as the reader: an external link to a FIFO neither blocks nor is followed, and
+    a step whose row cannot be identified has no identity, as a damaged one has none."""
+    intact = open_run(run_dir).identities(range(ROWS))
+    assert all(v is not None for v in intact.values())
+    edit_h5(run_dir, lambda f: replace(f, key, lambda: h5py.ExternalLink(str(outside / "fifo"), "/x")))
+    t0 = time.monotonic()
+    with no_hang(10):  # a blocked open would be interrupted here, and its error swallowed: timed too
+        try:
+            got = open_run(run_dir).identities(range(ROWS))
+        except RunFormatError:  # an index that leads outside: the run does not even open
+            assert key.startswith("index")
+            return
+    assert time.monotonic() - t0 < 5
+    assert all(v is None for v in got.values())

@@ -12,6 +12,7 @@ h5py is imported only inside the functions that use it: a run stored as safetens
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from trajscope.runformat import DTYPES, int_view
 from trajscope.store.snapshot import is_nonneg_int
 from trajscope.store.storage import FormatStorage, Raw, register, stat_path
 
-__all__ = ["HDF5Storage", "read_row"]
+__all__ = ["HDF5Storage", "read_row", "row_identities"]
 
 Declared = dict[str, tuple[int, ...] | None]
 """Tensor key → the shape the manifest declares for one row of its dataset (``param/NAME`` and
@@ -371,6 +372,58 @@ def read_row(h5path: Path, step: int) -> Raw:
     return meta, tensors
 
 
+SAMPLE_BYTES = 4096  # bytes of a row's blob region hashed from each end (row_identities)
+
+
+def row_identities(h5path: Path, steps: list[int]) -> dict[int, str | None]:
+    """Step → ``row:<row>:<digest>`` of its last committed row (:func:`read_row`'s): SHA-256 of its index
+    entries, metadata, first and last :data:`SAMPLE_BYTES` of blob region and row of the smallest
+    parameter dataset; None where it cannot be read. Read once through the reader's checks."""
+    try:
+        with _open_h5(h5path) as f:
+            h = _checked(f, h5path)
+            index = _index(h)
+            at = _committed(index)
+            rows = {int(s): r for r, s in enumerate(at) if s >= 0}  # a step's last row is the one read
+            entries = np.concatenate([np.asarray(index[1][:len(at)]), np.asarray(index[2][:len(at)])], axis=1)
+            small = _smallest_param(h)
+            return {step: _row_identity(h, rows.get(step), entries, small) for step in steps}
+    except Exception:  # noqa: BLE001 - h5py raises many types for a damaged file: nothing to compare
+        return dict.fromkeys(steps)
+
+
+def _smallest_param(h: _File) -> tuple[str, Any] | None:
+    """The parameter dataset with the fewest bytes per row (the first such by name), checked."""
+    import h5py
+
+    try:
+        group = _object(h, fmt.PARAM.rstrip("/"), str(h.path))
+    except _Missing:
+        return None
+    names = list(group.keys())
+    if any(not isinstance(group.get(k, getlink=True), h5py.HardLink) for k in names):
+        raise RunFormatError(f"{h.path}: a parameter is a link")
+    params = [(k, _dataset(h, fmt.PARAM + k, str(h.path))) for k in names if isinstance(group[k], h5py.Dataset)]
+    return min(params, key=lambda kd: kd[1].nbytes // max(kd[1].shape[0], 1), default=None)
+
+
+def _row_identity(h: _File, row: int | None, entries: np.ndarray, small: tuple[str, Any] | None) -> str | None:
+    if row is None or row >= len(entries) or min(entries[row]) < 0 or entries[row][1] > fmt.MAX_HEADER_BYTES:
+        return None
+    m0, ml, b0, bl = (int(v) for v in entries[row])
+    where = f"{h.path}/row {row}"
+    try:
+        digest = hashlib.sha256(f"{row}:{m0}:{ml}:{b0}:{bl}\0".encode())
+        digest.update(_region(h, "meta", m0, ml, where).tobytes())
+        for off in (b0, b0 + max(bl - SAMPLE_BYTES, 0)):  # its first and last bytes
+            digest.update(_region(h, "blob", off, min(bl, SAMPLE_BYTES), where).tobytes())
+        if small is not None and small[1].shape[0] > row:
+            digest.update(_row_of(h, small[1], small[0], row, where).tobytes())
+    except RunFormatError:
+        return None
+    return f"row:{row}:{digest.hexdigest()[:16]}"
+
+
 _DECLARED: dict[str, tuple[tuple[int, int, int], Declared | None]] = {}
 """Manifest path → (its identity: inode, mtime, size; what it declares), so that reading row after
 row parses the manifest once."""
@@ -459,6 +512,9 @@ class HDF5Storage(FormatStorage):
         """A container that only grew: a live recording appended rows, and rows already written
         never change."""
         return then == now or (then[1] >= 0 and now[1] >= then[1])
+
+    def identities(self, steps: list[int]) -> dict[int, str | None]:
+        return row_identities(self.file, steps)
 
     def disk_bytes(self) -> int:
         return self.file.stat().st_size if self.file.exists() else 0

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -143,10 +141,7 @@ class Run:
         the first and last bytes of its blob region (minibatch, RNG state) and its row of the
         smallest parameter dataset.
         """
-        wanted = sorted(set(steps))
-        if self.storage.kind == fmt.STORAGE_HDF5:
-            return _row_identities(self.path / fmt.HDF5_FILE, wanted)
-        return {s: _file_identity(self.storage.location(s)) for s in wanted}
+        return self.storage.identities(sorted(set(steps)))
 
     def kind(self, step: int) -> str:
         return fmt.KIND_FINAL if step == self.final_step else fmt.KIND_STEP
@@ -419,78 +414,6 @@ def validate_manifest(manifest: Any, mpath: Path) -> None:
 
 _WRITTEN_WHILE_RECORDING = frozenset({"status", "error", "num_steps", "final_step", "created"})
 """Manifest fields the recorder rewrites as the run goes on: left out of :attr:`Run.identity`."""
-
-_SAMPLE_BYTES = 4096
-"""Bytes of an HDF5 row's blob region hashed from each end (:meth:`Run.identities`)."""
-
-
-def _file_identity(path: Path) -> str | None:
-    """``file:<size>:<mtime_ns>:<header digest>`` of a step file, None if it is missing or truncated
-    (its header, or a tensor the header names, ends past the end of the file)."""
-    try:
-        with fmt.open_regular(path, "snapshot") as fh:
-            st = os.fstat(fh.fileno())
-            head = fh.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 <= n <= min(fmt.MAX_HEADER_BYTES, st.st_size - 8):
-                return None
-            header = fh.read(n)
-        entries = json.loads(header)
-        end = max((int(e["data_offsets"][1]) for k, e in entries.items() if k != "__metadata__"), default=0)
-    except (RunFormatError, OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
-        return None
-    if 8 + n + end > st.st_size:
-        return None
-    return f"file:{st.st_size}:{st.st_mtime_ns}:{hashlib.sha256(header).hexdigest()[:16]}"
-
-
-def _row_identities(h5path: Path, steps: list[int]) -> dict[int, str | None]:
-    """Step → ``row:<row>:<digest>`` of its last committed row in the HDF5 file ``h5path`` (the
-    row :class:`~trajscope.store.hdf5.HDF5Storage` reads); None for a step without one, or for
-    every step if the file cannot be read. The file is opened once for all steps, read-only in
-    SWMR mode as the reader opens it (a live recording may be appending), and the small datasets
-    (index, metadata, the smallest parameter) are read whole rather than row by row."""
-    import h5py
-    import numpy as np
-
-    try:
-        st = os.stat(h5path)
-        if not stat.S_ISREG(st.st_mode):  # never open a FIFO planted in its place
-            return dict.fromkeys(steps)
-        with h5py.File(h5path, "r", libver="latest", swmr=True) as f:
-            n = min(f[k].shape[0] for k in ("index/step", "index/meta", "index/blob"))
-            at = np.asarray(f["index/step"][:n], dtype=np.int64)
-            rows = {int(s): r for r, s in enumerate(at) if s >= 0}  # a step's last row is the one read
-            meta, blob = _whole(f["meta"]), f["blob"]
-            index = np.concatenate([np.asarray(f["index/meta"][:n]), np.asarray(f["index/blob"][:n])], axis=1)
-            params = [d for d in (f["param"].values() if "param" in f else []) if isinstance(d, h5py.Dataset)]
-            small = min(params, key=lambda d: d.nbytes // max(d.shape[0], 1), default=None)
-            small = None if small is None else _whole(small)
-            out: dict[int, str | None] = {}
-            for step in steps:
-                row = rows.get(step)
-                if row is None or row >= len(index) or min(index[row]) < 0 or index[row][1] > fmt.MAX_HEADER_BYTES:
-                    out[step] = None
-                    continue
-                m0, ml, b0, bl = (int(v) for v in index[row])
-                h = hashlib.sha256(f"{row}:{m0}:{ml}:{b0}:{bl}\0".encode())
-                h.update(np.asarray(meta[m0 : m0 + ml]).tobytes())
-                head, tail = min(bl, _SAMPLE_BYTES), max(bl - _SAMPLE_BYTES, 0)
-                h.update(np.asarray(blob[b0 : b0 + head]).tobytes() + np.asarray(blob[b0 + tail : b0 + bl]).tobytes())
-                if small is not None and small.shape[0] > row:
-                    h.update(np.asarray(small[row : row + 1]).tobytes())
-                out[step] = f"row:{row}:{h.hexdigest()[:16]}"
-            return out
-    except Exception:  # noqa: BLE001 - h5py raises many types for a damaged file: nothing to compare
-        return dict.fromkeys(steps)
-
-
-def _whole(d: Any) -> Any:
-    """The HDF5 dataset ``d`` read into memory if it is small (at most 64 MiB), else ``d`` itself
-    (then read a row at a time)."""
-    import numpy as np
-
-    return np.asarray(d[()]) if d.nbytes <= 1 << 26 else d
 
 
 def step_ranges(steps: list[int]) -> str:

@@ -7,7 +7,9 @@ bytes to the safetensors library, which validates the rest. The writer is
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from trajscope.errors import RunFormatError
 from trajscope.store.snapshot import Snapshot, check_meta
 from trajscope.store.storage import FormatStorage, Raw, register, stat_path
 
-__all__ = ["SafetensorsStorage", "header_meta"]
+__all__ = ["SafetensorsStorage", "file_identity", "header_meta"]
 
 
 def header_meta(header: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -83,6 +85,9 @@ class SafetensorsStorage(FormatStorage):
             raise RunFormatError(f"{p}: damaged safetensors file ({exc})") from exc
         return Snapshot(step=meta["step"], kind=str(meta.get("kind", fmt.KIND_STEP)), params=params)
 
+    def identities(self, steps: list[int]) -> dict[int, str | None]:
+        return {s: file_identity(self.location(s)) for s in steps}
+
     def disk_bytes(self) -> int:
         total = 0
         for s in self.steps():
@@ -91,3 +96,23 @@ class SafetensorsStorage(FormatStorage):
             except OSError:
                 pass
         return total
+
+
+def file_identity(path: Path) -> str | None:
+    """``file:<size>:<mtime_ns>:<header digest>`` of a step file, None if it is missing or truncated
+    (its header, or a tensor the header names, ends past the end of the file)."""
+    try:
+        with fmt.open_regular(path, "snapshot") as fh:
+            st = os.fstat(fh.fileno())
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 <= n <= min(fmt.MAX_HEADER_BYTES, st.st_size - 8):
+                return None
+            header = fh.read(n)
+        entries = json.loads(header)
+        end = max((int(e["data_offsets"][1]) for k, e in entries.items() if k != "__metadata__"), default=0)
+    except (RunFormatError, OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+        return None
+    if 8 + n + end > st.st_size:
+        return None
+    return f"file:{st.st_size}:{st.st_mtime_ns}:{hashlib.sha256(header).hexdigest()[:16]}"

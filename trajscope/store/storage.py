@@ -72,6 +72,11 @@ class Storage(abc.ABC):
         """Whether a snapshot stat'ed as ``then`` and later as ``now`` still holds the same data."""
         return then == now
 
+    def identities(self, steps: list[int]) -> dict[int, str | None]:
+        """Step → a cheap identity of its snapshot, made without reading its tensors; None where
+        it cannot be read, or where the format has none (:meth:`trajscope.store.run.Run.identities`)."""
+        return dict.fromkeys(steps)
+
     @abc.abstractmethod
     def disk_bytes(self) -> int:
         """Bytes the snapshots occupy on disk."""

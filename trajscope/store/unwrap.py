@@ -65,6 +65,9 @@ class UnwrappedStorage(Storage):
     def unchanged(self, then: tuple[int, int], now: tuple[int, int]) -> bool:
         return self.inner.unchanged(then, now)
 
+    def identities(self, steps: list[int]) -> dict[int, str | None]:
+        return self.inner.identities(steps)
+
     def disk_bytes(self) -> int:
         return self.inner.disk_bytes()
 
