@@ -292,6 +292,9 @@ class Recorder:
             pending = self._close_storage(pending, crashed)
         if pending is not None and not crashed and self.on_error == "raise":
             raise pending
+        if pending is not None and not crashed and not self._failed:  # on_error="warn", not said yet
+            warnings.warn(f"trajscope: {pending}; the run is marked crashed, and the steps written before "
+                          "stay valid.", RecorderWarning, stacklevel=2)
 
     def _close_storage(self, pending: BaseException | None, crashed: bool) -> BaseException | None:
         """Stop the writer, close the files and write the final manifest; the error to raise."""
@@ -505,12 +508,8 @@ class Recorder:
             pass
         if self.on_error == "raise":
             raise RecorderError(message) from exc
-        warnings.warn(
-            f"trajscope: {message}; recording stopped and training continues. The run is marked "
-            "incomplete; the steps written before stay valid.",
-            RecorderWarning,
-            stacklevel=4,
-        )
+        warnings.warn(f"trajscope: {message}; recording stopped and training continues. The run is marked "
+                      "incomplete; the steps written before stay valid.", RecorderWarning, stacklevel=4)
 
     def _write_manifest(self) -> None:
         manifest = build_manifest(self, self._index, status=self._status, error=self._error)

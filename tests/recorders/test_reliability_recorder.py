@@ -31,7 +31,7 @@ from support.recorder_objectives import (
 from trajscope import runformat as fmt
 from trajscope.analysis.persist import analysis_lock
 from trajscope.errors import RecorderError, RunFormatError
-from trajscope.recorders import Recorder
+from trajscope.recorders import Recorder, RecorderWarning
 from trajscope.recorders.backends import HDF5Writer, SafetensorsWriter
 from trajscope.store.run import open_run
 
@@ -438,6 +438,12 @@ def test_a_failed_close_of_the_hdf5_file_names_it(tmp_path: Path, monkeypatch: p
     assert str(info.value) == message
     manifest = json.loads((run_dir / fmt.MANIFEST).read_text())
     assert manifest["status"] == fmt.STATUS_CRASHED and manifest["error"] == message
+    # on_error="warn": the same failure is one warning naming the file, not silence
+    message = message.replace(str(run_dir), str(tmp_path / "warned"))
+    with pytest.warns(RecorderWarning, match=rf"trajscope: {re.escape(message)}; the run is marked crashed") as w:
+        train_sgd(tmp_path / "warned", steps=2, recorder_kwargs={"format": "hdf5", "on_error": "warn"})
+    assert sum(issubclass(x.category, RecorderWarning) for x in w) == 1
+    assert json.loads((tmp_path / "warned" / fmt.MANIFEST).read_text())["status"] == fmt.STATUS_CRASHED
 
 
 def test_an_in_place_convert_holds_the_run_against_a_recorder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
