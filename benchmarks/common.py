@@ -189,59 +189,36 @@ def _status_bytes(field: str) -> int:
 
 
 class Peaks:
-    """Peak memory of this process, although the analyzer resets the high-water marks it measures
-    with (``trajscope.probe.memory._reset_hwm``, ``torch.cuda.reset_peak_memory_stats``): while this is
-    entered, each reset first folds the mark into the maxima kept here.
-
-    :meth:`rss` is the resident-set peak of the process (what ``ru_maxrss`` reports without
-    resets); :meth:`device` the peak on the device (CPU: resident set; CUDA: allocated) since
-    :meth:`mark`."""
+    """Peak memory of this process: :meth:`rss` is the resident-set peak of the whole process (what
+    ``ru_maxrss`` reports); :meth:`device` the peak on the device (CPU: resident set; CUDA:
+    allocated) since :meth:`mark`. The analyzer leaves these marks alone in a caller's process
+    (``trajscope.probe.memory``), so they are read as they are."""
 
     def __init__(self, device: str) -> None:
         self.dev, self.cuda = device, device.startswith("cuda")
-        self._rss = self._since = 0
+        self._rss = 0
 
     def _mark(self) -> int:
         return torch.cuda.max_memory_allocated(self.dev) if self.cuda else _status_bytes("VmHWM")
 
-    def _fold(self) -> None:
-        self._rss = max(self._rss, _status_bytes("VmHWM"))
-        self._since = max(self._since, self._mark())
-
     def __enter__(self) -> Peaks:
-        import trajscope.probe.memory as tm
-
-        self._saved = tm._reset_hwm, torch.cuda.reset_peak_memory_stats
-        reset_hwm, reset_cuda = self._saved
-
-        def fold_hwm() -> int | None:
-            self._fold()
-            return reset_hwm()
-
-        def fold_cuda(device: torch.device | str | int | None = None) -> None:
-            self._fold()
-            reset_cuda(device)
-
-        tm._reset_hwm, torch.cuda.reset_peak_memory_stats = fold_hwm, fold_cuda
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import trajscope.probe.memory as tm
-
-        tm._reset_hwm, torch.cuda.reset_peak_memory_stats = self._saved
+        pass
 
     def mark(self) -> int:
         """Measure :meth:`device` from now on; returns the memory held now (the baseline)."""
         sync(self.dev)
+        self._rss = max(self._rss, _status_bytes("VmHWM"))  # the process' peak so far, kept
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.dev)
         else:
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (after folding it)
-        self._since = 0
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         return torch.cuda.memory_allocated(self.dev) if self.cuda else _status_bytes("VmRSS")
 
     def rss(self) -> int:
         return max(self._rss, _status_bytes("VmHWM"))
 
     def device(self) -> int:
-        return max(self._since, self._mark())
+        return self._mark()

@@ -2,9 +2,10 @@
 
 Records one run of the reference MLP (every step; ~0.85 MB per snapshot), then analyzes its first
 50 and its first 500 pairs, each in a fresh Python process, and reports the peak resident memory
-(``ru_maxrss``, with the resets the analyzer makes while it plans its line folded in:
-``benchmarks.common.Peaks``) of that process, and of its worker processes for ``processes``. Were snapshots
-kept, the peak would grow by ~0.85 MB per pair.
+(``ru_maxrss``: the analyzer leaves a caller's high-water mark alone) of that process, and of its
+worker processes for ``processes`` (pool workers are trajscope's own, whose marks the analyzer
+resets while it plans its line: theirs is the peak since the last reset). Were snapshots kept, the
+peak would grow by ~0.85 MB per pair.
 
     python -m benchmarks.memory [--pairs 50,500] [--schedulers synchronous,processes]
 """
@@ -29,9 +30,12 @@ from benchmarks.common import Peaks
 run, pairs, scheduler = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 kw = {"scheduler": scheduler, "workers": 2} if scheduler != "synchronous" else {}
 t = time.perf_counter()
-with Peaks("cpu") as peaks:  # the analyzer resets the high-water mark while it plans its line
+with Peaks("cpu") as peaks:
     ds = trajscope.analyze(run, steps=f"0:{pairs}", points=2, margin=0.0, device="cpu", progress=False, **kw)
     peak_kib = peaks.rss() // 1024
+import multiprocessing
+for p in multiprocessing.active_children():  # the pool's workers, still exiting: reaped, they count
+    p.join()
 assert len(ds.step) == pairs
 print(json.dumps({"self": max(peak_kib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
                   "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,

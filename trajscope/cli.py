@@ -115,8 +115,10 @@ def _check_size(ctx: click.Context, param: click.Parameter, value: str | None) -
                    "auto (forward when the model supports it, decided once; reverse for an analysis "
                    "too small to repay forward mode's one-time set-up).")
 @click.option("--max-memory", "max_memory", metavar="SIZE", callback=_check_size,
-              help="Memory the line evaluations may add, in bytes or like 4GB, 512MiB, split between "
-                   "worker processes (default: half the available memory, or of the GPU's free memory).")
+              help="Memory the analysis may add to each worker (the model, snapshots, line, gradients; "
+                   "on a GPU, device memory), in bytes or like 4GB, 512MiB, split between worker "
+                   "processes; a budget below one pair's needs is refused at once (default: half the "
+                   "available memory, or of the GPU's free memory, for the line evaluation).")
 @click.option("--sharpness", is_flag=True,
               help="Also compute λ_max of the minibatch Hessian at x_t (Lanczos; opt-in, costly).")
 @click.option("--reference", "reference", type=int, metavar="STEP",
@@ -141,9 +143,11 @@ def analyze(run_dir: str, objective: str | None, points: int, margin: float, dev
     """
     from trajscope.analysis.dataset import import_dataset_libraries
     from trajscope.analysis.driver import analyze as run_analysis
+    from trajscope.probe import memory
     from trajscope.report.summary import format_headline, headline
     from trajscope.store.run import open_run
 
+    memory.own_process()  # this process's peak-memory marks are the analysis' to measure with
     run = open_run(run_dir)  # a wrong RUN_DIR fails before the Dataset's libraries are imported
     _warn_incomplete(run)
     import_dataset_libraries()

@@ -31,6 +31,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from trajscope import runformat as fmt
 from trajscope.analysis import health
 from trajscope.analysis.dataset import (
@@ -77,12 +79,14 @@ from trajscope.analysis.tasks import objective_for, window_graph
 from trajscope.errors import AnalysisError, RunFormatError, TrajscopeWarning
 from trajscope.metrics.pair import PairStats
 from trajscope.metrics.registry import MetricSpec, evaluate_pair
-from trajscope.objective import ObjectiveSource, check_run_objective, objective_digest
+from trajscope.objective import Objective, ObjectiveSource, check_run_objective, objective_digest
 from trajscope.probe import memory
 from trajscope.probe.reference_point import ReferencePart, merge, snapshot_identity
 from trajscope.probe.settings import ProbeSettings
 from trajscope.probe.trials import first_readable, persisted_objective_change, resolve_derivatives
 from trajscope.store.run import Run, open_run
+from trajscope.store.snapshot import Snapshot
+from trajscope.store.trees import tree_map
 from trajscope.store.unwrap import unwrapped
 
 if TYPE_CHECKING:  # imported where a Dataset is built or read: worker processes never need it
@@ -151,8 +155,8 @@ def analyze(
         steps: which pairs, by start step: ``"START:STOP[:STRIDE]"``, a slice, or step numbers.
         metrics: metric names (default: every registered metric).
         batched, chunk_size, max_memory: α points by ``vmap`` (True), one by one (False) or as is
-            faster (None: :mod:`trajscope.probe.line_plan`), ``chunk_size`` at a time (default: as many
-            as fit ``max_memory``, bytes or ``"4GB"``; default half the free memory).
+            faster (None: :mod:`trajscope.probe.line_plan`), ``chunk_size`` at a time (default: what fits
+            ``max_memory``, all the analysis adds per worker, like ``"4GB"``; default half the free memory).
         derivatives: ℓ'(α) by ``forward``-mode AD (batched), ``reverse`` mode (one backward per α
             point) or ``auto`` (decided once: :func:`trajscope.probe.trials.resolve_derivatives`).
         sharpness: also compute λ_max(∇²f(x_t; z_t)) per pair by Lanczos (at most
@@ -266,15 +270,21 @@ def _check_arguments(dtype: str | None, scheduler: Any, device: str, chunk_size:
 
 def _with_budget(settings: ProbeSettings, max_memory: int | str | None, scheduler: Any,
                  workers: int | None) -> ProbeSettings:
-    """``settings`` with the memory budget per worker and a fresh line-plan id (one per analysis)."""
-    return replace(settings, max_memory=_memory_budget(max_memory, scheduler, workers, settings.device),
-                   plan_id=uuid.uuid4().hex)
+    """``settings`` with the memory budget per worker and a fresh line-plan id (one per analysis).
+    An explicit ``max_memory`` covers everything the analysis adds (``memory_strict``): what this
+    process holds now is where that starts (:func:`trajscope.probe.memory.begin`)."""
+    out = replace(settings, max_memory=_memory_budget(max_memory, scheduler, workers, settings.device),
+                  memory_strict=max_memory is not None, plan_id=uuid.uuid4().hex)
+    if isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS:
+        memory.begin(out.plan_id, out.device)
+    return out
 
 
 def _memory_budget(max_memory: int | str | None, scheduler: Any, workers: int | None, device: str) -> int:
-    """Bytes the line evaluation of each worker may add (``ProbeSettings.max_memory``): the
-    budget split between the local worker processes (thread workers probe one at a time); 0 on a
-    cluster without ``max_memory``, where each worker takes half of its own available memory."""
+    """Bytes each worker may add (``ProbeSettings.max_memory``: everything, when ``max_memory`` is
+    given; the line evaluation's share by default): the budget split between the local worker
+    processes (thread workers probe one at a time); 0 on a cluster without ``max_memory``, where
+    each worker takes half of its own available memory."""
     local = isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS
     procs = (workers or usable_cores()) if scheduler == "processes" else 1
     if max_memory is None:
@@ -293,7 +303,26 @@ def _resolve_objective(r: Run, objective: ObjectiveSource, settings: ProbeSettin
     check_run_objective(obj, r.manifest)
     snap = first_readable(r, pairs)
     settings = with_precision(settings, dtype, snap, compiled=r.manifest.get("compiled") is True)
+    if settings.memory_strict and settings.max_memory and snap is not None:
+        _check_pair_floor(settings.max_memory, obj, snap, settings)
     return r, resolve_derivatives(derivatives, settings, r, obj, pairs, local, snap), objective_digest(obj)
+
+
+def _check_pair_floor(budget: int, obj: Objective, snap: Snapshot, settings: ProbeSettings) -> None:
+    """Refuse at once an explicit budget below the least one pair of the run holds
+    (:func:`trajscope.probe.memory.pair_floor`), sized from the first readable snapshot."""
+    def nbytes(tree: Any) -> int:
+        sizes: list[int] = []
+        tree_map(lambda t: sizes.append(t.numel() * t.element_size()), tree, leaf=torch.Tensor)
+        return sum(sizes)
+
+    model = nbytes(dict(obj.model.named_parameters()))
+    stored = nbytes([snap.params, snap.grads, snap.buffers, snap.batch])
+    params = sum(t.numel() for t in snap.params.values()) * settings.torch_dtype.itemsize
+    floor = memory.pair_floor(model, stored, params)
+    memory.check_pair_minimum(budget, floor, f"the model {memory.format_size(model)}, two snapshots of "
+                              f"{memory.format_size(stored)}, Δ_t, one α point and G0 of {memory.format_size(params)} "
+                              "each, before activations")
 
 
 def _compute_pairs(job: Job, pairs: list[int], lost: dict[int, str], scheduler: Any, workers: int | None,

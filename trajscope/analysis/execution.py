@@ -214,6 +214,9 @@ def _init_process(threads: int, counter: Any) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    from trajscope.probe import memory
+
+    memory.own_process()
     with counter.get_lock():
         _process_slot = counter.value
         counter.value += 1
@@ -238,6 +241,9 @@ def _warm_up() -> int:
 
     with torch.no_grad():
         vmap(lambda a: jvp(f, ({n: t * a for n, t in p.items()},), (p,)))(torch.ones(2))
+    from trajscope.probe import memory
+
+    memory.own_process()  # the libraries are loaded: what the pairs hold is counted from here
     return os.getpid()
 
 

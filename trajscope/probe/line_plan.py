@@ -5,8 +5,10 @@ Decided once per analysis in each worker process, on the first pair that process
 (:func:`planned_line`), and kept in :data:`_PLANS` for its following pairs:
 
 1. α₀ is evaluated alone (one jvp) under a :class:`~trajscope.probe.memory.PeakMeter`: its peak is the
-   one-point cost c, and the chunk that fits the budget B is ``min(n, ⌊B / (1.25·c)⌋)``
-   (:func:`~trajscope.probe.memory.plan_chunk`; B < c is an error that names both).
+   one-point cost c. The line's room R is the budget B, less what the worker holds under an
+   explicit budget (:func:`~trajscope.probe.memory.plan_room`, which refuses a pair that does not
+   fit B, naming what it needs), and the chunk that fits is ``min(n, ⌊R / (1.25·c)⌋)``
+   (:func:`~trajscope.probe.memory.plan_chunk`; R < c is an error that names both).
 2. With ``batched=None`` (auto), unless c exceeds :data:`LARGE_POINT`: α₁ alone is timed (t₁),
    then two batched chunks of k = min(fit, :data:`CALIBRATION_POINTS`) points: the first
    measures memory (its peak/k refines c), the second is timed (t_k per point). Batched is chosen
@@ -80,7 +82,9 @@ class LinePlan:
     point_bytes: int
     """Measured peak memory of one α point, bytes."""
     budget: int
-    """Bytes the line evaluation of this worker may add to what it holds."""
+    """Bytes the line evaluation of this worker may add to what it holds (its room)."""
+    held: int = 0
+    """Bytes the worker held above the analysis' start when it planned (explicit budgets only)."""
     seconds_point: float = math.nan
     """Calibration: seconds per point, point by point (NaN: not calibrated)."""
     seconds_batched: float = math.nan
@@ -97,6 +101,7 @@ class LinePlan:
             "line_fit_chunk": float(self.chunk),
             "line_point_bytes": float(self.point_bytes),
             "line_budget": float(self.budget),
+            "line_held": float(self.held),
             "line_seconds_point": self.seconds_point,
             "line_seconds_batched": self.seconds_batched,
             "line_calibration_points": float(self.calibration_points),
@@ -161,22 +166,24 @@ def _calibrate(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tens
     docstring)."""
     # Where the parameters are, not settings.device: a cluster's workers resolve "auto" themselves.
     device, n = str(next(iter(x0.values())).device), len(alphas)
-    budget = settings.max_memory or memory.default_budget(device)
     param_bytes = sum(t.numel() * t.element_size() for t in x0.values())
+    held = memory.held(settings.plan_id, device) if settings.memory_strict else 0
     with memory.PeakMeter(device) as m0:
         v, d = line_pointwise(f, x0, delta, alphas[:1], device, rng, replay, jvp_point)
     # Without a way to measure (m0.peak == 0), one point holds at least its parameters.
     point_bytes = max(m0.peak, param_bytes)
-    fit = memory.plan_chunk(budget, point_bytes, n)
+    budget = memory.plan_room(settings.max_memory or memory.default_budget(device), held, point_bytes,
+                              param_bytes, settings.memory_strict, m0.exact)
+    fit = memory.plan_chunk(budget, point_bytes, n, m0.exact)
     vals, ders = [v], [d]
     none = np.zeros(0, dtype=np.float64)
     if settings.batched is True or point_bytes <= SMALL_POINT:
         # The whole line is evaluated batched: a pair's numbers never mix the two paths, whose
         # roundings differ, so they do not depend on which pair a worker calibrated on.
-        return none, none, LinePlan("batched", fit, point_bytes, budget)
+        return none, none, LinePlan("batched", fit, point_bytes, budget, held)
     k = min(fit, CALIBRATION_POINTS, (n - 2) // 2)
     if k < 2 or point_bytes > LARGE_POINT:
-        return v, d, LinePlan("pointwise", fit, point_bytes, budget)
+        return v, d, LinePlan("pointwise", fit, point_bytes, budget, held)
     with memory.PeakMeter(device, memory=False) as m1:
         v, d = line_pointwise(f, x0, delta, alphas[1:2], device, rng, replay, jvp_point)
     vals.append(v)
@@ -194,13 +201,13 @@ def _calibrate(f: Loss, x0: dict[str, torch.Tensor], delta: dict[str, torch.Tens
         raise
     except Exception as exc:  # noqa: BLE001 - modules vmap cannot batch: the point loop gives the same result
         warn_fallback(vmap_failure(exc))
-        plan = LinePlan("pointwise", fit, point_bytes, budget, m1.seconds, math.nan, k, fallback=True)
+        plan = LinePlan("pointwise", fit, point_bytes, budget, held, m1.seconds, math.nan, k, fallback=True)
         return np.concatenate(vals[:2]), np.concatenate(ders[:2]), plan
     point_bytes = max(point_bytes, mb.peak // k)
-    fit = memory.plan_chunk(budget, point_bytes, n)
+    fit = memory.plan_chunk(budget, point_bytes, n, m0.exact and mb.exact)
     per_point = mt.seconds / k
     mode = "batched" if per_point < PREFER_BATCHED * m1.seconds else "pointwise"
-    plan = LinePlan(mode, fit, point_bytes, budget, m1.seconds, per_point, k)
+    plan = LinePlan(mode, fit, point_bytes, budget, held, m1.seconds, per_point, k)
     if mode == "batched":  # evaluated again, whole, as every later pair is
         return none, none, plan
     return np.concatenate(vals[:2]), np.concatenate(ders[:2]), plan  # the two pointwise points

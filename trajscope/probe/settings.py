@@ -42,9 +42,11 @@ class ProbeSettings:
     derivatives: str = "forward"  # ℓ'(α) by "forward" (jvp, batched) or "reverse" (one backward per point)
     sdpa_math: bool = False  # hold scaled_dot_product_attention to its math kernel (forward mode needs it)
     derivatives_reason: str = field(default="", compare=False)  # why this path (Dataset attrs only)
-    # Bytes the line evaluation of one worker may add to what it holds; 0: half the available memory;
-    # None: no budget (all points in one vmap call, halved on a CUDA out-of-memory). trajscope.probe.memory
+    # Bytes one worker may add: with memory_strict (an explicit --max-memory) everything the analysis
+    # adds to the worker, else the line evaluation's share; 0: half the available memory; None: no
+    # budget (all points in one vmap call, halved on a CUDA out-of-memory). trajscope.probe.memory
     max_memory: int | None = field(default=None, compare=False)
+    memory_strict: bool = field(default=False, compare=False)
     plan_id: str = field(default="", compare=False)  # the analysis: line plans are decided once per analysis
 
     def __post_init__(self) -> None:
