@@ -27,6 +27,7 @@ from trajscope.errors import TrajscopeError, TrajscopeWarning, one_line
 from trajscope.probe.grid import MAX_MARGIN, MAX_POINTS
 
 if TYPE_CHECKING:
+
     from trajscope.store.run import Run
 
 _RUN_DIR = click.Path(file_okay=True, dir_okay=True, path_type=str)
@@ -130,35 +131,52 @@ def _check_size(ctx: click.Context, param: click.Parameter, value: str | None) -
                    "for a run directory you cannot write; other commands read it with --analysis DIR.")
 @click.option("--quiet", "-q", is_flag=True,
               help="No progress bar or summary (the bar is also off when stderr is not a terminal).")
+@click.option("--follow", is_flag=True,
+              help="Analyze each pair as soon as it is recorded, while the run trains; exit when the "
+                   "recorder closes the run (or is gone).")
+@click.option("--poll", type=click.FloatRange(min=0.1, max=3600), default=2.0, show_default=True,
+              metavar="SECONDS", help="With --follow: seconds between looks at the run.")
+@click.option("--to", "to", type=click.Choice(["tensorboard"]),
+              help="Also log the metrics to this tracker, at TARGET (TensorBoard: a log directory); "
+                   "with --follow, as the pairs arrive.")
+@click.argument("target", required=False, type=click.Path(file_okay=False, path_type=str))
 def analyze(run_dir: str, objective: str | None, points: int, margin: float, device: str,
             dtype: str, scheduler: str, workers: int | None, steps: str | None,
             metric_names: str | None, derivatives: str, max_memory: int | None, sharpness: bool,
-            reference: int | None, force: bool, out: str | None, quiet: bool) -> None:
+            reference: int | None, force: bool, out: str | None, quiet: bool, follow: bool, poll: float,
+            to: str | None, target: str | None) -> None:
     """Re-evaluate the loss along each recorded step and compute every metric.
 
     Writes RUN_DIR/analysis/metrics.nc (or DIR/metrics.nc with --out DIR); open it with
     trajscope.open_metrics(RUN_DIR). Each finished pair is kept under RUN_DIR/analysis/pairs, so
     an interrupted analysis resumes where it stopped and newly recorded steps only cost their new
-    pairs.
+    pairs. TARGET: where --to logs.
     """
     from trajscope.analysis.dataset import import_dataset_libraries
-    from trajscope.analysis.driver import analyze as run_analysis
     from trajscope.probe import memory
     from trajscope.report.summary import format_headline, headline
     from trajscope.store.run import open_run
 
+    if (target is None) != (to is None):
+        raise click.UsageError("TARGET goes with --to TRACKER (e.g. --to tensorboard LOGDIR)")
     memory.own_process()  # this process's peak-memory marks are the analysis' to measure with
     run = open_run(run_dir)  # a wrong RUN_DIR fails before the Dataset's libraries are imported
-    _warn_incomplete(run)
+    if not follow:
+        _warn_incomplete(run)
     import_dataset_libraries()
     _libraries_imported()
     names = [n.strip() for n in metric_names.split(",") if n.strip()] if metric_names else None
-    ds = run_analysis(run, objective, points=points, margin=margin, device=device,
-                      dtype=None if dtype in ("auto", "as-trained") else dtype,
-                      scheduler=scheduler, workers=workers, steps=steps, metrics=names,
-                      derivatives=derivatives, max_memory=max_memory, sharpness=sharpness, reference=reference,
-                      force=force, out=out,
-                      progress=None if not quiet else False)
+    kw = dict(points=points, margin=margin, device=device, dtype=None if dtype in ("auto", "as-trained") else dtype,
+              scheduler=scheduler, workers=workers, steps=steps, metrics=names, derivatives=derivatives,
+              max_memory=max_memory, sharpness=sharpness, reference=reference, force=force, out=out,
+              progress=None if not quiet else False)
+    from trajscope.report.export import analyze_to
+
+    def echo(line: str) -> None:
+        click.echo(f"trajscope: {line}", err=True)
+
+    ds = analyze_to(run, objective, kw, follow=follow, poll=poll, to=to, target=target,
+                    echo=None if quiet else echo, notify=echo)
     if not quiet and derivatives == "auto" and ds.attrs.get("derivatives", "forward") != "forward":
         path = "reverse mode" if ds.attrs["derivatives"] == "reverse" else "forward mode"
         click.echo(f"derivatives: {path} ({ds.attrs.get('derivatives_reason', '')})")
@@ -181,6 +199,28 @@ def _warn_incomplete(run: Run) -> None:
     note = run.incomplete_note()
     if note is not None:
         click.echo(f"trajscope: warning: {one_line(note)}", err=True)
+
+
+@cli.command("export")
+@click.argument("run_dir", type=_RUN_DIR)
+@click.argument("target", type=click.Path(file_okay=False, path_type=str))
+@click.option("--to", "to", type=click.Choice(["tensorboard"]), required=True,
+              help="The tracker: tensorboard (TARGET: a log directory, e.g. the trainer's own).")
+@click.option("--analysis", type=_ANALYSIS_DIR, metavar="DIR",
+              help="Read DIR/metrics.nc instead of RUN_DIR/analysis/metrics.nc.")
+def export_metrics(run_dir: str, target: str, to: str, analysis: str | None) -> None:
+    """Log an analysis to a tracker: each metric as trajscope/<name> at the pair's training step,
+    per-layer ones as trajscope/<name>/<layer>, the report's figures and the settings."""
+    from trajscope.analysis.driver import open_metrics
+    from trajscope.report.export import export, open_sink
+
+    ds = open_metrics(run_dir, analysis=analysis)
+    sink = open_sink(to, target)
+    try:
+        n = export(ds, sink, figures=True)
+    finally:
+        sink.close()
+    click.echo(f"logged {n} pair(s) to {to} at {target}")
 
 
 @cli.command()

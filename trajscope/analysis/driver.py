@@ -50,6 +50,8 @@ from trajscope.analysis.execution import (
     resolve_device,
     usable_cores,
 )
+from trajscope.analysis.follow import DEFAULT_POLL
+from trajscope.analysis.follow import follow as follow_run
 from trajscope.analysis.job import Job
 from trajscope.analysis.outputs import analysis_dir, create_analysis_dir
 from trajscope.analysis.persist import (
@@ -133,25 +135,22 @@ def analyze(
     write: bool = True,
     out: str | Path | None = None,
     progress: bool | None = None,
+    follow: bool = False,
+    poll: float = DEFAULT_POLL,
 ) -> xr.Dataset:
     """Analyze a recorded run and return the metrics Dataset (also written to ``analysis/``).
 
     Args:
         run: run directory (or an opened :class:`Run`).
-        objective: ``"module:function"``, a factory function, or an :class:`Objective`; default:
-            the name recorded in the manifest.
+        objective: ``"module:function"``, a factory, or an :class:`Objective` (default: the run's).
         points, margin: α grid (``points`` on [0, 1], extended by ``margin`` on both sides).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available). With several
             GPUs, ``cuda``/``auto`` gives each worker its own GPU (set ``workers`` to the count).
-        dtype: None (``"as-trained"``, ``"auto"``): each step under its recorded autocast and
-            memory formats, in float64 for a float64 run, else float32. ``"float32"``/``"float64"``:
-            that dtype throughout, without autocast (:func:`~trajscope.analysis.plan.with_precision`).
+        dtype: None (``"as-trained"``, ``"auto"``): each step under its recorded autocast, in float64
+            for a float64 run, else float32; ``"float32"``/``"float64"``: that, without autocast.
         scheduler: ``synchronous`` (this thread), ``threads``, ``processes``, a dask.distributed
-            scheduler address (``tcp://host:8786``) or a ``distributed.Client``. The results
-            are the same under every scheduler. A cluster's workers must see the run directory
-            at the same path and be able to import the objective.
-        workers: worker count for ``threads``/``processes`` (default: one per core). Torch
-            intra-op threads are split between them.
+            address (``tcp://host:8786``) or ``Client``, whose workers see the run at the same path.
+        workers: worker count for ``threads``/``processes`` (default: one per core).
         steps: which pairs, by start step: ``"START:STOP[:STRIDE]"``, a slice, or step numbers.
         metrics: metric names (default: every registered metric).
         batched, chunk_size, max_memory: α points by ``vmap`` (True), one by one (False) or as is
@@ -159,18 +158,21 @@ def analyze(
             ``max_memory``, all the analysis adds per worker, like ``"4GB"``; default half the free memory).
         derivatives: ℓ'(α) by ``forward``-mode AD (batched), ``reverse`` mode (one backward per α
             point) or ``auto`` (decided once: :func:`trajscope.probe.trials.resolve_derivatives`).
-        sharpness: also compute λ_max(∇²f(x_t; z_t)) per pair by Lanczos (at most
-            ``sharpness_max_iter`` Hessian-vector products); implied when ``metrics`` names a
-            metric that needs it.
-        reference: step of the reference point x* of ``convexity_ratio_ref`` (default: the final
-            recorded state; a run without one gets NaN unless a step is given).
+        sharpness: also λ_max(∇²f(x_t; z_t)) per pair by Lanczos (at most ``sharpness_max_iter``
+            Hessian-vector products); implied when ``metrics`` names a metric that needs it.
+        reference: step of x* in ``convexity_ratio_ref`` (default: the final state; else NaN).
         force: recompute pairs already persisted under ``analysis/pairs``.
         write: write ``analysis/metrics.nc`` and the per-pair results (and reuse those already
             there); False computes everything in memory and writes nothing.
         out: the analysis directory instead of ``RUN/analysis`` (:mod:`trajscope.analysis.outputs`), e.g.
             for a run directory that cannot be written; read it back with ``analysis=out``.
         progress: show a progress bar (default: when stderr is a terminal).
+        follow, poll: analyze the pairs as the run is recorded, a round every ``poll`` seconds, until
+            its recorder closes it (:mod:`trajscope.analysis.follow`); the last round's Dataset.
     """
+    if follow:
+        kwargs = {k: v for k, v in locals().items() if k not in ("run", "objective", "follow", "poll")}
+        return follow_run(analyze, run, objective, poll=poll, **{**kwargs, "progress": False})
     r = run if isinstance(run, Run) else open_run(run)
     scheduler = _check_arguments(dtype, scheduler, device, chunk_size, derivatives)
     where = _destination(r, out, write, force)  # checked before any work: a read-only run fails at once
