@@ -34,6 +34,7 @@ This module imports ``transformers``; ``import trajscope.recorders`` does not im
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,13 @@ class TrajscopeCallback(TrainerCallback):
         **recorder_kwargs: any other :class:`~trajscope.recorders.Recorder` keyword. ``grad_scaler``
             defaults to the scaler of the Trainer's optimizer wrapper (the ``Accelerator``'s, None
             without fp16).
+        follow: :meth:`~trajscope.recorders.Recorder.follow`'s options (e.g. ``{"device": "cuda:1"}``):
+            analyze the run as it is recorded, in a process of its own, from the start of training.
     """
 
     def __init__(self, run_dir: str | Path, *, objective: str | Callable[[], Any] | None = None,
-                 every: int = 1, window: int = 2, **recorder_kwargs: Any) -> None:
+                 every: int = 1, window: int = 2, follow: dict[str, Any] | None = None,
+                 **recorder_kwargs: Any) -> None:
         if "accumulation" in recorder_kwargs:
             raise RecorderError(
                 "accumulation: taken from TrainingArguments.gradient_accumulation_steps; "
@@ -73,6 +77,8 @@ class TrajscopeCallback(TrainerCallback):
         self.every = every
         self.window = window
         self.recorder_kwargs = recorder_kwargs
+        self.follow = follow
+        self.follower: subprocess.Popen[bytes] | None = None  # the live analysis (follow), when started
         self.recorder: Recorder | None = None
         self._inputs: dict[str, Any] | None = None
         self._hooks: list[Any] = []
@@ -92,6 +98,8 @@ class TrajscopeCallback(TrainerCallback):
             **recorder_kwargs,
         )
         self.recorder.start()
+        if self.follow is not None:
+            self.follower = self.recorder.follow(**self.follow)
         # BoundHooks keep the model copyable and picklable (checkpointing, EMA) while recording.
         self._hooks = [
             model.register_forward_pre_hook(BoundHook(self._pre_forward, model), with_kwargs=True),

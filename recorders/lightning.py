@@ -31,6 +31,7 @@ does not import this module.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,13 @@ class TrajscopeCallback(pl.Callback):
         **recorder_kwargs: any other :class:`~trajscope.recorders.Recorder` keyword (``schedule``,
             ``format``, ``grads``, ``on_error``, ``optimizer_state``, ``metadata``, ``overwrite``, ...).
             ``grad_scaler`` defaults to ``trainer.precision_plugin.scaler``.
+        follow: :meth:`~trajscope.recorders.Recorder.follow`'s options (e.g. ``{"device": "cuda:1"}``):
+            analyze the run as it is recorded, in a process of its own, from the start of training.
     """
 
     def __init__(self, run_dir: str | Path, *, objective: str | Callable[[], Any] | None = None,
-                 every: int = 1, window: int = 2, **recorder_kwargs: Any) -> None:
+                 every: int = 1, window: int = 2, follow: dict[str, Any] | None = None,
+                 **recorder_kwargs: Any) -> None:
         super().__init__()
         if "accumulation" in recorder_kwargs:
             raise RecorderError(
@@ -69,6 +73,8 @@ class TrajscopeCallback(pl.Callback):
         self.every = every
         self.window = window
         self.recorder_kwargs = recorder_kwargs
+        self.follow = follow
+        self.follower: subprocess.Popen[bytes] | None = None  # the live analysis (follow), when started
         self.recorder: Recorder | None = None
         self._k = 1
         self._batch: Any = None
@@ -93,6 +99,8 @@ class TrajscopeCallback(pl.Callback):
             every=self.every, window=self.window, accumulation=self._k, **recorder_kwargs,
         )
         self.recorder.start()
+        if self.follow is not None:
+            self.follower = self.recorder.follow(**self.follow)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:

@@ -25,6 +25,8 @@ background thread (:mod:`trajscope.recorders.storage`).
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -47,6 +49,7 @@ from trajscope.recorders.capture import (
     unwrap_model,
     with_buffers,
 )
+from trajscope.recorders.follow import start_follower
 from trajscope.recorders.forward import StepCapture, capture_forward, memory_formats
 from trajscope.recorders.hooks import BoundHook, attach, detach, step_closure, with_capture_after_first_call
 from trajscope.recorders.manifest import build_manifest, objective_name, write_manifest
@@ -60,9 +63,8 @@ __all__ = ["Recorder", "RecorderStats", "RecorderWarning", "objective_name"]
 
 
 class RecorderWarning(UserWarning):
-    """What the recorder tells while training goes on: recording stopped (``on_error="warn"``; the
-    run is incomplete), or a setting of the training program keeps a step from replaying exactly
-    (a compiled model's dropout)."""
+    """What the recorder tells while training goes on: recording stopped (``on_error="warn"``), or a
+    setting of the training program keeps a step from replaying exactly (a compiled model's dropout)."""
 
 
 class Recorder:
@@ -204,11 +206,18 @@ class Recorder:
 
     def flush(self) -> None:
         """Block until every snapshot taken so far is written (e.g. before analyzing a live run).
-
         Raises RecorderError if a write failed and ``on_error="raise"``."""
         if self._writer is not None:
             self._writer.flush()
         self._check_writer()
+
+    def follow(self, **options: Any) -> subprocess.Popen[bytes] | None:
+        """Start ``trajscope analyze RUN --follow`` in a process of its own (``options``: ``device``, ``to``,
+        ``target``, ``poll``, ``log``: :func:`trajscope.recorders.follow.start_follower`); None off rank 0."""
+        if not self._open or self.objective is None and options.get("objective") is None:
+            raise RecorderError("follow(): needs an open recorder whose run names its objective (Recorder("
+                                "objective='module:function'), or follow(objective=...))")
+        return start_follower(self.run_dir, **options) if self.is_writer else None
 
     @property
     def is_writer(self) -> bool:
@@ -248,10 +257,8 @@ class Recorder:
             self._scalars = ScalarsLog(self.run_dir / fmt.SCALARS, self._fail)
             pin = torch.cuda.is_available() and any(p.is_cuda for _, p in self._index.params)
             self._store, self._writer = open_writer(
-                self.run_dir, self.format, self._index.declared(self.model, self.grads),
-                slots=self.max_pending if self.async_write else 1, pin=pin, threaded=self.async_write,
-                direct_io=self.direct_io,
-            )
+                self.run_dir, self.format, self._index.declared(self.model, self.grads), direct_io=self.direct_io,
+                slots=self.max_pending if self.async_write else 1, pin=pin, threaded=self.async_write)
         except BaseException:  # a failed start leaves the run to the next recorder
             release_lock(self._lock)
             raise
@@ -498,14 +505,10 @@ class Recorder:
             self._fail(err.message(), err.exc)
 
     def _fail(self, message: str, exc: BaseException) -> None:
-        self._failed = True
-        self._error = message
-        self._status = fmt.STATUS_CRASHED
-        try:
-            # Mark the run now: if the process dies later, the manifest already says why.
+        self._failed, self._error, self._status = True, message, fmt.STATUS_CRASHED
+        # Mark the run now: if the process dies later, the manifest already says why.
+        with contextlib.suppress(OSError, RecorderError):  # the failure at hand is the one to report
             self._write_manifest()
-        except (OSError, RecorderError):  # the failure at hand is the one to report
-            pass
         if self.on_error == "raise":
             raise RecorderError(message) from exc
         warnings.warn(f"trajscope: {message}; recording stopped and training continues. The run is marked "
