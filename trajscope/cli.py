@@ -136,10 +136,10 @@ def _check_size(ctx: click.Context, param: click.Parameter, value: str | None) -
                    "recorder closes the run (or is gone).")
 @click.option("--poll", type=click.FloatRange(min=0.1, max=3600), default=2.0, show_default=True,
               metavar="SECONDS", help="With --follow: seconds between looks at the run.")
-@click.option("--to", "to", type=click.Choice(["tensorboard"]),
-              help="Also log the metrics to this tracker, at TARGET (TensorBoard: a log directory); "
-                   "with --follow, as the pairs arrive.")
-@click.argument("target", required=False, type=click.Path(file_okay=False, path_type=str))
+@click.option("--to", "to", type=click.Choice(["tensorboard", "mlflow", "wandb"]),
+              help="Also log the metrics to this tracker, at TARGET (tensorboard: a log directory; mlflow: "
+                   "a tracking URI; wandb: a project); with --follow, as the pairs arrive.")
+@click.argument("target", required=False)
 def analyze(run_dir: str, objective: str | None, points: int, margin: float, device: str,
             dtype: str, scheduler: str, workers: int | None, steps: str | None,
             metric_names: str | None, derivatives: str, max_memory: int | None, sharpness: bool,
@@ -157,7 +157,7 @@ def analyze(run_dir: str, objective: str | None, points: int, margin: float, dev
     from trajscope.report.summary import format_headline, headline
     from trajscope.store.run import open_run
 
-    if (target is None) != (to is None):
+    if target is not None and to is None:
         raise click.UsageError("TARGET goes with --to TRACKER (e.g. --to tensorboard LOGDIR)")
     memory.own_process()  # this process's peak-memory marks are the analysis' to measure with
     run = open_run(run_dir)  # a wrong RUN_DIR fails before the Dataset's libraries are imported
@@ -203,24 +203,28 @@ def _warn_incomplete(run: Run) -> None:
 
 @cli.command("export")
 @click.argument("run_dir", type=_RUN_DIR)
-@click.argument("target", type=click.Path(file_okay=False, path_type=str))
-@click.option("--to", "to", type=click.Choice(["tensorboard"]), required=True,
-              help="The tracker: tensorboard (TARGET: a log directory, e.g. the trainer's own).")
+@click.argument("target", required=False)
+@click.option("--to", "to", type=click.Choice(["tensorboard", "mlflow", "wandb"]), required=True,
+              help="The tracker. TARGET: tensorboard, a log directory (e.g. the trainer's own); mlflow, a "
+                   "tracking URI (default MLflow's); wandb, PROJECT or ENTITY/PROJECT[/RUN_ID] (default trajscope).")
 @click.option("--analysis", type=_ANALYSIS_DIR, metavar="DIR",
               help="Read DIR/metrics.nc instead of RUN_DIR/analysis/metrics.nc.")
-def export_metrics(run_dir: str, target: str, to: str, analysis: str | None) -> None:
+def export_metrics(run_dir: str, target: str | None, to: str, analysis: str | None) -> None:
     """Log an analysis to a tracker: each metric as trajscope/<name> at the pair's training step,
     per-layer ones as trajscope/<name>/<layer>, the report's figures and the settings."""
+    from pathlib import Path
+
     from trajscope.analysis.driver import open_metrics
-    from trajscope.report.export import export, open_sink
+    from trajscope.report.export import export
+    from trajscope.report.trackers import open_sink
 
     ds = open_metrics(run_dir, analysis=analysis)
-    sink = open_sink(to, target)
+    sink = open_sink(to, target, Path(run_dir).resolve().name)
     try:
         n = export(ds, sink, figures=True)
     finally:
         sink.close()
-    click.echo(f"logged {n} pair(s) to {to} at {target}")
+    click.echo(f"logged {n} pair(s) to {to}" + (f" at {target}" if target is not None else ""))
 
 
 @cli.command()

@@ -11,94 +11,22 @@ What a tracker gets (:func:`export`):
   asked for (a post-hoc export, and the end of a followed run);
 * the run's metadata and the analysis' settings (the Dataset's attributes) as the tracker's config.
 
-Trackers are optional extras, imported only when used (:data:`TRACKERS`); a missing one is one
-:class:`~trajscope.errors.TrajscopeError` naming the extra to install. A tracker is a
-:class:`Sink`: adding one is a class with these four methods and an entry in :data:`TRACKERS`.
+The trackers themselves (TensorBoard, MLflow, W&B) are :mod:`trajscope.report.trackers`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from trajscope.errors import TrajscopeError
+from trajscope.report.trackers import PREFIX, Sink, open_sink
 
 if TYPE_CHECKING:
     import xarray as xr
-    from matplotlib.figure import Figure
 
-__all__ = ["TRACKERS", "Sink", "TensorBoardSink", "Rounds", "analyze_to", "export", "open_sink", "pair_scalars"]
-
-PREFIX = "trajscope"
-"""The namespace of every tag trajscope logs."""
-
-
-class Sink(Protocol):
-    """Where :func:`export` logs: one tracker run."""
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        """Log ``values`` (tag → number) at training step ``step``."""
-
-    def config(self, values: dict[str, Any]) -> None:
-        """Log the run's metadata and the analysis settings (JSON-serializable values)."""
-
-    def figure(self, tag: str, fig: Figure, step: int) -> None:
-        """Log a matplotlib figure as an image at ``step``."""
-
-    def close(self) -> None:
-        """Flush and close (every logged value is on disk, or sent, after it returns)."""
-
-
-class TensorBoardSink:
-    """A TensorBoard log directory (event files read by TensorBoard, ``EventAccumulator``), written
-    by torch's ``SummaryWriter``; an existing directory, e.g. the trainer's own, gets a new event
-    file beside its others, so the two show in one TensorBoard run."""
-
-    def __init__(self, logdir: str | Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TrajscopeError(
-                "--to tensorboard needs the tensorboard package: pip install 'trajscope[tensorboard]'"
-            ) from None
-        self.logdir = Path(logdir)
-        self._w = SummaryWriter(log_dir=str(self.logdir))
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        for tag, value in values.items():
-            self._w.add_scalar(tag, value, global_step=step)
-
-    def config(self, values: dict[str, Any]) -> None:
-        text = json.dumps(values, indent=2, sort_keys=True, default=str)
-        self._w.add_text(f"{PREFIX}/config", "    " + text.replace("\n", "\n    "), global_step=0)
-
-    def figure(self, tag: str, fig: Figure, step: int) -> None:
-        self._w.add_figure(tag, fig, global_step=step, close=True)
-
-    def close(self) -> None:
-        self._w.close()
-
-
-TRACKERS: dict[str, tuple[type, str]] = {"tensorboard": (TensorBoardSink, "tensorboard")}
-"""``--to`` name → (the :class:`Sink`, the ``trajscope[...]`` extra that installs its library)."""
-
-
-def open_sink(to: str, target: str | Path | None) -> Sink:
-    """The tracker ``to`` (a :data:`TRACKERS` name), logging to ``target`` (TensorBoard: the log
-    directory, required).
-
-    Raises:
-        TrajscopeError: an unknown tracker, a missing target, or its library not installed.
-    """
-    if to not in TRACKERS:
-        raise TrajscopeError(f"--to {to!r}: expected one of {', '.join(TRACKERS)}")
-    if target is None:
-        raise TrajscopeError(f"--to {to} needs a target: the log directory")
-    sink: Sink = TRACKERS[to][0](target)
-    return sink
+__all__ = ["Rounds", "analyze_to", "export", "pair_scalars"]
 
 
 def pair_scalars(ds: xr.Dataset, steps: Sequence[int] | None = None) -> Iterator[tuple[int, dict[str, float]]]:
@@ -164,7 +92,7 @@ def analyze_to(run: Any, objective: Any, kw: dict[str, Any], *, follow: bool, po
     from trajscope.analysis.driver import analyze
     from trajscope.analysis.follow import follow as follow_run
 
-    sink = open_sink(to, target) if to is not None else None
+    sink = open_sink(to, target, Path(getattr(run, "path", run)).name) if to is not None else None
     try:
         if follow:
             on_pairs = Rounds(sink, echo)
@@ -184,14 +112,16 @@ def analyze_to(run: Any, objective: Any, kw: dict[str, Any], *, follow: bool, po
 
 class Rounds:
     """The ``on_pairs`` of a followed analysis (:func:`trajscope.analysis.follow.follow`): each round's
-    new pairs logged to ``sink`` (the config with the first), one line to ``echo``; :meth:`finish`
-    logs again, whole and in step order, every tag whose logged values a later round changed (the
-    metrics of x*, the final state, exist only once the run is closed). A reader such as
-    TensorBoard's keeps the last series logged for a tag."""
+    new pairs logged to ``sink`` (the config with the first), one line to ``echo``.
+
+    A round logs the finite values only. :meth:`finish`, after the last round, logs what is still
+    missing (the metrics of x*, the final state by default, exist only once the run is closed; a
+    value undefined at its pair stays NaN), and logs again a value a later round changed: so each
+    tracker gets every value at least once, and once only in the usual case."""
 
     def __init__(self, sink: Sink | None, echo: Callable[[str], None] | None) -> None:
         self.sink, self.echo = sink, echo
-        self.logged: dict[str, dict[int, float]] = {}
+        self.logged: dict[tuple[int, str], float] = {}
         self.pairs = 0
 
     def __call__(self, ds: xr.Dataset, new: list[int]) -> None:
@@ -199,25 +129,23 @@ class Rounds:
             if not self.logged:
                 self.sink.config(_config(ds))
             for t, values in pair_scalars(ds, new):
-                self.sink.scalars(t, values)
-                for tag, v in values.items():
-                    self.logged.setdefault(tag, {})[t] = v
+                finite = {tag: v for tag, v in values.items() if math.isfinite(v)}
+                self.sink.scalars(t, finite)
+                self.logged.update({(t, tag): v for tag, v in finite.items()})
         self.pairs += len(new)
         if self.echo is not None:
             span = f"{new[0]}" if len(new) == 1 else f"{new[0]}-{new[-1]}"
             self.echo(f"pairs {span} analyzed ({self.pairs} so far)")
 
     def finish(self, ds: xr.Dataset) -> None:
-        """Log again the tags whose values ``ds`` changed, then the figures."""
+        """Log the values not logged yet, or changed since, then the figures."""
         if self.sink is None:
             return
-        final = dict(pair_scalars(ds))
-        changed = {tag for tag, seen in self.logged.items()
-                   if any(not _same(v, final.get(t, {}).get(tag, math.nan)) for t, v in seen.items())}
-        for t, values in final.items():
-            again = {tag: v for tag, v in values.items() if tag in changed}
-            if again:
-                self.sink.scalars(t, again)
+        for t, values in pair_scalars(ds):
+            rest = {tag: v for tag, v in values.items() if not _same(self.logged.get((t, tag), math.nan), v)
+                    or (t, tag) not in self.logged}
+            if rest:
+                self.sink.scalars(t, rest)
         export(ds, self.sink, steps=[], figures=True, config=False)
 
 
