@@ -130,3 +130,24 @@ def test_hf_callback_hands_the_wrappers_grad_scaler_to_the_recorder(tmp_path: Pa
         assert callback.recorder is not None
         assert callback.recorder.optimizer is opt and callback.recorder.grad_scaler is expected
         callback.on_train_end(args, None, None)
+
+
+def test_hf_callback_starts_the_follower_with_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``TrajscopeCallback(..., follow={...})`` hands its options to ``Recorder.follow`` once the recorder
+    is open, and keeps the process it started (the follower itself: ``tests/recorders/test_follower.py``)."""
+    from trajscope.recorders import Recorder
+    from trajscope.recorders.hf import TrajscopeCallback
+
+    calls: list[tuple[bool, dict[str, Any]]] = []
+
+    def follow(self: Recorder, **options: Any) -> str:
+        calls.append((self._open, options))
+        return "the follower"
+
+    monkeypatch.setattr(Recorder, "follow", follow)
+    x, y = dataset()
+    callback = TrajscopeCallback(tmp_path / "run", objective=make_hf_objective, follow={"device": "cpu", "poll": 1})
+    transformers.Trainer(model=TinyHF(), args=_args(tmp_path, max_steps=2),
+                         train_dataset=Rows([{"x": x[i], "labels": y[i]} for i in range(16)]),
+                         callbacks=[callback]).train()
+    assert calls == [(True, {"device": "cpu", "poll": 1})] and callback.follower == "the follower"
