@@ -51,10 +51,8 @@ def _check_scheduler(ctx: click.Context, param: click.Parameter, value: str) -> 
     try:
         check_scheduler(value)
     except AnalysisError:
-        raise click.BadParameter(
-            f"{value!r}: expected synchronous, threads, processes or a dask.distributed address such "
-            "as tcp://host:8786"
-        ) from None
+        raise click.BadParameter(f"{value!r}: expected synchronous, threads, processes or a dask.distributed "
+                                 "address such as tcp://host:8786") from None
     return value
 
 
@@ -139,12 +137,15 @@ def _check_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--to", "to", type=click.Choice(["tensorboard", "mlflow", "wandb"]),
               help="Also log the metrics to this tracker, at TARGET (tensorboard: a log directory; mlflow: "
                    "a tracking URI; wandb: a project); with --follow, as the pairs arrive.")
+@click.option("--prune", is_flag=True, help="Remove each step's snapshot once every pair that reads it is "
+              "analyzed (keeps step 0, the reference point and the final state; safetensors runs only).")
+@click.option("--keep", metavar="STEPS", help="With --prune: also keep these steps (START:STOP[:STRIDE]).")
 @click.argument("target", required=False)
 def analyze(run_dir: str, objective: str | None, points: int, margin: float, device: str,
             dtype: str, scheduler: str, workers: int | None, steps: str | None,
             metric_names: str | None, derivatives: str, max_memory: int | None, sharpness: bool,
             reference: int | None, force: bool, out: str | None, quiet: bool, follow: bool, poll: float,
-            to: str | None, target: str | None) -> None:
+            to: str | None, prune: bool, keep: str | None, target: str | None) -> None:
     """Re-evaluate the loss along each recorded step and compute every metric.
 
     Writes RUN_DIR/analysis/metrics.nc (or DIR/metrics.nc with --out DIR); open it with
@@ -176,7 +177,7 @@ def analyze(run_dir: str, objective: str | None, points: int, margin: float, dev
         click.echo(f"trajscope: {line}", err=True)
 
     ds = analyze_to(run, objective, kw, follow=follow, poll=poll, to=to, target=target,
-                    echo=None if quiet else echo, notify=echo)
+                    echo=None if quiet else echo, notify=echo, prune=prune, keep=keep)
     if not quiet and derivatives == "auto" and ds.attrs.get("derivatives", "forward") != "forward":
         path = "reverse mode" if ds.attrs["derivatives"] == "reverse" else "forward mode"
         click.echo(f"derivatives: {path} ({ds.attrs.get('derivatives_reason', '')})")

@@ -34,6 +34,9 @@ LOCK_FILE = ".lock"
 """Inside ``analysis/``: held by the one analysis that may write there."""
 REPORT_DIR = "report"
 """The default report directory of ``trajscope report RUN_DIR`` (figures and ``index.html``)."""
+PRUNED = "pruned.json"
+"""In the run directory: ``{"steps": [...]}``, the steps whose snapshot files ``analyze --prune``
+removed once every pair that reads them was analyzed (``trajscope.analysis.prune``)."""
 RECORDING_LOCK = ".recording.lock"
 """Held (``flock``, exclusive) by a live recorder from start to close: a command that rewrites a
 run tells a live recording from one whose recorder died before it could close the run

@@ -347,8 +347,10 @@ def _compute_pairs(job: Job, pairs: list[int], lost: dict[int, str], scheduler: 
                               stacklevel=3)
             done = _unchanged(job, done, pairs)
             ref_only = load_references(done, job.pairs_dir, pairs, job.ref_digest, job.reference_inputs)
-    todo = sorted([t for t in pairs if t not in done] + ref_only)
-    skipped = dict(lost)
+    gone = set(job.run.pruned_pairs)  # their snapshots were pruned: nothing to compute them from
+    skipped = dict(lost) | {t: f"a snapshot it reads was pruned ({fmt.PRUNED}) after an analysis under other "
+                            "settings" for t in pairs if t in gone and t not in done}
+    todo = sorted([t for t in pairs if t not in done and t not in gone] + [t for t in ref_only if t not in gone])
     bar = _Progress(len(pairs), len(pairs) - len(todo), sys.stderr.isatty() if progress is None else progress)
     try:
         if todo:
@@ -363,7 +365,7 @@ def _compute_pairs(job: Job, pairs: list[int], lost: dict[int, str], scheduler: 
 def _unchanged(job: Job, done: PairTable, pairs: list[int]) -> PairTable:
     """``done``, unless the objective no longer computes its first pair's ℓ(0) (a change its digest
     cannot see, e.g. a global constant): then an empty table, and one warning naming the change."""
-    first = next((t for t in pairs if t in done), None)
+    first = next((t for t in pairs if t in done and t in job.recorded), None)  # its snapshot on disk
     if first is None:
         return done
     objective = objective_for(job.objective, job.run.objective, run=job.run)

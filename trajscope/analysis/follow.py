@@ -76,7 +76,8 @@ def follow(analyze: Analyze, run: str | Path | Run, objective: Any, *, poll: flo
         r = open_run(path)  # the manifest is read before the snapshots are listed
         closed = r.status != fmt.STATUS_RECORDING
         gone = not closed and fmt.recorder_alive(path) is False
-        waiting = [t for t in select_steps(r.pairs, kwargs.get("steps")) if t not in seen]
+        waiting = [t for t in select_steps(sorted(set(r.pairs) | set(r.pruned_pairs)), kwargs.get("steps"))
+                   if t not in seen]
         batch = waiting[:ROUND_PAIRS]
         last = (closed or gone) and len(waiting) <= ROUND_PAIRS  # this round covers what is left
         if batch or last:  # the last round also adds the final state's reference parts

@@ -129,13 +129,16 @@ class Job:
         missing = steps - self._identities.keys()
         if missing:
             self._identities.update(self.run.identities(missing))
+        self._identities.update(dict.fromkeys(self.run.pruned & {s for t in pairs for s in (t - 1, t, t + 1)}))
 
     def inputs(self, t: int) -> dict[str, str | None]:
         """What pair ``t`` reads, as persisted with its results
         (:data:`trajscope.analysis.persist.Inputs`): the run's identity and, by role, the identity
         of each snapshot the pair task is given."""
         self.identify([t])
-        roles = {"x_t": t, "x_next": t + 1, "x_prev": self.previous(t), "x_0": self.init_step}
+        # x_{t-1} as when the pair was computed: a pruned one (no identity) is not held against it
+        prev = self.previous(t) if (t - 1) not in self.run.pruned else t - 1
+        roles = {"x_t": t, "x_next": t + 1, "x_prev": prev, "x_0": self.init_step}
         return {"run": self.run.identity,
                 **{role: self._identities[s] for role, s in roles.items() if s is not None}}
 

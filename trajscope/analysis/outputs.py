@@ -42,7 +42,7 @@ __all__ = ["analysis_dir", "check_read", "check_writable", "create_analysis_dir"
 
 PathLike = str | Path
 
-STORAGE_ENTRIES = (fmt.STEPS_DIR, fmt.HDF5_FILE, fmt.MANIFEST, fmt.SCALARS, fmt.RECORDING_LOCK,
+STORAGE_ENTRIES = (fmt.STEPS_DIR, fmt.HDF5_FILE, fmt.MANIFEST, fmt.SCALARS, fmt.RECORDING_LOCK, fmt.PRUNED,
                    f".{fmt.STEPS_DIR}.converting", f".{fmt.HDF5_FILE}.converting")
 """The entries of a run directory that hold what was recorded: no output goes into them."""
 

@@ -222,7 +222,7 @@ def pairs_to_analyze(r: Run, steps: str | slice | Iterable[int] | None) -> tuple
         RunFormatError: if every selected pair is lost.
         AnalysisError: if no pair is selected.
     """
-    pairs = select_steps(r.pairs, steps)
+    pairs = select_steps(sorted(set(r.pairs) | set(r.pruned_pairs)), steps)  # pruned: from persisted results
     lost_all = coverage.lost_pairs(r)
     lost = {t: lost_all[t] for t in select_steps(list(lost_all), steps)}
     if not pairs and lost:

@@ -85,25 +85,31 @@ def _plain(value: Any) -> Any:
 
 def analyze_to(run: Any, objective: Any, kw: dict[str, Any], *, follow: bool, poll: float, to: str | None,
                target: str | None, echo: Callable[[str], None] | None,
-               notify: Callable[[str], None] | None = None) -> xr.Dataset:
+               notify: Callable[[str], None] | None = None, prune: bool = False,
+               keep: str | None = None) -> xr.Dataset:
     """``trajscope analyze``'s work: the analysis (followed: round after round, one line per round
     to ``echo``, why it stopped early to ``notify``), logged to the tracker ``to`` at ``target``:
-    the pairs, the config and, at the end, the report's figures."""
+    the pairs, the config and, at the end, the report's figures; with ``prune``, the snapshots
+    whose pairs are analyzed removed after each round (:mod:`trajscope.analysis.prune`)."""
     from trajscope.analysis.driver import analyze
     from trajscope.analysis.follow import follow as follow_run
+    from trajscope.analysis.prune import pruner
 
-    sink = open_sink(to, target, Path(getattr(run, "path", run)).name) if to is not None else None
+    path = Path(getattr(run, "path", run))
+    sink = open_sink(to, target, path.name) if to is not None else None
+    pruned = pruner(path, kw.get("out"), keep, echo) if prune else None
     try:
         if follow:
-            on_pairs = Rounds(sink, echo)
-            ds = follow_run(analyze, run, objective, poll=poll, notify=notify, on_pairs=on_pairs,
+            rounds = Rounds(sink, echo, after=pruned)
+            ds = follow_run(analyze, run, objective, poll=poll, notify=notify, on_pairs=rounds,
                             **{**kw, "progress": False})
-            on_pairs.finish(ds)
-        elif sink is not None:
-            ds = analyze(run, objective, **kw)
-            export(ds, sink, figures=True)
+            rounds.finish(ds)
         else:
             ds = analyze(run, objective, **kw)
+            if sink is not None:
+                export(ds, sink, figures=True)
+        if pruned is not None:
+            pruned(ds)
     finally:
         if sink is not None:
             sink.close()
@@ -119,8 +125,9 @@ class Rounds:
     value undefined at its pair stays NaN), and logs again a value a later round changed: so each
     tracker gets every value at least once, and once only in the usual case."""
 
-    def __init__(self, sink: Sink | None, echo: Callable[[str], None] | None) -> None:
-        self.sink, self.echo = sink, echo
+    def __init__(self, sink: Sink | None, echo: Callable[[str], None] | None,
+                 after: Callable[[xr.Dataset], None] | None = None) -> None:
+        self.sink, self.echo, self.after = sink, echo, after
         self.logged: dict[tuple[int, str], float] = {}
         self.pairs = 0
 
@@ -136,6 +143,8 @@ class Rounds:
         if self.echo is not None:
             span = f"{new[0]}" if len(new) == 1 else f"{new[0]}-{new[-1]}"
             self.echo(f"pairs {span} analyzed ({self.pairs} so far)")
+        if self.after is not None:  # pruning: once this round's pairs are persisted
+            self.after(ds)
 
     def finish(self, ds: xr.Dataset) -> None:
         """Log the values not logged yet, or changed since, then the figures."""

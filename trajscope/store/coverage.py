@@ -39,7 +39,7 @@ def missing_steps(run: Run) -> list[int]:
     elif run.status != fmt.STATUS_COMPLETE:
         last = max(have, default=-1)
         expected = {s for s in expected if s <= last}
-    return sorted(expected - have)
+    return sorted(expected - have - run.pruned)  # pruned after their pairs were analyzed: not lost
 
 
 def _scheduled_neighbours(run: Run, have: set[int]) -> set[int]:

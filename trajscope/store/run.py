@@ -95,6 +95,34 @@ class Run:
         return [t for t in self.steps if t + 1 in have and t != fs]
 
     @cached_property
+    def pruned(self) -> frozenset[int]:
+        """Steps whose snapshot file ``analyze --prune`` removed after every pair reading it was
+        analyzed (``pruned.json``) and that are not on disk: their pairs exist only as persisted
+        results.
+
+        Raises:
+            RunFormatError: ``pruned.json`` is not ``{"steps": [non-negative ints]}``.
+        """
+        path = self.path / fmt.PRUNED
+        if not path.exists() and not path.is_symlink():
+            return frozenset()
+        raw = fmt.read_bounded(path, fmt.MAX_MANIFEST_BYTES, "pruned-steps list")
+        try:
+            steps = json.loads(raw.decode("utf-8")).get("steps")
+        except (ValueError, AttributeError, RecursionError):
+            steps = None
+        if not isinstance(steps, list) or not all(is_nonneg_int(s) for s in steps):
+            raise RunFormatError(f'{path}: expected {{"steps": [step, ...]}}')
+        return frozenset(steps) - set(self.steps)
+
+    @property
+    def pruned_pairs(self) -> list[int]:
+        """Start steps of the pairs that read a pruned snapshot (:attr:`pruned`)."""
+        gone = self.pruned
+        have, fs = set(self.steps) | gone, self.final_step
+        return sorted(t for t in have if t + 1 in have and t != fs and (t in gone or t + 1 in gone))
+
+    @cached_property
     def scalars(self) -> list[dict[str, Any]]:
         """The lines of ``scalars.jsonl`` (every optimizer step, recorded or not).
 
@@ -198,7 +226,8 @@ class Run:
         lines += [
             f"steps      {m.get('num_steps')} optimizer steps, {len(self.steps)} snapshots "
             f"({step_ranges(self.steps)}), {n_disk / 1e6:.1f} MB",
-            f"pairs      {len(self.pairs)} analyzable (t, t+1)",
+            f"pairs      {len(self.pairs)} analyzable (t, t+1)"
+            + (f", {len(self.pruned_pairs)} analyzed and pruned ({fmt.PRUNED})" if self.pruned else ""),
             f"final      {self.final_step if self.final_step is not None else '(none: run incomplete)'}",
         ]
         rows, bad = self._scalars_lenient()
