@@ -2,8 +2,9 @@
 
 The follower is ``trajscope analyze RUN --follow`` in a process of its own, never a thread of the
 training process: it imports the objective, builds its own model and evaluates on the device it is
-given, so training's device, memory and RNG streams are untouched. It runs at a lower CPU priority
-(``nice``) with one torch thread by default (``threads``), and stops by itself once the recorder
+given, so training's device, memory and RNG streams are untouched. It runs at the lowest CPU priority
+(Linux ``SCHED_IDLE``: only on CPU time training leaves idle; elsewhere ``nice``) with one torch
+thread by default (``threads``), and stops by itself once the recorder
 closes the run, or once the training process is gone (its recording lock is released with it).
 It outlives the training script: the pairs still queued are analyzed after training ends. Its
 one-line messages (errors, why it stopped early) go to training's stderr; ``log`` sends them, and a
@@ -22,16 +23,18 @@ from trajscope.errors import RecorderError
 __all__ = ["NICE", "follower_command", "start_follower"]
 
 NICE = 10
-"""Added to the follower's niceness: on a machine whose cores training keeps busy, the scheduler
-gives the follower what training leaves."""
+"""Added to the follower's niceness (0: neither niceness nor ``SCHED_IDLE``, the follower competes
+with training as an equal)."""
 
 
 def follower_command(run_dir: Path, *, device: str = "cpu", poll: float = 2.0, objective: str | None = None,
                      to: str | None = None, target: str | Path | None = None, quiet: bool = True,
                      nice: int = NICE) -> list[str]:
     """The command line of the follower process (see :func:`start_follower`)."""
-    boot = f"import os; os.nice({int(nice)}); from trajscope.cli import main; main()" if nice else \
-        "from trajscope.cli import main; main()"
+    # SCHED_IDLE (Linux): the follower runs only on CPU time nothing else wants; elsewhere, niceness.
+    idle = "hasattr(os, 'SCHED_IDLE') and os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)); "
+    lower = f"import os; os.nice({int(nice)}); {idle}" if nice else ""
+    boot = lower + "from trajscope.cli import main; main()"
     cmd = [sys.executable, "-c", boot, "analyze", str(run_dir), "--follow", "--poll", repr(float(poll)),
            "--device", device]
     if objective is not None:
@@ -56,7 +59,7 @@ def start_follower(run_dir: Path, *, device: str = "cpu", poll: float = 2.0, obj
         objective: ``module:function`` when the run records none the follower can import.
         to, target: a tracker and its target (``"tensorboard"``, a log directory), logged as pairs arrive.
         log: a file for the follower's output (default: training's stderr, errors only).
-        nice: added to the follower's CPU niceness.
+        nice: added to the follower's CPU niceness; with ``SCHED_IDLE`` where Linux has it (0: neither).
         threads: torch's intra-op threads in the follower (None: torch's default, every core): one
             leaves training's cores to training.
     """
