@@ -3,7 +3,6 @@ logging the metrics to a tracker (trajscope.report.export, ``--to tensorboard``)
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -13,41 +12,16 @@ import numpy as np
 import pytest
 
 import trajscope
+from support import live
 from support.problems import classifier_run, make_mlp
 from trajscope import runformat as fmt
 from trajscope.errors import AnalysisError
 
-TESTS = Path(__file__).resolve().parents[1]
 STEPS = 30
-
-TRAIN = f"""
-import sys, time, torch
-from support.problems import ce_loss, classification_data, make_mlp, minibatches
-from trajscope.recorders import Recorder
-torch.manual_seed(0)
-model = make_mlp().model
-opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-X, Y = classification_data()
-batches = minibatches(X, Y, {STEPS}, 32, torch.Generator().manual_seed(1))
-with Recorder(sys.argv[1], model, opt, objective="support.problems:make_mlp") as rec:
-    for i in range({STEPS}):
-        x, y = next(batches)
-        opt.zero_grad()
-        loss = ce_loss(model, (x, y))
-        loss.backward()
-        rec.batch((x, y), loss=loss)
-        opt.step()
-        time.sleep(float(sys.argv[2]))
-"""
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-
 
 def _trajscope(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", "from trajscope.cli import main; main()", *args],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=live.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _scalars(logdir: Path) -> dict[str, dict[int, float]]:
@@ -79,8 +53,7 @@ def test_follow_analyzes_pairs_while_training_runs_and_ends_with_the_run(tmp_pat
     within seconds of its second snapshot; the follower exits 0 by itself once the run is closed;
     its Dataset equals a fresh analysis of the finished run, and TensorBoard reads the same values."""
     run, logdir = tmp_path / "run", tmp_path / "tb"
-    train = subprocess.Popen([sys.executable, "-c", TRAIN, str(run), "0.3"], env=_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    train = live.train(run, STEPS, 0.3)
     while not (run / fmt.MANIFEST).exists():  # the follower needs a run to follow
         assert train.poll() is None, train.communicate()
         time.sleep(0.05)

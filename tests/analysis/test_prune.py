@@ -5,7 +5,6 @@ run's analysis equals the unpruned run's."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -17,12 +16,11 @@ import numpy as np
 import pytest
 
 import trajscope
+from support import live
 from support.problems import classifier_run
 from trajscope import runformat as fmt
 from trajscope.analysis.prune import prunable, prune
 from trajscope.errors import AnalysisError, RunFormatError
-
-TESTS = Path(__file__).resolve().parents[1]
 
 
 def _readers(have: set[int], s: int, final: int | None) -> list[int]:
@@ -96,7 +94,7 @@ def test_a_pruning_follower_killed_at_random_never_removes_an_unanalyzed_step(tm
     follower completes, and its analysis equals an analysis of the unpruned run."""
     run = classifier_run(tmp_path / "run", steps=40, batch_size=8)
     copy = Path(shutil.copytree(run, tmp_path / "copy"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env = live.env()
     cmd = [sys.executable, "-c", "from trajscope.cli import main; main()", "analyze", str(run), "--follow",
            "--poll", "0.1", "--prune", "-q", "--derivatives", "reverse"]
     rng = random.Random(0)

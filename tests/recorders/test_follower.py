@@ -5,8 +5,6 @@ run is closed, having analyzed every pair."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,35 +12,12 @@ import pytest
 import torch
 
 import trajscope
+from support import live
 from support.recorder_objectives import mlp
 from trajscope import runformat as fmt
 from trajscope.errors import RecorderError
 from trajscope.recorders import Recorder
 from trajscope.recorders.follow import NICE, follower_command
-
-TESTS = Path(__file__).resolve().parents[1]
-
-TRAIN = """
-import os, sys, time, torch
-from support.problems import ce_loss, classification_data, make_mlp, minibatches
-from trajscope.recorders import Recorder
-torch.manual_seed(0)
-model = make_mlp().model
-opt = torch.optim.SGD(model.parameters(), lr=0.1)
-X, Y = classification_data()
-batches = minibatches(X, Y, 8, 32, torch.Generator().manual_seed(1))
-with Recorder(sys.argv[1], model, opt, objective="support.problems:make_mlp") as rec:
-    follower = rec.follow(log=sys.argv[2], poll=0.3)
-    print(follower.pid, flush=True)
-    for i in range(8):
-        x, y = next(batches)
-        opt.zero_grad()
-        loss = ce_loss(model, (x, y))
-        loss.backward()
-        rec.batch((x, y), loss=loss)
-        opt.step()
-        time.sleep(0.2)
-"""
 
 
 def _alive(pid: int) -> bool:
@@ -55,9 +30,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_rec_follow_analyzes_the_run_in_a_lower_priority_process_that_outlives_training(tmp_path: Path) -> None:
     run, log = tmp_path / "run", tmp_path / "follow.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    train = subprocess.Popen([sys.executable, "-c", TRAIN, str(run), str(log)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    train = live.train(run, 8, 0.2, log)
     assert train.stdout is not None
     pid = int(train.stdout.readline())
     assert pid not in (train.pid, os.getpid())
@@ -107,7 +80,7 @@ def test_lightning_callback_follows_the_run(tmp_path: Path, monkeypatch: pytest.
     from support.problems import classification_data
     from trajscope.recorders.lightning import TrajscopeCallback
 
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", live.env()["PYTHONPATH"])
     x, y = classification_data(64)
     callback = TrajscopeCallback(tmp_path / "run", objective=make_lit_classifier,
                                  follow={"log": tmp_path / "follow.log", "poll": 0.3})
