@@ -101,7 +101,7 @@ def test_a_pruning_follower_killed_at_random_never_removes_an_unanalyzed_step(tm
     pruned_at_kill = []
     for _ in range(20):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(1.5, 4.5))
+        time.sleep(rng.uniform(1.2, 3.2))
         proc.kill()
         proc.wait()
         assert_nothing_unanalyzed_removed(run)
