@@ -315,7 +315,7 @@ def _check_pair_floor(budget: int, obj: Objective, snap: Snapshot, settings: Pro
     (:func:`trajscope.probe.memory.pair_floor`), sized from the first readable snapshot."""
     def nbytes(tree: Any) -> int:
         sizes: list[int] = []
-        tree_map(lambda t: sizes.append(t.numel() * t.element_size()), tree, leaf=torch.Tensor)
+        tree_map(lambda t: sizes.append(t.nbytes), tree, leaf=torch.Tensor)
         return sum(sizes)
 
     model = nbytes(dict(obj.model.named_parameters()))

@@ -117,30 +117,31 @@ class Job:
         """x_{t−1} of pair t, when it is a recorded step (the final state is not one)."""
         return t - 1 if (t - 1) in self.recorded and self.run.kind(t - 1) == KIND_STEP else None
 
+    def roles(self, t: int) -> dict[str, int]:
+        """The snapshots pair ``t`` reads, by role: x_t, x_{t+1}, and x_{t−1} and x_0 when recorded.
+        A pruned x_{t−1} keeps its role (with no identity): the pair was computed with it."""
+        prev = t - 1 if (t - 1) in self.run.pruned else self.previous(t)
+        roles = {"x_t": t, "x_next": t + 1, "x_prev": prev, "x_0": self.init_step}
+        return {role: s for role, s in roles.items() if s is not None}
+
     def identify(self, pairs: Iterable[int]) -> None:
-        """Take the identity of every snapshot the pairs starting at ``pairs`` read (their x_t,
-        x_{t+1}, x_{t−1} and x_0) and not taken yet, in one pass over the storage
-        (:meth:`~trajscope.store.run.Run.identities`).
+        """Take the identity of every snapshot the pairs starting at ``pairs`` read (:meth:`roles`)
+        and not taken yet, in one pass over the storage (:meth:`~trajscope.store.run.Run.identities`;
+        None for one not on disk).
 
         Taken before the pairs' snapshots are read: a snapshot replaced in between is read anew
         but recorded under its old identity, so the next analysis recomputes its pairs (the
         other way round, a pair would be reused with data it was not computed from)."""
-        steps = {s for t in pairs for s in (t, t + 1, self.previous(t), self.init_step) if s is not None}
-        missing = steps - self._identities.keys()
+        missing = {s for t in pairs for s in self.roles(t).values()} - self._identities.keys()
         if missing:
             self._identities.update(self.run.identities(missing))
-        self._identities.update(dict.fromkeys(self.run.pruned & {s for t in pairs for s in (t - 1, t, t + 1)}))
 
     def inputs(self, t: int) -> dict[str, str | None]:
         """What pair ``t`` reads, as persisted with its results
         (:data:`trajscope.analysis.persist.Inputs`): the run's identity and, by role, the identity
         of each snapshot the pair task is given."""
         self.identify([t])
-        # x_{t-1} as when the pair was computed: a pruned one (no identity) is not held against it
-        prev = self.previous(t) if (t - 1) not in self.run.pruned else t - 1
-        roles = {"x_t": t, "x_next": t + 1, "x_prev": prev, "x_0": self.init_step}
-        return {"run": self.run.identity,
-                **{role: self._identities[s] for role, s in roles.items() if s is not None}}
+        return {"run": self.run.identity, **{role: self._identities[s] for role, s in self.roles(t).items()}}
 
     def reference_inputs(self, t: int) -> dict[str, str | None]:
         """What the reference part of pair ``t`` reads besides x* (which its digest covers)."""

@@ -51,12 +51,14 @@ def prunable(r: Run, analyzed: Iterable[int], *, keep: Iterable[int] = (), refer
     last = max(have, default=-1)
     out = []
     for s in r.steps:
-        if s in kept or not (closed or s + 2 <= last):
-            continue
-        readers = [t for t in (s - 1, s, s + 1) if t in have and t + 1 in have and t != r.final_step]
-        if all(t in done for t in readers):
+        if s not in kept and (closed or s + 2 <= last) and _readers(s, have, r.final_step) <= done:
             out.append(s)
     return out
+
+
+def _readers(s: int, have: set[int], final: int | None) -> set[int]:
+    """The pairs (t, t+1) that read step s among the steps ``have``: t = s − 1, s, s + 1."""
+    return {t for t in (s - 1, s, s + 1) if t in have and t + 1 in have and t != final}
 
 
 def prune(r: Run, analyzed: Iterable[int], pairs_dir: Path, *, keep: Iterable[int] = (),
@@ -71,8 +73,7 @@ def prune(r: Run, analyzed: Iterable[int], pairs_dir: Path, *, keep: Iterable[in
     if not steps:
         return []
     have = set(r.steps) | r.pruned
-    readers = {t for s in steps for t in (s - 1, s, s + 1) if t in have and t + 1 in have}
-    for t in sorted(readers):
+    for t in sorted(set().union(*(_readers(s, have, r.final_step) for s in steps))):
         for path in (pair_path(pairs_dir, t), reference_path(pairs_dir, t)):
             _fsync(path)
     _fsync(pairs_dir)

@@ -155,18 +155,16 @@ _OWNED = False
 """Whether trajscope owns this process (:func:`own_process`): its peak-memory marks are ours to reset."""
 _ORIGINS: dict[str, int] = {}
 """Analysis id (``ProbeSettings.plan_id``) → bytes in use on its device when it began in this process."""
-_PROCESS_ORIGIN: dict[str, int] = {}
-"""Device → bytes in use when this process became a pool worker (:func:`own_process`)."""
+_PROCESS_ORIGIN: int | None = None
+"""Resident bytes when this process became trajscope's own (:func:`own_process`)."""
 
 
 def own_process() -> None:
     """Declare this process trajscope's own (the CLI's, or a pool worker's): :class:`PeakMeter` may
     reset its peak-memory marks, and what it holds now is where its analyses' memory starts."""
-    global _OWNED
+    global _OWNED, _PROCESS_ORIGIN
     _OWNED = True
-    used = in_use("cpu")
-    if used is not None:
-        _PROCESS_ORIGIN["cpu"] = used
+    _PROCESS_ORIGIN = in_use("cpu")
 
 
 def in_use(device: str) -> int | None:
@@ -193,9 +191,9 @@ def begin(analysis: str, device: str) -> None:
 def held(analysis: str, device: str) -> int:
     """Bytes this process holds on ``device`` above what it held when ``analysis`` began here (or
     when it became a pool worker); 0 where neither is known (a cluster's worker) or unreadable."""
-    origin = _ORIGINS.get(analysis, _PROCESS_ORIGIN.get("cpu" if not device.startswith("cuda") else device))
-    if origin is None and device.startswith("cuda"):
-        origin = 0  # a fresh process allocated nothing on the device before its tasks
+    origin = _ORIGINS.get(analysis)
+    if origin is None:  # a pool worker: a fresh process allocated nothing on a device before its tasks
+        origin = 0 if device.startswith("cuda") else _PROCESS_ORIGIN
     used = in_use(device)
     return max(0, used - origin) if used is not None and origin is not None else 0
 

@@ -151,8 +151,8 @@ class Rounds:
         if self.sink is None:
             return
         for t, values in pair_scalars(ds):
-            rest = {tag: v for tag, v in values.items() if not _same(self.logged.get((t, tag), math.nan), v)
-                    or (t, tag) not in self.logged}
+            rest = {tag: v for tag, v in values.items()
+                    if (t, tag) not in self.logged or not _same(self.logged[(t, tag)], v)}
             if rest:
                 self.sink.scalars(t, rest)
         export(ds, self.sink, steps=[], figures=True, config=False)
