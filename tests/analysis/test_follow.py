@@ -97,6 +97,39 @@ def test_follow_stops_when_the_recorder_is_gone(tmp_path: Path) -> None:
     assert len(said) == 1 and "the recorder is gone" in said[0] and "4 pair(s)" in said[0]
 
 
+def test_a_recorder_that_closes_between_the_followers_reads_is_not_taken_for_gone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recorder writes its closing manifest, then lets its lock go. A follower that read the
+    manifest ("recording") just before, and the lock (free) just after, must not conclude the
+    recorder is gone and end without the final state's reference values."""
+    import fcntl
+    import json
+
+    from trajscope.analysis import follow as following
+
+    run = classifier_run(tmp_path / "run", steps=4)
+    closed = (run / fmt.MANIFEST).read_text()
+    recording = {k: v for k, v in json.loads(closed).items() if k != "final_step"}
+    (run / fmt.MANIFEST).write_text(json.dumps({**recording, "status": fmt.STATUS_RECORDING}))
+    lock = open(run / fmt.RECORDING_LOCK, "rb")  # the recorder's lock, held
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    real, reads = following.open_run, []
+
+    def open_run(path: Path):  # type: ignore[no-untyped-def]
+        r = real(path)
+        if not reads:  # the recorder closes right after the follower's first read of the manifest
+            (run / fmt.MANIFEST).write_text(closed)
+            lock.close()
+        reads.append(r.status)
+        return r
+
+    monkeypatch.setattr(following, "open_run", open_run)
+    said: list[str] = []
+    ds = following.follow(trajscope.analyze, run, make_mlp, poll=0.1, notify=said.append, progress=False)
+    assert reads[0] == fmt.STATUS_RECORDING and not said
+    assert np.isfinite(ds["convexity_ratio_ref"].values).all()
+
+
 def test_follow_of_a_finished_run_is_one_analysis(tmp_path: Path) -> None:
     run = classifier_run(tmp_path / "run", steps=4)
     seen: list[list[int]] = []

@@ -3,10 +3,12 @@
 A follower analyzes each pair (t, t+1) as soon as both of its snapshots are complete, and keeps
 ``metrics.nc`` current. It works in rounds, ``poll`` seconds apart:
 
-1. read the manifest's status, *then* list the snapshots: a run seen closed has every snapshot it
-   will ever have on the list. A snapshot is listed only once complete, from what the recorder
-   writes last (a safetensors file once renamed into place; an HDF5 row once its ``index/step``
-   entry is written), never from a partial file;
+1. look at the recording lock, read the manifest's status, *then* list the snapshots: a run seen
+   closed has every snapshot it will ever have on the list, and a run seen recording after its lock
+   was seen free has lost its recorder (a recorder writes its closing manifest before it lets the
+   lock go, so one that closes between the reads is seen closed). A snapshot is listed only once
+   complete, from what the recorder writes last (a safetensors file once renamed into place; an
+   HDF5 row once its ``index/step`` entry is written), never from a partial file;
 2. when there is a pair not analyzed yet, analyze the pairs analyzed so far and at most
    :data:`ROUND_PAIRS` new ones, the earliest (:func:`~trajscope.analysis.driver.analyze`: the pairs
    persisted by earlier rounds are reused, the new ones computed, ``metrics.nc`` replaced
@@ -73,9 +75,13 @@ def follow(analyze: Analyze, run: str | Path | Run, objective: Any, *, poll: flo
     seen: set[int] = set()
     ds: xr.Dataset | None = None  # the last round's
     while True:
+        # The lock before the manifest: a recorder writes its closing manifest before it lets the lock
+        # go, so a lock seen free and a manifest still "recording" read after it mean a recorder that
+        # is gone, not one that closed between the two reads.
+        alive = fmt.recorder_alive(path)
         r = open_run(path)  # the manifest is read before the snapshots are listed
         closed = r.status != fmt.STATUS_RECORDING
-        gone = not closed and fmt.recorder_alive(path) is False
+        gone = not closed and alive is False
         waiting = [t for t in select_steps(sorted(set(r.pairs) | set(r.pruned_pairs)), kwargs.get("steps"))
                    if t not in seen]
         batch = waiting[:ROUND_PAIRS]
