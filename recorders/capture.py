@@ -18,8 +18,8 @@ import torch
 from trajscope import runformat as fmt
 from trajscope.errors import RecorderError
 from trajscope.recorders.arguments import compiled_module_type, nested_deeper
-from trajscope.recorders.forward import StepCapture
-from trajscope.recorders.hooks import grad_hooks
+from trajscope.recorders.forward import StepCapture, memory_formats
+from trajscope.recorders.sharded import Sharding, clean_name
 from trajscope.recorders.storage import dtype_name
 
 if TYPE_CHECKING:
@@ -38,9 +38,10 @@ __all__ = [
     "micro_weights",
     "step_micro_batches",
     "with_buffers",
+    "named_buffers",
     "optimizer_state_entries",
     "step_entries",
-    "PreclipNorms",
+    "snapshot_entries",
 ]
 
 
@@ -73,6 +74,8 @@ class Recording(Protocol):
     def grad_scaler(self) -> Any: ...
     @property
     def world_size(self) -> int: ...
+    @property
+    def sharding(self) -> Sharding | None: ...
     @property
     def compiled(self) -> bool: ...
     @property
@@ -158,7 +161,7 @@ class ParamIndex:
     @classmethod
     def of(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> ParamIndex:
         """Index ``model``'s parameters; every tensor the optimizer updates must be one of them."""
-        index = cls(list(model.named_parameters()), [], [], model=model)
+        index = cls([(clean_name(n), p) for n, p in model.named_parameters()], [], [], model=model)
         index.refresh(optimizer)
         index.initial = frozenset(n for n, _ in index.trainable)
         return index
@@ -212,7 +215,8 @@ class ParamIndex:
         """
         if self.model is None:
             return False
-        current = dict(self.model.named_parameters(remove_duplicate=False))  # a name tied to another tensor too
+        current = {clean_name(n): p for n, p in self.model.named_parameters(remove_duplicate=False)}  # a name
+        # tied to another tensor too
         changed = [(i, n, p) for i, (n, p) in enumerate(self.params) if current.get(n) is not p]
         if not changed:
             return False
@@ -252,10 +256,10 @@ class ParamIndex:
         Gradients are declared for the parameters trainable now; a gradient that appears later (a
         parameter unfrozen during training) is stored in the HDF5 blob. ``grads=False`` (a run that
         stores no gradients) declares no ``grad/`` tensor."""
-        out = [(fmt.PARAM + n, dtype_name(p.dtype), tuple(p.shape)) for n, p in self.params]
+        out = [(fmt.PARAM + n, dtype_name(p.dtype), tuple(p.shape)) for n, p in self.params]  # HDF5: whole
         if grads:
             out += [(fmt.GRAD + n, dtype_name(p.dtype), tuple(p.shape)) for n, p in self.trainable]
-        out += [(fmt.BUFFER + n, dtype_name(b.dtype), tuple(b.shape)) for n, b in model.named_buffers()]
+        out += [(fmt.BUFFER + n, dtype_name(b.dtype), tuple(b.shape)) for n, b in named_buffers(model)]
         return out
 
 
@@ -283,7 +287,12 @@ def with_buffers(tensors: Entries, model: torch.nn.Module) -> Entries:
     """``tensors`` and ``buffer/<name>`` of every buffer of ``model`` not among them: buffers not
     captured at the forward pass are stored as they are now."""
     keys = {k for k, _ in tensors}
-    return tensors + [(fmt.BUFFER + n, b) for n, b in model.named_buffers() if fmt.BUFFER + n not in keys]
+    return tensors + [(fmt.BUFFER + n, b) for n, b in named_buffers(model) if fmt.BUFFER + n not in keys]
+
+
+def named_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``model``'s buffers by the plain model's names (:func:`~trajscope.recorders.sharded.clean_name`)."""
+    return [(clean_name(n), b) for n, b in model.named_buffers()]
 
 
 def micro_entry(rec: Recording, batch: Any, loss: torch.Tensor | float | None, weight: float | None) -> dict[str, Any]:
@@ -381,14 +390,15 @@ def optimizer_state_entries(optimizer: torch.optim.Optimizer, trainable: list[tu
 
 
 def step_entries(rec: Recording, step: int, micro: list[dict[str, Any]], meta: dict[str, Any], *,
-                 trainable: list[tuple[str, torch.nn.Parameter]], preclip: PreclipNorms,
+                 trainable: list[tuple[str, torch.nn.Parameter]], clip: dict[str, Any],
                  forward: StepCapture) -> Entries:
     """A recorded step's entries besides x_t, in the order they are stored, and their fields of
-    ``meta``: g_t (only its names with ``rec.grads`` False) and the clip ``preclip`` measured,
+    ``meta``: g_t (only its names with ``rec.grads`` False) and the clip (``clip``, what
+    :meth:`~trajscope.recorders.preclip.PreclipNorms.measure` found),
     z_t (:func:`batch_entries`; a list of micro-batches whenever there are several or a weight is
     not 1), the forward state ``forward`` holds, and the optimizer state when ``rec`` stores it."""
     tensors = gradient_entries(trainable, step, meta, store=rec.grads)
-    preclip.measure(rec.grad_scaler, meta)
+    meta.update(clip)
     as_micro = stored_as_list(rec, [mb["weight"] for mb in micro])
     tensors += batch_entries(micro, as_micro, meta)
     if rec.batch_fn is not None:
@@ -399,99 +409,25 @@ def step_entries(rec: Recording, step: int, micro: list[dict[str, Any]], meta: d
     return tensors
 
 
-class PreclipNorms:
-    """The pre-clip gradient norm of a recorded step, and the clip the optimizer step saw.
-
-    Clipping (``clip_grad_norm_``, ``clip_grad_value_``) rescales ``p.grad`` in place after
-    backward and before ``optimizer.step()``, so the stored g_t is the clipped gradient while the
-    analyzer's replayed ∇f(x_t; z_t) is not. :meth:`on_grad` runs from each trainable parameter's
-    post-accumulate-grad hook (armed on recorded steps only) and keeps ‖∂f/∂p‖² as backward
-    completed it: with gradient accumulation each micro-batch's firing overwrites the last, so
-    the step sees the accumulated gradient. The squares stay float64 tensors on the parameter's
-    device; :meth:`measure` syncs with the host once per recorded step. The recorder arms the
-    hooks in a single process only: under data parallelism ``p.grad`` is averaged over the ranks
-    after its hook fired, so the two norms would not describe the same gradient.
-    """
-
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
-        self._params = [p for p in params if p.requires_grad]
-        self._sq: dict[int, torch.Tensor] = {}
-        self._handles: list[Any] = []
-
-    def arm(self, on: bool) -> None:
-        """Register the parameters' hooks (``on``, the coming step is recorded) or remove them."""
-        if on and not self._handles:
-            self._handles = grad_hooks(self.on_grad, self._params)
-        elif not on and self._handles:
-            for h in self._handles:
-                h.remove()
-            self._handles = []
-        self.clear()
-
-    def track(self, params: list[torch.nn.Parameter]) -> None:
-        """Measure ``params`` from now on (the trainable set changed); armed hooks move with them.
-
-        Norms already kept for this step stay: a change seen after backward loses nothing."""
-        params = [p for p in params if p.requires_grad]  # only those get a post-accumulate-grad hook
-        if [id(p) for p in params] == [id(p) for p in self._params]:
-            return
-        armed = bool(self._handles)
-        for h in self._handles:
-            h.remove()
-        self._params = params
-        self._handles = grad_hooks(self.on_grad, params) if armed else []
-
-    def on_grad(self, p: torch.Tensor) -> None:
-        """A post-accumulate-grad hook fired for ``p``: keep ‖p.grad‖² (float64, on its device)."""
-        if p.grad is not None and p.grad.layout == torch.strided:
-            self._sq[id(p)] = _sq_norm(p.grad)
-
-    def clear(self) -> None:
-        self._sq.clear()
-
-    def measure(self, grad_scaler: Any, meta: dict[str, Any]) -> None:
-        """Add the clip fields to ``meta`` when the consumed gradient is a rescaled pre-clip one.
-
-        With c = ‖g_consumed‖ / ‖g_preclip‖ over the parameters whose gradient both saw:
-        ``grad_norm_preclip`` (‖g_preclip‖), ``clip_factor`` (c) and ``clip_uniform`` (every
-        parameter's own ratio equals c within rounding, as ``clip_grad_norm_`` scales). Nothing is
-        added for a uniform c that is 1 within rounding, or an exact power of two: that is a
-        loss-scale unscale (AMP ``GradScaler``), not a clip. A non-uniform rescale is recorded
-        whatever its global c. The pre-clip norms are divided by
-        ``grad_scaler``'s scale S (the scale the backward's gradients carried; 1 without a scaler).
-        """
-        if not self._handles:
-            return
-        loss_scale = 1.0
-        if grad_scaler is not None and grad_scaler.is_enabled():
-            loss_scale = float(grad_scaler.get_scale())  # update() runs after step: S of this backward
-        pairs = [(p, self._sq[id(p)]) for p in self._params
-                 if p.grad is not None and p.grad.layout == torch.strided and id(p) in self._sq]
-        self.clear()
-        if not pairs:
-            return
-        dev = pairs[0][1].device
-        pre = torch.stack([s.to(dev) for _, s in pairs]) / (float(loss_scale) ** 2)
-        post = torch.stack([_sq_norm(p.grad).to(dev) for p, _ in pairs])  # type: ignore[arg-type]
-        pre_sum, post_sum = pre.sum(), post.sum()
-        c = torch.sqrt(post_sum / pre_sum)
-        # Per-parameter deviation of the ratio from c (relative); a parameter whose pre-clip
-        # gradient is 0 but whose consumed one is not was not rescaled at all: infinite.
-        ratio = torch.sqrt(post / torch.where(pre > 0, pre, torch.ones_like(pre)))
-        dev_i = torch.where(pre > 0, (ratio - c).abs() / c, torch.where(post > 0, torch.inf, 0.0))
-        pre_norm, factor, spread = torch.stack([pre_sum.sqrt(), c, dev_i.max()]).tolist()
-        eps = max(torch.finfo(p.grad.dtype).eps for p, _ in pairs)  # type: ignore[union-attr]
-        tol = 8 * eps  # the rescale rounds each element once: ratios agree to ~eps
-        if not (math.isfinite(factor) and factor > 0 and pre_norm > 0):
-            return
-        uniform = bool(spread <= tol)
-        if uniform and abs(math.log2(factor) - round(math.log2(factor))) <= tol:
-            return  # c = 1, or an exact power of two: a GradScaler's unscale, not a clip
-        meta["grad_norm_preclip"] = pre_norm
-        meta["clip_factor"] = factor
-        meta["clip_uniform"] = bool(uniform)
-
-
-def _sq_norm(g: torch.Tensor) -> torch.Tensor:
-    """‖g‖² in float64, on g's device."""
-    return torch.linalg.vector_norm(g.detach(), dtype=torch.float64).square()
+def snapshot_entries(rec: Recording, index: ParamIndex, step: int, kind: str, micro: list[dict[str, Any]] | None,
+                     clip: dict[str, Any] | None, forward: StepCapture) -> tuple[Entries, dict[str, Any]]:
+    """What the snapshot of ``step`` holds, entries and metadata: x_t, and for a recorded step
+    (``kind`` step) :func:`step_entries`, or, without ``micro`` (a sharded run's rank other than
+    0), g_t alone; the buffers; and under sharding this rank's pieces of them
+    (:meth:`Sharding.parts`)."""
+    tensors: Entries = [(fmt.PARAM + n, p) for n, p in index.params]
+    meta: dict[str, Any] = {"step": step, "kind": kind, "lr": [float(g["lr"]) for g in rec.optimizer.param_groups]}
+    if kind == fmt.KIND_STEP:
+        if (names := index.step_trainable()) is not None:
+            meta["trainable"] = names  # the step's own set differs from the manifest's
+        if micro is None:
+            tensors += gradient_entries(index.trainable, step, meta, store=rec.grads)
+        else:
+            tensors += step_entries(rec, step, micro, meta, trainable=index.trainable, clip=clip or {},
+                                    forward=forward)
+    tensors = with_buffers(tensors, rec.model)
+    if formats := memory_formats(tensors):  # stored contiguous: the analyzer restores the layout
+        meta["memory_formats"] = formats
+    if rec.sharding is not None:  # this rank's pieces, placed by an index
+        tensors, meta = rec.sharding.parts(tensors, rec.sharding.owners(index.params), meta)
+    return tensors, meta

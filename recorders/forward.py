@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from trajscope import runformat as fmt
+from trajscope.recorders.sharded import clean_name
 from trajscope.recorders.storage import dtype_name
 
 __all__ = [
@@ -142,7 +143,7 @@ def capture_forward(module: torch.nn.Module, *, buffers: bool = True,
             tensors[f"{fmt.RNG}cuda{i}"] = torch.cuda.get_rng_state(i)
     if buffers:
         for name, b in module.named_buffers():
-            tensors[fmt.BUFFER + name] = cpu_copy(b)
+            tensors[fmt.BUFFER + clean_name(name)] = cpu_copy(b)
     return ForwardState(tensors, module.training, autocast_state(module, autocast))
 
 

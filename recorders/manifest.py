@@ -22,7 +22,7 @@ from trajscope import runformat as fmt
 from trajscope._version import VERSION
 from trajscope.errors import RecorderError
 from trajscope.recorders.arguments import encode_indented
-from trajscope.recorders.capture import ParamIndex, Recording, jsonable
+from trajscope.recorders.capture import ParamIndex, Recording, jsonable, named_buffers
 from trajscope.recorders.rundir import RunLock
 from trajscope.recorders.storage import dtype_name
 
@@ -83,8 +83,9 @@ def build_manifest(rec: Recording, index: ParamIndex, *, status: str, error: str
         groups.append({"params": names, **hyper})
     trainable = index.initial  # a step whose trainable set differs records its own
     optimizer_class = type(rec.optimizer)
+    sharding = rec.sharding
     return {
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": fmt.FORMAT_VERSION if sharding is None else fmt.SHARDED_FORMAT_VERSION,
         "trajscope_version": VERSION,
         "created": rec.created,
         "libraries": library_versions(rec.format),
@@ -96,16 +97,18 @@ def build_manifest(rec: Recording, index: ParamIndex, *, status: str, error: str
         "batch_fn": rec.batch_fn,
         "optimizer_state": rec.optimizer_state,
         "grads": rec.grads,
-        "distributed": {"world_size": rec.world_size, "writer_rank": 0},
+        "distributed": {"world_size": rec.world_size, "writer_rank": 0,
+                        **(sharding.manifest() if sharding is not None else {})},
         "compiled": rec.compiled,
         "params": [
-            {"name": n, "shape": list(p.shape), "dtype": dtype_name(p.dtype),
+            {"name": n, "shape": list(p.shape if sharding is None else sharding.global_shape(p)),
+             "dtype": dtype_name(p.dtype),
              "trainable": n in trainable}
             for n, p in index.params
         ],
         "buffers": [
             {"name": n, "shape": list(b.shape), "dtype": dtype_name(b.dtype)}
-            for n, b in rec.model.named_buffers()
+            for n, b in named_buffers(rec.model)
         ],
         "optimizer": {
             "class": f"{optimizer_class.__module__}.{optimizer_class.__qualname__}",

@@ -8,7 +8,7 @@ How it hooks in, and why it cannot change training:
   closure (LBFGS, PyTorch Lightning), the gradient only exists once the closure has run inside
   ``step``: the pre-hook then wraps the closure and captures right after its first call.
 * on recorded steps only, each trainable parameter's post-accumulate-grad hook measures the
-  gradient before clipping (:class:`~trajscope.recorders.capture.PreclipNorms`).
+  gradient before clipping (:class:`~trajscope.recorders.preclip.PreclipNorms`).
 * ``optimizer.register_step_post_hook`` fires after the update; it advances the step counter and
   appends the step's line to ``scalars.jsonl``.
 * a forward pre-hook on the model captures, for recorded steps only, the RNG state and the
@@ -37,27 +37,19 @@ import torch
 
 from trajscope import runformat as fmt
 from trajscope.errors import RecorderError
-from trajscope.recorders import arguments, distributed
+from trajscope.recorders import arguments, distributed, sharded
 from trajscope.recorders.backends import HDF5Writer, SafetensorsWriter
-from trajscope.recorders.capture import (
-    Entries,
-    ParamIndex,
-    PreclipNorms,
-    micro_entry,
-    step_entries,
-    step_micro_batches,
-    unwrap_model,
-    with_buffers,
-)
+from trajscope.recorders.capture import ParamIndex, micro_entry, snapshot_entries, step_micro_batches, unwrap_model
 from trajscope.recorders.follow import start_follower
-from trajscope.recorders.forward import StepCapture, capture_forward, memory_formats
+from trajscope.recorders.forward import StepCapture, capture_forward
 from trajscope.recorders.hooks import BoundHook, attach, detach, step_closure, with_capture_after_first_call
 from trajscope.recorders.manifest import build_manifest, objective_name, write_manifest
+from trajscope.recorders.preclip import PreclipNorms
 from trajscope.recorders.rundir import RunLock, open_writer, prepare_run_dir, release_lock
 from trajscope.recorders.scalars import ScalarsLog, step_line
 from trajscope.recorders.schedule import Schedule, as_schedule
 from trajscope.recorders.stats import RecorderStats
-from trajscope.recorders.storage import AsyncWriter, build_image
+from trajscope.recorders.storage import AsyncWriter
 
 __all__ = ["Recorder", "RecorderStats", "RecorderWarning", "objective_name"]
 
@@ -180,6 +172,7 @@ class Recorder:
         self._capture = StepCapture()
         self.grad_scaler = grad_scaler if grad_scaler is not None else arguments.wrapped_grad_scaler(wrapper)
         self._preclip = PreclipNorms([p for _, p in self._index.trainable])
+        self.sharding: sharded.Sharding | None = None  # FSDP: set by start()
         # Storage and hooks, set up by start(); storage only on the writing rank.
         self._scalars: ScalarsLog | None = None
         self._writer: AsyncWriter | None = None
@@ -238,7 +231,9 @@ class Recorder:
             return self
         if self._closed:
             raise RecorderError(f"{self.run_dir}: this Recorder was closed; create a new one")
-        if self.is_writer:
+        if self.world_size > 1:
+            self._start_distributed()
+        elif self.is_writer:
             self._open_storage()
         opt, model = self.optimizer, self.model  # BoundHooks: both stay copyable and picklable
         self._handles = attach(self, [
@@ -250,15 +245,25 @@ class Recorder:
         self._arm_grad_hooks()
         return self
 
+    def _start_distributed(self) -> None:
+        """Every rank: the layout (FSDP, or refused), the run opened by rank 0, then the other
+        writers' part writers (:func:`.sharded.layout`, :func:`.sharded.open_ranks`: collectives)."""
+        self.sharding = sharded.layout(self.model, self._index.params, self.format, self.optimizer_state)
+        sharded.open_ranks(self.sharding, self._open_storage, self.run_dir)
+
     def _open_storage(self) -> None:
-        self._lock = prepare_run_dir(self.run_dir, self.format, overwrite=self._overwrite)
+        """The run directory, its manifest and scalars (rank 0), and this rank's snapshot writer."""
+        if self.is_writer:
+            self._lock = prepare_run_dir(self.run_dir, self.format, overwrite=self._overwrite)
         try:
             self._write_manifest()
-            self._scalars = ScalarsLog(self.run_dir / fmt.SCALARS, self._fail)
+            if self.is_writer:
+                self._scalars = ScalarsLog(self.run_dir / fmt.SCALARS, self._fail)
             pin = torch.cuda.is_available() and any(p.is_cuda for _, p in self._index.params)
             self._store, self._writer = open_writer(
                 self.run_dir, self.format, self._index.declared(self.model, self.grads), direct_io=self.direct_io,
-                slots=self.max_pending if self.async_write else 1, pin=pin, threaded=self.async_write)
+                slots=self.max_pending if self.async_write else 1, pin=pin, threaded=self.async_write,
+                sharding=self.sharding)
         except BaseException:  # a failed start leaves the run to the next recorder
             release_lock(self._lock)
             raise
@@ -279,20 +284,20 @@ class Recorder:
         self._open = False
         self._arm_grad_hooks()
         self._closed = True
-        if not self.is_writer:
+        if self._writer is None:  # a rank that writes nothing (data parallel, an FSDP replica)
             return
         pending: BaseException | None = None
         try:
             if not self._failed:
-                if self._micro:
+                if self._micro and self.is_writer:
                     # rec.batch was called but no step followed (the loop broke out, or AMP
                     # skipped the very last step): keep the line so scalars.jsonl stays complete.
                     self._write_scalars(skipped=True)
                 self._index.refresh(self.optimizer, self.step)  # the final manifest's param groups
                 if not crashed:
                     self._submit(self.step, fmt.KIND_FINAL)
-                assert self._scalars is not None
-                self._scalars.flush_deferred(force=True)
+                if self._scalars is not None:
+                    self._scalars.flush_deferred(force=True)
         except RecorderError as exc:
             pending = exc
         finally:
@@ -436,8 +441,10 @@ class Recorder:
             self._preclip.track([p for _, p in self._index.trainable])
 
     def _arm_grad_hooks(self) -> None:
-        """Arm the pre-clip hooks for a recorded step of a single-process run (:class:`PreclipNorms`)."""
-        self._preclip.arm(self._open and not self._failed and self.world_size == 1 and self.schedule(self.step))
+        """Arm the pre-clip hooks for a recorded step (:class:`PreclipNorms`) of a single process, or
+        of FSDP2, whose hooks see the sharded gradient as the optimizer will (summed over the ranks)."""
+        measured = self.world_size == 1 or self.sharding is not None and self.sharding.kind == "fsdp2"
+        self._preclip.arm(self._open and not self._failed and measured and self.schedule(self.step))
 
     # --- capturing --------------------------------------------------------------------------------
 
@@ -448,44 +455,28 @@ class Recorder:
                 "recorded step; call rec.batch(batch, loss=loss) before every optimizer.step()"
             )
         micro = step_micro_batches(self._micro, self.accumulation_reduction)
+        clip: dict[str, Any] = {}
+        self._preclip.measure(self.grad_scaler, clip, self.sharding)  # sharded: on every rank
         if self.world_size > 1:  # each rank's micro-batches travel to rank 0 with their RNG states
             gathered = distributed.gather_micro_batches(micro, self._capture.micro_rng(len(micro)))
-            if gathered is None:
-                return  # not the writer: its batches now travel with rank 0's snapshot
+            if gathered is None:  # not rank 0: its batches now travel with rank 0's snapshot
+                if self.sharding is not None and self.sharding.writes:
+                    self._submit(self.step, fmt.KIND_STEP)  # its part: pieces of x_t and g_t
+                return
             micro, rngs = gathered
             self._capture.adopt_gathered(rngs)
-        self._submit(self.step, fmt.KIND_STEP, micro)
+        self._submit(self.step, fmt.KIND_STEP, micro, clip)
 
-    def _submit(self, step: int, kind: str, micro: list[dict[str, Any]] | None = None) -> None:
-        """Copy the snapshot of ``step`` into a free slot and queue it for writing."""
+    def _submit(self, step: int, kind: str, micro: list[dict[str, Any]] | None = None,
+                clip: dict[str, Any] | None = None) -> None:
+        """Copy the snapshot of ``step`` (a part of it, without ``micro`` on a rank other than 0 of a
+        sharded run) into a free slot and queue it for writing."""
         if self._failed or self._writer is None:
             return
-        tensors: Entries = [(fmt.PARAM + n, p) for n, p in self._index.params]
-        meta: dict[str, Any] = {"step": step, "kind": kind, "lr": self._lrs()}
         if kind == fmt.KIND_STEP:
-            assert micro is not None
-            self._refresh_trainable()
-            if (names := self._index.step_trainable()) is not None:
-                meta["trainable"] = names  # the step's own set differs from the manifest's
-            tensors += step_entries(self, step, micro, meta, trainable=self._index.trainable,
-                                    preclip=self._preclip, forward=self._capture)
-        tensors = with_buffers(tensors, self.model)
-        if formats := memory_formats(tensors):  # stored contiguous: the analyzer restores the layout
-            meta["memory_formats"] = formats
-        t0 = time.perf_counter()
-        slot = self._writer.pool.acquire()  # blocks while max_pending snapshots wait: back-pressure
-        t1 = time.perf_counter()
-        try:
-            image = build_image(slot, step, kind, meta, tensors)
-        except BaseException:
-            self._writer.pool.release(slot)
-            raise
-        st = self._stats
-        st.wait_seconds += t1 - t0
-        st.copy_seconds += time.perf_counter() - t1
-        st.snapshots += 1
-        st.bytes += image.size
-        self._writer.submit(image)
+            self._refresh_trainable()  # a step's snapshot names its own trainable set when it changed
+        tensors, meta = snapshot_entries(self, self._index, step, kind, micro, clip, self._capture)
+        self._writer.copy_and_submit(step, kind, meta, tensors, self._stats)
 
     # --- scalars ------------------------------------------------------------------------------------
 
@@ -515,5 +506,7 @@ class Recorder:
                       "incomplete; the steps written before stay valid.", RecorderWarning, stacklevel=4)
 
     def _write_manifest(self) -> None:
+        if not self.is_writer:
+            return
         manifest = build_manifest(self, self._index, status=self._status, error=self._error)
         write_manifest(self.run_dir / fmt.MANIFEST, manifest, self._lock)

@@ -16,6 +16,7 @@ from trajscope import confine
 from trajscope import runformat as fmt
 from trajscope.errors import RecorderError, RunFormatError, one_line
 from trajscope.recorders.backends import HDF5Writer, SafetensorsWriter
+from trajscope.recorders.sharded import PartSync, Sharding
 from trajscope.recorders.storage import AsyncWriter, SlotPool
 
 __all__ = ["WRITTEN", "RunLock", "holding_run", "open_writer", "prepare_run_dir", "release_lock"]
@@ -272,6 +273,7 @@ def open_writer(
     pin: bool,
     threaded: bool,
     direct_io: bool | None,
+    sharding: Sharding | None = None,
 ) -> tuple[SafetensorsWriter | HDF5Writer, AsyncWriter]:
     """The store of ``storage`` in ``run_dir`` and the writer that feeds it from ``slots`` buffers.
 
@@ -282,6 +284,8 @@ def open_writer(
         threaded: write on a background thread.
         direct_io: write with ``O_DIRECT`` where the filesystem allows (:class:`SafetensorsWriter`,
             :class:`HDF5Writer`).
+        sharding: a sharded run's layout: this rank writes its part of each snapshot (rank 0 the
+            snapshot file, the others ``shards/``), completed by the writers' vote (:class:`PartSync`).
     """
     pool = SlotPool(slots, pin=pin)
     store: SafetensorsWriter | HDF5Writer
@@ -292,7 +296,15 @@ def open_writer(
         if store.image_align:  # it writes tensors straight from the slot: lay them out aligned
             pool.align_tensors(store.image_align)
         where: Callable[[int], str] = lambda s: str(run_dir / fmt.HDF5_FILE)  # noqa: E731
+    elif sharding is not None and sharding.rank != 0:
+        rank = sharding.rank
+        store = SafetensorsWriter(run_dir, direct_io=direct_io, steps_dir=run_dir / fmt.SHARDS_DIR,
+                                  name=lambda s: fmt.shard_filename(s, rank))
+        where = lambda s: str(run_dir / fmt.SHARDS_DIR / fmt.shard_filename(s, rank))  # noqa: E731
     else:
         store = SafetensorsWriter(run_dir, direct_io=direct_io)
         where = lambda s: str(run_dir / fmt.STEPS_DIR / fmt.step_filename(s))  # noqa: E731
-    return store, AsyncWriter(store.write, where, pool, threaded=threaded)
+    if sharding is None:
+        return store, AsyncWriter(store.write, where, pool, threaded=threaded)
+    sync = PartSync(sharding, store.write, where)
+    return store, AsyncWriter(sync.write, where, pool, threaded=threaded, after_error=sync.refuse)

@@ -280,13 +280,15 @@ class AsyncWriter:
 
     ``submit`` never copies: the image's slot is owned by the writer until written, then returned
     to the pool. After the first failure nothing more is written (later rows could not be trusted
-    to be consecutive with a broken file); submitted images are still released.
+    to be consecutive with a broken file); submitted images are still released, each handed to
+    ``after_error`` when given (a sharded run's writer keeps voting, :mod:`~trajscope.recorders.sharded`).
     """
 
     write: Callable[[StepImage], Path]
     where: Callable[[int], str]
     pool: SlotPool
     threaded: bool = True
+    after_error: Callable[[StepImage], None] | None = None
     error: WriteError | None = None
     written: int = 0
     bytes_written: int = 0
@@ -306,6 +308,25 @@ class AsyncWriter:
         else:
             self._write_one(image)
 
+    def copy_and_submit(self, step: int, kind: str, meta: dict[str, Any], tensors: Sequence[tuple[str, torch.Tensor]],
+                        stats: Any) -> None:
+        """Copy a snapshot into a free slot (:func:`build_image`; blocks while every slot waits to be
+        written: back-pressure) and queue it; the wait, the copy and the bytes are added to ``stats``
+        (a :class:`~trajscope.recorders.stats.RecorderStats`)."""
+        t0 = time.perf_counter()
+        slot = self.pool.acquire()
+        t1 = time.perf_counter()
+        try:
+            image = build_image(slot, step, kind, meta, tensors)
+        except BaseException:
+            self.pool.release(slot)
+            raise
+        stats.wait_seconds += t1 - t0
+        stats.copy_seconds += time.perf_counter() - t1
+        stats.snapshots += 1
+        stats.bytes += image.size
+        self.submit(image)
+
     def _write_one(self, image: StepImage) -> None:
         try:
             if self.error is None:
@@ -316,6 +337,8 @@ class AsyncWriter:
                 self.write_cpu_seconds += time.thread_time() - c0
                 self.written += 1
                 self.bytes_written += image.size
+            elif self.after_error is not None:
+                self.after_error(image)
         except BaseException as exc:  # noqa: BLE001 - kept and raised on the training thread
             self.error = WriteError(image.step, self.where(image.step), exc)
         finally:

@@ -20,7 +20,10 @@ from typing import IO, Any
 from trajscope.errors import RecorderError, RunFormatError
 
 FORMAT_VERSION = 2
-"""Version of the run-directory format written by this code (``format_version`` in the manifest)."""
+"""``format_version`` of a run whose snapshots are whole (written by one process each)."""
+SHARDED_FORMAT_VERSION = 3
+"""``format_version`` of a sharded run (FSDP: a snapshot in parts, the others in ``shards/``); readers
+implement it, writers write it only for a sharded run, so that older readers refuse only those."""
 
 MANIFEST = "trajscope.json"
 SCALARS = "scalars.jsonl"
@@ -37,6 +40,8 @@ REPORT_DIR = "report"
 PRUNED = "pruned.json"
 """In the run directory: ``{"steps": [...]}``, the steps whose snapshot files ``analyze --prune``
 removed once every pair that reads them was analyzed (``trajscope.analysis.prune``)."""
+SHARDS_DIR = "shards"
+"""In a sharded run: the parts of each snapshot that ranks other than 0 write (:func:`shard_filename`)."""
 RECORDING_LOCK = ".recording.lock"
 """Held (``flock``, exclusive) by a live recorder from start to close: a command that rewrites a
 run tells a live recording from one whose recorder died before it could close the run
@@ -76,8 +81,8 @@ MAX_NAME_CHARS = 1024  # parameter/buffer names, tensor keys
 MAX_BATCH_DEPTH = 64  # nesting of a stored batch tree
 MAX_METADATA_DEPTH = 64  # nesting of the manifest's user metadata: readers parse JSON recursively
 
-_STEP_FILE = re.compile(r"^step_(\d{8,})\.safetensors$")
-_STEP_NAME = re.compile(r"^step_(\d{8,})$")
+_STEP_FILE, _STEP_NAME = re.compile(r"^step_(\d{8,})\.safetensors$"), re.compile(r"^step_(\d{8,})$")
+_SHARD_FILE = re.compile(r"^step_(\d{8,})\.rank_(\d{5,})\.safetensors$")
 
 
 def step_filename(step: int) -> str:
@@ -89,6 +94,17 @@ def parse_step_filename(name: str) -> int | None:
     """The step number encoded in a snapshot file name, or None for any other file."""
     m = _STEP_FILE.match(name)
     return int(m.group(1)) if m else None
+
+
+def shard_filename(step: int, rank: int) -> str:
+    """File name, inside ``shards/``, of rank ``rank``'s part of the snapshot of ``step``."""
+    return f"step_{step:08d}.rank_{rank:05d}.safetensors"
+
+
+def parse_shard_filename(name: str) -> tuple[int, int] | None:
+    """(step, rank) of a :func:`shard_filename`, or None for any other file."""
+    m = _SHARD_FILE.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def step_name(step: int) -> str:
@@ -262,10 +278,8 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             (n,) = struct.unpack("<Q", head)
             size = os.fstat(fh.fileno()).st_size
             if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise RunFormatError(
-                    f"{path}: safetensors header claims {n} bytes but the file has {size} "
-                    f"(limit {MAX_HEADER_BYTES}); the file is truncated or corrupt"
-                )
+                raise RunFormatError(f"{path}: safetensors header claims {n} bytes but the file has {size} "
+                                     f"(limit {MAX_HEADER_BYTES}); the file is truncated or corrupt")
             raw = fh.read(n)
         except OSError as exc:
             raise RunFormatError(f"{path}: cannot read ({exc.strerror})") from exc
@@ -286,16 +300,11 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
 def check_safetensors_header(header: dict[str, Any], data_len: int, path: Path) -> None:
     """Check the structure of a parsed safetensors header against a data section of ``data_len``
     bytes: string metadata, and for each tensor a dtype, a shape of non-negative ints and a byte
-    range inside the data section.
-
-    Raises:
-        RunFormatError: naming the first entry that breaks the format.
-    """
+    range inside the data section. Raises :class:`RunFormatError` naming the first entry that breaks it."""
     for key, entry in header.items():
         if key == "__metadata__":
-            if not isinstance(entry, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in entry.items()
-            ):
+            if not isinstance(entry, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in entry.items()):
                 raise RunFormatError(f"{path}: safetensors '__metadata__' must map strings to strings")
             continue
         what = f"{path}: tensor {key[:200]!r}"
@@ -311,10 +320,8 @@ def check_safetensors_header(header: dict[str, Any], data_len: int, path: Path) 
                 or not all(_is_nonneg_int(o) for o in offsets) or offsets[0] > offsets[1]):
             raise RunFormatError(f"{what}: 'data_offsets' must be [begin, end] with 0 <= begin <= end")
         if offsets[1] > data_len:
-            raise RunFormatError(
-                f"{what} needs bytes {offsets[0]}..{offsets[1]} of the data section, which has "
-                f"only {data_len}: the file is truncated"
-            )
+            raise RunFormatError(f"{what} needs bytes {offsets[0]}..{offsets[1]} of the data section, "
+                                 f"which has only {data_len}: the file is truncated")
 
 
 def _is_nonneg_int(x: Any) -> bool:
@@ -372,11 +379,8 @@ def read_bounded(path: Path, limit: int, what: str = "file") -> bytes:
 
 
 def read_file_bytes(path: Path, what: str = "file") -> bytes:
-    """All bytes of regular file ``path`` (step files: their size is their data).
-
-    Raises:
-        RunFormatError: if the file is not a readable regular file.
-    """
+    """All bytes of regular file ``path`` (step files: their size is their data); raises
+    :class:`RunFormatError` if it is not a readable regular file."""
     with open_regular(path, what) as fh:
         try:
             return fh.read()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +38,9 @@ class SafetensorsWriter:
     """
 
     def __init__(self, run_dir: Path, *, direct_io: bool | None = None,
-                 steps_dir: Path | None = None) -> None:
+                 steps_dir: Path | None = None, name: Callable[[int], str] = fmt.step_filename) -> None:
         self.dir = steps_dir if steps_dir is not None else run_dir / fmt.STEPS_DIR
+        self._name = name  # the file of a step: a snapshot, or a rank's part (fmt.shard_filename)
         if self.dir.is_symlink():
             raise confine.link_error(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,7 @@ class SafetensorsWriter:
         self._direct = bool(getattr(os, "O_DIRECT", 0)) and direct_io is not False
 
     def path(self, step: int) -> Path:
-        return self.dir / fmt.step_filename(step)
+        return self.dir / self._name(step)
 
     def _at(self, name: str) -> str:
         """``name`` as the path argument that goes with ``dir_fd=self._dir_fd``."""
@@ -67,7 +69,7 @@ class SafetensorsWriter:
             return os.open(self._at(name), flags, 0o644, dir_fd=self._dir_fd)
 
     def write(self, image: StepImage) -> Path:
-        name = fmt.step_filename(image.step)
+        name = self._name(image.step)
         tmp = f".{name}.tmp-{os.getpid()}"
         data = image.view()
         d = self._dir_fd

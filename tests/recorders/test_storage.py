@@ -80,7 +80,7 @@ def test_back_pressure_bounds_pending_snapshots(tmp_path: Path, monkeypatch: pyt
         return out
 
     monkeypatch.setattr(SafetensorsWriter, "write", slow_write)
-    monkeypatch.setattr("trajscope.recorders.recorder.build_image", counting_build)
+    monkeypatch.setattr(storage_mod, "build_image", counting_build)
     t0 = time.perf_counter()
     train_sgd(tmp_path / "run", steps=8, recorder_kwargs={"max_pending": 2})
     elapsed = time.perf_counter() - t0
