@@ -80,7 +80,8 @@ class PreclipNorms:
         whatever its global c. The pre-clip norms are divided by
         ``grad_scaler``'s scale S (the scale the backward's gradients carried; 1 without a scaler).
         Under sharding (``share``; collective, every rank calls it) the squares of the local shards
-        are summed over the ranks, so the norms are the whole gradient's.
+        are summed over the ranks (:meth:`Sharding.counts` says which pieces count), so the norms
+        are the whole gradient's.
         """
         if not self._handles:
             return
@@ -98,17 +99,22 @@ class PreclipNorms:
             float(loss_scale) ** 2)
         post = torch.stack([_sq_norm(p.grad).to(dev) for p, _ in pairs]  # type: ignore[arg-type]
                            or [torch.zeros((), dtype=torch.float64)])
-        sums = torch.stack([pre.sum(), post.sum()])
-        if share is not None:
-            sums = share.reduce(sums, "sum")
-        pre_sum, post_sum = sums[0], sums[1]
-        c = torch.sqrt(post_sum / pre_sum)
         # Per-parameter deviation of the ratio from c (relative); a parameter whose pre-clip
         # gradient is 0 but whose consumed one is not was not rescaled at all: infinite.
         ratio = torch.sqrt(post / torch.where(pre > 0, pre, torch.ones_like(pre)))
-        dev_i = torch.where(pre > 0, (ratio - c).abs() / c, torch.where(post > 0, torch.inf, 0.0)).max()
-        if share is not None:
-            dev_i = share.reduce(dev_i.reshape(1), "max")[0]
+        if share is None:
+            pre_sum, post_sum = pre.sum(), post.sum()
+            c = torch.sqrt(post_sum / pre_sum)
+            dev_i = torch.where(pre > 0, (ratio - c).abs() / c, torch.where(post > 0, torch.inf, 0.0)).max()
+        else:  # one collective: every rank's sums and extreme ratios; max |ratio - c| is at one of those
+            inf = torch.tensor(torch.inf, dtype=torch.float64, device=dev)
+            every = share.gather(torch.stack([
+                pre.sum(), post.sum(), torch.where(pre > 0, ratio, -inf).max(),
+                torch.where(pre > 0, -ratio, -inf).max(), ((pre == 0) & (post > 0)).any().to(torch.float64)]))
+            pre_sum, post_sum = every[:, 0].sum(), every[:, 1].sum()
+            c = torch.sqrt(post_sum / pre_sum)
+            top, low = every[:, 2].max(), -every[:, 3].max()
+            dev_i = torch.where(every[:, 4].max() > 0, inf, torch.maximum(top - c, c - low).clamp(min=0) / c)
         pre_norm, factor, spread = torch.stack([pre_sum.sqrt(), c, dev_i]).tolist()
         eps = max([torch.finfo(p.grad.dtype).eps for p, _ in pairs]  # type: ignore[union-attr]
                   or [torch.finfo(torch.float32).eps])

@@ -312,6 +312,8 @@ class Recorder:
         """Stop the writer, close the files and write the final manifest; the error to raise."""
         assert self._writer is not None and self._store is not None
         self._writer.close()
+        if self.sharding is not None:
+            self.sharding.disconnect()
         try:
             self._store.close()
         except Exception as exc:  # noqa: BLE001 - reported like any write failure

@@ -104,6 +104,14 @@ class Sharding:
         """Collective on the default group (every rank, in the same order): the writers' group."""
         self.group = torch.distributed.new_group(self.writers, backend="gloo", timeout=VOTE_TIMEOUT)
 
+    def disconnect(self) -> None:
+        """Destroy the writers' group once this rank's writer thread is done with it, rather than
+        leave it to the default group's teardown, which can abort a process whose gloo threads
+        still hold the group."""
+        group, self.group = self.group, None
+        if group is not None and self.writes and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group(group)
+
     def parts(self, tensors: Entries, owners: dict[str, torch.Tensor], meta: dict[str, Any]
               ) -> tuple[Entries, dict[str, Any]]:
         """The entries and metadata this rank writes for a snapshot of ``tensors`` (with ``meta``).
@@ -145,12 +153,13 @@ class Sharding:
             return t.reshape(-1), {"shape": list(self.shapes[id(owner)]), "flat": self.flat.get(id(owner), 0)}
         return None
 
-    def reduce(self, values: torch.Tensor, how: str) -> torch.Tensor:
-        """``values`` (float64) summed (``how="sum"``) or maximized (``"max"``) over every rank; collective."""
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``values`` (a 1-D float64 tensor), stacked in rank order; collective."""
         dist = torch.distributed
-        t = values.detach().to(_device(), torch.float64).clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if how == "sum" else dist.ReduceOp.MAX)
-        return t.to(values.device)
+        mine = values.detach().to(_device(), torch.float64)
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine)
+        return torch.stack(every).to(values.device)
 
     def owners(self, params: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Key → parameter for the keys whose tensor is a piece of a parameter's shape: under FSDP1
