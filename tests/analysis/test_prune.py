@@ -129,3 +129,34 @@ def test_cli_prune_keeps_the_steps_asked_for_and_refuses_hdf5_at_once(tmp_path: 
     code, _, err = cli(["analyze", str(h5), "--prune"], capsys)
     assert code == 1 and err.count("\n") == 1 and "convert it first" in err
     assert not (h5 / fmt.ANALYSIS_DIR / fmt.METRICS_FILE).exists()  # refused before any work
+
+
+def test_pruning_a_sharded_run_removes_the_parts_after_their_step_file(tmp_path: Path) -> None:
+    """A pruned step's parts in shards/ go after its step file; parts a prune killed between the two
+    left (their step listed and gone) go at the next prune; the rest reads and analyzes as before."""
+    from support.sharded import shard_run
+    from trajscope.tools.validate import validate_run
+
+    run = shard_run(classifier_run(tmp_path / "run", steps=8))
+    copy = Path(shutil.copytree(run, tmp_path / "copy"))
+    # the same kernels in every analysis (one scheduler thread, α points by vmap): equal to the bit
+    ds = trajscope.analyze(run, progress=False, scheduler="synchronous", batched=True)
+    pairs_dir = run / fmt.ANALYSIS_DIR / fmt.PAIRS_DIR
+    analyzed = [int(t) for t in ds["step"].values]
+    assert prune(trajscope.open_run(run), analyzed, pairs_dir, keep=[3, 4, 5, 6, 7]) == [1, 2]
+
+    def parts() -> list[int]:
+        return sorted(fmt.parse_shard_filename(p.name)[0] for p in (run / fmt.SHARDS_DIR).iterdir())
+
+    assert parts() == [0, 3, 4, 5, 6, 7, 8]
+    left = run / fmt.SHARDS_DIR / fmt.shard_filename(2, 1)  # as a prune killed after step 2's step file left it
+    shutil.copyfile(run / fmt.SHARDS_DIR / fmt.shard_filename(3, 1), left)
+    assert prune(trajscope.open_run(run), analyzed, pairs_dir) == [3, 4, 5, 6, 7]
+    assert parts() == [0, 8] and not left.exists()
+    assert_nothing_unanalyzed_removed(run)
+    report = validate_run(run)
+    assert report.problems == [] and report.warnings == []
+    again = trajscope.analyze(run, progress=False, scheduler="synchronous", batched=True)
+    fresh = trajscope.analyze(copy, progress=False, scheduler="synchronous", batched=True)
+    for name in fresh.data_vars:
+        np.testing.assert_array_equal(again[name].values, fresh[name].values, err_msg=name)

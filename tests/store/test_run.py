@@ -1,4 +1,4 @@
-"""Reading a run directory (trajscope.store.run): an incomplete run.
+"""Reading a run directory (trajscope.store.run): an incomplete run; what `info` says of a sharded one.
 
 ``info``, ``validate``, ``analyze`` and ``summary`` say when a run is incomplete, in one line
 computed by ``Run.incomplete_note``: a run whose recorder is alive (it holds the recording lock), one
@@ -110,3 +110,18 @@ def test_complete_run_says_nothing(tmp_path: Path, capsys) -> None:
     assert open_run(run).incomplete_note() is None
     for stdout, err in _lines(run, capsys).values():
         assert "incomplete" not in stdout + err and err == ""
+
+
+def test_info_says_how_a_sharded_run_was_sharded(tmp_path: Path, capsys) -> None:
+    from support.sharded import shard_run
+
+    run = shard_run(quad_run(tmp_path / "run", steps=3))
+    code, out, _ = cli(["info", str(run)], capsys)
+    assert code == 0 and "sharded    fsdp2, parts from ranks 0, 1 of 2 (mesh 2)" in out.splitlines()
+    edit_manifest(run, lambda m: m["distributed"].update(
+        shard_ranks=[0, 2], world_size=4, mesh={"shape": [2, 2], "dim_names": ["replicate", "shard"]},
+        mixed_precision={"param_dtype": "bfloat16", "reduce_dtype": "float32"}))
+    assert ("sharded    fsdp2, parts from ranks 0, 2 of 4 (mesh 2x2: replicate, shard), mixed precision "
+            "param_dtype bfloat16, reduce_dtype float32") in open_run(run).describe().splitlines()
+    edit_manifest(run, lambda m: m.update(distributed={"world_size": 2, "writer_rank": 0}))  # DDP
+    assert not any(line.startswith("sharded") for line in open_run(run).describe().splitlines())

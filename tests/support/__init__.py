@@ -20,6 +20,8 @@ A test that starts a child interpreter itself puts ``tests/`` on the child's ``P
   ``rec.batch``, ``step``), for tests whose loop has nothing special.
 * :mod:`support.rundirs`: run directories for the reliability tests: a complete quadratic run,
   raw snapshot and manifest surgery, directory fingerprints, the CLI run in-process, ``no_hang``.
+* :mod:`support.sharded`: a recorded run rewritten by hand as an FSDP recording writes it (format
+  version 3: each snapshot in parts, by offset or flat slices), for the reader's reassembly.
 * :mod:`support.float64_reference`: a slow, independent float64 re-computation of every metric
   (not the analyzer's reference point x*, which is :mod:`trajscope.probe.reference_point`).
 """

@@ -16,6 +16,8 @@ import torch.nn as nn
 import trajscope
 from support.problems import make_quadratic
 from support.rundirs import cli, copy_run, edit_manifest, quad_run, rewrite_snapshot, step_file
+from support.sharded import shard_run
+from trajscope import runformat as fmt
 from trajscope.errors import DamagedRunWarning
 from trajscope.objective import Objective
 from trajscope.tools.validate import validate_run
@@ -301,3 +303,41 @@ def test_sigkilled_recorder_leaves_a_readable_run(tmp_path: Path, capsys) -> Non
     assert any("leftover temporary file" in w for w in report.warnings)
     ds = trajscope.analyze(run_dir, make_quadratic, dtype="float64", write=False, progress=False)
     assert list(ds.step.values) == list(range(n - 1)) and skipped(ds) == {}
+
+
+# --- sharded runs (format version 3) ----------------------------------------------------------------
+
+
+def test_files_of_shards_that_no_snapshot_reads_are_warnings(run_dir: Path, capsys) -> None:
+    """A part whose step file never came (a recording killed mid-step), a part its step file does not
+    list, a temporary file and any other file: each one warning that says what it is; no problem."""
+    shard_run(run_dir)
+    shards = run_dir / fmt.SHARDS_DIR
+    orphan = shards / fmt.shard_filename(11, 1)
+    shutil.copyfile(shards / fmt.shard_filename(10, 1), orphan)
+    unlisted = shards / fmt.shard_filename(4, 2)
+    shutil.copyfile(shards / fmt.shard_filename(4, 1), unlisted)
+    (shards / ".step_00000011.rank_00001.safetensors.tmp-99999").write_bytes(b"\x10")
+    (shards / "notes.txt").write_text("mine")
+    report = validate_run(run_dir)
+    assert report.problems == []
+    assert report.warnings == [
+        f"{shards / '.step_00000011.rank_00001.safetensors.tmp-99999'}: leftover temporary file of an interrupted "
+        "write (harmless; may be deleted)",
+        f"{shards / 'notes.txt'}: unexpected file (ignored)",
+        f"{unlisted}: part of rank 2, which {step_file(run_dir, 4)} does not list in 'shards' (ignored; may be "
+        "deleted)",
+        f"{orphan}: part of a snapshot that was never completed (rank 1, step 11): harmless, may be deleted"]
+    code, out, _ = cli(["validate", str(run_dir)], capsys)
+    assert code == 0 and out.splitlines()[-1] == "ok: no damage, 4 warnings"
+
+
+def test_a_missing_part_is_a_problem_of_its_step_even_quick(run_dir: Path) -> None:
+    shard_run(run_dir)
+    part = run_dir / fmt.SHARDS_DIR / fmt.shard_filename(5, 1)
+    part.unlink()
+    full, quick = validate_run(run_dir), validate_run(run_dir, quick=True)
+    assert full.problems == [f"{part}: missing (No such file or directory): the part of rank 1 of step 5, which "
+                             f"{step_file(run_dir, 5)} lists in 'shards'"]
+    assert len(quick.problems) == 1 and quick.problems[0].startswith(f"{part}: cannot read")
+    assert full.warnings == quick.warnings == []

@@ -15,10 +15,12 @@ with g_{t+1}) and s + 1 (as x_{t−1}). Its snapshot is removed (:func:`prunable
 Nothing that is not analyzed is ever removed, whenever the process is killed (:func:`prune`): the
 persisted results the step's pairs need are made durable (``fsync``) first; then the step is added
 to the run's ``pruned.json`` (written whole, renamed into place, made durable); only then is its
-file removed. A kill between the last two leaves a listed step whose file is still there: it reads
-as recorded, and the next prune removes it. Pruned pairs are served from their persisted results
-(``Run.pruned_pairs``); an analysis under other settings cannot recompute them, and lists them as
-skipped, naming ``pruned.json``. The HDF5 storage keeps every step in one file and cannot give one
+file removed, and after it, in a sharded run, its parts in ``shards/``. A kill between the last
+two leaves a listed step whose file is still there: it reads as recorded, and the next prune
+removes it (a kill among the removals leaves parts without their step file, which a later prune
+removes too). Pruned pairs are served from their persisted results (``Run.pruned_pairs``); an
+analysis under other settings cannot recompute them, and lists them as skipped, naming
+``pruned.json``. The HDF5 storage keeps every step in one file and cannot give one
 back: convert the run to safetensors first.
 """
 
@@ -34,6 +36,7 @@ from trajscope import runformat as fmt
 from trajscope.analysis.persist import pair_path, reference_path
 from trajscope.errors import AnalysisError
 from trajscope.store.run import Run, open_run
+from trajscope.store.shards import part_files
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -81,12 +84,15 @@ def prune(r: Run, analyzed: Iterable[int], pairs_dir: Path, *, keep: Iterable[in
     fmt.atomic_write_bytes(listed, json.dumps({"steps": sorted(r.pruned | set(steps))}).encode())
     _fsync(listed)
     _fsync(r.path)
-    for s in steps:
+    # Each step file first: a step is on disk while its step file is, so removing a part first
+    # would show a reader a damaged step. The parts of earlier prunes killed before theirs go too.
+    for path in [*(r.storage.location(s) for s in steps), *part_files(r.path, r.pruned | set(steps))]:
         try:
-            os.unlink(r.storage.location(s))
+            os.unlink(path)
         except FileNotFoundError:
             pass
     _fsync(r.path / fmt.STEPS_DIR)
+    _fsync(r.path / fmt.SHARDS_DIR)
     return steps
 
 

@@ -1,6 +1,7 @@
 """Reading a recorded run: the run directory (:mod:`~trajscope.store.run`), its snapshots
 (:mod:`~trajscope.store.snapshot`) and the storage formats they are read from
-(:mod:`~trajscope.store.storage`, :mod:`~trajscope.store.safetensors`, :mod:`~trajscope.store.hdf5`);
+(:mod:`~trajscope.store.storage`, :mod:`~trajscope.store.safetensors`, :mod:`~trajscope.store.hdf5`;
+the parts of a sharded snapshot, :mod:`~trajscope.store.shards`);
 the comparison of named tensors (:mod:`~trajscope.store.names`) and the view of a run recorded
 through a wrapper (:mod:`~trajscope.store.unwrap`).
 

@@ -220,6 +220,9 @@ class Run:
             f"schedule   {sched}",
             f"storage    {self.storage.kind}",
         ]
+        sharded = _sharding_line(m)
+        if sharded is not None:
+            lines.append(sharded)
         if not self.grads_recorded:
             lines.append("gradients  not stored (grads=False): the analysis recomputes g_t as c·G0; metrics "
                          "of g_{t+1}, g_{t-1} and grad_replay_error are NaN")
@@ -277,8 +280,32 @@ class Run:
             return [], [str(exc)]
 
 
+def _sharding_line(m: dict[str, Any]) -> str | None:
+    """``sharded    fsdp2, parts from ranks 0, 1 of 2 (mesh 2)`` for a run trained sharded (the
+    manifest's ``distributed.sharding``), None for any other; the fields are shown as recorded."""
+    dist = m.get("distributed")
+    if not isinstance(dist, dict) or not dist.get("sharding"):
+        return None
+    ranks = dist.get("shard_ranks")
+    mesh = dist.get("mesh")
+    shape, names = (mesh.get("shape"), mesh.get("dim_names")) if isinstance(mesh, dict) else (None, None)
+    line = (f"sharded    {dist['sharding']}, parts from ranks "
+            f"{', '.join(map(str, ranks)) if isinstance(ranks, list) else '?'} of {dist.get('world_size', '?')}")
+    if isinstance(shape, list):
+        line += f" (mesh {'x'.join(map(str, shape))}" + (f": {', '.join(map(str, names))})"
+                                                        if isinstance(names, list) else ")")
+    policy = dist.get("mixed_precision")
+    if isinstance(policy, dict) and policy:
+        line += ", mixed precision " + ", ".join(f"{k} {v}" for k, v in policy.items())
+    version = m.get("format_version")
+    if isinstance(version, int) and version < fmt.SHARDED_FORMAT_VERSION:
+        line += "; snapshots stored whole (converted)"
+    return line
+
+
 def read_snapshot(path: str | Path) -> Snapshot:
-    """Read one snapshot: a safetensors step file, or an HDF5 row named ``trajectory.h5/step_…``.
+    """Read one snapshot: a safetensors step file (a sharded one with its parts, which lie in the
+    run's ``shards/``), or an HDF5 row named ``trajectory.h5/step_…``.
 
     Raises:
         RunFormatError: if the snapshot is missing or damaged, its metadata malformed, a tensor
@@ -396,10 +423,10 @@ def validate_manifest(manifest: Any, mpath: Path) -> None:
     version = manifest.get("format_version")
     if not isinstance(version, int) or not is_nonneg_int(version) or version < 1:
         raise RunFormatError(f"{mpath}: 'format_version' missing or not a positive integer")
-    if version > fmt.FORMAT_VERSION:
+    if version > fmt.SHARDED_FORMAT_VERSION:
         raise RunFormatError(
             f"{mpath}: format_version {version} is newer than this trajscope understands "
-            f"({fmt.FORMAT_VERSION}); upgrade trajscope"
+            f"({fmt.SHARDED_FORMAT_VERSION}); upgrade trajscope"
         )
     for key in ("params", "buffers"):
         entries = manifest.get(key, [] if key == "buffers" else None)

@@ -21,6 +21,8 @@ from trajscope.errors import TrajscopeError, one_line
 from trajscope.store import Run, Snapshot, coverage, open_run, read_snapshot
 from trajscope.store.names import dtypes, mismatches, shapes
 from trajscope.store.run import step_ranges
+from trajscope.store.safetensors import header_meta
+from trajscope.store.shards import part_paths
 
 __all__ = ["ValidationReport", "validate_run"]
 
@@ -71,6 +73,7 @@ def validate_run(path: str | Path, *, objective: Any = None, quick: bool = False
         if steps_dir.is_dir() and not steps_dir.is_symlink():  # still check what can be checked
             for step, file in _step_files(steps_dir, rep):
                 _check_step(file, step, None, rep, quick)
+            _check_shard_files(Path(path), rep)
         return rep
 
     note = run.incomplete_note()
@@ -89,6 +92,7 @@ def validate_run(path: str | Path, *, objective: Any = None, quick: bool = False
     else:
         for step, file in _step_files(steps_dir, rep):
             _check_step(file, step, run, rep, quick)
+        _check_shard_files(run.path, rep)
     for s in coverage.missing_steps(run):
         rep.problems.append(
             f"step {s}: {run.step_path(s)} is missing although the run recorded it; the pairs "
@@ -165,10 +169,57 @@ def _step_files(steps_dir: Path, rep: ValidationReport) -> list[tuple[int, Path]
     return sorted(out)
 
 
+def _check_shard_files(run_dir: Path, rep: ValidationReport) -> None:
+    """The files of ``shards/`` that no snapshot reads, a warning each (readers ignore them): a
+    part whose step file does not exist (a step whose recording never completed, or a prune killed
+    between its removals), a part its step file does not list, a leftover temporary file, anything
+    else. A missing or damaged part of a step is a problem, found when the step is read."""
+    where = run_dir / fmt.SHARDS_DIR
+    if not where.is_dir() or where.is_symlink():
+        return
+    try:
+        names = sorted(os.listdir(where))
+    except OSError as exc:
+        rep.problems.append(f"{where}: cannot list ({exc.strerror})")
+        return
+    listed: dict[int, set[int] | None] = {}  # step → the ranks its step file lists
+    for name in names:
+        parsed = fmt.parse_shard_filename(name)
+        file = where / one_line(name)
+        if parsed is None:
+            rep.warnings.append(f"{file}: " + ("leftover temporary file of an interrupted write (harmless; may be "
+                                               "deleted)" if name.startswith(".") and ".tmp-" in name
+                                               else "unexpected file (ignored)"))
+            continue
+        step, rank = parsed
+        step_file = run_dir / fmt.STEPS_DIR / fmt.step_filename(step)
+        if not step_file.exists():
+            rep.warnings.append(f"{file}: part of a snapshot that was never completed (rank {rank}, step {step}): "
+                                "harmless, may be deleted")
+            continue
+        if step not in listed:
+            listed[step] = _listed_ranks(step_file)
+        if (ranks := listed[step]) is not None and rank not in ranks:
+            rep.warnings.append(f"{file}: part of rank {rank}, which {step_file} does not list in 'shards' "
+                                "(ignored; may be deleted)")
+
+
+def _listed_ranks(step_file: Path) -> set[int] | None:
+    """The ranks other than 0 whose parts the step file lists in ``"shards"``; None when it cannot
+    be read (its read reports that)."""
+    try:
+        meta = header_meta(fmt.read_safetensors_header(step_file), step_file)
+        return {r for r, _ in part_paths(step_file, meta)} if "shards" in meta else set()
+    except TrajscopeError:
+        return None
+
+
 def _check_step(file: Path, step: int, run: Run | None, rep: ValidationReport, quick: bool) -> None:
-    if quick:
+    if quick:  # headers only: the step file's, and those of the parts it lists
         try:
-            fmt.read_safetensors_header(file)
+            meta = header_meta(fmt.read_safetensors_header(file), file)
+            for _, part in part_paths(file, meta) if "shards" in meta else []:
+                fmt.read_safetensors_header(part)
         except TrajscopeError as exc:
             rep.problems.append(str(exc))
         return
