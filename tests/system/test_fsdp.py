@@ -40,19 +40,23 @@ WORKER = textwrap.dedent(f'''
     run, mode = sys.argv[1], sys.argv[2]
     kill_at = int(os.environ.get("KILL_AT", "-1"))
     model = mlp()
-    if mode == "fsdp2":
+    if mode in ("fsdp2", "hsdp"):
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+        mesh = None  # hsdp: two replicas, each sharded over world // 2 ranks
+        if mode == "hsdp":
+            mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
         for layer in model:
             if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     else:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         model = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
 
     def gathered(grads):
-        if mode == "fsdp2":
+        if mode != "fsdp1":
             out = {{"param/" + n: p.full_tensor().clone() for n, p in model.named_parameters()}}
             if grads:
                 out.update({{"grad/" + n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}})
@@ -74,7 +78,7 @@ WORKER = textwrap.dedent(f'''
             opt.zero_grad()
             loss = xent(model, batch)
             loss.backward()
-            if mode == "fsdp2":
+            if mode != "fsdp1":
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
             rec.batch(batch, loss=loss)
             expected = gathered(grads=True)
@@ -141,13 +145,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _torchrun(tmp_path: Path, mode: str, script: str = WORKER, **env: str
+def _torchrun(tmp_path: Path, mode: str, script: str = WORKER, nproc: int = 2, **env: str
               ) -> tuple[Path, subprocess.CompletedProcess[str]]:
     run = tmp_path / mode
     (tmp_path / "worker.py").write_text(script)
     tests = Path(__file__).parents[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
          "--master_port", str(_free_port()), str(tmp_path / "worker.py"), str(run), mode],
         env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
              "PYTHONPATH": os.pathsep.join([str(tests), *sys.path]), **env},
@@ -167,22 +171,25 @@ def _assert_snapshots_are_the_gathered_tensors(run_dir: Path, steps: list[int]) 
             assert torch.equal(got[k], v), (t, k)
 
 
-@pytest.mark.parametrize("mode", ["fsdp2", "fsdp1"])
-def test_fsdp_run_records_each_ranks_shard_and_analyzes_with_no_flags(tmp_path: Path, mode: str) -> None:
-    run_dir, proc = _torchrun(tmp_path, mode)
+@pytest.mark.parametrize(("mode", "nproc"), [("fsdp2", 2), ("fsdp1", 2), ("hsdp", 4)])
+def test_fsdp_run_records_each_ranks_shard_and_analyzes_with_no_flags(tmp_path: Path, mode: str, nproc: int) -> None:
+    """FSDP2 (per-layer fully_shard and the root, AdamW, clip_grad_norm_), FSDP1 (use_orig_params),
+    and HSDP on a 2 x 2 mesh, where only the first replica's ranks (0, 1) write."""
+    run_dir, proc = _torchrun(tmp_path, mode, nproc=nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = open_run(run_dir)
     dist = run.manifest["distributed"]
     assert run.manifest["format_version"] == fmt.SHARDED_FORMAT_VERSION
-    assert (dist["sharding"], dist["shard_ranks"], dist["world_size"]) == (mode, [0, 1], 2)
+    kind = "fsdp1" if mode == "fsdp1" else "fsdp2"
+    assert (dist["sharding"], dist["shard_ranks"], dist["world_size"]) == (kind, [0, 1], nproc)
     assert run.steps == list(range(STEPS + 1)) and run.final_step == STEPS
     # rank 1 wrote its parts, and only its parts: no step file of its own, a part per snapshot
     parts = sorted(p.name for p in (run_dir / fmt.SHARDS_DIR).iterdir())
     assert parts == [fmt.shard_filename(t, 1) for t in range(STEPS + 1)]
     _assert_snapshots_are_the_gathered_tensors(run_dir, list(range(STEPS + 1)))
     snap = run.snapshot(0)
-    assert snap.micro_weights == [0.5, 0.5] and len(snap.batch) == 2  # the global batch
-    if mode == "fsdp2":  # clipped at 0.1: the factor of the whole gradient's norm, on every step
+    assert snap.micro_weights == [1 / nproc] * nproc and len(snap.batch) == nproc  # the global batch
+    if mode != "fsdp1":  # clipped at 0.1: the factor of the whole gradient's norm, on every step
         assert all(run.snapshot(t).clip_factor is not None for t in range(STEPS))
     report = validate(run_dir)
     assert not report.problems and not report.warnings, report
