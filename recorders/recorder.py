@@ -284,6 +284,8 @@ class Recorder:
         self._open = False
         self._arm_grad_hooks()
         self._closed = True
+        if self.sharding is not None:
+            self.sharding.unwatch_clip()
         if self._writer is None:  # a rank that writes nothing (data parallel, an FSDP replica)
             return
         pending: BaseException | None = None
@@ -432,6 +434,8 @@ class Recorder:
             self._micro = []
             self.step += 1
             self._capture.clear()
+            if self.sharding is not None:
+                self.sharding.clip = None  # FSDP1: a clip belongs to its step
             self._arm_grad_hooks()
             self._check_writer()
         finally:
@@ -459,6 +463,7 @@ class Recorder:
         micro = step_micro_batches(self._micro, self.accumulation_reduction)
         clip: dict[str, Any] = {}
         self._preclip.measure(self.grad_scaler, clip, self.sharding)  # sharded: on every rank
+        clip.update(self.sharding.clip if self.sharding is not None and self.sharding.clip else {})
         if self.world_size > 1:  # each rank's micro-batches travel to rank 0 with their RNG states
             gathered = distributed.gather_micro_batches(micro, self._capture.micro_rng(len(micro)))
             if gathered is None:  # not rank 0: its batches now travel with rank 0's snapshot

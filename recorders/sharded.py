@@ -86,6 +86,9 @@ class Sharding:
     shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
     flat: dict[int, int] = field(default_factory=dict)
     group: Any = None
+    clip: dict[str, Any] | None = None
+    """FSDP1: the clip fields of the last ``clip_grad_norm_`` of the step (:meth:`watch_clip`)."""
+    _clipper: Any = None
 
     @property
     def writes(self) -> bool:
@@ -111,6 +114,36 @@ class Sharding:
         group, self.group = self.group, None
         if group is not None and self.writes and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group(group)
+
+    def watch_clip(self, model: torch.nn.Module) -> None:
+        """FSDP1: record the clip of the root's ``clip_grad_norm_`` (FSDP1's gradients reach the
+        parameters without the post-accumulate-grad hooks that measure the pre-clip norm).
+
+        Its return value is the pre-clip total norm over every shard, and it scales every gradient by
+        c = min(1, max_norm / (norm + 1e-6)): a uniform clip, recorded in :attr:`clip` when c < 1.
+        The method is wrapped on the instance only, and restored by :meth:`unwatch_clip`.
+        """
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = next((m for m in model.modules() if isinstance(m, FullyShardedDataParallel)), None)
+        if self.kind != "fsdp1" or root is None:
+            return
+        original = root.clip_grad_norm_
+
+        def clip_grad_norm_(max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+            total = original(max_norm, norm_type)
+            c = min(1.0, float(max_norm) / (float(total) + 1e-6))
+            norm = {"grad_norm_preclip": float(total)} if float(norm_type) == 2.0 else {}
+            self.clip = {**norm, "clip_factor": c, "clip_uniform": True} if c < 1.0 else None
+            return total
+
+        root.clip_grad_norm_ = clip_grad_norm_  # type: ignore[method-assign]
+        self._clipper = root
+
+    def unwatch_clip(self) -> None:
+        root, self._clipper = self._clipper, None
+        if root is not None and "clip_grad_norm_" in vars(root):
+            del root.clip_grad_norm_
 
     def parts(self, tensors: Entries, owners: dict[str, torch.Tensor], meta: dict[str, Any]
               ) -> tuple[Entries, dict[str, Any]]:
@@ -298,7 +331,7 @@ def layout(model: torch.nn.Module, params: list[tuple[str, torch.Tensor]], stora
            optimizer_state: bool) -> Sharding | None:
     """The first half of a recorder's start on every rank of a distributed run (collectives, in the
     same order on every rank): the layout (:func:`detect`), the same model on every rank
-    (:func:`check_same_model`), the writers' group."""
+    (:func:`check_same_model`), the writers' group; FSDP1's clip watched (:meth:`Sharding.watch_clip`)."""
     s = detect(model, storage)
     if s is not None and optimizer_state and s.kind == "fsdp1":
         raise RecorderError("optimizer_state=True under FSDP1: not supported (its states are flat slices); "
@@ -306,6 +339,7 @@ def layout(model: torch.nn.Module, params: list[tuple[str, torch.Tensor]], stora
     check_same_model((n, s.global_shape(p) if s is not None else tuple(p.shape)) for n, p in params)
     if s is not None:
         s.connect()
+        s.watch_clip(model)
     return s
 
 

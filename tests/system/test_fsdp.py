@@ -80,6 +80,8 @@ WORKER = textwrap.dedent(f'''
             loss.backward()
             if mode != "fsdp1":
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            else:
+                model.clip_grad_norm_(0.1)  # FSDP1's own
             rec.batch(batch, loss=loss)
             expected = gathered(grads=True)
             if rank == 0:
@@ -173,8 +175,8 @@ def _assert_snapshots_are_the_gathered_tensors(run_dir: Path, steps: list[int]) 
 
 @pytest.mark.parametrize(("mode", "nproc"), [("fsdp2", 2), ("fsdp1", 2), ("hsdp", 4)])
 def test_fsdp_run_records_each_ranks_shard_and_analyzes_with_no_flags(tmp_path: Path, mode: str, nproc: int) -> None:
-    """FSDP2 (per-layer fully_shard and the root, AdamW, clip_grad_norm_), FSDP1 (use_orig_params),
-    and HSDP on a 2 x 2 mesh, where only the first replica's ranks (0, 1) write."""
+    """FSDP2 (per-layer fully_shard and the root, AdamW, clip_grad_norm_), FSDP1 (use_orig_params,
+    its own clip_grad_norm_), and HSDP on a 2 x 2 mesh, where only the first replica's ranks (0, 1) write."""
     run_dir, proc = _torchrun(tmp_path, mode, nproc=nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = open_run(run_dir)
@@ -189,8 +191,8 @@ def test_fsdp_run_records_each_ranks_shard_and_analyzes_with_no_flags(tmp_path: 
     _assert_snapshots_are_the_gathered_tensors(run_dir, list(range(STEPS + 1)))
     snap = run.snapshot(0)
     assert snap.micro_weights == [1 / nproc] * nproc and len(snap.batch) == nproc  # the global batch
-    if mode != "fsdp1":  # clipped at 0.1: the factor of the whole gradient's norm, on every step
-        assert all(run.snapshot(t).clip_factor is not None for t in range(STEPS))
+    # clipped at 0.1 on every step: the factor of the whole gradient's norm
+    assert all(run.snapshot(t).clip_factor is not None for t in range(STEPS))
     report = validate(run_dir)
     assert not report.problems and not report.warnings, report
 
