@@ -23,7 +23,7 @@ import torch
 
 from trajscope import runformat as fmt
 
-__all__ = ["rank_and_world", "gather_micro_batches"]
+__all__ = ["collective_device", "gather_micro_batches", "rank_and_world"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -34,8 +34,9 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _device() -> torch.device:
-    # NCCL moves only CUDA tensors; gloo and mpi take CPU tensors.
+def collective_device() -> torch.device:
+    """Where a tensor sent through the default process group lives: NCCL moves only CUDA tensors;
+    gloo and mpi take CPU tensors."""
     if torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -103,7 +104,7 @@ def gather_micro_batches(micro: list[dict[str, Any]], rngs: list[dict[str, torch
     """
     dist = torch.distributed
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = _device()
+    device = collective_device()
     js, data = _pack(micro, rngs, device)
     sizes = torch.tensor([js.numel(), data.numel()], dtype=torch.int64, device=device)
     all_sizes = [torch.empty_like(sizes) for _ in range(world)]

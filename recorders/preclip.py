@@ -29,8 +29,10 @@ class PreclipNorms:
     completed it: with gradient accumulation each micro-batch's firing overwrites the last, so
     the step sees the accumulated gradient. The squares stay float64 tensors on the parameter's
     device; :meth:`measure` syncs with the host once per recorded step. The recorder arms the
-    hooks in a single process only: under data parallelism ``p.grad`` is averaged over the ranks
-    after its hook fired, so the two norms would not describe the same gradient.
+    hooks in a single process and under FSDP2 (whose hooks fire on the sharded gradient the
+    optimizer consumes, summed over the ranks in :meth:`measure`), not under DDP: there ``p.grad``
+    is averaged over the ranks after its hook fired, so the two norms would not describe the same
+    gradient.
     """
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:

@@ -461,9 +461,9 @@ class Recorder:
                 "recorded step; call rec.batch(batch, loss=loss) before every optimizer.step()"
             )
         micro = step_micro_batches(self._micro, self.accumulation_reduction)
-        clip: dict[str, Any] = {}
+        self._refresh_trainable()  # the step's snapshot names its own trainable set when it changed
+        clip = dict(self.sharding.clip or {}) if self.sharding is not None else {}  # FSDP1's own clip
         self._preclip.measure(self.grad_scaler, clip, self.sharding)  # sharded: on every rank
-        clip.update(self.sharding.clip if self.sharding is not None and self.sharding.clip else {})
         if self.world_size > 1:  # each rank's micro-batches travel to rank 0 with their RNG states
             gathered = distributed.gather_micro_batches(micro, self._capture.micro_rng(len(micro)))
             if gathered is None:  # not rank 0: its batches now travel with rank 0's snapshot
@@ -480,8 +480,6 @@ class Recorder:
         sharded run) into a free slot and queue it for writing."""
         if self._failed or self._writer is None:
             return
-        if kind == fmt.KIND_STEP:
-            self._refresh_trainable()  # a step's snapshot names its own trainable set when it changed
         tensors, meta = snapshot_entries(self, self._index, step, kind, micro, clip, self._capture)
         self._writer.copy_and_submit(step, kind, meta, tensors, self._stats)
 

@@ -300,11 +300,11 @@ def open_writer(
         rank = sharding.rank
         store = SafetensorsWriter(run_dir, direct_io=direct_io, steps_dir=run_dir / fmt.SHARDS_DIR,
                                   name=lambda s: fmt.shard_filename(s, rank))
-        where = lambda s: str(run_dir / fmt.SHARDS_DIR / fmt.shard_filename(s, rank))  # noqa: E731
+        where = lambda s: str(store.path(s))  # noqa: E731
     else:
         store = SafetensorsWriter(run_dir, direct_io=direct_io)
-        where = lambda s: str(run_dir / fmt.STEPS_DIR / fmt.step_filename(s))  # noqa: E731
+        where = lambda s: str(store.path(s))  # noqa: E731
     if sharding is None:
         return store, AsyncWriter(store.write, where, pool, threaded=threaded)
-    sync = PartSync(sharding, store.write, where)
+    sync = PartSync(sharding, store.write)
     return store, AsyncWriter(sync.write, where, pool, threaded=threaded, after_error=sync.refuse)

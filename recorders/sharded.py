@@ -20,7 +20,8 @@ whole tensors (``docs/format.md``, "Sharded runs"). What this module decides:
   each part is on disk; rank 0 writes its file, the step's marker, only when every part is. A dead
   rank fails the vote, so its step never appears, and the steps before it stay whole.
 * **The clip's true norm**: the pre-clip and consumed gradient norms are summed over the shards
-  (:meth:`Sharding.reduce`), so a clip under FSDP is recorded as in one process.
+  (:meth:`Sharding.gather`), so a clip under FSDP2 is recorded as in one process; FSDP1's own
+  ``clip_grad_norm_`` is recorded from its return value (:meth:`Sharding.watch_clip`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 
 from trajscope import runformat as fmt
 from trajscope.errors import RecorderError
+from trajscope.recorders.distributed import collective_device
 
 if TYPE_CHECKING:
     from trajscope.recorders.storage import StepImage
@@ -189,7 +191,7 @@ class Sharding:
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Every rank's ``values`` (a 1-D float64 tensor), stacked in rank order; collective."""
         dist = torch.distributed
-        mine = values.detach().to(_device(), torch.float64)
+        mine = values.detach().to(collective_device(), torch.float64)
         every = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(every, mine)
         return torch.stack(every).to(values.device)
@@ -209,12 +211,6 @@ class Sharding:
 
         sharded = isinstance(p, DTensor) or id(p) in self.shapes
         return self.writes if sharded else self.rank == 0
-
-
-def _device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 # --- which layout ----------------------------------------------------------------------------------
@@ -365,7 +361,7 @@ def check_same_model(names: Iterable[tuple[str, tuple[int, ...]]]) -> None:
     (name, global shape) of every parameter."""
     dist = torch.distributed
     digest = hashlib.sha256(json.dumps([[n, list(s)] for n, s in names]).encode()).digest()
-    mine = torch.frombuffer(bytearray(digest), dtype=torch.uint8).to(_device())
+    mine = torch.frombuffer(bytearray(digest), dtype=torch.uint8).to(collective_device())
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
     other = [r for r, d in enumerate(every) if not torch.equal(d, mine)]
@@ -380,7 +376,7 @@ def agree(ok: bool, what: str) -> None:
     """Collective on the default group: raise on every rank when ``ok`` is False on any (``what``
     says what failed, e.g. rank 0 could not create the run)."""
     dist = torch.distributed
-    t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_device())
+    t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     if not int(t.item()):
         raise RecorderError(what)
@@ -401,7 +397,6 @@ class PartSync:
 
     sharding: Sharding
     write_part: Callable[[StepImage], Any]
-    where: Callable[[int], str]
 
     def write(self, image: StepImage) -> Any:
         if self.sharding.rank == 0:
