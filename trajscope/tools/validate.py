@@ -10,9 +10,10 @@ files only: nothing is imported or executed unless an objective is passed explic
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -25,6 +26,8 @@ from trajscope.store.safetensors import header_meta
 from trajscope.store.shards import part_paths
 
 __all__ = ["ValidationReport", "validate_run"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -149,24 +152,29 @@ def _leftover_files(run_dir: Path, rep: ValidationReport) -> None:
 
 
 def _step_files(steps_dir: Path, rep: ValidationReport) -> list[tuple[int, Path]]:
+    return sorted((step, steps_dir / name) for name, step in _named_files(steps_dir, fmt.parse_step_filename, rep))
+
+
+def _named_files(where: Path, parse: Callable[[str], T | None], rep: ValidationReport) -> list[tuple[str, T]]:
+    """The files of ``where`` whose name ``parse`` reads, with what it reads, in name order; every
+    other file a warning (a leftover temporary file of an interrupted write, or an unexpected one),
+    a directory that cannot be listed a problem."""
     try:
-        entries = sorted(os.listdir(steps_dir))
+        names = sorted(os.listdir(where))
     except OSError as exc:
-        rep.problems.append(f"{steps_dir}: cannot list ({exc.strerror})")
+        rep.problems.append(f"{where}: cannot list ({exc.strerror})")
         return []
     out = []
-    for name in entries:
-        step = fmt.parse_step_filename(name)
-        if step is not None:
-            out.append((step, steps_dir / name))
+    for name in names:
+        parsed = parse(name)
+        if parsed is not None:
+            out.append((name, parsed))
         elif name.startswith(".") and ".tmp-" in name:
-            rep.warnings.append(
-                f"{steps_dir / name}: leftover temporary file of an interrupted write (harmless; "
-                "may be deleted)"
-            )
+            rep.warnings.append(f"{where / one_line(name)}: leftover temporary file of an interrupted write "
+                                "(harmless; may be deleted)")
         else:
-            rep.warnings.append(f"{steps_dir / one_line(name)}: unexpected file (ignored)")
-    return sorted(out)
+            rep.warnings.append(f"{where / one_line(name)}: unexpected file (ignored)")
+    return out
 
 
 def _check_shard_files(run_dir: Path, rep: ValidationReport) -> None:
@@ -177,21 +185,9 @@ def _check_shard_files(run_dir: Path, rep: ValidationReport) -> None:
     where = run_dir / fmt.SHARDS_DIR
     if not where.is_dir() or where.is_symlink():
         return
-    try:
-        names = sorted(os.listdir(where))
-    except OSError as exc:
-        rep.problems.append(f"{where}: cannot list ({exc.strerror})")
-        return
     listed: dict[int, set[int] | None] = {}  # step → the ranks its step file lists
-    for name in names:
-        parsed = fmt.parse_shard_filename(name)
-        file = where / one_line(name)
-        if parsed is None:
-            rep.warnings.append(f"{file}: " + ("leftover temporary file of an interrupted write (harmless; may be "
-                                               "deleted)" if name.startswith(".") and ".tmp-" in name
-                                               else "unexpected file (ignored)"))
-            continue
-        step, rank = parsed
+    for name, (step, rank) in _named_files(where, fmt.parse_shard_filename, rep):
+        file = where / name
         step_file = run_dir / fmt.STEPS_DIR / fmt.step_filename(step)
         if not step_file.exists():
             rep.warnings.append(f"{file}: part of a snapshot that was never completed (rank {rank}, step {step}): "
